@@ -1,1 +1,293 @@
-//! placeholder
+//! Gantry's configuration: one typed [`Settings`] tree, filled in layers.
+//!
+//! Later layers win: built-in defaults < a TOML file (`--config FILE`) < environment variables
+//! `GANTRY__SECTION__KEY` < the CLI's own flags < `--set section.key=value`. Unknown keys and
+//! invalid values are errors that name the key, so a typo never silently trains with a default.
+//!
+//! The same tree is what a worker writes to `RUN_DIR/config.toml`, and what the cluster hashes
+//! ([`Settings::fingerprint`]) to refuse workers that would train something else.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+mod cli;
+mod layers;
+
+pub use cli::ConfigArgs;
+
+pub use layers::{Overrides, load};
+
+/// Everything that can go wrong while assembling or checking a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {message}")]
+    File { path: PathBuf, message: String },
+    #[error("{0}")]
+    Layering(String),
+    #[error("invalid --set {arg:?}: expected section.key=value")]
+    BadOverride { arg: String },
+    #[error("invalid value for `{key}`: {message}")]
+    Invalid { key: &'static str, message: String },
+    #[error("could not serialise the configuration: {0}")]
+    Serialise(String),
+}
+
+/// The whole configuration of a Gantry job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+#[derive(Default)]
+pub struct Settings {
+    pub train: Train,
+    pub model: Model,
+    pub data: Data,
+    pub checkpoint: Checkpoint,
+    pub samples: Samples,
+    pub run: Run,
+}
+
+/// Optimisation and the training loop.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Train {
+    /// Global steps to train (one step updates D and G once).
+    pub steps: u64,
+    /// Images per worker per step; the global batch is `batch_size × world size`.
+    pub batch_size: usize,
+    /// Seeds initial weights, the data order and every latent batch.
+    pub seed: u64,
+    pub lr_g: f64,
+    pub lr_d: f64,
+    /// Adam's (beta1, beta2).
+    pub betas: [f64; 2],
+    pub optimizer: Optimizer,
+    pub loss: Loss,
+    pub schedule: Schedule,
+    /// libtorch intra-op threads per worker; 0 = the machine's cores divided by the workers on it.
+    pub threads: usize,
+    /// Log a metrics line every this many steps.
+    pub log_every: u64,
+}
+
+impl Default for Train {
+    fn default() -> Self {
+        Self {
+            steps: 2000,
+            batch_size: 64,
+            seed: 42,
+            lr_g: 2e-4,
+            lr_d: 2e-4,
+            betas: [0.5, 0.999],
+            optimizer: Optimizer::Adam,
+            loss: Loss::Bce,
+            schedule: Schedule::Simultaneous,
+            threads: 0,
+            log_every: 10,
+        }
+    }
+}
+
+/// The networks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Model {
+    pub kind: ModelKind,
+    pub latent_dim: usize,
+    pub batch_norm: bool,
+}
+
+impl Default for Model {
+    fn default() -> Self {
+        Self { kind: ModelKind::Mlp, latent_dim: 100, batch_norm: true }
+    }
+}
+
+/// Where the training images come from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Data {
+    /// `mnist-10k` (embedded), `mnist` or `fashion-mnist` (downloaded once, then cached).
+    pub dataset: Dataset,
+    /// Download cache; empty = `$XDG_CACHE_HOME/gantry/data` or `~/.cache/gantry/data`.
+    pub cache_dir: String,
+    /// Mirror base URLs tried in order for downloaded data sets; empty = the built-in list.
+    pub mirror: Vec<String>,
+}
+
+impl Default for Data {
+    fn default() -> Self {
+        Self { dataset: Dataset::Mnist10k, cache_dir: String::new(), mirror: Vec::new() }
+    }
+}
+
+impl Data {
+    /// The download cache directory after applying the default.
+    pub fn resolved_cache_dir(&self) -> PathBuf {
+        if !self.cache_dir.is_empty() {
+            return PathBuf::from(&self.cache_dir);
+        }
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cache")))
+            .unwrap_or_else(std::env::temp_dir);
+        base.join("gantry").join("data")
+    }
+}
+
+/// Checkpointing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Checkpoint {
+    /// Write a checkpoint every this many steps (0 = only at the end).
+    pub every: u64,
+    /// Keep this many newest checkpoints.
+    pub keep: usize,
+}
+
+impl Default for Checkpoint {
+    fn default() -> Self {
+        Self { every: 500, keep: 3 }
+    }
+}
+
+/// Sample grids written while training.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Samples {
+    /// Write `samples/step-NNNNNNNN.png` every this many steps (0 = only at the end).
+    pub every: u64,
+}
+
+impl Default for Samples {
+    fn default() -> Self {
+        Self { every: 250 }
+    }
+}
+
+/// Where and on what a run executes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Run {
+    pub dir: PathBuf,
+    pub device: DeviceChoice,
+}
+
+impl Default for Run {
+    fn default() -> Self {
+        Self { dir: PathBuf::from("runs/latest"), device: DeviceChoice::Auto }
+    }
+}
+
+macro_rules! string_enum {
+    ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+        pub enum $name {
+            $(#[serde(rename = $text)] $variant),+
+        }
+
+        impl $name {
+            /// Every accepted spelling, for error messages and docs.
+            pub const NAMES: &'static [&'static str] = &[$($text),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl std::str::FromStr for $name {
+            type Err = String;
+            fn from_str(text: &str) -> Result<Self, String> {
+                match text {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!("{other:?} is not one of {}", Self::NAMES.join(", "))),
+                }
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// The GAN objective.
+    Loss { Bce = "bce", Hinge = "hinge" }
+);
+string_enum!(
+    /// How D and G updates interleave within a step.
+    Schedule { Simultaneous = "simultaneous", Alternating = "alternating" }
+);
+string_enum!(
+    /// The optimiser used for both networks.
+    Optimizer { Adam = "adam", Sgd = "sgd" }
+);
+string_enum!(
+    /// The network family.
+    ModelKind { Mlp = "mlp" }
+);
+string_enum!(
+    /// Which device a worker trains on.
+    DeviceChoice { Auto = "auto", Cpu = "cpu", Cuda = "cuda" }
+);
+string_enum!(
+    /// The training data set.
+    Dataset { Mnist10k = "mnist-10k", Mnist = "mnist", FashionMnist = "fashion-mnist" }
+);
+
+impl Settings {
+    /// Checks relations serde cannot express. Errors name the offending key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        let t = &self.train;
+        if t.steps == 0 {
+            return invalid("train.steps", "must be at least 1");
+        }
+        if t.batch_size == 0 {
+            return invalid("train.batch_size", "must be at least 1");
+        }
+        for (key, lr) in [("train.lr_g", t.lr_g), ("train.lr_d", t.lr_d)] {
+            if !(lr.is_finite() && lr > 0.0) {
+                return invalid(key, &format!("must be a positive number, got {lr}"));
+            }
+        }
+        if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+            return invalid("train.betas", &format!("each beta must be in [0, 1), got {:?}", t.betas));
+        }
+        if t.log_every == 0 {
+            return invalid("train.log_every", "must be at least 1");
+        }
+        if self.model.latent_dim == 0 {
+            return invalid("model.latent_dim", "must be at least 1");
+        }
+        if self.checkpoint.keep < 2 {
+            return invalid("checkpoint.keep", "must be at least 2, so a torn newest checkpoint never leaves none");
+        }
+        if self.run.dir.as_os_str().is_empty() {
+            return invalid("run.dir", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// The configuration as TOML, as written to `RUN_DIR/config.toml`.
+    pub fn to_toml(&self) -> Result<String, ConfigError> {
+        toml::to_string_pretty(self).map_err(|e| ConfigError::Serialise(e.to_string()))
+    }
+
+    /// SHA-256 (hex) of everything that shapes what is trained. `run.*` (where and on which
+    /// device) is left out: two workers on different hosts and devices train the same job.
+    pub fn fingerprint(&self) -> String {
+        let mut shaping = self.clone();
+        shaping.run = Run::default();
+        let canonical = serde_json::to_vec(&shaping).unwrap_or_default();
+        hex::encode(Sha256::digest(canonical))
+    }
+}
+
+#[cfg(test)]
+mod tests;

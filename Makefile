@@ -1,0 +1,34 @@
+# The entry point everyone shares: `make run` and `make test` are the README's two commands.
+CARGO ?= cargo
+RUN_DIR ?= runs/quickstart
+BINARIES := worker
+
+.PHONY: all libtorch build run test lint fmt bench clean
+
+all: build
+
+# libtorch 2.11.0 from PyPI into .cache/ (idempotent; skipped when LIBTORCH_USE_PYTORCH is set).
+libtorch:
+	@scripts/fetch-libtorch.sh
+
+# Release binaries into target/release/.
+build: libtorch
+	$(CARGO) build --release $(addprefix --bin ,$(BINARIES))
+
+# The main job on the embedded MNIST-10k digits.
+run: build
+	target/release/worker --standalone --run-dir $(RUN_DIR)
+
+# The whole test suite.
+test: libtorch
+	$(CARGO) test --workspace
+
+lint: libtorch
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+clean:
+	$(CARGO) clean

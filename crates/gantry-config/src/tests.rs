@@ -1,0 +1,153 @@
+use std::io::Write;
+
+use super::*;
+
+fn no_env() -> Vec<(String, String)> {
+    Vec::new()
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn toml_file(text: &str) -> tempfile::NamedTempFile {
+    let mut file = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    file.write_all(text.as_bytes()).unwrap();
+    file
+}
+
+#[test]
+fn defaults_are_the_documented_ones() {
+    let s = load(None, no_env(), &Overrides::new()).unwrap();
+    assert_eq!(s, Settings::default());
+    assert_eq!(s.train.steps, 2000);
+    assert_eq!(s.train.batch_size, 64);
+    assert_eq!(s.train.betas, [0.5, 0.999]);
+    assert_eq!(s.model.latent_dim, 100);
+    assert!(s.model.batch_norm);
+    assert_eq!(s.data.dataset, Dataset::Mnist10k);
+    assert_eq!(s.train.loss, Loss::Bce);
+}
+
+#[test]
+fn each_layer_overrides_the_one_below() {
+    let file = toml_file("[train]\nsteps = 10\nbatch_size = 8\nseed = 1\n");
+    let e = env(&[("GANTRY__TRAIN__BATCH_SIZE", "16"), ("GANTRY__TRAIN__SEED", "2")]);
+    let mut o = Overrides::new();
+    o.push_assignment("train.seed=3").unwrap();
+    let s = load(Some(file.path()), e, &o).unwrap();
+    assert_eq!(s.train.steps, 10, "file over default");
+    assert_eq!(s.train.batch_size, 16, "env over file");
+    assert_eq!(s.train.seed, 3, "--set over env");
+}
+
+#[test]
+fn set_parses_typed_and_bare_values() {
+    let mut o = Overrides::new();
+    o.push_assignment("train.lr_g=1e-4").unwrap();
+    o.push_assignment("train.betas=[0.9, 0.99]").unwrap();
+    o.push_assignment("train.loss=hinge").unwrap();
+    o.push_assignment("model.batch_norm=false").unwrap();
+    let s = load(None, no_env(), &o).unwrap();
+    assert_eq!(s.train.lr_g, 1e-4);
+    assert_eq!(s.train.betas, [0.9, 0.99]);
+    assert_eq!(s.train.loss, Loss::Hinge);
+    assert!(!s.model.batch_norm);
+}
+
+#[test]
+fn env_lists_are_comma_separated() {
+    let s = load(None, env(&[("GANTRY__TRAIN__BETAS", "0.0,0.9")]), &Overrides::new()).unwrap();
+    assert_eq!(s.train.betas, [0.0, 0.9]);
+}
+
+#[test]
+fn unknown_keys_are_named() {
+    let file = toml_file("[train]\nstepz = 10\n");
+    let err = load(Some(file.path()), no_env(), &Overrides::new()).unwrap_err().to_string();
+    assert!(err.contains("stepz"), "{err}");
+
+    let err = load(None, env(&[("GANTRY__MODLE__KIND", "mlp")]), &Overrides::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("modle"), "{err}");
+
+    let mut o = Overrides::new();
+    o.push_assignment("samples.evry=3").unwrap();
+    let err = load(None, no_env(), &o).unwrap_err().to_string();
+    assert!(err.contains("evry"), "{err}");
+}
+
+#[test]
+fn invalid_values_are_named() {
+    let mut o = Overrides::new();
+    o.push_assignment("train.loss=l2").unwrap();
+    let err = load(None, no_env(), &o).unwrap_err().to_string();
+    assert!(err.contains("l2") && err.contains("loss"), "{err}");
+
+    let mut o = Overrides::new();
+    o.push_assignment("train.batch_size=-3").unwrap();
+    let err = load(None, no_env(), &o).unwrap_err().to_string();
+    assert!(err.contains("batch_size"), "{err}");
+
+    let mut o = Overrides::new();
+    o.push_assignment("train.steps=0").unwrap();
+    let err = load(None, no_env(), &o).unwrap_err().to_string();
+    assert!(err.contains("train.steps"), "{err}");
+
+    let mut o = Overrides::new();
+    o.push_assignment("train.betas=[0.5, 1.5]").unwrap();
+    let err = load(None, no_env(), &o).unwrap_err().to_string();
+    assert!(err.contains("train.betas"), "{err}");
+}
+
+#[test]
+fn malformed_and_missing_files_name_the_file() {
+    let file = toml_file("[train\nsteps = ");
+    let err = load(Some(file.path()), no_env(), &Overrides::new()).unwrap_err().to_string();
+    assert!(err.contains(&file.path().display().to_string()), "{err}");
+
+    let missing = Path::new("/nonexistent/gantry.toml");
+    let err = load(Some(missing), no_env(), &Overrides::new()).unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/gantry.toml"), "{err}");
+}
+
+#[test]
+fn bad_assignments_are_refused() {
+    for arg in ["train.steps", "=3", "train..steps=3", ".steps=1"] {
+        assert!(Overrides::new().push_assignment(arg).is_err(), "{arg}");
+    }
+}
+
+#[test]
+fn toml_round_trips_and_fingerprint_ignores_run() {
+    let mut s = Settings::default();
+    s.train.steps = 77;
+    let text = s.to_toml().unwrap();
+    let file = toml_file(&text);
+    let back = load(Some(file.path()), no_env(), &Overrides::new()).unwrap();
+    assert_eq!(back, s);
+
+    let mut elsewhere = s.clone();
+    elsewhere.run.dir = "/somewhere/else".into();
+    elsewhere.run.device = DeviceChoice::Cpu;
+    assert_eq!(s.fingerprint(), elsewhere.fingerprint());
+    let mut other = s.clone();
+    other.train.lr_d = 1e-3;
+    assert_ne!(s.fingerprint(), other.fingerprint());
+}
+
+#[test]
+fn shipped_configs_load() {
+    let configs = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../configs");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(configs).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            load(Some(&path), no_env(), &Overrides::new())
+                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1);
+}

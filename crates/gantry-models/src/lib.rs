@@ -1,0 +1,36 @@
+//! Gantry's GAN engine on libtorch: networks, losses, optimisers and the latent stream.
+//!
+//! - [`runtime`] prepares libtorch for a process: intra-op threads and, where a GPU and the
+//!   CUDA libraries are present, loading `libtorch_cuda.so` (which the linker would otherwise
+//!   drop, leaving CUDA invisible).
+//! - [`mlp`] holds the classic MLP GAN; [`Gan`] bundles a generator and a discriminator, each
+//!   in its own `VarStore` whose trainable parameters live in one flat tensor, so that gradient
+//!   all-reduce and the optimiser step each touch one contiguous buffer per network.
+//! - [`loss`] and [`optim`] are the objectives and the (flat) optimisers.
+//! - [`latent`] makes the latent batch of a global step as a pure function of (seed, step), so
+//!   that data-parallel runs do not depend on the world size and resumed runs replay exactly.
+//!
+//! This crate never opens a socket: moving gradients between ranks is the worker's job.
+
+pub mod latent;
+pub mod loss;
+pub mod mlp;
+pub mod optim;
+pub mod runtime;
+
+mod gan;
+mod flat;
+
+pub use flat::FlatParams;
+pub use gan::{Gan, HostStats, Network, StepStats};
+
+/// Errors of the model layer.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("libtorch: {0}")]
+    Torch(#[from] tch::TchError),
+    #[error("device `cuda` requested, but libtorch sees no CUDA device ({0})")]
+    NoCuda(String),
+    #[error("{0}")]
+    Invalid(String),
+}

@@ -21,7 +21,11 @@
 //! the buffers it yields into tensors themselves, which keeps libtorch out of
 //! this crate's build and tests.
 
+pub mod dataset;
+pub mod embedded;
 mod error;
 pub mod idx;
 
+pub use dataset::Dataset;
+pub use embedded::mnist_10k;
 pub use error::DataError;

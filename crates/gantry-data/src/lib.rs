@@ -22,10 +22,12 @@
 //! this crate's build and tests.
 
 pub mod dataset;
+pub mod download;
 pub mod embedded;
 mod error;
 pub mod idx;
 
 pub use dataset::Dataset;
+pub use download::{Remote, RemoteFile, Split, load_remote};
 pub use embedded::mnist_10k;
 pub use error::DataError;

@@ -26,8 +26,10 @@ pub mod download;
 pub mod embedded;
 mod error;
 pub mod idx;
+pub mod sampler;
 
 pub use dataset::Dataset;
 pub use download::{Remote, RemoteFile, Split, load_remote};
 pub use embedded::mnist_10k;
 pub use error::DataError;
+pub use sampler::GlobalSampler;

@@ -114,30 +114,41 @@ fn all_reduce_with_tiny_chunks_crosses_chunk_boundaries() {
     check_all_reduce(4, &[5, 1001], 12);
 }
 
+/// A block of integer-valued floats with period 13, so it never lines up with
+/// segment or chunk boundaries.
+fn pattern_block(offset: f32) -> Vec<f32> {
+    (0..13 * 4096).map(|i| (i % 13) as f32 + offset).collect()
+}
+
 #[test]
 fn all_reduce_64_mib_for_2_3_4_ranks() {
     const LEN: usize = 16 << 20; // 16 Mi f32 = 64 MiB
-    fn v(rank: usize, i: usize) -> f32 {
-        ((i + rank * 5) % 13) as f32
-    }
     for n in 2..=4 {
-        let mismatches = run_ranks(
+        let mismatched_blocks = run_ranks(
             n,
             |_| {},
             move |rank, ring| {
                 let mut ring = ring.unwrap();
-                let mut buf: Vec<f32> = (0..LEN).map(|i| v(rank, i)).collect();
+                // Fill and check by whole-block memcpy/memcmp: this test crate
+                // is built without optimisation, and per-element loops over
+                // 64 MiB would dominate the test time.
+                let block = pattern_block(rank as f32);
+                let mut buf = vec![0.0f32; LEN];
+                for c in buf.chunks_mut(block.len()) {
+                    c.copy_from_slice(&block[..c.len()]);
+                }
                 ring.all_reduce_f32(&mut buf, ReduceOp::Average).unwrap();
-                buf.iter()
-                    .enumerate()
-                    .filter(|&(i, &got)| {
-                        let sum: f32 = (0..n).map(|r| v(r, i)).sum();
-                        got != sum / n as f32
+                // Average over ranks of (k + rank) is k + (n - 1) / 2.
+                let want = pattern_block((n - 1) as f32 / 2.0);
+                buf.chunks(want.len())
+                    .filter(|c| {
+                        bytemuck::cast_slice::<f32, u8>(c)
+                            != bytemuck::cast_slice::<f32, u8>(&want[..c.len()])
                     })
                     .count()
             },
         );
-        assert_eq!(mismatches, vec![0; n], "n={n}");
+        assert_eq!(mismatched_blocks, vec![0; n], "n={n}");
     }
 }
 

@@ -14,7 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -113,6 +113,9 @@ pub struct AbortHandle {
 #[derive(Debug)]
 struct AbortInner {
     aborted: AtomicBool,
+    /// Mirror of the collective's sequence, readable while an operation
+    /// holds the collective (`&mut`), for watchdogs.
+    seq: AtomicU64,
     // Clones of the collective's sockets: `shutdown` acts on the shared
     // socket, not on the descriptor, so it reaches the collective's copies.
     streams: Vec<TcpStream>,
@@ -123,6 +126,7 @@ impl AbortHandle {
         AbortHandle {
             inner: Arc::new(AbortInner {
                 aborted: AtomicBool::new(false),
+                seq: AtomicU64::new(0),
                 streams,
             }),
         }
@@ -138,6 +142,13 @@ impl AbortHandle {
 
     pub fn is_aborted(&self) -> bool {
         self.inner.aborted.load(Ordering::SeqCst)
+    }
+
+    /// The collective's [`Collective::sequence`], readable from another
+    /// thread while an operation is running: a watchdog that sees it stall
+    /// on one rank while others advance can call [`Self::abort`].
+    pub fn sequence(&self) -> u64 {
+        self.inner.seq.load(Ordering::SeqCst)
     }
 }
 
@@ -324,6 +335,7 @@ impl RingCollective {
         match f(self) {
             Ok(v) => {
                 self.seq += 1;
+                self.abort.inner.seq.store(self.seq, Ordering::SeqCst);
                 Ok(v)
             }
             Err(e) => {

@@ -229,6 +229,7 @@ fn world_size_one_is_local() {
     ring.all_reduce_f32(&mut buf, ReduceOp::Average).unwrap();
     assert_eq!(buf, [1.0, 2.0, 3.0]);
     ring.barrier().unwrap();
+    assert!(ring.abort_handle().sequence() == 2);
     let mut bytes = b"hello".to_vec();
     ring.broadcast_bytes(&mut bytes, 0).unwrap();
     assert_eq!(bytes, b"hello");

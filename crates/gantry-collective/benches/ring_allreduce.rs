@@ -2,7 +2,7 @@
 //!
 //! `cargo bench -p gantry-collective --bench ring_allreduce -- [--ranks 2,4]
 //! [--sizes-mb 1,4,8,16,64,256] [--iters 10] [--warmup 2] [--chunk-kb 256]
-//! [--sockbuf-kb 4096 (0 = kernel autotuning)]`
+//! [--sockbuf-kb 512 (0 = kernel autotuning)]`
 //!
 //! Prints one tab-separated line per (ranks, size):
 //! `ring <ranks> <MiB> <busbw GB/s> <median ms>`, where
@@ -39,7 +39,7 @@ fn parse_args() -> Args {
         iters: 10,
         warmup: 2,
         chunk_kb: 256,
-        sockbuf_kb: 4096,
+        sockbuf_kb: 512,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {

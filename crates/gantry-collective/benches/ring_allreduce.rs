@@ -1,0 +1,123 @@
+//! All-reduce bus bandwidth of the ring backend on loopback, ranks as threads.
+//!
+//! `cargo bench -p gantry-collective --bench ring_allreduce -- [--ranks 2,4]
+//! [--sizes-mb 1,4,8,16,64,256] [--iters 10] [--warmup 2] [--chunk-kb 256]
+//! [--sockbuf-kb 512 (0 = kernel autotuning)]`
+//!
+//! Prints one tab-separated line per (ranks, size):
+//! `ring <ranks> <MiB> <busbw GB/s> <median ms>`, where
+//! busbw = bytes * 2(n-1)/n / time (the NCCL-tests convention) and time is,
+//! per iteration, the slowest rank's all-reduce after a barrier; median over
+//! iterations. `scripts/bench-allreduce.sh` runs it next to gloo.
+
+use std::net::TcpListener;
+use std::sync::mpsc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use gantry_collective::{Collective, ReduceOp, RingCollective, RingConfig};
+
+struct Args {
+    ranks: Vec<usize>,
+    sizes_mb: Vec<usize>,
+    iters: usize,
+    warmup: usize,
+    chunk_kb: usize,
+    sockbuf_kb: usize,
+}
+
+fn list(v: &str) -> Vec<usize> {
+    v.split(',')
+        .map(|x| x.trim().parse().expect("number"))
+        .collect()
+}
+
+fn parse_args() -> Args {
+    let mut a = Args {
+        ranks: vec![2, 4],
+        sizes_mb: vec![1, 4, 8, 16, 64, 256],
+        iters: 10,
+        warmup: 2,
+        chunk_kb: 256,
+        sockbuf_kb: 512,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        // `cargo bench` appends `--bench`; ignore flags we do not know.
+        let mut val = || it.next().expect("flag needs a value");
+        match flag.as_str() {
+            "--ranks" => a.ranks = list(&val()),
+            "--sizes-mb" => a.sizes_mb = list(&val()),
+            "--iters" => a.iters = val().parse().expect("iters"),
+            "--warmup" => a.warmup = val().parse().expect("warmup"),
+            "--chunk-kb" => a.chunk_kb = val().parse().expect("chunk-kb"),
+            "--sockbuf-kb" => a.sockbuf_kb = val().parse().expect("sockbuf-kb"),
+            _ => {}
+        }
+    }
+    a
+}
+
+fn main() {
+    let args = parse_args();
+    let max_len = args.sizes_mb.iter().max().copied().unwrap_or(0) << 20 >> 2;
+    for &n in &args.ranks {
+        let listeners: Vec<_> = (0..n)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        let addrs: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+        let (tx, rx) = mpsc::channel();
+        let handles: Vec<_> = listeners
+            .into_iter()
+            .enumerate()
+            .map(|(rank, listener)| {
+                let mut config = RingConfig::new(rank, n, addrs.clone());
+                config.timeout = Duration::from_secs(120);
+                config.chunk_bytes = args.chunk_kb << 10;
+                config.socket_buffer_bytes = (args.sockbuf_kb > 0).then_some(args.sockbuf_kb << 10);
+                let sizes = args.sizes_mb.clone();
+                let (iters, warmup) = (args.iters, args.warmup);
+                let tx = tx.clone();
+                thread::spawn(move || {
+                    let mut ring = RingCollective::from_listener(listener, config).unwrap();
+                    let mut buf = vec![1.0f32; max_len];
+                    for mb in sizes {
+                        let data = &mut buf[..(mb << 20) / 4];
+                        let mut times = Vec::with_capacity(iters);
+                        for i in 0..warmup + iters {
+                            ring.barrier().unwrap();
+                            let t = Instant::now();
+                            ring.all_reduce_f32(data, ReduceOp::Sum).unwrap();
+                            if i >= warmup {
+                                times.push(t.elapsed());
+                            }
+                        }
+                        tx.send((mb, rank, times)).unwrap();
+                    }
+                })
+            })
+            .collect();
+        drop(tx);
+        let mut per_size: Vec<(usize, Vec<Duration>)> = Vec::new();
+        for (mb, _rank, times) in rx {
+            match per_size.iter_mut().find(|(m, _)| *m == mb) {
+                // Slowest rank per iteration.
+                Some((_, t)) => t
+                    .iter_mut()
+                    .zip(&times)
+                    .for_each(|(a, b)| *a = (*a).max(*b)),
+                None => per_size.push((mb, times)),
+            }
+        }
+        for h in handles {
+            h.join().unwrap();
+        }
+        for (mb, mut times) in per_size {
+            times.sort();
+            let median = times[times.len() / 2].as_secs_f64();
+            let bytes = (mb << 20) as f64;
+            let busbw = bytes * 2.0 * (n - 1) as f64 / n as f64 / median / 1e9;
+            println!("ring\t{n}\t{mb}\t{busbw:.3}\t{:.2}", median * 1e3);
+        }
+    }
+}

@@ -1,0 +1,950 @@
+//! CPU ring backend: bandwidth-optimal all-reduce over TCP.
+//!
+//! Topology: rank `r` connects to its right neighbour `(r + 1) % n` and accepts
+//! from its left neighbour `(r + n - 1) % n`; data only ever flows rightwards.
+//!
+//! Concurrency: for each operation a scoped sender thread writes chunks to the
+//! right while the calling thread reads chunks from the left and reduces them.
+//! Chunks are disjoint `&mut` sub-slices of the caller's buffer that travel to
+//! the sender thread and back over channels, so the whole pipeline is safe Rust
+//! with no copies other than the socket reads and writes themselves and no
+//! allocation per chunk. Because the sender never waits for the receiver
+//! (except for data it has not produced yet), a rank cannot deadlock with a
+//! blocking send while its neighbour does the same, whatever the buffer size.
+
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use socket2::{Domain, SockRef, Socket, Type};
+
+use crate::wire::{ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, OpKind, VERSION};
+use crate::{Collective, CollectiveError, Peer, ReduceOp};
+
+/// Default size of the pieces the ring pipelines. Small enough that the
+/// first chunk starts travelling on to the next rank quickly, large enough
+/// that per-chunk syscalls and channel hand-offs stay negligible.
+pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
+/// Default `SO_SNDBUF`/`SO_RCVBUF`; Linux caps it at `net.core.{w,r}mem_max`.
+/// Well above the kernel's starting sizes and enough for the bandwidth-delay
+/// product of a 10-25 Gb/s datacenter link, yet small enough that in-flight
+/// data stays in cache: on loopback 512 KiB beat 4 MiB (docs/allreduce.md).
+pub const DEFAULT_SOCKET_BUFFER_BYTES: usize = 512 << 10;
+/// Default for [`RingConfig::timeout`].
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to build a [`RingCollective`].
+#[derive(Debug, Clone)]
+pub struct RingConfig {
+    /// This process's rank, in `0..world_size`.
+    pub rank: usize,
+    pub world_size: usize,
+    /// One listen address per rank; this rank listens on `peers[rank]` (unless
+    /// given a listener) and connects to `peers[(rank + 1) % world_size]`.
+    pub peers: Vec<SocketAddr>,
+    /// Limit for connecting (the neighbour may start later) and for every
+    /// blocking socket read or write afterwards. It must exceed the largest
+    /// expected skew between ranks reaching the same collective.
+    pub timeout: Duration,
+    /// Pipelining granularity (rounded down to whole `f32`s, at least one).
+    /// Ranks may use different values; it does not change the wire format.
+    pub chunk_bytes: usize,
+    /// Identifies one job; a rank from another job (a stale process, a
+    /// mistyped address) is refused at the handshake.
+    pub session_id: u64,
+    /// `SO_SNDBUF`/`SO_RCVBUF` to request, or `None` for kernel autotuning.
+    pub socket_buffer_bytes: Option<usize>,
+}
+
+impl RingConfig {
+    /// A config with the defaults above and session id 0.
+    pub fn new(rank: usize, world_size: usize, peers: Vec<SocketAddr>) -> Self {
+        RingConfig {
+            rank,
+            world_size,
+            peers,
+            timeout: DEFAULT_TIMEOUT,
+            chunk_bytes: DEFAULT_CHUNK_BYTES,
+            session_id: 0,
+            socket_buffer_bytes: Some(DEFAULT_SOCKET_BUFFER_BYTES),
+        }
+    }
+
+    fn validate(&self) -> Result<(), CollectiveError> {
+        let bad = |m: String| Err(CollectiveError::InvalidArgument(m));
+        if self.world_size == 0 {
+            return bad("world_size must be at least 1".into());
+        }
+        if u32::try_from(self.world_size).is_err() {
+            return bad(format!("world_size {} is too large", self.world_size));
+        }
+        if self.rank >= self.world_size {
+            return bad(format!(
+                "rank {} is out of range for world_size {}",
+                self.rank, self.world_size
+            ));
+        }
+        if self.peers.len() != self.world_size {
+            return bad(format!(
+                "{} peer addresses given for world_size {}",
+                self.peers.len(),
+                self.world_size
+            ));
+        }
+        if self.chunk_bytes < size_of::<f32>() {
+            return bad(format!("chunk_bytes {} is below 4", self.chunk_bytes));
+        }
+        if self.timeout.is_zero() {
+            return bad("timeout must be positive".into());
+        }
+        Ok(())
+    }
+}
+
+/// Aborts a [`RingCollective`] from another thread (a watchdog, a signal
+/// handler thread, the coordinator client): the socket shutdown wakes any
+/// blocked read or write on this rank at once, and its neighbours see the
+/// connection close, which then travels round the ring.
+#[derive(Debug, Clone)]
+pub struct AbortHandle {
+    inner: Arc<AbortInner>,
+}
+
+#[derive(Debug)]
+struct AbortInner {
+    aborted: AtomicBool,
+    /// Mirror of the collective's sequence, readable while an operation
+    /// holds the collective (`&mut`), for watchdogs.
+    seq: AtomicU64,
+    // Clones of the collective's sockets: `shutdown` acts on the shared
+    // socket, not on the descriptor, so it reaches the collective's copies.
+    streams: Vec<TcpStream>,
+}
+
+impl AbortHandle {
+    fn new(streams: Vec<TcpStream>) -> Self {
+        AbortHandle {
+            inner: Arc::new(AbortInner {
+                aborted: AtomicBool::new(false),
+                seq: AtomicU64::new(0),
+                streams,
+            }),
+        }
+    }
+
+    /// Marks the collective aborted and shuts its connections down.
+    pub fn abort(&self) {
+        self.inner.aborted.store(true, Ordering::SeqCst);
+        for s in &self.inner.streams {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    pub fn is_aborted(&self) -> bool {
+        self.inner.aborted.load(Ordering::SeqCst)
+    }
+
+    /// The collective's [`Collective::sequence`], readable from another
+    /// thread while an operation is running: a watchdog that sees it stall
+    /// on one rank while others advance can call [`Self::abort`].
+    pub fn sequence(&self) -> u64 {
+        self.inner.seq.load(Ordering::SeqCst)
+    }
+}
+
+#[derive(Debug)]
+struct Links {
+    right: TcpStream,
+    left: TcpStream,
+    right_peer: Peer,
+    left_peer: Peer,
+}
+
+impl Links {
+    /// Both directions, both neighbours: the left one sees EOF when writing
+    /// to us, the right one EOF when reading, so both fail promptly.
+    fn shutdown(&self) {
+        let _ = self.right.shutdown(Shutdown::Both);
+        let _ = self.left.shutdown(Shutdown::Both);
+    }
+}
+
+/// A rank of a TCP ring. See the [module docs](self) and [`Collective`].
+#[derive(Debug)]
+pub struct RingCollective {
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+    chunk_elems: usize,
+    /// `None` when `world_size == 1`: every operation is then local.
+    links: Option<Links>,
+    abort: AbortHandle,
+    seq: u64,
+    /// Set by the first failed operation; later calls fail fast with it.
+    poisoned: Option<String>,
+    /// Receive buffer for the reduce-scatter phase, kept across calls.
+    scratch: Vec<f32>,
+}
+
+impl RingCollective {
+    /// Binds `peers[rank]`, then joins the ring as [`Self::from_listener`] does.
+    pub fn connect(config: RingConfig) -> Result<Self, CollectiveError> {
+        config.validate()?;
+        if config.world_size == 1 {
+            return Self::single(&config);
+        }
+        let listener = bind_listener(config.peers[config.rank], config.socket_buffer_bytes)?;
+        Self::from_listener(listener, config)
+    }
+
+    /// Joins the ring using an already bound listener (so tests and launchers
+    /// can bind port 0 first and then share the real addresses). `peers[rank]`
+    /// is only what the other ranks dial; it is not bound again.
+    ///
+    /// Retries connecting to the right neighbour until `config.timeout`, since
+    /// it may start later, and verifies both neighbours' rank, world size and
+    /// session id.
+    pub fn from_listener(
+        listener: TcpListener,
+        config: RingConfig,
+    ) -> Result<Self, CollectiveError> {
+        config.validate()?;
+        if config.world_size == 1 {
+            return Self::single(&config);
+        }
+        let n = config.world_size;
+        let rank = config.rank;
+        let deadline = Instant::now() + config.timeout;
+        let right_rank = (rank + 1) % n;
+        let left_rank = (rank + n - 1) % n;
+        let right_peer = Peer {
+            rank: right_rank,
+            addr: config.peers[right_rank],
+        };
+        let left_peer = Peer {
+            rank: left_rank,
+            addr: config.peers[left_rank],
+        };
+        let me = Hello {
+            version: VERSION,
+            rank: rank as u32,
+            world_size: n as u32,
+            session_id: config.session_id,
+        };
+
+        // Order matters: connect and say hello first (the kernel completes the
+        // TCP handshake from the listen backlog), then accept from the left,
+        // and only then wait for the right's answer. Every rank doing the same
+        // never waits in a cycle.
+        let mut right = connect_with_retry(right_peer, &config, deadline)?;
+        write_all_until(&mut right, &me.encode(), right_peer, deadline)?;
+        let left = accept_left(&listener, left_peer, me, &config, deadline)?;
+
+        let mut ack = [0u8; ACK_LEN];
+        read_exact_until(&mut right, &mut ack, right_peer, deadline)?;
+        let Some(ack) = Ack::decode(&ack) else {
+            return Err(CollectiveError::Handshake {
+                peer: right_peer,
+                reason: "answer is not a Gantry collective handshake".into(),
+            });
+        };
+        let expected = Hello {
+            rank: right_rank as u32,
+            ..me
+        };
+        if !ack.accepted {
+            return Err(CollectiveError::Handshake {
+                peer: right_peer,
+                reason: format!(
+                    "it refused us ({}); it is {}",
+                    describe(&me),
+                    describe(&ack.me)
+                ),
+            });
+        }
+        if ack.me != expected {
+            return Err(CollectiveError::Handshake {
+                peer: right_peer,
+                reason: format!(
+                    "expected {}, found {}",
+                    describe(&expected),
+                    describe(&ack.me)
+                ),
+            });
+        }
+
+        for s in [&right, &left] {
+            set_op_timeouts(s, config.timeout, right_peer)?;
+        }
+        let abort = AbortHandle::new(vec![
+            right
+                .try_clone()
+                .map_err(|e| io_err(right_peer, "setup", e))?,
+            left.try_clone()
+                .map_err(|e| io_err(left_peer, "setup", e))?,
+        ]);
+        Ok(RingCollective {
+            rank,
+            world_size: n,
+            timeout: config.timeout,
+            chunk_elems: config.chunk_bytes / size_of::<f32>(),
+            links: Some(Links {
+                right,
+                left,
+                right_peer,
+                left_peer,
+            }),
+            abort,
+            seq: 0,
+            poisoned: None,
+            scratch: Vec::new(),
+        })
+    }
+
+    fn single(config: &RingConfig) -> Result<Self, CollectiveError> {
+        Ok(RingCollective {
+            rank: 0,
+            world_size: 1,
+            timeout: config.timeout,
+            chunk_elems: config.chunk_bytes / size_of::<f32>(),
+            links: None,
+            abort: AbortHandle::new(Vec::new()),
+            seq: 0,
+            poisoned: None,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// A handle that can abort this collective from another thread.
+    pub fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
+    }
+
+    /// Runs one operation; on failure poisons the collective and shuts the
+    /// sockets so that neighbours blocked on us fail now, not at their timeout.
+    fn run_op<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, CollectiveError>,
+    ) -> Result<T, CollectiveError> {
+        if self.abort.is_aborted() {
+            return Err(CollectiveError::Aborted);
+        }
+        if let Some(p) = &self.poisoned {
+            return Err(CollectiveError::Poisoned(p.clone()));
+        }
+        match f(self) {
+            Ok(v) => {
+                self.seq += 1;
+                self.abort.inner.seq.store(self.seq, Ordering::SeqCst);
+                Ok(v)
+            }
+            Err(e) => {
+                let e = if self.abort.is_aborted() {
+                    CollectiveError::Aborted
+                } else {
+                    e
+                };
+                self.poisoned = Some(e.to_string());
+                if let Some(l) = &self.links {
+                    l.shutdown();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Sends our header right and checks the one from the left. Returns the
+    /// left's header for operation-specific checks.
+    fn exchange_headers(&self, links: &Links, ours: Header) -> Result<Header, CollectiveError> {
+        let op = ours.kind.name();
+        (&links.right)
+            .write_all(&ours.encode())
+            .map_err(|e| self.io_err(links.right_peer, op, e))?;
+        let mut raw = [0u8; HEADER_LEN];
+        (&links.left)
+            .read_exact(&mut raw)
+            .map_err(|e| self.io_err(links.left_peer, op, e))?;
+        let peer = links.left_peer;
+        let theirs =
+            Header::decode(&raw).map_err(|detail| CollectiveError::Protocol { peer, detail })?;
+        if theirs.kind != ours.kind {
+            return Err(CollectiveError::Protocol {
+                peer,
+                detail: format!(
+                    "it runs {} while we run {}",
+                    theirs.kind.name(),
+                    ours.kind.name()
+                ),
+            });
+        }
+        if theirs.seq != ours.seq {
+            return Err(CollectiveError::Protocol {
+                peer,
+                detail: format!(
+                    "it is at operation #{} while we are at #{}",
+                    theirs.seq, ours.seq
+                ),
+            });
+        }
+        Ok(theirs)
+    }
+
+    fn io_err(&self, peer: Peer, op: &'static str, e: io::Error) -> CollectiveError {
+        if self.abort.is_aborted() {
+            CollectiveError::Aborted
+        } else {
+            CollectiveError::from_io(peer, op, self.timeout, e)
+        }
+    }
+
+    fn all_reduce_inner(
+        &mut self,
+        kind: OpKind,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        let Some(links) = &self.links else {
+            // One rank: the sum is the buffer, and so is the average.
+            return Ok(());
+        };
+        let n = self.world_size;
+        let r = self.rank;
+        let len = buf.len();
+        let theirs = self.exchange_headers(
+            links,
+            Header {
+                kind,
+                seq: self.seq,
+                count: len as u64,
+                extra: op.code(),
+            },
+        )?;
+        let peer = links.left_peer;
+        if theirs.count != len as u64 {
+            return Err(CollectiveError::LengthMismatch {
+                peer,
+                ours: len,
+                theirs: usize::try_from(theirs.count).unwrap_or(usize::MAX),
+            });
+        }
+        if theirs.extra != op.code() {
+            return Err(CollectiveError::Protocol {
+                peer,
+                detail: "it uses a different reduce operation (sum vs average)".into(),
+            });
+        }
+
+        let ce = self.chunk_elems;
+        if self.scratch.len() < ce.min(len) {
+            self.scratch.resize(ce.min(len), 0.0);
+        }
+        let scratch = &mut self.scratch;
+        // Segment i has base or base + 1 elements; all ranks split alike.
+        let base = len / n;
+        let rem = len % n;
+        let seg_len = |i: usize| base + usize::from(i < rem);
+        let mut segs: Vec<Option<&mut [f32]>> = Vec::with_capacity(n);
+        let mut rest = buf;
+        for i in 0..n {
+            let (seg, tail) = rest.split_at_mut(seg_len(i));
+            segs.push(Some(seg));
+            rest = tail;
+        }
+        let n_f32 = n as f32;
+        let average = op == ReduceOp::Average;
+
+        run_pipelined(links, &self.abort, self.timeout, kind.name(), |pipe| {
+            let mut take = |i: usize| segs[i].take().expect("each segment is taken once");
+            // Reduce-scatter step 0 sends our own contribution to segment r.
+            for c in take(r).chunks_mut(ce) {
+                pipe.send(bytemuck::cast_slice_mut(c))?;
+            }
+            // Step s receives segment r-s-1, adds our contribution and passes
+            // it on (chunk by chunk, so forwarding overlaps receiving). After
+            // the last step segment r+1 is complete here; it is the first
+            // thing the all-gather sends.
+            for s in 0..n - 1 {
+                let last = s == n - 2;
+                for c in take((r + n - s - 1) % n).chunks_mut(ce) {
+                    let tmp = &mut scratch[..c.len()];
+                    pipe.read_exact(bytemuck::cast_slice_mut(tmp))?;
+                    for (a, b) in c.iter_mut().zip(tmp.iter()) {
+                        *a += *b;
+                    }
+                    if last && average {
+                        // Each rank scales only the segment it completed,
+                        // before sharing it, so every rank ends up with the
+                        // same bits and the division touches 1/n of the data.
+                        for a in c.iter_mut() {
+                            *a /= n_f32;
+                        }
+                    }
+                    pipe.send(bytemuck::cast_slice_mut(c))?;
+                }
+            }
+            // All-gather step s receives final segment r-s over our partial
+            // copy and forwards it (except at the last step: the right
+            // neighbour completed that segment itself). The sender returns
+            // chunks in the order it sent them, which is exactly the order
+            // needed here: r, r-1, ..., r+2.
+            for s in 0..n - 1 {
+                let forward = s < n - 2;
+                for _ in 0..seg_len((r + n - s) % n).div_ceil(ce) {
+                    let c = pipe.take_back()?;
+                    pipe.read_exact(c)?;
+                    if forward {
+                        pipe.send(c)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Pipelines `data` from `root` rightwards round the ring; the rank left
+    /// of the root does not forward.
+    fn chain_broadcast(
+        &self,
+        links: &Links,
+        op: &'static str,
+        data: &mut [u8],
+        root: usize,
+    ) -> Result<(), CollectiveError> {
+        let cb = self.chunk_elems * size_of::<f32>();
+        let r = self.rank;
+        let forward = (r + 1) % self.world_size != root;
+        run_pipelined(links, &self.abort, self.timeout, op, |pipe| {
+            for c in data.chunks_mut(cb) {
+                if r != root {
+                    pipe.read_exact(c)?;
+                    if !forward {
+                        continue;
+                    }
+                }
+                pipe.send(c)?;
+            }
+            Ok(())
+        })
+    }
+
+    fn check_root(&self, root: usize) -> Result<(), CollectiveError> {
+        if root >= self.world_size {
+            return Err(CollectiveError::InvalidArgument(format!(
+                "broadcast root {root} is out of range for world_size {}",
+                self.world_size
+            )));
+        }
+        Ok(())
+    }
+
+    fn check_broadcast_header(
+        links: &Links,
+        theirs: &Header,
+        root: usize,
+    ) -> Result<(), CollectiveError> {
+        if theirs.extra != root as u64 {
+            return Err(CollectiveError::Protocol {
+                peer: links.left_peer,
+                detail: format!("it broadcasts from rank {}, we from {root}", theirs.extra),
+            });
+        }
+        Ok(())
+    }
+}
+
+impl Collective for RingCollective {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+
+    fn world_size(&self) -> usize {
+        self.world_size
+    }
+
+    fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
+        self.run_op(|me| me.all_reduce_inner(OpKind::AllReduce, buf, op))
+    }
+
+    fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
+        self.run_op(|me| {
+            me.check_root(root)?;
+            let Some(links) = &me.links else {
+                return Ok(());
+            };
+            let theirs = me.exchange_headers(
+                links,
+                Header {
+                    kind: OpKind::BroadcastF32,
+                    seq: me.seq,
+                    count: buf.len() as u64,
+                    extra: root as u64,
+                },
+            )?;
+            Self::check_broadcast_header(links, &theirs, root)?;
+            if theirs.count != buf.len() as u64 {
+                return Err(CollectiveError::LengthMismatch {
+                    peer: links.left_peer,
+                    ours: buf.len(),
+                    theirs: usize::try_from(theirs.count).unwrap_or(usize::MAX),
+                });
+            }
+            me.chain_broadcast(links, "broadcast", bytemuck::cast_slice_mut(buf), root)
+        })
+    }
+
+    fn broadcast_bytes(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError> {
+        self.run_op(|me| {
+            me.check_root(root)?;
+            let Some(links) = &me.links else {
+                return Ok(());
+            };
+            // Non-roots do not know the length yet, so the header carries no
+            // count; the root's length travels ahead of the data instead.
+            let theirs = me.exchange_headers(
+                links,
+                Header {
+                    kind: OpKind::BroadcastBytes,
+                    seq: me.seq,
+                    count: 0,
+                    extra: root as u64,
+                },
+            )?;
+            Self::check_broadcast_header(links, &theirs, root)?;
+            let mut len = (buf.len() as u64).to_le_bytes();
+            me.chain_broadcast(links, "broadcast-bytes", &mut len, root)?;
+            if me.rank != root {
+                let len = usize::try_from(u64::from_le_bytes(len)).map_err(|_| {
+                    CollectiveError::Protocol {
+                        peer: links.left_peer,
+                        detail: "broadcast length does not fit in memory".into(),
+                    }
+                })?;
+                buf.clear();
+                buf.resize(len, 0);
+            }
+            me.chain_broadcast(links, "broadcast-bytes", buf, root)
+        })
+    }
+
+    fn barrier(&mut self) -> Result<(), CollectiveError> {
+        // A one-element all-reduce: every rank's value has to reach every
+        // other rank, so nobody leaves before everybody has arrived. The
+        // result doubles as a sanity check of the ring.
+        let n = self.world_size;
+        self.run_op(|me| {
+            let mut one = [1.0f32];
+            me.all_reduce_inner(OpKind::Barrier, &mut one, ReduceOp::Sum)?;
+            if one[0] != n as f32 {
+                let peer = me.links.as_ref().map(|l| l.left_peer);
+                return Err(CollectiveError::Protocol {
+                    peer: peer.expect("world_size > 1 whenever the sum can differ"),
+                    detail: format!("barrier counted {} ranks, expected {n}", one[0]),
+                });
+            }
+            Ok(())
+        })
+    }
+
+    fn abort(&mut self) {
+        self.abort.abort();
+        self.poisoned.get_or_insert_with(|| "aborted".into());
+    }
+
+    fn sequence(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Drop for RingCollective {
+    fn drop(&mut self) {
+        // An AbortHandle may keep clones of the sockets alive; shut them down
+        // explicitly so neighbours see the connection end now.
+        if let Some(l) = &self.links {
+            l.shutdown();
+        }
+    }
+}
+
+/// The calling thread's view of a pipelined operation.
+struct Pipe<'l, 'd> {
+    to_sender: mpsc::Sender<&'d mut [u8]>,
+    from_sender: mpsc::Receiver<&'d mut [u8]>,
+    left: &'l TcpStream,
+    left_peer: Peer,
+    timeout: Duration,
+    op: &'static str,
+}
+
+impl<'d> Pipe<'_, 'd> {
+    /// Queues `chunk` for the right neighbour; it comes back via `take_back`.
+    fn send(&self, chunk: &'d mut [u8]) -> Result<(), CollectiveError> {
+        self.to_sender.send(chunk).map_err(|_| sender_gone())
+    }
+
+    /// The oldest chunk the sender has finished writing.
+    fn take_back(&self) -> Result<&'d mut [u8], CollectiveError> {
+        self.from_sender.recv().map_err(|_| sender_gone())
+    }
+
+    fn read_exact(&self, buf: &mut [u8]) -> Result<(), CollectiveError> {
+        let mut left = self.left;
+        left.read_exact(buf)
+            .map_err(|e| CollectiveError::from_io(self.left_peer, self.op, self.timeout, e))
+    }
+}
+
+/// Only seen when the sender stopped on an error, which is reported instead.
+fn sender_gone() -> CollectiveError {
+    CollectiveError::Poisoned("sender thread stopped".into())
+}
+
+/// Runs `body` on this thread while a scoped thread writes every chunk it is
+/// handed to the right neighbour, in order, handing each back once written.
+///
+/// The first error on either side wins and shuts the sockets down, which
+/// unblocks the other side and tells the neighbours.
+fn run_pipelined<'d>(
+    links: &Links,
+    abort: &AbortHandle,
+    timeout: Duration,
+    op: &'static str,
+    body: impl FnOnce(&Pipe<'_, 'd>) -> Result<(), CollectiveError>,
+) -> Result<(), CollectiveError> {
+    let first_err: Mutex<Option<CollectiveError>> = Mutex::new(None);
+    let fail = |e: CollectiveError| {
+        let mut slot = first_err.lock().unwrap_or_else(PoisonError::into_inner);
+        slot.get_or_insert(e);
+        drop(slot);
+        links.shutdown();
+    };
+    let (to_sender, sender_rx) = mpsc::channel::<&'d mut [u8]>();
+    let (sender_tx, from_sender) = mpsc::channel::<&'d mut [u8]>();
+
+    thread::scope(|s| {
+        let fail = &fail;
+        let sender = s.spawn(move || {
+            let mut right = &links.right;
+            for chunk in sender_rx {
+                if let Err(e) = right.write_all(chunk) {
+                    fail(CollectiveError::from_io(links.right_peer, op, timeout, e));
+                    return;
+                }
+                // The receiver may be done with returned chunks; that is fine,
+                // the remaining queued chunks must still be written.
+                let _ = sender_tx.send(chunk);
+            }
+        });
+        let pipe = Pipe {
+            to_sender,
+            from_sender,
+            left: &links.left,
+            left_peer: links.left_peer,
+            timeout,
+            op,
+        };
+        let result = body(&pipe);
+        // Closing the channel lets the sender finish its queue and exit.
+        drop(pipe);
+        if let Err(e) = result {
+            fail(e);
+        }
+        if let Err(panic) = sender.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+
+    if abort.is_aborted() {
+        return Err(CollectiveError::Aborted);
+    }
+    match first_err
+        .into_inner()
+        .unwrap_or_else(PoisonError::into_inner)
+    {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+fn describe(h: &Hello) -> String {
+    format!(
+        "rank {} of world {} in session {:#x} (protocol v{})",
+        h.rank, h.world_size, h.session_id, h.version
+    )
+}
+
+fn io_err(peer: Peer, op: &'static str, source: io::Error) -> CollectiveError {
+    CollectiveError::Io { peer, op, source }
+}
+
+fn bind_listener(addr: SocketAddr, buffer: Option<usize>) -> Result<TcpListener, CollectiveError> {
+    let bind_err = |source| CollectiveError::Bind { addr, source };
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_err)?;
+    sock.set_reuse_address(true).map_err(bind_err)?;
+    if let Some(b) = buffer {
+        // Set before listen so accepted sockets inherit it and the TCP window
+        // scale is negotiated for it.
+        sock.set_recv_buffer_size(b).map_err(bind_err)?;
+        sock.set_send_buffer_size(b).map_err(bind_err)?;
+    }
+    sock.bind(&addr.into()).map_err(bind_err)?;
+    sock.listen(128).map_err(bind_err)?;
+    Ok(sock.into())
+}
+
+fn configure_stream(s: &TcpStream, config: &RingConfig, peer: Peer) -> Result<(), CollectiveError> {
+    // Headers and small barriers must not wait for Nagle's 40 ms timer.
+    s.set_nodelay(true).map_err(|e| io_err(peer, "setup", e))?;
+    if let Some(b) = config.socket_buffer_bytes {
+        let sock = SockRef::from(s);
+        sock.set_send_buffer_size(b)
+            .and_then(|()| sock.set_recv_buffer_size(b))
+            .map_err(|e| io_err(peer, "setup", e))?;
+    }
+    Ok(())
+}
+
+fn set_op_timeouts(s: &TcpStream, timeout: Duration, peer: Peer) -> Result<(), CollectiveError> {
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.set_write_timeout(Some(timeout)))
+        .map_err(|e| io_err(peer, "setup", e))
+}
+
+fn remaining(deadline: Instant) -> Duration {
+    // Socket timeouts reject zero; the 1 ms floor still fails promptly.
+    deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(1))
+}
+
+fn connect_with_retry(
+    peer: Peer,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    let mut last_err;
+    loop {
+        let attempt = (|| {
+            let sock = Socket::new(Domain::for_address(peer.addr), Type::STREAM, None)?;
+            if let Some(b) = config.socket_buffer_bytes {
+                // Before connecting, so the window scale is negotiated for it.
+                sock.set_recv_buffer_size(b)?;
+                sock.set_send_buffer_size(b)?;
+            }
+            sock.connect_timeout(&peer.addr.into(), remaining(deadline))?;
+            Ok::<TcpStream, io::Error>(sock.into())
+        })();
+        match attempt {
+            Ok(s) => {
+                configure_stream(&s, config, peer)?;
+                return Ok(s);
+            }
+            Err(e) => last_err = e,
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(CollectiveError::ConnectTimeout {
+                peer,
+                timeout: config.timeout,
+                source: last_err,
+            });
+        }
+        // The neighbour may simply not be listening yet.
+        thread::sleep(Duration::from_millis(20).min(deadline - now));
+    }
+}
+
+fn accept_left(
+    listener: &TcpListener,
+    left_peer: Peer,
+    me: Hello,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<TcpStream, CollectiveError> {
+    // Non-blocking accept polled against the deadline: std has no accept
+    // timeout, and a left neighbour that never comes must not hang us.
+    listener
+        .set_nonblocking(true)
+        .map_err(|e| io_err(left_peer, "accept", e))?;
+    let (mut stream, addr) = loop {
+        match listener.accept() {
+            Ok(pair) => break pair,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(CollectiveError::AcceptTimeout {
+                        peer: left_peer,
+                        timeout: config.timeout,
+                    });
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(left_peer, "accept", e)),
+        }
+    };
+    // Whoever connected, until its hello says otherwise it is the address it
+    // came from, claiming to be the left neighbour.
+    let mut who = Peer {
+        rank: left_peer.rank,
+        addr,
+    };
+    stream
+        .set_nonblocking(false)
+        .map_err(|e| io_err(who, "accept", e))?;
+    configure_stream(&stream, config, who)?;
+    let mut raw = [0u8; HELLO_LEN];
+    read_exact_until(&mut stream, &mut raw, who, deadline)?;
+    let Some(hello) = Hello::decode(&raw) else {
+        return Err(CollectiveError::Handshake {
+            peer: who,
+            reason: "the connection is not from a Gantry collective rank".into(),
+        });
+    };
+    who.rank = hello.rank as usize;
+    let expected = Hello {
+        rank: left_peer.rank as u32,
+        ..me
+    };
+    let accepted = hello == expected;
+    let ack = Ack { accepted, me };
+    // Best effort: the refused side learns why, but we fail regardless.
+    let sent = write_all_until(&mut stream, &ack.encode(), who, deadline);
+    if !accepted {
+        return Err(CollectiveError::Handshake {
+            peer: who,
+            reason: format!(
+                "expected {} as left neighbour, it is {}",
+                describe(&expected),
+                describe(&hello)
+            ),
+        });
+    }
+    sent?;
+    Ok(stream)
+}
+
+fn read_exact_until(
+    s: &mut TcpStream,
+    buf: &mut [u8],
+    peer: Peer,
+    deadline: Instant,
+) -> Result<(), CollectiveError> {
+    let timeout = remaining(deadline);
+    s.set_read_timeout(Some(timeout))
+        .and_then(|()| s.read_exact(buf))
+        .map_err(|e| CollectiveError::from_io(peer, "handshake", timeout, e))
+}
+
+fn write_all_until(
+    s: &mut TcpStream,
+    buf: &[u8],
+    peer: Peer,
+    deadline: Instant,
+) -> Result<(), CollectiveError> {
+    let timeout = remaining(deadline);
+    s.set_write_timeout(Some(timeout))
+        .and_then(|()| s.write_all(buf))
+        .map_err(|e| CollectiveError::from_io(peer, "handshake", timeout, e))
+}

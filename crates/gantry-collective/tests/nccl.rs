@@ -1,0 +1,110 @@
+//! NCCL backend tests. They need `libnccl.so` on the loader path (e.g.
+//! `LD_LIBRARY_PATH=.cache/libtorch/site/nvidia/nccl/lib`) and, for the
+//! device tests, a CUDA GPU; without them they print why and skip.
+
+use gantry_collective::nccl::{
+    DeviceDType, NCCL_ID_BYTES, NcclCollective, NcclId, cuda_device_count, nccl_library_present,
+};
+use gantry_collective::{Collective, CollectiveError, ReduceOp};
+
+fn gpu_count() -> usize {
+    cuda_device_count().unwrap_or(0)
+}
+
+#[test]
+fn nccl_unique_id_is_created_without_gpu() {
+    if !nccl_library_present() {
+        println!("skipped: libnccl.so not found on the loader path");
+        assert!(matches!(
+            NcclId::new(),
+            Err(CollectiveError::NcclUnavailable(_))
+        ));
+        return;
+    }
+    let a = NcclId::new().unwrap();
+    let b = NcclId::new().unwrap();
+    assert!(a.as_bytes().iter().any(|&x| x != 0), "id is all zeros");
+    assert_ne!(a, b, "two unique ids are equal");
+    assert_eq!(NcclId::from_bytes(a.as_bytes()).unwrap(), a);
+}
+
+#[test]
+fn nccl_id_bytes_must_have_the_right_length() {
+    let err = NcclId::from_bytes(&[0u8; NCCL_ID_BYTES - 1]).unwrap_err();
+    assert!(matches!(err, CollectiveError::InvalidArgument(_)), "{err}");
+}
+
+#[test]
+fn nccl_collective_without_gpu_is_a_clear_error() {
+    if gpu_count() > 0 {
+        println!("skipped: a CUDA device is present");
+        return;
+    }
+    let err = NcclCollective::new(0, 1, &[0u8; NCCL_ID_BYTES], 0).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CollectiveError::NcclUnavailable(_) | CollectiveError::NoCudaDevice(_)
+        ),
+        "{err}"
+    );
+    println!("as expected: {err}");
+}
+
+#[test]
+fn nccl_rejects_bad_rank_before_touching_libraries() {
+    let err = NcclCollective::new(1, 1, &[0u8; NCCL_ID_BYTES], 0).unwrap_err();
+    assert!(matches!(err, CollectiveError::InvalidArgument(_)), "{err}");
+}
+
+#[test]
+fn nccl_world_one_host_ops() {
+    if !nccl_library_present() || gpu_count() == 0 {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let id = NcclId::new().unwrap();
+    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0).unwrap();
+    let mut buf: Vec<f32> = (0..1001).map(|i| i as f32).collect();
+    let orig = buf.clone();
+    c.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
+    assert_eq!(buf, orig);
+    c.all_reduce_f32(&mut buf, ReduceOp::Average).unwrap();
+    assert_eq!(buf, orig);
+    let mut bytes = b"gantry".to_vec();
+    c.broadcast_bytes(&mut bytes, 0).unwrap();
+    assert_eq!(bytes, b"gantry");
+    c.barrier().unwrap();
+    assert_eq!(c.sequence(), 4);
+}
+
+#[test]
+fn nccl_world_one_device_all_reduce() {
+    use cudarc::driver::{CudaContext, DevicePtrMut};
+    if !nccl_library_present() || gpu_count() == 0 {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let id = NcclId::new().unwrap();
+    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0).unwrap();
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let host: Vec<f32> = (0..4096).map(|i| (i % 17) as f32).collect();
+    let mut dev = stream.clone_htod(&host).unwrap();
+    {
+        let (ptr, _sync) = dev.device_ptr_mut(&stream);
+        // SAFETY: `dev` holds 4096 f32s on device 0 and is only used on `stream`.
+        unsafe {
+            c.all_reduce_device(
+                ptr,
+                host.len(),
+                DeviceDType::F32,
+                ReduceOp::Sum,
+                stream.cu_stream().cast(),
+            )
+        }
+        .unwrap();
+    }
+    let back = stream.clone_dtoh(&dev).unwrap();
+    assert_eq!(back, host);
+}

@@ -1,0 +1,16 @@
+//! A Gantry worker: one process, one device, the training loop.
+//!
+//! `worker --standalone` trains on its own; later the same loop runs as one rank of a
+//! data-parallel cluster. The loop itself is device- and world-agnostic: each global step's
+//! data indices and latents are pure functions of (seed, step), sliced by rank.
+//!
+//! - [`train`]: the loop (data → step → metrics → samples → summary).
+//! - [`run_dir`]: the files a run leaves behind, written atomically.
+//! - [`samples`]: the 8×8 sample grid as PNG.
+//! - [`progress`]: a progress bar on a terminal, plain log lines elsewhere.
+
+pub mod atomic;
+pub mod progress;
+pub mod run_dir;
+pub mod samples;
+pub mod train;

@@ -1,0 +1,66 @@
+//! Progress on a terminal (a bar) or in a log (a line every few percent).
+
+use std::io::IsTerminal;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// Reports training progress; the display kind follows whether stderr is a terminal.
+#[derive(Debug)]
+pub struct Progress {
+    bar: Option<ProgressBar>,
+    total: u64,
+    every: u64,
+    last_line: Instant,
+}
+
+impl Progress {
+    pub fn new(total: u64, first_step: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = ProgressBar::new(total);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {msg} (eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+            );
+            bar.set_position(first_step);
+            bar
+        });
+        Self { bar, total, every: (total / 20).max(1), last_line: Instant::now() }
+    }
+
+    /// Records that `step` is done; `summary` describes the latest figures.
+    pub fn update(&mut self, step: u64, summary: impl FnOnce() -> String) {
+        match &self.bar {
+            Some(bar) => {
+                bar.set_position(step);
+                if step % 10 == 0 || step == self.total {
+                    bar.set_message(summary());
+                }
+            }
+            None => {
+                let due = step % self.every == 0 || step == self.total;
+                if due || self.last_line.elapsed() > Duration::from_secs(30) {
+                    eprintln!("step {step}/{} {}", self.total, summary());
+                    self.last_line = Instant::now();
+                }
+            }
+        }
+    }
+
+    /// Prints a line without tearing the bar.
+    pub fn println(&self, line: &str) {
+        match &self.bar {
+            Some(bar) => bar.println(line),
+            None => eprintln!("{line}"),
+        }
+    }
+
+    pub fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish();
+        }
+    }
+}

@@ -1,0 +1,111 @@
+//! The files a run leaves behind in its run directory.
+//!
+//! ```text
+//! config.toml        the effective configuration
+//! metrics.jsonl      one JSON object per logged step
+//! samples/step-NNNNNNNN.png
+//! summary.json       the outcome, written when the run ends
+//! ```
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use gantry_config::Settings;
+use serde::{Deserialize, Serialize};
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricsRow {
+    pub step: u64,
+    pub d_loss: f64,
+    pub g_loss: f64,
+    /// Mean D(x) over the real batch.
+    pub d_x: f64,
+    /// Mean D(G(z)) over the fake batch.
+    pub d_g_z: f64,
+    /// Images per second (all ranks) since the previous row.
+    pub images_per_second: f64,
+    /// Seconds since training started.
+    pub wall_seconds: f64,
+}
+
+/// Final losses and D outputs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinalFigures {
+    pub d_loss: f64,
+    pub g_loss: f64,
+    pub d_x: f64,
+    pub d_g_z: f64,
+}
+
+/// `summary.json`: what a run achieved.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub steps: u64,
+    pub world_size: usize,
+    pub batch_size: usize,
+    /// Training images per second over the whole run, all ranks together.
+    pub images_per_second: f64,
+    /// Wall time from start-up to the end, set-up included.
+    pub wall_seconds: f64,
+    /// Wall time of the training loop alone.
+    pub train_seconds: f64,
+    pub device: String,
+    pub threads: usize,
+    #[serde(rename = "final")]
+    pub final_figures: FinalFigures,
+    /// The last sample grid, relative to the run directory.
+    pub last_sample: Option<String>,
+}
+
+/// An open run directory.
+#[derive(Debug)]
+pub struct RunDir {
+    root: PathBuf,
+    metrics: BufWriter<File>,
+}
+
+impl RunDir {
+    /// Creates (or reuses) `root`, writes `config.toml` and starts a fresh `metrics.jsonl`.
+    pub fn create(root: &Path, settings: &Settings) -> Result<Self> {
+        for dir in [root.to_path_buf(), root.join("samples"), root.join("checkpoints")] {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let config = settings.to_toml()?;
+        crate::atomic::write(&root.join("config.toml"), config.as_bytes())
+            .with_context(|| format!("writing {}", root.join("config.toml").display()))?;
+        let metrics_path = root.join("metrics.jsonl");
+        let metrics = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        Ok(Self { root: root.to_path_buf(), metrics: BufWriter::new(metrics) })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn samples_dir(&self) -> PathBuf {
+        self.root.join("samples")
+    }
+
+    /// Appends one row and flushes it, so a crash loses at most the row being written.
+    pub fn append_metrics(&mut self, row: &MetricsRow) -> Result<()> {
+        serde_json::to_writer(&mut self.metrics, row)?;
+        self.metrics.write_all(b"\n")?;
+        self.metrics.flush().context("writing metrics.jsonl")
+    }
+
+    pub fn write_summary(&self, summary: &Summary) -> Result<()> {
+        let path = self.root.join("summary.json");
+        let mut text = serde_json::to_string_pretty(summary)?;
+        text.push('\n');
+        crate::atomic::write(&path, text.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))
+    }
+}

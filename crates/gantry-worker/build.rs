@@ -1,7 +1,8 @@
-//! Bakes libtorch's location into everything this crate links (tests included), so binaries
-//! run without LD_LIBRARY_PATH, and tells the runtime where to find libtorch_cuda.so.
+//! Bakes libtorch's location into the worker's binaries and tests, so they run without
+//! LD_LIBRARY_PATH, plus NCCL's directory in the PyPI layout, where cudarc's loader finds
+//! `libnccl.so` at run time.
 fn main() {
     let lib = std::env::var("DEP_TCH_LIBTORCH_LIB").expect("torch-sys exports its lib dir");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}");
-    println!("cargo:rustc-env=GANTRY_LIBTORCH_LIB={lib}");
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{lib}/../../nvidia/nccl/lib");
 }

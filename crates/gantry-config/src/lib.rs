@@ -46,6 +46,9 @@ pub struct Settings {
     pub checkpoint: Checkpoint,
     pub samples: Samples,
     pub run: Run,
+    pub collective: CollectiveSettings,
+    pub cluster: Cluster,
+    pub metrics: Metrics,
 }
 
 /// Optimisation and the training loop.
@@ -180,6 +183,77 @@ impl Default for Run {
     }
 }
 
+/// Gradient exchange between data-parallel ranks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CollectiveSettings {
+    /// Gradients are all-reduced in buckets of at most this many MiB.
+    pub bucket_mb: f64,
+    /// Compare a checksum of every rank's parameters every this many steps (0 = never).
+    pub verify_every: u64,
+    /// Seconds any collective operation may wait for a peer before failing.
+    pub timeout: f64,
+}
+
+impl Default for CollectiveSettings {
+    fn default() -> Self {
+        Self { bucket_mb: 25.0, verify_every: 100, timeout: 60.0 }
+    }
+}
+
+/// The coordinator and its workers.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Cluster {
+    /// `auto` (nccl on CUDA devices, ring otherwise), `ring` or `nccl`.
+    pub backend: Backend,
+    /// The coordinator's gRPC listen address.
+    pub listen: String,
+    /// Join token every RPC must carry; empty = generated per job (local workers only).
+    pub token: String,
+    /// Seconds between worker heartbeats.
+    pub heartbeat_interval: f64,
+    /// A worker silent for this many seconds is declared failed.
+    pub heartbeat_timeout: f64,
+    /// Restarts of the whole group from the newest checkpoint before the job fails.
+    pub max_restarts: u32,
+    /// Seconds to wait for all workers to join.
+    pub rendezvous_timeout: f64,
+    /// Port of each worker's ring all-reduce listener (0 = any free port).
+    pub ring_port: u16,
+}
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Self {
+            backend: Backend::Auto,
+            listen: "0.0.0.0:7070".into(),
+            token: String::new(),
+            heartbeat_interval: 1.0,
+            heartbeat_timeout: 10.0,
+            max_restarts: 3,
+            rendezvous_timeout: 300.0,
+            ring_port: 7071,
+        }
+    }
+}
+
+/// Prometheus endpoints.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// The coordinator's HTTP address (/metrics, /healthz, /readyz, status page).
+    pub addr: String,
+    /// Each worker's HTTP address (/metrics, /healthz); port 0 = any free port.
+    pub worker_addr: String,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self { addr: "0.0.0.0:9090".into(), worker_addr: "0.0.0.0:9091".into() }
+    }
+}
+
 macro_rules! string_enum {
     ($(#[$meta:meta])* $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$meta])*
@@ -236,6 +310,10 @@ string_enum!(
     DeviceChoice { Auto = "auto", Cpu = "cpu", Cuda = "cuda" }
 );
 string_enum!(
+    /// The gradient all-reduce backend.
+    Backend { Auto = "auto", Ring = "ring", Nccl = "nccl" }
+);
+string_enum!(
     /// The training data set.
     Dataset { Mnist10k = "mnist-10k", Mnist = "mnist", FashionMnist = "fashion-mnist" }
 );
@@ -268,6 +346,26 @@ impl Settings {
         if self.checkpoint.keep < 2 {
             return invalid("checkpoint.keep", "must be at least 2, so a torn newest checkpoint never leaves none");
         }
+        let c = &self.collective;
+        if !(c.bucket_mb.is_finite() && c.bucket_mb > 0.0) {
+            return invalid("collective.bucket_mb", "must be a positive number of MiB");
+        }
+        if !(c.timeout.is_finite() && c.timeout > 0.0) {
+            return invalid("collective.timeout", "must be a positive number of seconds");
+        }
+        let k = &self.cluster;
+        for (key, secs) in [
+            ("cluster.heartbeat_interval", k.heartbeat_interval),
+            ("cluster.heartbeat_timeout", k.heartbeat_timeout),
+            ("cluster.rendezvous_timeout", k.rendezvous_timeout),
+        ] {
+            if !(secs.is_finite() && secs > 0.0) {
+                return invalid(key, &format!("must be a positive number of seconds, got {secs}"));
+            }
+        }
+        if k.heartbeat_timeout <= k.heartbeat_interval {
+            return invalid("cluster.heartbeat_timeout", "must be longer than cluster.heartbeat_interval");
+        }
         if self.run.dir.as_os_str().is_empty() {
             return invalid("run.dir", "must not be empty");
         }
@@ -279,11 +377,13 @@ impl Settings {
         toml::to_string_pretty(self).map_err(|e| ConfigError::Serialise(e.to_string()))
     }
 
-    /// SHA-256 (hex) of everything that shapes what is trained. `run.*` (where and on which
-    /// device) is left out: two workers on different hosts and devices train the same job.
+    /// SHA-256 (hex) of everything that shapes what is trained. `run`, `cluster` and `metrics`
+    /// (where, on which device, behind which address) are left out: two workers on different hosts and devices train the same job.
     pub fn fingerprint(&self) -> String {
         let mut shaping = self.clone();
         shaping.run = Run::default();
+        shaping.cluster = Cluster::default();
+        shaping.metrics = Metrics::default();
         let canonical = serde_json::to_vec(&shaping).unwrap_or_default();
         hex::encode(Sha256::digest(canonical))
     }

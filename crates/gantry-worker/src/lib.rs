@@ -13,4 +13,5 @@ pub mod atomic;
 pub mod progress;
 pub mod run_dir;
 pub mod samples;
+pub mod sync;
 pub mod train;

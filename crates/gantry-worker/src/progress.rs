@@ -31,22 +31,23 @@ impl Progress {
         Self { bar, total, every: (total / 20).max(1), last_line: Instant::now() }
     }
 
-    /// Records that `step` is done; `summary` describes the latest figures.
-    pub fn update(&mut self, step: u64, summary: impl FnOnce() -> String) {
-        match &self.bar {
-            Some(bar) => {
+    /// Records that `step` is done; `figures` describes it when it was a logging step.
+    pub fn update(&mut self, step: u64, figures: Option<String>) {
+        match (&self.bar, figures) {
+            (Some(bar), figures) => {
                 bar.set_position(step);
-                if step % 10 == 0 || step == self.total {
-                    bar.set_message(summary());
+                if let Some(figures) = figures {
+                    bar.set_message(figures);
                 }
             }
-            None => {
+            (None, Some(figures)) => {
                 let due = step % self.every == 0 || step == self.total;
                 if due || self.last_line.elapsed() > Duration::from_secs(30) {
-                    eprintln!("step {step}/{} {}", self.total, summary());
+                    eprintln!("step {step}/{} {figures}", self.total);
                     self.last_line = Instant::now();
                 }
             }
+            (None, None) => {}
         }
     }
 

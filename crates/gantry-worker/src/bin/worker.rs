@@ -1,9 +1,15 @@
-//! `worker`: trains a GAN on one device.
+//! `worker`: trains a GAN on one device, alone or as one rank of a data-parallel group.
 
-use anyhow::{Result, bail};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
 use clap::Parser;
+use gantry_collective::{RingCollective, RingConfig};
 use gantry_config::ConfigArgs;
 use gantry_models::runtime;
+use gantry_worker::sync::Group;
+use gantry_worker::train::{NoObserver, Trainer, run_standalone};
 
 /// A Gantry worker.
 #[derive(Debug, Parser)]
@@ -12,6 +18,18 @@ struct Cli {
     /// Train on this process alone (world size 1), without a coordinator.
     #[arg(long)]
     standalone: bool,
+    /// Static group membership (as torchrun's environment): this process's rank.
+    #[arg(long, env = "GANTRY_RANK", requires_all = ["world_size", "peers"])]
+    rank: Option<usize>,
+    /// Static group membership: number of ranks.
+    #[arg(long, env = "GANTRY_WORLD_SIZE")]
+    world_size: Option<usize>,
+    /// Static group membership: every rank's ring address, in rank order (HOST:PORT,...).
+    #[arg(long, env = "GANTRY_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// Workers sharing this machine's cores (splits libtorch's threads when train.threads = 0).
+    #[arg(long, default_value_t = 1)]
+    workers_on_host: usize,
     /// Print the devices libtorch sees and exit.
     #[arg(long)]
     list_devices: bool,
@@ -26,9 +44,40 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let settings = cli.config.load()?;
-    if !cli.standalone {
-        bail!("no mode given: pass --standalone to train on this process alone");
+    if let Some(rank) = cli.rank {
+        let world = cli.world_size.context("--world-size is required with --rank")?;
+        let peers = resolve_peers(&cli.peers)?;
+        if world == 0 || rank >= world || peers.len() != world {
+            bail!(
+                "static group: rank {rank} of world size {world} with {} peer address(es); \
+                 need rank < world size and one address per rank",
+                peers.len()
+            );
+        }
+        let mut ring = RingConfig::new(rank, world, peers);
+        ring.timeout = Duration::from_secs_f64(settings.collective.timeout);
+        ring.session_id = u64::from_str_radix(&settings.fingerprint()[..16], 16).unwrap_or(0);
+        let collective = RingCollective::connect(ring).context("joining the ring")?;
+        let group = Group::new(Box::new(collective), settings.collective.bucket_mb);
+        let mut trainer = Trainer::new(&settings, group, cli.workers_on_host, 0)?;
+        trainer.run(&mut NoObserver)?;
+        return Ok(());
     }
-    gantry_worker::train::run_standalone(&settings)?;
+    if !cli.standalone {
+        bail!("no mode given: pass --standalone, or --rank/--world-size/--peers for a static group");
+    }
+    run_standalone(&settings)?;
     Ok(())
+}
+
+fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>> {
+    peers
+        .iter()
+        .map(|p| {
+            p.to_socket_addrs()
+                .with_context(|| format!("peer address {p:?}"))?
+                .next()
+                .with_context(|| format!("peer address {p:?} resolves to nothing"))
+        })
+        .collect()
 }

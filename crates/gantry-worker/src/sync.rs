@@ -1,0 +1,204 @@
+//! Where tch tensors meet the collective: gradient buckets, parameter broadcast, checks.
+
+use anyhow::{Context, Result, bail};
+use gantry_collective::{Collective, ReduceOp};
+use gantry_models::{FlatParams, Gan};
+use tch::{Device, Kind, Tensor};
+
+/// A rank's view of its data-parallel group.
+pub struct Group {
+    pub rank: usize,
+    pub world: usize,
+    /// `None` for a world of one.
+    collective: Option<Box<dyn Collective>>,
+    /// Largest all-reduce, in f32 elements (`collective.bucket_mb`).
+    bucket_elems: usize,
+    /// Host staging for tensors that do not live in host memory.
+    staging: Vec<f32>,
+}
+
+impl std::fmt::Debug for Group {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Group").field("rank", &self.rank).field("world", &self.world).finish()
+    }
+}
+
+impl Group {
+    pub fn solo() -> Self {
+        Self { rank: 0, world: 1, collective: None, bucket_elems: usize::MAX, staging: Vec::new() }
+    }
+
+    pub fn new(collective: Box<dyn Collective>, bucket_mb: f64) -> Self {
+        let bucket_elems = ((bucket_mb * 1024.0 * 1024.0) / 4.0).max(1024.0) as usize;
+        Self {
+            rank: collective.rank(),
+            world: collective.world_size(),
+            collective: Some(collective),
+            bucket_elems,
+            staging: Vec::new(),
+        }
+    }
+
+    /// Completed collective operations (for the coordinator's hang detection).
+    pub fn sequence(&self) -> u64 {
+        self.collective.as_ref().map_or(0, |c| c.sequence())
+    }
+
+    pub fn abort(&mut self) {
+        if let Some(c) = self.collective.as_mut() {
+            c.abort();
+        }
+    }
+
+    /// Averages a flat f32 tensor across ranks, in place, bucket by bucket.
+    pub fn average(&mut self, flat: &mut Tensor) -> Result<()> {
+        let Some(collective) = self.collective.as_mut() else { return Ok(()) };
+        for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
+            collective.all_reduce_f32(buf, ReduceOp::Average)
+        })
+    }
+
+    /// Overwrites a flat f32 tensor on every rank with rank 0's.
+    pub fn broadcast(&mut self, flat: &mut Tensor) -> Result<()> {
+        let Some(collective) = self.collective.as_mut() else { return Ok(()) };
+        for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
+            collective.broadcast_f32(buf, 0)
+        })
+    }
+
+    /// Replaces `bytes` everywhere with rank 0's.
+    pub fn broadcast_bytes(&mut self, bytes: &mut Vec<u8>) -> Result<()> {
+        match self.collective.as_mut() {
+            Some(c) => c.broadcast_bytes(bytes, 0).context("broadcast"),
+            None => Ok(()),
+        }
+    }
+
+    /// Sums small host vectors across ranks.
+    pub fn sum_host(&mut self, values: &mut [f32]) -> Result<()> {
+        match self.collective.as_mut() {
+            Some(c) => c.all_reduce_f32(values, ReduceOp::Sum).context("all-reduce"),
+            None => Ok(()),
+        }
+    }
+
+    /// Before step 1: every rank checks that it built the same networks as rank 0 (names,
+    /// shapes, dtypes), then takes rank 0's parameters and buffers, so all ranks start equal.
+    pub fn synchronise_start(&mut self, gan: &mut Gan) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        for (label, params) in [("generator", &gan.g_params), ("discriminator", &gan.d_params)] {
+            let ours = signature_text(params);
+            let mut theirs = ours.clone().into_bytes();
+            self.broadcast_bytes(&mut theirs)?;
+            let theirs = String::from_utf8_lossy(&theirs).into_owned();
+            if theirs != ours {
+                let first = ours
+                    .lines()
+                    .zip(theirs.lines())
+                    .find(|(a, b)| a != b)
+                    .map(|(a, b)| format!("rank {} has `{a}`, rank 0 has `{b}`", self.rank))
+                    .unwrap_or_else(|| format!("rank {} and rank 0 differ in tensor count", self.rank));
+                bail!("{label} differs between ranks: {first}");
+            }
+        }
+        self.broadcast_state(gan)
+    }
+
+    /// Copies rank 0's parameters and non-trainable buffers (BatchNorm running statistics)
+    /// to every rank. Gradients are averaged every step, so parameters stay equal; running
+    /// statistics are computed from each rank's own batches and would drift apart, so the
+    /// group adopts rank 0's wherever a state is observed (checkpoints, samples, the end).
+    pub fn broadcast_state(&mut self, gan: &mut Gan) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let mut g = gan.g_params.flat.shallow_clone();
+        let mut d = gan.d_params.flat.shallow_clone();
+        tch::no_grad(|| -> Result<()> {
+            self.broadcast(&mut g)?;
+            self.broadcast(&mut d)?;
+            for vs in [&gan.generator_vs, &gan.discriminator_vs] {
+                let mut buffers: Vec<(String, Tensor)> =
+                    vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+                buffers.sort_by(|a, b| a.0.cmp(&b.0));
+                for (_, buffer) in &mut buffers {
+                    let mut flat = buffer.reshape([-1]).to_kind(Kind::Float);
+                    self.broadcast(&mut flat)?;
+                    buffer.copy_(&flat.view(buffer.size().as_slice()).to_kind(buffer.kind()));
+                }
+            }
+            Ok(())
+        })
+    }
+
+    /// Compares a checksum of every rank's parameters; a mismatch names the ranks that
+    /// disagree with rank 0.
+    pub fn verify_identical(&mut self, gan: &Gan, step: u64) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let checksum = |t: &Tensor| -> (f64, f64) {
+            let t = t.to_kind(Kind::Double);
+            (t.sum(None).double_value(&[]), (&t * &t).sum(None).double_value(&[]))
+        };
+        let (g_sum, g_sq) = checksum(&gan.g_params.flat);
+        let (d_sum, d_sq) = checksum(&gan.d_params.flat);
+        // Each rank writes its figures into its own slot; a sum gathers everyone's.
+        let mut table = vec![0f32; self.world * 4];
+        table[self.rank * 4..][..4].copy_from_slice(&[g_sum as f32, g_sq as f32, d_sum as f32, d_sq as f32]);
+        self.sum_host(&mut table)?;
+        let reference = &table[..4];
+        let divergent: Vec<usize> = (1..self.world)
+            .filter(|r| table[r * 4..][..4] != *reference)
+            .collect();
+        if !divergent.is_empty() {
+            bail!(
+                "parameters diverged at step {step}: rank(s) {divergent:?} differ from rank 0 \
+                 (checksums {:?} vs {reference:?})",
+                divergent.iter().map(|r| &table[r * 4..][..4]).collect::<Vec<_>>()
+            );
+        }
+        Ok(())
+    }
+}
+
+fn signature_text(params: &FlatParams) -> String {
+    params
+        .signature()
+        .iter()
+        .map(|(name, shape, kind)| format!("{name} {shape:?} {kind:?}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Runs `op` on host f32 views of `flat` in buckets of at most `bucket` elements. CPU tensors
+/// are reduced in place through their own memory; others are staged through the host.
+fn for_each_bucket(
+    flat: &mut Tensor,
+    bucket: usize,
+    staging: &mut Vec<f32>,
+    mut op: impl FnMut(&mut [f32]) -> Result<(), gantry_collective::CollectiveError>,
+) -> Result<()> {
+    if flat.kind() != Kind::Float || !flat.is_contiguous() || flat.dim() != 1 {
+        bail!("collective buffers must be contiguous 1-D f32 tensors, got {:?} {:?}", flat.kind(), flat.size());
+    }
+    let numel = flat.numel();
+    if flat.device() == Device::Cpu {
+        // SAFETY: a contiguous f32 CPU tensor of `numel` elements owns that memory, and no
+        // other reference to it is used while this slice lives.
+        let all = unsafe { std::slice::from_raw_parts_mut(flat.data_ptr().cast::<f32>(), numel) };
+        for chunk in all.chunks_mut(bucket.max(1)) {
+            op(chunk).context("all-reduce")?;
+        }
+    } else {
+        staging.resize(numel, 0.0);
+        flat.copy_data(staging, numel);
+        for chunk in staging.chunks_mut(bucket.max(1)) {
+            op(chunk).context("all-reduce")?;
+        }
+        tch::no_grad(|| flat.copy_(&Tensor::from_slice(staging).to_device(flat.device())));
+    }
+    Ok(())
+}

@@ -1,0 +1,91 @@
+//! Gantry's cluster protocol: the generated gRPC messages and services of `proto/gantry/v1`,
+//! plus [`ClusterError`], the coordinator's domain errors and the gRPC status code each maps to.
+
+/// Generated code of package `gantry.v1`.
+#[allow(clippy::all, missing_debug_implementations, rust_2018_idioms)]
+pub mod v1 {
+    tonic::include_proto!("gantry.v1");
+}
+
+use tonic::{Code, Status};
+
+/// Metadata key of the join token (`authorization: Bearer <token>`).
+pub const AUTHORIZATION: &str = "authorization";
+
+/// Why the coordinator refused a request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("missing or wrong join token")]
+    Unauthenticated,
+    #[error("{field} differs: worker has {worker:?}, coordinator has {coordinator:?}")]
+    Mismatch { field: &'static str, worker: String, coordinator: String },
+    #[error("generation {stale} is over; the job is at generation {current}")]
+    StaleGeneration { stale: u64, current: u64 },
+    #[error("the group is full: {world_size} workers have joined generation {generation}")]
+    WorldFull { world_size: u32, generation: u64 },
+    #[error("invalid request: {0}")]
+    InvalidArgument(String),
+    #[error("unknown worker {0:?}")]
+    UnknownWorker(String),
+    #[error("the job is shutting down")]
+    ShuttingDown,
+}
+
+impl ClusterError {
+    pub fn code(&self) -> Code {
+        match self {
+            Self::Unauthenticated => Code::Unauthenticated,
+            Self::Mismatch { .. } => Code::FailedPrecondition,
+            Self::StaleGeneration { .. } => Code::Aborted,
+            Self::WorldFull { .. } => Code::ResourceExhausted,
+            Self::InvalidArgument(_) => Code::InvalidArgument,
+            Self::UnknownWorker(_) => Code::NotFound,
+            Self::ShuttingDown => Code::Unavailable,
+        }
+    }
+}
+
+impl From<ClusterError> for Status {
+    fn from(error: ClusterError) -> Self {
+        Status::new(error.code(), error.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_the_documented_codes() {
+        let cases = [
+            (ClusterError::Unauthenticated, Code::Unauthenticated),
+            (
+                ClusterError::Mismatch { field: "version", worker: "a".into(), coordinator: "b".into() },
+                Code::FailedPrecondition,
+            ),
+            (ClusterError::StaleGeneration { stale: 1, current: 2 }, Code::Aborted),
+            (ClusterError::WorldFull { world_size: 2, generation: 0 }, Code::ResourceExhausted),
+            (ClusterError::InvalidArgument("x".into()), Code::InvalidArgument),
+        ];
+        for (error, code) in cases {
+            let message = error.to_string();
+            let status = Status::from(error);
+            assert_eq!(status.code(), code);
+            assert_eq!(status.message(), message);
+        }
+    }
+
+    #[test]
+    fn messages_round_trip_through_protobuf() {
+        use prost::Message;
+        let join = v1::JoinResponse {
+            rank: 3,
+            world_size: 4,
+            ring_peers: vec!["127.0.0.1:1".into(); 4],
+            nccl_id: vec![7; 128],
+            ..Default::default()
+        };
+        let back = v1::JoinResponse::decode(join.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(back, join);
+    }
+}

@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     unsafe { std::env::set_var("PROTOC", protoc) };
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
     let file = root.join("gantry/v1/cluster.proto");
+    println!("cargo:rerun-if-changed={}", file.display());
     tonic_prost_build::configure().compile_protos(&[file], &[root])?;
     Ok(())
 }

@@ -372,6 +372,14 @@ impl Settings {
         Ok(())
     }
 
+    /// Reads settings from TOML text alone (e.g. a coordinator's effective configuration),
+    /// with the same unknown-key and value checks as [`load`].
+    pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
+        let settings: Settings = toml::from_str(text).map_err(|e| ConfigError::Layering(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
     /// The configuration as TOML, as written to `RUN_DIR/config.toml`.
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         toml::to_string_pretty(self).map_err(|e| ConfigError::Serialise(e.to_string()))

@@ -10,6 +10,7 @@
 //! - [`progress`]: a progress bar on a terminal, plain log lines elsewhere.
 
 pub mod atomic;
+pub mod cluster;
 pub mod progress;
 pub mod run_dir;
 pub mod samples;

@@ -33,12 +33,23 @@ pub fn load_dataset(settings: &Settings) -> Result<Dataset> {
         .with_context(|| format!("loading data set {}", data.dataset))
 }
 
+/// What the driver of the loop wants done after a step. In a group every rank must get the
+/// same directive at the same step, since checkpoints and stops involve collectives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Directive {
+    Continue,
+    /// Write a checkpoint now, then go on.
+    Checkpoint,
+    /// Write a checkpoint now, then end the run early.
+    Stop,
+}
+
 /// What the loop tells whoever drives it after each step.
 pub trait StepObserver {
     /// Called after every completed step with the group-averaged figures when the step was
     /// a logging step. Returning an error stops training with that error.
-    fn after_step(&mut self, _step: u64, _figures: Option<&LoggedStep>) -> Result<()> {
-        Ok(())
+    fn after_step(&mut self, _step: u64, _figures: Option<&LoggedStep>) -> Result<Directive> {
+        Ok(Directive::Continue)
     }
 }
 
@@ -210,7 +221,14 @@ impl Trainer {
                     last_sample = Some(path);
                 }
             }
-            observer.after_step(step, logged.as_ref())?;
+            match observer.after_step(step, logged.as_ref())? {
+                Directive::Continue => {}
+                Directive::Checkpoint => self.checkpoint_now()?,
+                Directive::Stop => {
+                    self.checkpoint_now()?;
+                    break;
+                }
+            }
         }
         progress.finish();
         self.group.verify_identical(&self.gan, self.step)?;
@@ -249,6 +267,19 @@ impl Trainer {
             ));
         }
         Ok(summary)
+    }
+
+    /// Continues from the newest complete checkpoint in the run directory, if there is one.
+    pub fn resume_latest(&mut self) -> Result<()> {
+        // Checkpoints arrive with the engine's checkpoint module.
+        Ok(())
+    }
+
+    /// Writes a checkpoint of the current state (all ranks call this at the same step).
+    pub fn checkpoint_now(&mut self) -> Result<()> {
+        // Checkpoints arrive with the engine's checkpoint module; until then state is
+        // only made consistent across ranks.
+        self.group.broadcast_state(&mut self.gan)
     }
 
     /// Averages a step's figures over the group, so logs describe the global batch.

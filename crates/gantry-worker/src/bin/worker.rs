@@ -8,6 +8,7 @@ use clap::Parser;
 use gantry_collective::{RingCollective, RingConfig};
 use gantry_config::ConfigArgs;
 use gantry_models::runtime;
+use gantry_worker::cluster::{self, ClusterOptions};
 use gantry_worker::sync::Group;
 use gantry_worker::train::{NoObserver, Trainer, run_standalone};
 
@@ -27,6 +28,15 @@ struct Cli {
     /// Static group membership: every rank's ring address, in rank order (HOST:PORT,...).
     #[arg(long, env = "GANTRY_PEERS", value_delimiter = ',')]
     peers: Vec<String>,
+    /// Join the coordinator at this URL (http://HOST:PORT) and train the rank it assigns.
+    #[arg(long, env = "GANTRY_COORDINATOR", value_name = "URL", conflicts_with_all = ["standalone", "rank"])]
+    coordinator: Option<String>,
+    /// This worker's name in the cluster (default: HOST-PID).
+    #[arg(long)]
+    worker_id: Option<String>,
+    /// The address other workers use to reach this one's ring port.
+    #[arg(long, env = "GANTRY_ADVERTISE_HOST", default_value = "127.0.0.1")]
+    advertise_host: String,
     /// Workers sharing this machine's cores (splits libtorch's threads when train.threads = 0).
     #[arg(long, default_value_t = 1)]
     workers_on_host: usize,
@@ -44,6 +54,17 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let settings = cli.config.load()?;
+    if let Some(coordinator) = &cli.coordinator {
+        let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
+        let options = ClusterOptions {
+            coordinator: coordinator.clone(),
+            worker_id: cli.worker_id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+            advertise_host: cli.advertise_host.clone(),
+            device: cli.config.device,
+            check_config: cli.config.config.is_some(),
+        };
+        std::process::exit(cluster::run(&options, &settings));
+    }
     if let Some(rank) = cli.rank {
         let world = cli.world_size.context("--world-size is required with --rank")?;
         let peers = resolve_peers(&cli.peers)?;

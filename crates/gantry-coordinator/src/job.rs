@@ -1,0 +1,527 @@
+//! The job's state machine: rendezvous, training, failure detection, recovery.
+//!
+//! All state sits behind one mutex; RPC handlers and the supervision loop take it for short,
+//! non-blocking critical sections. A generation is one attempt of the whole group: a failure
+//! ends it, and the next generation re-forms the group from the newest checkpoint.
+
+use std::collections::HashSet;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use gantry_proto::ClusterError;
+use gantry_proto::v1::{
+    Command, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
+    StatusResponse, WorkerState, WorkerStatus,
+};
+use tokio::sync::oneshot;
+use tonic::Status;
+
+/// What the group trains and how it is supervised.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    pub run_id: String,
+    pub version: String,
+    pub settings_toml: String,
+    pub fingerprint: String,
+    pub world_size: u32,
+    pub total_steps: u64,
+    pub backend: String,
+    pub workers_on_host: u32,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub rendezvous_timeout: Duration,
+    /// No step anywhere for this long while every worker still heartbeats = a hang.
+    pub stall_timeout: Duration,
+    pub max_restarts: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Rendezvous,
+    Training,
+    Done,
+    Failed,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Rendezvous => "rendezvous",
+            Phase::Training => "training",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Member {
+    pub worker_id: String,
+    pub host: String,
+    pub device: String,
+    pub rank: u32,
+    pub last_seen: Instant,
+    pub state: WorkerState,
+    pub step: u64,
+    pub collective_seq: u64,
+    pub d_loss: f64,
+    pub g_loss: f64,
+    pub images_per_second: f64,
+    pub step_seconds: f64,
+    pub finished: Option<Result<(), String>>,
+}
+
+/// Why a generation ended badly.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub rank: Option<u32>,
+    pub reason: String,
+}
+
+type PendingJoin = (JoinRequest, oneshot::Sender<Result<JoinResponse, Status>>);
+
+#[derive(Debug)]
+struct State {
+    generation: u64,
+    phase: Phase,
+    phase_since: Instant,
+    restarts: u32,
+    resume: bool,
+    pending: Vec<PendingJoin>,
+    members: Vec<Member>,
+    last_progress: (u64, Instant),
+    stop_at: Option<u64>,
+    checkpoint_at: Option<u64>,
+    paused: bool,
+    summary_json: Option<String>,
+    failure: Option<Failure>,
+}
+
+/// The shared job.
+#[derive(Debug)]
+pub struct Job {
+    pub spec: JobSpec,
+    state: Mutex<State>,
+}
+
+impl Job {
+    pub fn new(spec: JobSpec, resume: bool) -> Self {
+        let now = Instant::now();
+        Self {
+            spec,
+            state: Mutex::new(State {
+                generation: 0,
+                phase: Phase::Rendezvous,
+                phase_since: now,
+                restarts: 0,
+                resume,
+                pending: Vec::new(),
+                members: Vec::new(),
+                last_progress: (0, now),
+                stop_at: None,
+                checkpoint_at: None,
+                paused: false,
+                summary_json: None,
+                failure: None,
+            }),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves plain data behind; keep serving it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.lock().generation
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.lock().phase
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.lock().restarts
+    }
+
+    pub fn summary_json(&self) -> Option<String> {
+        self.lock().summary_json.clone()
+    }
+
+    pub fn failure(&self) -> Option<Failure> {
+        self.lock().failure.clone()
+    }
+
+    /// Registers a worker for the current generation. The returned receiver yields its
+    /// assignment once the whole group has joined.
+    pub fn join(&self, request: JoinRequest) -> Result<oneshot::Receiver<Result<JoinResponse, Status>>, ClusterError> {
+        let spec = &self.spec;
+        if request.worker_id.is_empty() {
+            return Err(ClusterError::InvalidArgument("worker_id is empty".into()));
+        }
+        if request.ring_addr.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ClusterError::InvalidArgument(format!(
+                "ring_addr {:?} is not HOST:PORT with a numeric host",
+                request.ring_addr
+            )));
+        }
+        if request.version != spec.version {
+            return Err(ClusterError::Mismatch {
+                field: "version",
+                worker: request.version,
+                coordinator: spec.version.clone(),
+            });
+        }
+        if !request.config_hash.is_empty() && request.config_hash != spec.fingerprint {
+            return Err(ClusterError::Mismatch {
+                field: "config hash",
+                worker: request.config_hash,
+                coordinator: spec.fingerprint.clone(),
+            });
+        }
+        if request.expected_world_size != 0 && request.expected_world_size != spec.world_size {
+            return Err(ClusterError::Mismatch {
+                field: "world size",
+                worker: request.expected_world_size.to_string(),
+                coordinator: spec.world_size.to_string(),
+            });
+        }
+        let mut state = self.lock();
+        match state.phase {
+            Phase::Rendezvous => {}
+            Phase::Done | Phase::Failed => return Err(ClusterError::ShuttingDown),
+            Phase::Training => {
+                return Err(ClusterError::WorldFull { world_size: spec.world_size, generation: state.generation });
+            }
+        }
+        if state.pending.iter().any(|(r, _)| r.worker_id == request.worker_id) {
+            return Err(ClusterError::InvalidArgument(format!("worker {:?} already joined", request.worker_id)));
+        }
+        // A worker that gave up waiting (its Join call dropped) frees its place.
+        state.pending.retain(|(_, tx)| !tx.is_closed());
+        let (tx, rx) = oneshot::channel();
+        state.pending.push((request, tx));
+        if state.pending.len() == spec.world_size as usize {
+            self.form_group(&mut state);
+        }
+        Ok(rx)
+    }
+
+    /// Assigns ranks in join order and answers every pending Join.
+    fn form_group(&self, state: &mut State) {
+        let now = Instant::now();
+        let pending = std::mem::take(&mut state.pending);
+        let peers: Vec<String> = pending.iter().map(|(r, _)| r.ring_addr.clone()).collect();
+        // `auto` means NCCL when every worker trains on a GPU, the CPU ring otherwise.
+        let all_cuda = pending.iter().all(|(r, _)| r.device.starts_with("cuda"));
+        let backend = match self.spec.backend.as_str() {
+            "ring" => "ring",
+            "nccl" => "nccl",
+            _ if all_cuda => "nccl",
+            _ => "ring",
+        };
+        let nccl_id = if backend == "nccl" {
+            // NCCL's bootstrap root runs in the process that creates the id: this one,
+            // which outlives every generation.
+            match gantry_collective::nccl::NcclId::new() {
+                Ok(id) => id.as_bytes().to_vec(),
+                Err(e) => {
+                    let reason = format!("cannot set up the nccl backend: {e}");
+                    for (_, tx) in pending {
+                        let _ = tx.send(Err(Status::failed_precondition(reason.clone())));
+                    }
+                    state.failure = Some(Failure { rank: None, reason });
+                    return;
+                }
+            }
+        } else {
+            Vec::new()
+        };
+        state.members = pending
+            .iter()
+            .enumerate()
+            .map(|(rank, (r, _))| Member {
+                worker_id: r.worker_id.clone(),
+                host: r.host.clone(),
+                device: r.device.clone(),
+                rank: rank as u32,
+                last_seen: now,
+                state: WorkerState::Starting,
+                step: 0,
+                collective_seq: 0,
+                d_loss: f64::NAN,
+                g_loss: f64::NAN,
+                images_per_second: 0.0,
+                step_seconds: 0.0,
+                finished: None,
+            })
+            .collect();
+        state.phase = Phase::Training;
+        state.phase_since = now;
+        state.last_progress = (0, now);
+        for (rank, (_, tx)) in pending.into_iter().enumerate() {
+            let _ = tx.send(Ok(JoinResponse {
+                rank: rank as u32,
+                world_size: self.spec.world_size,
+                run_id: self.spec.run_id.clone(),
+                generation: state.generation,
+                config_toml: self.spec.settings_toml.clone(),
+                ring_peers: peers.clone(),
+                nccl_id: nccl_id.clone(),
+                backend: backend.to_owned(),
+                resume: state.resume,
+                workers_on_host: self.spec.workers_on_host,
+            }));
+        }
+    }
+
+    fn member_mut<'a>(state: &'a mut State, worker_id: &str, generation: u64) -> Result<&'a mut Member, ClusterError> {
+        if generation != state.generation {
+            return Err(ClusterError::StaleGeneration { stale: generation, current: state.generation });
+        }
+        state
+            .members
+            .iter_mut()
+            .find(|m| m.worker_id == worker_id)
+            .ok_or_else(|| ClusterError::UnknownWorker(worker_id.to_owned()))
+    }
+
+    pub fn heartbeat(&self, hb: &HeartbeatRequest) -> Result<HeartbeatResponse, ClusterError> {
+        let mut state = self.lock();
+        let generation = hb.generation;
+        let member = Self::member_mut(&mut state, &hb.worker_id, generation)?;
+        member.last_seen = Instant::now();
+        member.state = WorkerState::try_from(hb.state).unwrap_or(WorkerState::Unspecified);
+        member.step = hb.step;
+        member.collective_seq = hb.collective_seq;
+        member.step_seconds = hb.step_seconds;
+        if hb.d_loss.is_finite() || hb.g_loss.is_finite() {
+            member.d_loss = hb.d_loss;
+            member.g_loss = hb.g_loss;
+        }
+        member.images_per_second = hb.images_per_second;
+        let step = hb.step;
+        if step > state.last_progress.0 {
+            state.last_progress = (step, Instant::now());
+        }
+        let (command, at_step) = match (state.phase, state.stop_at, state.checkpoint_at) {
+            (Phase::Failed, _, _) => (Command::Abort, 0),
+            (_, Some(at), _) => (Command::Stop, at),
+            (_, None, Some(at)) if step < at => (Command::Checkpoint, at),
+            _ if state.paused => (Command::Pause, 0),
+            _ => (Command::Continue, 0),
+        };
+        Ok(HeartbeatResponse { command: command as i32, at_step })
+    }
+
+    pub fn finish(&self, request: &FinishRequest) -> Result<(), ClusterError> {
+        let mut state = self.lock();
+        let member = Self::member_mut(&mut state, &request.worker_id, request.generation)?;
+        member.last_seen = Instant::now();
+        member.step = member.step.max(request.step);
+        member.finished = Some(if request.ok { Ok(()) } else { Err(request.error.clone()) });
+        if request.ok {
+            member.state = WorkerState::Done;
+        }
+        if request.rank == 0 && request.ok && !request.summary_json.is_empty() {
+            state.summary_json = Some(request.summary_json.clone());
+        }
+        if let (false, None) = (request.ok, &state.failure) {
+            state.failure = Some(Failure {
+                rank: Some(request.rank),
+                reason: format!("rank {} ({}) failed: {}", request.rank, request.worker_id, request.error),
+            });
+        }
+        let all_ok = !state.members.is_empty()
+            && state.members.iter().all(|m| matches!(m.finished, Some(Ok(()))));
+        if all_ok && state.phase == Phase::Training {
+            state.phase = Phase::Done;
+            state.phase_since = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// The supervision loop's check: the first problem of the current generation, if any.
+    pub fn check_health(&self, now: Instant) -> Option<Failure> {
+        let state = self.lock();
+        if let Some(failure) = &state.failure {
+            return Some(failure.clone());
+        }
+        let spec = &self.spec;
+        match state.phase {
+            Phase::Rendezvous => {
+                let waited = now.duration_since(state.phase_since);
+                if waited > spec.rendezvous_timeout {
+                    let joined: Vec<String> = state
+                        .pending
+                        .iter()
+                        .filter(|(_, tx)| !tx.is_closed())
+                        .map(|(r, _)| format!("{} ({})", r.worker_id, r.ring_addr))
+                        .collect();
+                    return Some(Failure {
+                        rank: None,
+                        reason: format!(
+                            "rendezvous timed out after {:.0} s: {} of {} workers joined: [{}]",
+                            waited.as_secs_f64(),
+                            joined.len(),
+                            spec.world_size,
+                            joined.join(", ")
+                        ),
+                    });
+                }
+                None
+            }
+            Phase::Training => {
+                for m in state.members.iter().filter(|m| m.finished.is_none()) {
+                    let silent = now.duration_since(m.last_seen);
+                    if silent > spec.heartbeat_timeout {
+                        return Some(Failure {
+                            rank: Some(m.rank),
+                            reason: format!(
+                                "rank {} ({} on {}) missed heartbeats for {:.1} s (last step {})",
+                                m.rank,
+                                m.worker_id,
+                                m.host,
+                                silent.as_secs_f64(),
+                                m.step
+                            ),
+                        });
+                    }
+                }
+                let stalled = now.duration_since(state.last_progress.1);
+                if !state.paused && stalled > spec.stall_timeout {
+                    let laggard = state.members.iter().min_by_key(|m| m.collective_seq)?;
+                    return Some(Failure {
+                        rank: Some(laggard.rank),
+                        reason: format!(
+                            "no progress for {:.0} s; rank {} ({}) lags in collectives (sequence {} vs max {})",
+                            stalled.as_secs_f64(),
+                            laggard.rank,
+                            laggard.worker_id,
+                            laggard.collective_seq,
+                            state.members.iter().map(|m| m.collective_seq).max().unwrap_or(0)
+                        ),
+                    });
+                }
+                None
+            }
+            Phase::Done | Phase::Failed => None,
+        }
+    }
+
+    /// Records a failure found outside the RPCs (a local worker process that exited).
+    pub fn report_failure(&self, failure: Failure) {
+        let mut state = self.lock();
+        if state.failure.is_none() && matches!(state.phase, Phase::Rendezvous | Phase::Training) {
+            state.failure = Some(failure);
+        }
+    }
+
+    /// Ends the current generation after a failure. Returns false (and marks the job failed)
+    /// when the restart budget is spent; otherwise opens the next generation's rendezvous,
+    /// which resumes from the newest checkpoint.
+    pub fn next_generation(&self) -> bool {
+        let mut state = self.lock();
+        if state.restarts >= self.spec.max_restarts {
+            state.phase = Phase::Failed;
+            return false;
+        }
+        state.restarts += 1;
+        state.generation += 1;
+        state.phase = Phase::Rendezvous;
+        state.phase_since = Instant::now();
+        state.resume = true;
+        state.members.clear();
+        state.pending.clear();
+        state.failure = None;
+        state.stop_at = None;
+        state.checkpoint_at = None;
+        true
+    }
+
+    /// Asks every rank to stop (after a checkpoint) at the same step, a little ahead of the
+    /// fastest one so that the command reaches all of them first.
+    pub fn request_stop(&self) -> Option<u64> {
+        let mut state = self.lock();
+        let at = self.common_future_step(&state);
+        state.stop_at = Some(at);
+        Some(at)
+    }
+
+    pub fn request_checkpoint(&self) -> u64 {
+        let mut state = self.lock();
+        let at = self.common_future_step(&state);
+        state.checkpoint_at = Some(at);
+        at
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.lock().paused = paused;
+    }
+
+    fn common_future_step(&self, state: &State) -> u64 {
+        let max_step = state.members.iter().map(|m| m.step).max().unwrap_or(0);
+        let step_seconds = state
+            .members
+            .iter()
+            .map(|m| m.step_seconds)
+            .filter(|s| *s > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        // Two heartbeat intervals' worth of steps, so every rank hears of it in time.
+        let lead = if step_seconds.is_finite() {
+            (2.0 * self.spec.heartbeat_interval.as_secs_f64() / step_seconds).ceil() as u64
+        } else {
+            0
+        };
+        (max_step + lead.max(2)).min(self.spec.total_steps)
+    }
+
+    /// Worker ids of the current generation's members (to tell local processes apart).
+    pub fn member_ids(&self) -> HashSet<String> {
+        self.lock().members.iter().map(|m| m.worker_id.clone()).collect()
+    }
+
+    pub fn rank_of(&self, worker_id: &str) -> Option<u32> {
+        self.lock().members.iter().find(|m| m.worker_id == worker_id).map(|m| m.rank)
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        let state = self.lock();
+        let now = Instant::now();
+        let alive = state
+            .members
+            .iter()
+            .filter(|m| now.duration_since(m.last_seen) <= self.spec.heartbeat_timeout)
+            .count();
+        let step = state.members.iter().map(|m| m.step).min().unwrap_or(0);
+        let lead = state.members.iter().find(|m| m.rank == 0);
+        StatusResponse {
+            run_id: self.spec.run_id.clone(),
+            generation: state.generation,
+            phase: state.phase.as_str().into(),
+            step,
+            total_steps: self.spec.total_steps,
+            world_size: self.spec.world_size,
+            workers_alive: alive as u32,
+            restarts: state.restarts,
+            d_loss: lead.map_or(f64::NAN, |m| m.d_loss),
+            g_loss: lead.map_or(f64::NAN, |m| m.g_loss),
+            images_per_second: lead.map_or(0.0, |m| m.images_per_second),
+            workers: state
+                .members
+                .iter()
+                .map(|m| WorkerStatus {
+                    rank: m.rank,
+                    worker_id: m.worker_id.clone(),
+                    host: m.host.clone(),
+                    device: m.device.clone(),
+                    state: m.state as i32,
+                    step: m.step,
+                    seconds_since_heartbeat: now.duration_since(m.last_seen).as_secs_f64(),
+                    images_per_second: m.images_per_second,
+                    step_seconds: m.step_seconds,
+                })
+                .collect(),
+        }
+    }
+}

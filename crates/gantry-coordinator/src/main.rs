@@ -1,0 +1,306 @@
+//! `coordinator`: runs a data-parallel GAN job across a group of workers.
+//!
+//! `coordinator --workers N` starts N local worker processes; `--expect-workers N` waits for N
+//! external ones (`worker --coordinator URL`, as on Kubernetes). Either way it assigns ranks,
+//! hands out the effective configuration, watches heartbeats and exit statuses, restarts the
+//! whole group from the newest checkpoint after a failure (up to `cluster.max_restarts`), and
+//! writes `summary.json` when the job is done.
+
+mod auth;
+mod job;
+mod progress;
+mod service;
+mod spawn;
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use gantry_config::{ConfigArgs, Settings};
+use gantry_proto::v1::coordinator_server::CoordinatorServer;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::auth::TokenCheck;
+use crate::job::{Failure, Job, JobSpec, Phase};
+use crate::spawn::LocalWorkers;
+
+/// Exit code of a job stopped by a signal before it finished (resumable).
+const EXIT_STOPPED: i32 = 75;
+
+/// The Gantry coordinator.
+#[derive(Debug, Parser)]
+#[command(name = "coordinator", version, about)]
+struct Cli {
+    /// Start this many local worker processes (one per GPU when there are enough GPUs).
+    #[arg(long, conflicts_with = "expect_workers", value_parser = clap::value_parser!(u32).range(1..))]
+    workers: Option<u32>,
+    /// Start no workers; wait for this many external ones (`worker --coordinator URL`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    expect_workers: Option<u32>,
+    /// gRPC listen address (default: cluster.listen; 127.0.0.1 with any free port for --workers).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<String>,
+    /// Continue the run in this directory from its newest complete checkpoint.
+    #[arg(long, value_name = "RUN_DIR")]
+    resume: Option<PathBuf>,
+    /// The worker binary to start (default: `worker` beside this binary).
+    #[arg(long, value_name = "PATH")]
+    worker_bin: Option<PathBuf>,
+    #[command(flatten)]
+    config: ConfigArgs,
+}
+
+fn main() {
+    let code = match run() {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("coordinator: error: {error:#}");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn run() -> Result<i32> {
+    let cli = Cli::parse();
+    let (world, local) = match (cli.workers, cli.expect_workers) {
+        (Some(n), None) => (n, true),
+        (None, Some(n)) => (n, false),
+        _ => bail!("pass --workers N (start local workers) or --expect-workers N (wait for external ones)"),
+    };
+    let settings = load_settings(&cli)?;
+    let token = match (settings.cluster.token.is_empty(), local) {
+        (false, _) => settings.cluster.token.clone(),
+        (true, true) => auth::generate_token(),
+        (true, false) => bail!(
+            "cluster.token is empty: external workers need a shared join token \
+             (set GANTRY__CLUSTER__TOKEN or cluster.token)"
+        ),
+    };
+    let listen = match (&cli.listen, local) {
+        (Some(addr), _) => addr.clone(),
+        (None, true) => "127.0.0.1:0".to_owned(),
+        (None, false) => settings.cluster.listen.clone(),
+    };
+    let listen: SocketAddr = listen.parse().with_context(|| format!("listen address {listen:?}"))?;
+    let worker_bin = match (&cli.worker_bin, local) {
+        (Some(path), _) => Some(path.clone()),
+        (None, true) => Some(spawn::default_worker_binary()?),
+        (None, false) => None,
+    };
+    let resume = cli.resume.is_some();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(supervise(settings, world, local, token, listen, worker_bin, resume))
+}
+
+/// The configuration: the usual layers, with `--resume RUN_DIR` reusing that run's
+/// `config.toml` as the file layer unless `--config` names another.
+fn load_settings(cli: &Cli) -> Result<Settings> {
+    let mut args = cli.config.clone();
+    if let Some(run_dir) = &cli.resume {
+        if args.config.is_none() {
+            let saved = run_dir.join("config.toml");
+            if !saved.exists() {
+                bail!("--resume {}: no config.toml there (is it a run directory?)", run_dir.display());
+            }
+            args.config = Some(saved);
+        }
+        args.run_dir = Some(run_dir.clone());
+    }
+    let mut settings = args.load()?;
+    fs::create_dir_all(&settings.run.dir)
+        .with_context(|| format!("creating run directory {}", settings.run.dir.display()))?;
+    settings.run.dir = settings.run.dir.canonicalize()?;
+    Ok(settings)
+}
+
+async fn supervise(
+    settings: Settings,
+    world: u32,
+    local: bool,
+    token: String,
+    listen: SocketAddr,
+    worker_bin: Option<PathBuf>,
+    resume: bool,
+) -> Result<i32> {
+    let cluster = &settings.cluster;
+    let spec = JobSpec {
+        run_id: format!("{}-{}", settings.train.seed, &auth::generate_token()[..8]),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        settings_toml: settings.to_toml()?,
+        fingerprint: settings.fingerprint(),
+        world_size: world,
+        total_steps: settings.train.steps,
+        backend: cluster.backend.to_string(),
+        workers_on_host: if local { world } else { 1 },
+        heartbeat_interval: Duration::from_secs_f64(cluster.heartbeat_interval),
+        heartbeat_timeout: Duration::from_secs_f64(cluster.heartbeat_timeout),
+        rendezvous_timeout: Duration::from_secs_f64(cluster.rendezvous_timeout),
+        stall_timeout: Duration::from_secs_f64(settings.collective.timeout * 2.0 + cluster.heartbeat_timeout),
+        max_restarts: cluster.max_restarts,
+    };
+    let job = Arc::new(Job::new(spec, resume));
+    let check = TokenCheck::new(&token);
+
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding the gRPC address {listen}"))?;
+    let bound = listener.local_addr()?;
+    // Oversized messages are refused before they are decoded.
+    let server = CoordinatorServer::new(service::Service { job: job.clone() }).max_decoding_message_size(1 << 20);
+    let service = tonic::service::interceptor::InterceptedService::new(server, move |r| check.check(r));
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .add_service(service)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    eprintln!(
+        "coordinator: run {} — {} worker(s), {} steps, gRPC on {bound}, run dir {}",
+        job.spec.run_id,
+        world,
+        settings.train.steps,
+        settings.run.dir.display()
+    );
+
+    let mut workers = worker_bin.map(|binary| LocalWorkers {
+        binary,
+        coordinator_url: format!("http://{bound}"),
+        token: token.clone(),
+        count: world as usize,
+        log_dir: settings.run.dir.join("logs"),
+        gpus: spawn::count_gpus(),
+        force_cpu: settings.run.device == gantry_config::DeviceChoice::Cpu,
+        children: Vec::new(),
+    });
+    if let Some(w) = workers.as_mut() {
+        w.spawn_generation(0)?;
+        eprintln!("coordinator: started {world} local workers; logs in {}", w.log_dir().display());
+    }
+
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut stopped_by: Option<i32> = None;
+    let mut progress = progress::Reporter::new(settings.train.steps);
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = interrupt.recv() => stopped_by = stop(&job, stopped_by, 130),
+            _ = terminate.recv() => stopped_by = stop(&job, stopped_by, 143),
+        }
+        if let Some(w) = workers.as_mut() {
+            let members = job.member_ids();
+            for (id, status) in w.poll_exited() {
+                let rank = job.rank_of(&id);
+                let clean = status.success();
+                let in_generation = members.contains(&id) || job.phase() == Phase::Rendezvous;
+                if !clean && in_generation {
+                    let who = rank.map_or_else(|| format!("worker {id}"), |r| format!("rank {r} ({id})"));
+                    job.report_failure(Failure {
+                        rank,
+                        reason: format!("{who} {}", spawn::describe_exit(status)),
+                    });
+                }
+            }
+        }
+        progress.show(&job.status());
+
+        match job.phase() {
+            Phase::Done => break,
+            Phase::Failed => {
+                let failure = job.failure();
+                return fail(&mut workers, failure, job.restarts());
+            }
+            Phase::Rendezvous | Phase::Training => {}
+        }
+        if let Some(failure) = job.check_health(Instant::now()) {
+            progress.println(&format!("coordinator: generation {} failed: {}", job.generation(), failure.reason));
+            if stopped_by.is_some() {
+                return fail(&mut workers, Some(failure), job.restarts());
+            }
+            if let Some(w) = workers.as_mut() {
+                w.stop_all(Duration::from_secs(3));
+            }
+            if !job.next_generation() {
+                return fail(&mut workers, Some(failure), job.restarts());
+            }
+            progress.println(&format!(
+                "coordinator: restarting the group from the newest checkpoint (restart {} of {})",
+                job.restarts(),
+                job.spec.max_restarts
+            ));
+            if let Some(w) = workers.as_mut() {
+                w.spawn_generation(job.generation())?;
+            }
+        }
+    }
+    progress.finish();
+
+    let summary = job.summary_json().context("rank 0 reported no summary")?;
+    let path = settings.run.dir.join("summary.json");
+    write_summary(&path, &summary, &job)?;
+    if let Some(w) = workers.as_mut() {
+        // Workers exit by themselves after Finish; give them a moment, then make sure.
+        w.stop_all(Duration::from_secs(5));
+    }
+    match stopped_by {
+        Some(code) => {
+            eprintln!(
+                "coordinator: stopped by signal after a checkpoint; continue with --resume {}",
+                settings.run.dir.display()
+            );
+            Ok(if code == 130 { EXIT_STOPPED } else { code })
+        }
+        None => {
+            eprintln!("coordinator: done; summary in {}", path.display());
+            Ok(0)
+        }
+    }
+}
+
+fn stop(job: &Job, already: Option<i32>, code: i32) -> Option<i32> {
+    if already.is_none() {
+        let at = job.request_stop();
+        eprintln!("coordinator: signal received; workers checkpoint and stop at step {at:?}");
+    }
+    Some(code)
+}
+
+fn fail(workers: &mut Option<LocalWorkers>, failure: Option<Failure>, restarts: u32) -> Result<i32> {
+    if let Some(w) = workers.as_mut() {
+        w.stop_all(Duration::from_secs(3));
+    }
+    let reason = failure.map_or_else(|| "unknown failure".to_owned(), |f| f.reason);
+    eprintln!("coordinator: job failed after {restarts} restart(s): {reason}");
+    Ok(1)
+}
+
+/// Rank 0's summary plus what only the coordinator knows, written atomically.
+fn write_summary(path: &Path, rank0: &str, job: &Job) -> Result<()> {
+    let mut summary: serde_json::Value = serde_json::from_str(rank0).context("rank 0's summary")?;
+    if let Some(object) = summary.as_object_mut() {
+        object.insert("restarts".into(), job.restarts().into());
+        object.insert("generation".into(), job.generation().into());
+        object.insert("run_id".into(), job.spec.run_id.clone().into());
+    }
+    let text = serde_json::to_string_pretty(&summary)? + "\n";
+    let dir = path.parent().context("summary path has no parent")?;
+    let tmp = dir.join(".summary.json.tmp");
+    let mut file = File::create(&tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()?;
+    fs::rename(&tmp, path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(())
+}

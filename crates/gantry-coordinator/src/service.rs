@@ -1,0 +1,65 @@
+//! The gRPC face of the job.
+
+use std::sync::Arc;
+
+use gantry_proto::v1::coordinator_server::Coordinator;
+use gantry_proto::ClusterError;
+use gantry_proto::v1::{
+    Command, ControlRequest, ControlResponse, FinishRequest, FinishResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
+    StatusRequest, StatusResponse,
+};
+use tonic::{Request, Response, Status};
+
+use crate::job::Job;
+
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub job: Arc<Job>,
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        let assignment = self.job.join(request.into_inner())?;
+        match assignment.await {
+            Ok(result) => result.map(Response::new),
+            // The generation ended before the group formed.
+            Err(_) => Err(Status::aborted("the rendezvous was cancelled; join again")),
+        }
+    }
+
+    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+        Ok(Response::new(self.job.heartbeat(request.get_ref())?))
+    }
+
+    async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishResponse>, Status> {
+        self.job.finish(request.get_ref())?;
+        Ok(Response::new(FinishResponse {}))
+    }
+
+    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        Ok(Response::new(self.job.status()))
+    }
+
+    async fn control(&self, request: Request<ControlRequest>) -> Result<Response<ControlResponse>, Status> {
+        let at_step = match Command::try_from(request.get_ref().command) {
+            Ok(Command::Pause) => {
+                self.job.set_paused(true);
+                0
+            }
+            Ok(Command::Resume) => {
+                self.job.set_paused(false);
+                0
+            }
+            Ok(Command::Checkpoint) => self.job.request_checkpoint(),
+            Ok(Command::Stop) => self.job.request_stop().unwrap_or(0),
+            _ => {
+                return Err(ClusterError::InvalidArgument(
+                    "control takes PAUSE, RESUME, CHECKPOINT or STOP".into(),
+                )
+                .into());
+            }
+        };
+        Ok(Response::new(ControlResponse { at_step }))
+    }
+}

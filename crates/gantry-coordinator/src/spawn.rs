@@ -1,0 +1,129 @@
+//! Local worker processes (`coordinator --workers N`).
+
+use std::fs::{self, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+
+/// How to start one generation of local workers.
+#[derive(Debug)]
+pub struct LocalWorkers {
+    pub binary: PathBuf,
+    pub coordinator_url: String,
+    pub token: String,
+    pub count: usize,
+    pub log_dir: PathBuf,
+    /// GPUs on this host; each worker gets one when there are enough.
+    pub gpus: usize,
+    pub force_cpu: bool,
+    pub children: Vec<(String, Child)>,
+}
+
+/// NVIDIA GPUs the driver exposes on this host (none when no driver is loaded).
+pub fn count_gpus() -> usize {
+    fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |dir| dir.count())
+}
+
+/// The `worker` binary beside this executable, where `cargo build` and images put it.
+pub fn default_worker_binary() -> Result<PathBuf> {
+    let me = std::env::current_exe().context("locating the coordinator binary")?;
+    let sibling = me.with_file_name("worker");
+    if sibling.exists() {
+        Ok(sibling)
+    } else {
+        anyhow::bail!("no worker binary beside {} (pass --worker-bin PATH)", me.display())
+    }
+}
+
+impl LocalWorkers {
+    /// Starts `count` workers for `generation`. Their output goes to `log_dir/worker-N.log`.
+    pub fn spawn_generation(&mut self, generation: u64) -> Result<()> {
+        fs::create_dir_all(&self.log_dir).with_context(|| format!("creating {}", self.log_dir.display()))?;
+        let use_gpus = !self.force_cpu && self.gpus >= self.count;
+        for i in 0..self.count {
+            let id = format!("local-g{generation}-w{i}");
+            let log_path = self.log_dir.join(format!("worker-{i}.log"));
+            let log = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .with_context(|| format!("opening {}", log_path.display()))?;
+            let mut command = Command::new(&self.binary);
+            command
+                .args(["--coordinator", &self.coordinator_url, "--worker-id", &id])
+                .args(["--advertise-host", "127.0.0.1"])
+                .env("GANTRY__CLUSTER__TOKEN", &self.token)
+                .env("GANTRY__CLUSTER__RING_PORT", "0")
+                .env("GANTRY__METRICS__WORKER_ADDR", "127.0.0.1:0")
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log);
+            if use_gpus {
+                command.env("CUDA_VISIBLE_DEVICES", i.to_string()).args(["--device", "cuda"]);
+            } else {
+                command.args(["--device", "cpu"]);
+            }
+            let child = command
+                .spawn()
+                .with_context(|| format!("starting {}", self.binary.display()))?;
+            self.children.push((id, child));
+        }
+        Ok(())
+    }
+
+    /// Children that exited since the last poll, with their status.
+    pub fn poll_exited(&mut self) -> Vec<(String, ExitStatus)> {
+        let mut exited = Vec::new();
+        self.children.retain_mut(|(id, child)| match child.try_wait() {
+            Ok(Some(status)) => {
+                exited.push((id.clone(), status));
+                false
+            }
+            _ => true,
+        });
+        exited
+    }
+
+    /// Asks every child to leave (SIGTERM), waits up to `grace`, then kills what is left.
+    /// Stopped (SIGSTOP) children cannot act on SIGTERM, so SIGKILL ends them.
+    pub fn stop_all(&mut self, grace: Duration) {
+        for (_, child) in &self.children {
+            signal(child, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline && !self.children.is_empty() {
+            self.children.retain_mut(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for (_, child) in &mut self.children {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        self.children.clear();
+    }
+
+    pub fn log_dir(&self) -> &Path {
+        &self.log_dir
+    }
+}
+
+fn signal(child: &Child, signal: i32) {
+    if let Ok(pid) = i32::try_from(child.id()) {
+        // SAFETY: kill(2) on a child we own and have not reaped; no memory is involved.
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+}
+
+/// "exit status 3" or "killed by signal 9".
+pub fn describe_exit(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => status.to_string(),
+    }
+}

@@ -1,0 +1,411 @@
+//! Cluster mode: join a coordinator, train as the rank it assigns, report, obey control.
+//!
+//! The training thread stays blocking and never waits on the network outside the
+//! collective. A small tokio runtime runs the gRPC client: the Join call before training, a
+//! heartbeat task during it, and the Finish call after. They share [`Shared`]: progress flows
+//! out through atomics, commands flow in through a mutex, and an abort (the coordinator's,
+//! a lost coordinator, SIGTERM) also aborts the ring so a rank blocked in an all-reduce
+//! returns at once.
+
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use gantry_collective::{AbortHandle, RingCollective, RingConfig};
+use gantry_config::{DeviceChoice, Settings};
+use gantry_models::runtime;
+use gantry_proto::AUTHORIZATION;
+use gantry_proto::v1::coordinator_client::CoordinatorClient;
+use gantry_proto::v1::{Command, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerState};
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Request, Status};
+
+use crate::sync::Group;
+use crate::train::{Directive, LoggedStep, StepObserver, Trainer};
+
+/// Exit code for failures worth retrying (EX_TEMPFAIL): the group was aborted, the
+/// coordinator vanished, or the worker was asked to leave.
+pub const EXIT_RETRYABLE: i32 = 75;
+
+/// How this worker reaches its coordinator.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub coordinator: String,
+    pub worker_id: String,
+    pub advertise_host: String,
+    /// The device this host trains on (the coordinator's configuration does not choose it).
+    pub device: Option<DeviceChoice>,
+    /// Send our configuration's fingerprint, so the coordinator refuses a different job.
+    pub check_config: bool,
+}
+
+/// State shared between the training thread and the gRPC tasks.
+#[derive(Debug, Default)]
+struct Shared {
+    step: AtomicU64,
+    state: AtomicU64,
+    figures: Mutex<Option<(LoggedStep, f64)>>,
+    command: Mutex<(i32, u64)>,
+    abort: AtomicBool,
+    abort_reason: Mutex<String>,
+    ring: Mutex<Option<AbortHandle>>,
+}
+
+impl Shared {
+    fn abort(&self, reason: String) {
+        if !self.abort.swap(true, Ordering::SeqCst) {
+            *self.abort_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+        }
+        if let Some(ring) = self.ring.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
+            ring.abort();
+        }
+    }
+
+    fn abort_reason(&self) -> Option<String> {
+        self.abort
+            .load(Ordering::SeqCst)
+            .then(|| self.abort_reason.lock().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u64, Ordering::Relaxed);
+    }
+}
+
+/// Adds the join token to every request.
+#[derive(Debug, Clone)]
+struct AddToken(MetadataValue<tonic::metadata::Ascii>);
+
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        request.metadata_mut().insert(AUTHORIZATION, self.0.clone());
+        Ok(request)
+    }
+}
+
+type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, AddToken>>;
+
+fn client(channel: Channel, token: &str) -> Result<Client> {
+    let header = format!("Bearer {token}").parse().context("join token is not valid metadata")?;
+    Ok(CoordinatorClient::with_interceptor(channel, AddToken(header)))
+}
+
+/// Runs this worker in cluster mode and returns the process exit code.
+pub fn run(options: &ClusterOptions, local: &Settings) -> i32 {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return 1;
+        }
+    };
+    match run_inner(&runtime, options, local) {
+        Ok(()) => 0,
+        Err(Failure::Retryable(e)) => {
+            eprintln!("worker {}: leaving (retryable): {e:#}", options.worker_id);
+            EXIT_RETRYABLE
+        }
+        Err(Failure::Fatal(e)) => {
+            eprintln!("worker {}: error: {e:#}", options.worker_id);
+            1
+        }
+    }
+}
+
+enum Failure {
+    Retryable(anyhow::Error),
+    Fatal(anyhow::Error),
+}
+
+/// Status codes after which joining again (a new generation, a restarted coordinator) can work.
+fn retryable(status: &Status) -> bool {
+    matches!(status.code(), Code::Aborted | Code::Unavailable | Code::NotFound | Code::DeadlineExceeded)
+}
+
+fn run_inner(rt: &tokio::runtime::Runtime, options: &ClusterOptions, local: &Settings) -> Result<(), Failure> {
+    let fatal = Failure::Fatal;
+    let device_choice = options.device.unwrap_or(local.run.device);
+    let device = runtime::resolve_device(device_choice, 0).map_err(|e| fatal(e.into()))?;
+    let device_name = match device {
+        tch::Device::Cuda(i) => format!("cuda:{i}"),
+        _ => "cpu".to_owned(),
+    };
+
+    let ring_listener = TcpListener::bind(("0.0.0.0", local.cluster.ring_port))
+        .with_context(|| format!("binding the ring port {}", local.cluster.ring_port))
+        .map_err(fatal)?;
+    let ring_addr = format!(
+        "{}:{}",
+        options.advertise_host,
+        ring_listener.local_addr().map_err(|e| fatal(e.into()))?.port()
+    );
+
+    let channel = Endpoint::from_shared(options.coordinator.clone())
+        .with_context(|| format!("coordinator address {:?}", options.coordinator))
+        .map_err(fatal)?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_while_idle(true)
+        .connect_lazy();
+    let mut client = client(channel, &local.cluster.token).map_err(fatal)?;
+
+    let join = JoinRequest {
+        worker_id: options.worker_id.clone(),
+        host: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        device: device_name,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        config_hash: if options.check_config { local.fingerprint() } else { String::new() },
+        expected_world_size: 0,
+        ring_addr,
+        metrics_addr: String::new(),
+    };
+    let assignment = rt
+        .block_on(join_with_retry(&mut client, join, Duration::from_secs_f64(local.cluster.rendezvous_timeout)))
+        .map_err(|status| {
+            let error = anyhow!("join refused: {} ({:?})", status.message(), status.code());
+            if retryable(&status) { Failure::Retryable(error) } else { Failure::Fatal(error) }
+        })?;
+
+    let mut settings = Settings::from_toml(&assignment.config_toml)
+        .context("the coordinator's configuration")
+        .map_err(fatal)?;
+    settings.run.device = device_choice;
+    eprintln!(
+        "worker {}: rank {} of {} (generation {}, backend {}, resume {})",
+        options.worker_id, assignment.rank, assignment.world_size, assignment.generation, assignment.backend, assignment.resume
+    );
+
+    let shared = Arc::new(Shared::default());
+    shared.set_state(WorkerState::Starting);
+    let heartbeat = rt.spawn(heartbeat_loop(
+        client.clone(),
+        shared.clone(),
+        options.worker_id.clone(),
+        assignment.generation,
+        assignment.rank,
+        Duration::from_secs_f64(settings.cluster.heartbeat_interval),
+        Duration::from_secs_f64(settings.cluster.heartbeat_timeout),
+    ));
+    let signals = rt.spawn(watch_signals(shared.clone()));
+
+    let outcome = train(&settings, &assignment, ring_listener, &shared);
+    heartbeat.abort();
+    signals.abort();
+
+    let (ok, error, summary_json, step) = match &outcome {
+        Ok((summary, step)) => (true, String::new(), summary.clone(), *step),
+        Err(e) => (false, format!("{e:#}"), String::new(), shared.step.load(Ordering::Relaxed)),
+    };
+    let finish = FinishRequest {
+        worker_id: options.worker_id.clone(),
+        generation: assignment.generation,
+        rank: assignment.rank,
+        ok,
+        error,
+        summary_json,
+        step,
+    };
+    let reported = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await
+    });
+    if let Ok(Err(status)) = &reported {
+        eprintln!("worker {}: could not report the outcome: {}", options.worker_id, status.message());
+    }
+    match outcome {
+        Ok(_) => Ok(()),
+        Err(e) => Err(if shared.abort_reason().is_some() || is_collective_error(&e) {
+            Failure::Retryable(e)
+        } else {
+            Failure::Fatal(e)
+        }),
+    }
+}
+
+fn is_collective_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| cause.downcast_ref::<gantry_collective::CollectiveError>().is_some())
+}
+
+/// Join, retrying while the coordinator is not (yet) reachable, up to `deadline`.
+async fn join_with_retry(client: &mut Client, join: JoinRequest, deadline: Duration) -> Result<JoinResponse, Status> {
+    let started = Instant::now();
+    loop {
+        match client.join(join.clone()).await {
+            Ok(response) => return Ok(response.into_inner()),
+            Err(status) if status.code() == Code::Unavailable && started.elapsed() < deadline => {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(status) => return Err(status),
+        }
+    }
+}
+
+fn train(
+    settings: &Settings,
+    assignment: &JoinResponse,
+    ring_listener: TcpListener,
+    shared: &Arc<Shared>,
+) -> Result<(String, u64)> {
+    let rank = assignment.rank as usize;
+    let world = assignment.world_size as usize;
+    let group = match assignment.backend.as_str() {
+        "ring" => {
+            let peers = assignment
+                .ring_peers
+                .iter()
+                .map(|p| p.parse().with_context(|| format!("ring peer {p:?}")))
+                .collect::<Result<Vec<_>>>()?;
+            let mut config = RingConfig::new(rank, world, peers);
+            config.timeout = Duration::from_secs_f64(settings.collective.timeout);
+            // Distinct per job and generation, so a straggler of an old group is refused.
+            config.session_id = session_id(&assignment.run_id, assignment.generation);
+            let ring = RingCollective::from_listener(ring_listener, config).context("forming the ring")?;
+            *shared.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle());
+            Group::new(Box::new(ring), settings.collective.bucket_mb)
+        }
+        "nccl" => {
+            let nccl = gantry_collective::nccl::NcclCollective::new(rank, world, &assignment.nccl_id, 0)
+                .context("forming the NCCL communicator")?;
+            Group::new(Box::new(nccl), settings.collective.bucket_mb)
+        }
+        other => bail!("unknown backend {other:?}"),
+    };
+    if let Some(reason) = shared.abort_reason() {
+        bail!("aborted before training: {reason}");
+    }
+    let mut trainer = Trainer::new(settings, group, assignment.workers_on_host.max(1) as usize, 0)?;
+    if assignment.resume {
+        trainer.resume_latest()?;
+    }
+    shared.step.store(trainer.step, Ordering::Relaxed);
+    shared.set_state(WorkerState::Training);
+    let mut observer = ClusterObserver { shared: shared.clone(), last_step_at: Instant::now(), step_seconds: 0.0 };
+    let summary = trainer.run(&mut observer).map_err(|e| match shared.abort_reason() {
+        Some(reason) => e.context(format!("aborted: {reason}")),
+        None => e,
+    })?;
+    shared.set_state(WorkerState::Done);
+    let json = if rank == 0 { serde_json::to_string(&summary)? } else { String::new() };
+    Ok((json, trainer.step))
+}
+
+fn session_id(run_id: &str, generation: u64) -> u64 {
+    // FNV-1a: stable across processes and versions, unlike the std hasher.
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for byte in run_id.bytes().chain(generation.to_le_bytes()) {
+        hash = (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+struct ClusterObserver {
+    shared: Arc<Shared>,
+    last_step_at: Instant,
+    step_seconds: f64,
+}
+
+impl StepObserver for ClusterObserver {
+    fn after_step(&mut self, step: u64, figures: Option<&LoggedStep>) -> Result<Directive> {
+        let now = Instant::now();
+        let took = now.duration_since(self.last_step_at).as_secs_f64();
+        self.last_step_at = now;
+        // An exponential average smooths single slow steps (logging, samples).
+        self.step_seconds = if self.step_seconds == 0.0 { took } else { 0.9 * self.step_seconds + 0.1 * took };
+        self.shared.step.store(step, Ordering::Relaxed);
+        if let Some(figures) = figures {
+            *self.shared.figures.lock().unwrap_or_else(|e| e.into_inner()) = Some((*figures, self.step_seconds));
+        }
+        loop {
+            if let Some(reason) = self.shared.abort_reason() {
+                bail!("aborted at step {step}: {reason}");
+            }
+            let (command, at_step) = *self.shared.command.lock().unwrap_or_else(|e| e.into_inner());
+            match Command::try_from(command) {
+                Ok(Command::Stop) if step >= at_step => return Ok(Directive::Stop),
+                Ok(Command::Checkpoint) if step == at_step => return Ok(Directive::Checkpoint),
+                Ok(Command::Pause) => {
+                    self.shared.set_state(WorkerState::Paused);
+                    std::thread::sleep(Duration::from_millis(100));
+                    self.last_step_at = Instant::now();
+                }
+                _ => {
+                    self.shared.set_state(WorkerState::Training);
+                    return Ok(Directive::Continue);
+                }
+            }
+        }
+    }
+}
+
+async fn heartbeat_loop(
+    mut client: Client,
+    shared: Arc<Shared>,
+    worker_id: String,
+    generation: u64,
+    rank: u32,
+    interval: Duration,
+    timeout: Duration,
+) {
+    let mut last_ok = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    loop {
+        ticker.tick().await;
+        let (figures, step_seconds) = shared
+            .figures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map_or((None, 0.0), |(f, s)| (Some(f), s));
+        let request = HeartbeatRequest {
+            worker_id: worker_id.clone(),
+            generation,
+            rank,
+            state: i32::try_from(shared.state.load(Ordering::Relaxed)).unwrap_or(0),
+            step: shared.step.load(Ordering::Relaxed),
+            collective_seq: shared
+                .ring
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+                .map_or(0, AbortHandle::sequence),
+            d_loss: figures.map_or(f64::NAN, |f| f.stats.d_loss),
+            g_loss: figures.map_or(f64::NAN, |f| f.stats.g_loss),
+            d_x: figures.map_or(f64::NAN, |f| f.stats.d_real),
+            d_g_z: figures.map_or(f64::NAN, |f| f.stats.d_fake),
+            images_per_second: figures.map_or(0.0, |f| f.images_per_second),
+            step_seconds,
+        };
+        match tokio::time::timeout(interval.max(Duration::from_secs(1)) * 2, client.heartbeat(request)).await {
+            Ok(Ok(response)) => {
+                last_ok = Instant::now();
+                let response = response.into_inner();
+                if response.command == Command::Abort as i32 {
+                    shared.abort("the coordinator aborted the generation".into());
+                }
+                *shared.command.lock().unwrap_or_else(|e| e.into_inner()) = (response.command, response.at_step);
+            }
+            Ok(Err(status)) if matches!(status.code(), Code::Aborted | Code::NotFound) => {
+                shared.abort(format!("the coordinator ended this generation: {}", status.message()));
+            }
+            Ok(Err(status)) if status.code() == Code::Unauthenticated => {
+                shared.abort(format!("refused by the coordinator: {}", status.message()));
+            }
+            _ if last_ok.elapsed() > timeout => {
+                shared.abort(format!("lost the coordinator for {:.1} s", last_ok.elapsed().as_secs_f64()));
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn watch_signals(shared: Arc<Shared>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => shared.abort("terminated (SIGTERM)".into()),
+        _ = int.recv() => shared.abort("interrupted (SIGINT)".into()),
+    }
+}

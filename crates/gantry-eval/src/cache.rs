@@ -83,7 +83,10 @@ impl Entry {
             serde_json::from_str(&text).map_err(|e| corrupt(&self.manifest, e.to_string()))?;
         if manifest.version != CLASSIFIER_VERSION || manifest.data_sha256 != data_sha256 {
             // The key in the file name should make this impossible; a renamed file is not ours.
-            return Err(corrupt(&self.manifest, "manifest is for another version or data set".into()));
+            return Err(corrupt(
+                &self.manifest,
+                "manifest is for another version or data set".into(),
+            ));
         }
         let bytes = match fs::read(&self.weights) {
             Ok(bytes) => bytes,
@@ -106,7 +109,8 @@ impl Entry {
         // Loaded by path (tch reads safetensors only from files). Should a concurrent writer
         // rename new weights in between, they are another whole classifier of the same key,
         // and the accuracy the caller recomputes is that of the weights actually loaded.
-        vs.load(&self.weights).map_err(|e| corrupt(&self.weights, e.to_string()))?;
+        vs.load(&self.weights)
+            .map_err(|e| corrupt(&self.weights, e.to_string()))?;
         Ok(manifest)
     }
 
@@ -160,8 +164,14 @@ fn write_atomically(
     write: impl FnOnce(&Path) -> Result<(), EvalError>,
 ) -> Result<Vec<u8>, EvalError> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = path.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| e.to_string_lossy().into_owned())
+        .unwrap_or_default();
     // The temporary keeps the extension: VarStore::save picks the format from it.
     let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
     let tmp = dir.join(format!(".{name}.{}.{n}.tmp.{ext}", std::process::id()));
@@ -178,6 +188,8 @@ fn write_atomically(
     }
     let bytes = result?;
     // Makes the rename itself durable; without it a crash can resurrect the old entry.
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| EvalError::io(dir, e))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| EvalError::io(dir, e))?;
     Ok(bytes)
 }

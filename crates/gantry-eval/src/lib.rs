@@ -72,7 +72,10 @@ pub enum EvalError {
 
 impl EvalError {
     pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
-        Self::Io { path: path.to_owned(), source }
+        Self::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -119,6 +122,9 @@ impl Evaluator {
     ///
     /// A cache that cannot be written (read-only directory, full disk) is logged and
     /// otherwise ignored: the evaluator is still good, only the next call trains again.
+    /// Training runs libtorch on one intra-op thread and restores the count afterwards; the
+    /// BLAS thread count is process-wide, so other threads' libtorch work may run on one thread
+    /// for those seconds.
     pub fn load_or_train(cache_dir: &Path) -> Result<Self, EvalError> {
         let data = Reference::load()?;
         let entry = cache::Entry::new(cache_dir, &data.sha256);
@@ -136,8 +142,13 @@ impl Evaluator {
         let start = Instant::now();
         let (vs, net) = classifier::train(&data.train)?;
         let seconds = start.elapsed().as_secs_f64();
-        let evaluator =
-            Self::new(vs, net, &data, ClassifierSource::Trained { seconds }, &entry.weights)?;
+        let evaluator = Self::new(
+            vs,
+            net,
+            &data,
+            ClassifierSource::Trained { seconds },
+            &entry.weights,
+        )?;
         tracing::info!(
             seconds = format!("{seconds:.1}"),
             held_out_accuracy = evaluator.accuracy,
@@ -205,11 +216,17 @@ impl Evaluator {
     /// for small `n`, so compare scores of equal `n` (1,000 is customary here).
     pub fn score(&self, images_u8: &[u8], n: usize) -> Result<Quality, EvalError> {
         if n < 2 {
-            return Err(EvalError::Input(format!("scoring needs at least 2 images, got {n}")));
+            return Err(EvalError::Input(format!(
+                "scoring needs at least 2 images, got {n}"
+            )));
         }
         let (features, logits) = self.net.infer(images_u8, n)?;
         let fid = stats::frechet_distance(&Gaussian::fit_tensor(&features)?, &self.reference)?;
-        let probs = stats::to_host(&logits.f_to_kind(Kind::Double)?.f_softmax(-1, Kind::Double)?)?;
+        let probs = stats::to_host(
+            &logits
+                .f_to_kind(Kind::Double)?
+                .f_softmax(-1, Kind::Double)?,
+        )?;
         let inception_score = stats::inception_score(&probs, n, NUM_CLASSES)?;
         let class_histogram = stats::class_histogram(&argmax(&logits)?);
         Ok(Quality {
@@ -247,7 +264,11 @@ impl Reference {
         bytes.extend_from_slice(all.labels().unwrap_or_default());
         let sha256 = cache::sha256_hex(&bytes);
         let (train, held_out) = all.split(TRAIN_IMAGES);
-        Ok(Self { train, held_out, sha256 })
+        Ok(Self {
+            train,
+            held_out,
+            sha256,
+        })
     }
 }
 
@@ -256,5 +277,8 @@ impl Reference {
 pub fn held_out_digits() -> Result<(Vec<u8>, Vec<u8>), EvalError> {
     let reference = Reference::load()?;
     let held = reference.held_out;
-    Ok((held.images().to_vec(), held.labels().unwrap_or_default().to_vec()))
+    Ok((
+        held.images().to_vec(),
+        held.labels().unwrap_or_default().to_vec(),
+    ))
 }

@@ -41,12 +41,20 @@ impl Gaussian {
         let x = x.f_to_kind(Kind::Double)?;
         let n = x.size()[0];
         if n < 2 {
-            return Err(EvalError::Input(format!("a Gaussian fit needs at least 2 samples, got {n}")));
+            return Err(EvalError::Input(format!(
+                "a Gaussian fit needs at least 2 samples, got {n}"
+            )));
         }
         let mean = x.f_mean_dim(0, false, Kind::Double)?;
         let centred = x.f_sub(&mean)?;
-        let cov = centred.f_tr()?.f_matmul(&centred)?.f_div_scalar((n - 1) as f64)?;
-        Ok(Self { mean: to_host(&mean)?, cov: to_host(&cov)? })
+        let cov = centred
+            .f_tr()?
+            .f_matmul(&centred)?
+            .f_div_scalar((n - 1) as f64)?;
+        Ok(Self {
+            mean: to_host(&mean)?,
+            cov: to_host(&cov)?,
+        })
     }
 }
 
@@ -69,14 +77,21 @@ pub fn frechet_distance(a: &Gaussian, b: &Gaussian) -> Result<f64, EvalError> {
             b.dim()
         )));
     }
-    let mean_term: f64 = a.mean.iter().zip(&b.mean).map(|(x, y)| (x - y).powi(2)).sum();
+    let mean_term: f64 = a
+        .mean
+        .iter()
+        .zip(&b.mean)
+        .map(|(x, y)| (x - y).powi(2))
+        .sum();
     let trace = |cov: &[f64]| (0..d).map(|i| cov[i * d + i]).sum::<f64>();
 
     let shape = [d as i64, d as i64];
     let s1 = symmetrised(&Tensor::from_slice(&a.cov).view(shape))?;
     let s2 = symmetrised(&Tensor::from_slice(&b.cov).view(shape))?;
     let (w, v) = s1.f_linalg_eigh("L")?;
-    let sqrt_s1 = v.f_mul(&w.f_clamp_min(0.0)?.f_sqrt()?.f_unsqueeze(0)?)?.f_matmul(&v.f_tr()?)?;
+    let sqrt_s1 = v
+        .f_mul(&w.f_clamp_min(0.0)?.f_sqrt()?.f_unsqueeze(0)?)?
+        .f_matmul(&v.f_tr()?)?;
     let m = symmetrised(&sqrt_s1.f_matmul(&s2)?.f_matmul(&sqrt_s1)?)?;
     let tr_sqrt = m
         .f_linalg_eigvalsh("L")?
@@ -130,7 +145,9 @@ pub fn inception_score(probs: &[f64], n: usize, classes: usize) -> Result<f64, E
         .sum::<f64>()
         / n as f64;
     if !mean_kl.is_finite() {
-        return Err(EvalError::Numerical(format!("mean KL divergence is {mean_kl}")));
+        return Err(EvalError::Numerical(format!(
+            "mean KL divergence is {mean_kl}"
+        )));
     }
     Ok(mean_kl.exp())
 }
@@ -167,7 +184,10 @@ mod tests {
         for (i, &v) in var.iter().enumerate() {
             cov[i * d + i] = v;
         }
-        Gaussian { mean: mean.to_vec(), cov }
+        Gaussian {
+            mean: mean.to_vec(),
+            cov,
+        }
     }
 
     #[test]
@@ -178,7 +198,10 @@ mod tests {
         let b = diagonal(&[1.0, 1.0, 0.0], &[4.0, 1.0, 0.25]);
         let expected = (1.0 + 0.0 + 4.0) + (1.0 + 1.0 + 6.25);
         let got = frechet_distance(&a, &b).unwrap();
-        assert!((got - expected).abs() < 1e-9, "got {got}, expected {expected}");
+        assert!(
+            (got - expected).abs() < 1e-9,
+            "got {got}, expected {expected}"
+        );
         // Symmetric in its arguments.
         let back = frechet_distance(&b, &a).unwrap();
         assert!((back - expected).abs() < 1e-9, "got {back}");
@@ -188,7 +211,10 @@ mod tests {
     fn frechet_distance_handles_rotated_and_singular_covariances() {
         // The same distributions as above, rotated by 45° in the first two coordinates: the
         // distance is rotation invariant, but the covariances are no longer diagonal.
-        let (c, s) = (std::f64::consts::FRAC_1_SQRT_2, std::f64::consts::FRAC_1_SQRT_2);
+        let (c, s) = (
+            std::f64::consts::FRAC_1_SQRT_2,
+            std::f64::consts::FRAC_1_SQRT_2,
+        );
         let r = [[c, -s], [s, c]];
         let rotate = |g: &Gaussian| {
             let mut out = g.clone();
@@ -206,7 +232,10 @@ mod tests {
         let b = diagonal(&[1.0, 1.0, 0.0], &[4.0, 1.0, 0.0]); // singular
         let expected = 5.0 + (1.0 + 1.0 + 9.0);
         let got = frechet_distance(&rotate(&a), &rotate(&b)).unwrap();
-        assert!((got - expected).abs() < 1e-9, "got {got}, expected {expected}");
+        assert!(
+            (got - expected).abs() < 1e-9,
+            "got {got}, expected {expected}"
+        );
         assert!(frechet_distance(&a, &a).unwrap() < 1e-12);
     }
 

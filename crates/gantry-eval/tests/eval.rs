@@ -31,7 +31,10 @@ fn shared() -> &'static Shared {
             evaluator.classifier_accuracy(),
             tch::get_num_threads()
         );
-        Shared { cache_dir, evaluator: Mutex::new(evaluator) }
+        Shared {
+            cache_dir,
+            evaluator: Mutex::new(evaluator),
+        }
     })
 }
 
@@ -61,15 +64,32 @@ fn fid_orders_same_digits_other_digits_and_noise() {
     let same = ev.score(&held, 1000).unwrap();
     // Real digits the reference set does not contain: the first 1,000 of the training split.
     let all = gantry_data::mnist_10k().unwrap();
-    let other = ev.score(&all.images()[..1000 * IMAGE_PIXELS], 1000).unwrap();
+    let other = ev
+        .score(&all.images()[..1000 * IMAGE_PIXELS], 1000)
+        .unwrap();
     let random = ev.score(&noise(1000, 1), 1000).unwrap();
     eprintln!("held-out vs itself: {same:?}");
     eprintln!("other real digits:  {other:?}");
     eprintln!("uniform noise:      {random:?}");
 
-    assert!(same.fid < 1e-3 * random.fid, "self FID {} vs noise {}", same.fid, random.fid);
-    assert!(other.fid > same.fid, "other digits {} vs self {}", other.fid, same.fid);
-    assert!(random.fid > 50.0 * other.fid, "noise {} vs real {}", random.fid, other.fid);
+    assert!(
+        same.fid < 1e-3 * random.fid,
+        "self FID {} vs noise {}",
+        same.fid,
+        random.fid
+    );
+    assert!(
+        other.fid > same.fid,
+        "other digits {} vs self {}",
+        other.fid,
+        same.fid
+    );
+    assert!(
+        random.fid > 50.0 * other.fid,
+        "noise {} vs real {}",
+        random.fid,
+        other.fid
+    );
     assert_eq!(same.classes_covered, 10);
     assert_eq!(other.classes_covered, 10);
 }
@@ -79,15 +99,24 @@ fn inception_score_is_near_ten_for_real_digits_and_one_for_a_repeated_image() {
     let ev = evaluator();
     let (held, _) = held_out();
     let real = ev.score(&held, 1000).unwrap();
-    assert!(real.inception_score > 8.0 && real.inception_score <= 10.0, "{real:?}");
+    assert!(
+        real.inception_score > 8.0 && real.inception_score <= 10.0,
+        "{real:?}"
+    );
 
     let one = held[..IMAGE_PIXELS].repeat(500);
     let repeated = ev.score(&one, 500).unwrap();
     eprintln!("one image x 500: {repeated:?}");
-    assert!((repeated.inception_score - 1.0).abs() < 1e-3, "{repeated:?}");
+    assert!(
+        (repeated.inception_score - 1.0).abs() < 1e-3,
+        "{repeated:?}"
+    );
     assert_eq!(repeated.classes_covered, 1);
     assert_eq!(repeated.class_histogram.iter().sum::<u32>(), 500);
-    assert!(repeated.fid > real.fid + 1.0, "one repeated digit is far from the real spread");
+    assert!(
+        repeated.fid > real.fid + 1.0,
+        "one repeated digit is far from the real spread"
+    );
 }
 
 #[test]
@@ -96,10 +125,18 @@ fn histogram_and_coverage_on_only_ones_and_sevens() {
     let (held, labels) = held_out();
     let predicted = ev.classify(&held, 1000).unwrap();
     // The classifier agrees with the labels on these digits (a sanity check of `classify`).
-    let ones: Vec<usize> = (0..1000).filter(|&i| labels[i] == 1 && predicted[i] == 1).collect();
-    let sevens: Vec<usize> = (0..1000).filter(|&i| labels[i] == 7 && predicted[i] == 7).collect();
+    let ones: Vec<usize> = (0..1000)
+        .filter(|&i| labels[i] == 1 && predicted[i] == 1)
+        .collect();
+    let sevens: Vec<usize> = (0..1000)
+        .filter(|&i| labels[i] == 7 && predicted[i] == 7)
+        .collect();
     let n_ones = labels.iter().filter(|&&l| l == 1).count();
-    assert!(ones.len() * 100 >= n_ones * 95, "{} of {n_ones} ones recognised", ones.len());
+    assert!(
+        ones.len() * 100 >= n_ones * 95,
+        "{} of {n_ones} ones recognised",
+        ones.len()
+    );
     // 150 ones, 48 sevens and one digit predicted as 3: 1/199 < 1%, so 2 classes covered.
     let three = (0..1000).find(|&i| predicted[i] == 3).unwrap();
     let pick: Vec<usize> = ones[..100]
@@ -110,7 +147,10 @@ fn histogram_and_coverage_on_only_ones_and_sevens() {
         .chain(std::iter::once(&three))
         .copied()
         .collect();
-    let images: Vec<u8> = pick.iter().flat_map(|&i| held[i * IMAGE_PIXELS..][..IMAGE_PIXELS].to_vec()).collect();
+    let images: Vec<u8> = pick
+        .iter()
+        .flat_map(|&i| held[i * IMAGE_PIXELS..][..IMAGE_PIXELS].to_vec())
+        .collect();
     let q = ev.score(&images, pick.len()).unwrap();
     assert_eq!(q.class_histogram, [0, 150, 0, 1, 0, 0, 0, 48, 0, 0]);
     assert_eq!(q.classes_covered, 2);
@@ -120,8 +160,14 @@ fn histogram_and_coverage_on_only_ones_and_sevens() {
 #[test]
 fn score_rejects_wrong_sizes() {
     let ev = evaluator();
-    assert!(matches!(ev.score(&[0; IMAGE_PIXELS * 3], 2), Err(EvalError::Input(_))));
-    assert!(matches!(ev.score(&[0; IMAGE_PIXELS], 1), Err(EvalError::Input(_))));
+    assert!(matches!(
+        ev.score(&[0; IMAGE_PIXELS * 3], 2),
+        Err(EvalError::Input(_))
+    ));
+    assert!(matches!(
+        ev.score(&[0; IMAGE_PIXELS], 1),
+        Err(EvalError::Input(_))
+    ));
 }
 
 #[test]
@@ -130,10 +176,19 @@ fn second_load_comes_from_the_cache_with_the_same_weights() {
     let expected = evaluator().score(&held[..300 * IMAGE_PIXELS], 300).unwrap();
     let again = Evaluator::load_or_train(&shared().cache_dir).unwrap();
     assert_eq!(again.source(), ClassifierSource::Cache);
-    assert_eq!(again.classifier_accuracy(), evaluator().classifier_accuracy());
+    assert_eq!(
+        again.classifier_accuracy(),
+        evaluator().classifier_accuracy()
+    );
     let q = again.score(&held[..300 * IMAGE_PIXELS], 300).unwrap();
     assert_eq!(q.class_histogram, expected.class_histogram);
-    assert!((q.fid - expected.fid).abs() <= 1e-9 * expected.fid.max(1.0), "{q:?} vs {expected:?}");
+    // Same weights, but not necessarily bit-identical features: a retraining elsewhere in this
+    // process (the corruption test) briefly sets libtorch's process-wide BLAS threads to 1,
+    // which reorders f32 sums (measured: 2.6e-8 relative).
+    assert!(
+        (q.fid - expected.fid).abs() <= 1e-6 * expected.fid.max(1.0),
+        "{q:?} vs {expected:?}"
+    );
 }
 
 fn copy_cache(from: &Path, to: &Path) -> (PathBuf, PathBuf) {
@@ -152,7 +207,10 @@ fn copy_cache(from: &Path, to: &Path) -> (PathBuf, PathBuf) {
             manifest = Some(dest);
         }
     }
-    (weights.expect("cached weights"), manifest.expect("cache manifest"))
+    (
+        weights.expect("cached weights"),
+        manifest.expect("cache manifest"),
+    )
 }
 
 #[test]
@@ -171,38 +229,63 @@ fn damaged_cache_is_detected_and_a_truncated_one_retrained() {
     std::fs::write(&weights, &flipped).unwrap();
     let err = Evaluator::load(dir.path()).unwrap_err();
     assert!(matches!(err, EvalError::CorruptCache { .. }), "{err}");
-    assert!(err.to_string().contains(&weights.display().to_string()), "{err}");
+    assert!(
+        err.to_string().contains(&weights.display().to_string()),
+        "{err}"
+    );
 
     // A manifest that is not JSON.
     std::fs::write(&weights, &good).unwrap();
     let manifest_text = std::fs::read(&manifest).unwrap();
     std::fs::write(&manifest, b"{\"version\": ").unwrap();
-    assert!(matches!(Evaluator::load(dir.path()), Err(EvalError::CorruptCache { .. })));
+    assert!(matches!(
+        Evaluator::load(dir.path()),
+        Err(EvalError::CorruptCache { .. })
+    ));
     std::fs::write(&manifest, &manifest_text).unwrap();
 
     // Truncated weights: load_or_train retrains and repairs the entry.
     std::fs::write(&weights, &good[..good.len() / 2]).unwrap();
-    assert!(matches!(Evaluator::load(dir.path()), Err(EvalError::CorruptCache { .. })));
+    assert!(matches!(
+        Evaluator::load(dir.path()),
+        Err(EvalError::CorruptCache { .. })
+    ));
     let retrained = Evaluator::load_or_train(dir.path()).unwrap();
-    assert!(matches!(retrained.source(), ClassifierSource::Trained { .. }));
+    assert!(matches!(
+        retrained.source(),
+        ClassifierSource::Trained { .. }
+    ));
     let repaired = Evaluator::load(dir.path()).unwrap();
     assert_eq!(repaired.source(), ClassifierSource::Cache);
-    assert_eq!(repaired.classifier_accuracy(), retrained.classifier_accuracy());
-    // Training is seeded: on the same machine and thread count it reproduces the weights.
-    assert_eq!(std::fs::read(&weights).unwrap(), good, "retraining gave other weights");
+    assert_eq!(
+        repaired.classifier_accuracy(),
+        retrained.classifier_accuracy()
+    );
+    // Training is seeded and single-threaded: on one machine it reproduces the weights.
+    assert_eq!(
+        std::fs::read(&weights).unwrap(),
+        good,
+        "retraining gave other weights"
+    );
 
     let leftovers: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with('.'))
         .collect();
-    assert!(leftovers.is_empty(), "temporary files left behind: {leftovers:?}");
+    assert!(
+        leftovers.is_empty(),
+        "temporary files left behind: {leftovers:?}"
+    );
 }
 
 #[test]
 fn load_without_a_cache_says_so() {
     let dir = tempfile::tempdir().unwrap();
-    assert!(matches!(Evaluator::load(dir.path()), Err(EvalError::NotCached(_))));
+    assert!(matches!(
+        Evaluator::load(dir.path()),
+        Err(EvalError::NotCached(_))
+    ));
 }
 
 // ---- the binary ----
@@ -226,7 +309,11 @@ fn json_of(out: &Output) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout.clone()).unwrap();
-    assert_eq!(stdout.lines().count(), 1, "one JSON line expected, got {stdout:?}");
+    assert_eq!(
+        stdout.lines().count(),
+        1,
+        "one JSON line expected, got {stdout:?}"
+    );
     serde_json::from_str(&stdout).unwrap()
 }
 
@@ -245,7 +332,14 @@ fn binary_scores_an_idx_file() {
     let accuracy = evaluator().classifier_accuracy();
 
     let v = json_of(&run_bin(&["--images".as_ref(), path.as_os_str()]));
-    for key in ["fid", "inception_score", "classes_covered", "class_histogram", "samples", "classifier_accuracy"] {
+    for key in [
+        "fid",
+        "inception_score",
+        "classes_covered",
+        "class_histogram",
+        "samples",
+        "classifier_accuracy",
+    ] {
         assert!(v.get(key).is_some(), "{key} missing from {v}");
     }
     assert_eq!(v["samples"], 200);
@@ -253,8 +347,14 @@ fn binary_scores_an_idx_file() {
     let q = quality_of(&v);
     assert_eq!(q.class_histogram, expected.class_histogram);
     // The binary may run libtorch with another thread count: equal up to float rounding.
-    assert!((q.fid - expected.fid).abs() <= 1e-4 * expected.fid, "{q:?} vs {expected:?}");
-    assert!((q.inception_score - expected.inception_score).abs() < 1e-4, "{q:?} vs {expected:?}");
+    assert!(
+        (q.fid - expected.fid).abs() <= 1e-4 * expected.fid,
+        "{q:?} vs {expected:?}"
+    );
+    assert!(
+        (q.inception_score - expected.inception_score).abs() < 1e-4,
+        "{q:?} vs {expected:?}"
+    );
 }
 
 #[test]
@@ -276,7 +376,10 @@ fn binary_rejects_images_that_are_not_28_by_28() {
     let out = run_bin(&["--images".as_ref(), path.as_os_str()]);
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains(&path.display().to_string()) && stderr.contains("28×28"), "{stderr}");
+    assert!(
+        stderr.contains(&path.display().to_string()) && stderr.contains("28×28"),
+        "{stderr}"
+    );
 
     // Not an IDX image file at all.
     std::fs::write(&path, b"not an idx file").unwrap();
@@ -309,23 +412,44 @@ fn binary_samples_a_checkpoint_preferring_ema_weights() {
     settings.train.seed = 99;
     std::fs::write(dir.path().join("config.toml"), settings.to_toml().unwrap()).unwrap();
     let plain = generator(1);
-    plain.generator_vs.save(dir.path().join("generator.safetensors")).unwrap();
-    let args = ["--checkpoint".as_ref(), dir.path().as_os_str(), "--samples".as_ref(), "300".as_ref(), "--seed".as_ref(), "5".as_ref()];
+    plain
+        .generator_vs
+        .save(dir.path().join("generator.safetensors"))
+        .unwrap();
+    let args = [
+        "--checkpoint".as_ref(),
+        dir.path().as_os_str(),
+        "--samples".as_ref(),
+        "300".as_ref(),
+        "--seed".as_ref(),
+        "5".as_ref(),
+    ];
 
     let v = json_of(&run_bin(&args));
     assert_eq!(v["samples"], 300);
     let q = quality_of(&v);
     let expected = expected_for(&plain, 300, 5);
     assert_eq!(q.class_histogram, expected.class_histogram);
-    assert!((q.fid - expected.fid).abs() <= 1e-4 * expected.fid, "{q:?} vs {expected:?}");
+    assert!(
+        (q.fid - expected.fid).abs() <= 1e-4 * expected.fid,
+        "{q:?} vs {expected:?}"
+    );
 
     let ema = generator(2);
-    ema.generator_vs.save(dir.path().join("generator_ema.safetensors")).unwrap();
+    ema.generator_vs
+        .save(dir.path().join("generator_ema.safetensors"))
+        .unwrap();
     let q = quality_of(&json_of(&run_bin(&args)));
     let expected = expected_for(&ema, 300, 5);
-    assert!((q.fid - expected.fid).abs() <= 1e-4 * expected.fid, "{q:?} vs {expected:?}");
+    assert!(
+        (q.fid - expected.fid).abs() <= 1e-4 * expected.fid,
+        "{q:?} vs {expected:?}"
+    );
     let other = expected_for(&plain, 300, 5);
-    assert!((q.fid - other.fid).abs() > 1e-3 * other.fid, "EMA weights were not used");
+    assert!(
+        (q.fid - other.fid).abs() > 1e-3 * other.fid,
+        "EMA weights were not used"
+    );
 }
 
 #[test]

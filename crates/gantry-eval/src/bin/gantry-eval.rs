@@ -16,7 +16,12 @@ use tch::Device;
 #[command(version, about)]
 struct Args {
     /// IDX image file (u8, N × 28 × 28; raw or gzip) to score.
-    #[arg(long, value_name = "FILE", conflicts_with = "checkpoint", required_unless_present = "checkpoint")]
+    #[arg(
+        long,
+        value_name = "FILE",
+        conflicts_with = "checkpoint",
+        required_unless_present = "checkpoint"
+    )]
     images: Option<PathBuf>,
     /// Checkpoint directory (config.toml + generator_ema.safetensors or generator.safetensors)
     /// whose generator is sampled and scored.
@@ -67,11 +72,17 @@ fn main() -> Result<()> {
         (None, None) => bail!("give --images FILE or --checkpoint DIR"),
     };
 
-    let cache_dir = args.cache_dir.unwrap_or_else(gantry_eval::default_cache_dir);
+    let cache_dir = args
+        .cache_dir
+        .unwrap_or_else(gantry_eval::default_cache_dir);
     let evaluator = Evaluator::load_or_train(&cache_dir)
         .with_context(|| format!("loading the classifier (cache {})", cache_dir.display()))?;
     let quality = evaluator.score(&images, n)?;
-    let report = Report { quality, samples: n, classifier_accuracy: evaluator.classifier_accuracy() };
+    let report = Report {
+        quality,
+        samples: n,
+        classifier_accuracy: evaluator.classifier_accuracy(),
+    };
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
@@ -80,10 +91,19 @@ fn read_images(path: &Path) -> Result<(Vec<u8>, usize)> {
     // The reader's errors already name the file.
     let idx = gantry_data::idx::read_idx_images(path)?;
     if (idx.rows, idx.cols) != (28, 28) {
-        bail!("{}: images are {}×{}, expected 28×28", path.display(), idx.rows, idx.cols);
+        bail!(
+            "{}: images are {}×{}, expected 28×28",
+            path.display(),
+            idx.rows,
+            idx.cols
+        );
     }
     if idx.len < 2 {
-        bail!("{}: {} image(s); scoring needs at least 2", path.display(), idx.len);
+        bail!(
+            "{}: {} image(s); scoring needs at least 2",
+            path.display(),
+            idx.len
+        );
     }
     debug_assert_eq!(idx.pixels.len(), idx.len * IMAGE_PIXELS);
     Ok((idx.pixels, idx.len))
@@ -93,7 +113,11 @@ fn read_images(path: &Path) -> Result<(Vec<u8>, usize)> {
 fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<u8>> {
     let config = dir.join("config.toml");
     if !config.is_file() {
-        bail!("{}: no such file (is {} a checkpoint directory?)", config.display(), dir.display());
+        bail!(
+            "{}: no such file (is {} a checkpoint directory?)",
+            config.display(),
+            dir.display()
+        );
     }
     let settings = gantry_config::load(Some(&config), std::iter::empty(), &Overrides::new())
         .with_context(|| format!("{}: invalid configuration", config.display()))?;
@@ -123,7 +147,11 @@ fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<u8>> {
         images.extend(gan.generate_u8(&gan.latents(chunk)));
     }
     if images.len() != n * IMAGE_PIXELS {
-        bail!("{}: the generator produced {} bytes for {n} 28×28 images", weights.display(), images.len());
+        bail!(
+            "{}: the generator produced {} bytes for {n} 28×28 images",
+            weights.display(),
+            images.len()
+        );
     }
     Ok(images)
 }

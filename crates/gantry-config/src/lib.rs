@@ -103,7 +103,11 @@ pub struct Model {
 
 impl Default for Model {
     fn default() -> Self {
-        Self { kind: ModelKind::Mlp, latent_dim: 100, batch_norm: true }
+        Self {
+            kind: ModelKind::Mlp,
+            latent_dim: 100,
+            batch_norm: true,
+        }
     }
 }
 
@@ -121,7 +125,11 @@ pub struct Data {
 
 impl Default for Data {
     fn default() -> Self {
-        Self { dataset: Dataset::Mnist10k, cache_dir: String::new(), mirror: Vec::new() }
+        Self {
+            dataset: Dataset::Mnist10k,
+            cache_dir: String::new(),
+            mirror: Vec::new(),
+        }
     }
 }
 
@@ -151,7 +159,10 @@ pub struct Checkpoint {
 
 impl Default for Checkpoint {
     fn default() -> Self {
-        Self { every: 500, keep: 3 }
+        Self {
+            every: 500,
+            keep: 3,
+        }
     }
 }
 
@@ -179,7 +190,10 @@ pub struct Run {
 
 impl Default for Run {
     fn default() -> Self {
-        Self { dir: PathBuf::from("runs/latest"), device: DeviceChoice::Auto }
+        Self {
+            dir: PathBuf::from("runs/latest"),
+            device: DeviceChoice::Auto,
+        }
     }
 }
 
@@ -197,7 +211,11 @@ pub struct CollectiveSettings {
 
 impl Default for CollectiveSettings {
     fn default() -> Self {
-        Self { bucket_mb: 25.0, verify_every: 100, timeout: 60.0 }
+        Self {
+            bucket_mb: 25.0,
+            verify_every: 100,
+            timeout: 60.0,
+        }
     }
 }
 
@@ -250,7 +268,10 @@ pub struct Metrics {
 
 impl Default for Metrics {
     fn default() -> Self {
-        Self { addr: "0.0.0.0:9090".into(), worker_addr: "0.0.0.0:9091".into() }
+        Self {
+            addr: "0.0.0.0:9090".into(),
+            worker_addr: "0.0.0.0:9091".into(),
+        }
     }
 }
 
@@ -321,7 +342,12 @@ string_enum!(
 impl Settings {
     /// Checks relations serde cannot express. Errors name the offending key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
         let t = &self.train;
         if t.steps == 0 {
             return invalid("train.steps", "must be at least 1");
@@ -335,7 +361,10 @@ impl Settings {
             }
         }
         if t.betas.iter().any(|b| !(0.0..1.0).contains(b)) {
-            return invalid("train.betas", &format!("each beta must be in [0, 1), got {:?}", t.betas));
+            return invalid(
+                "train.betas",
+                &format!("each beta must be in [0, 1), got {:?}", t.betas),
+            );
         }
         if t.log_every == 0 {
             return invalid("train.log_every", "must be at least 1");
@@ -344,7 +373,10 @@ impl Settings {
             return invalid("model.latent_dim", "must be at least 1");
         }
         if self.checkpoint.keep < 2 {
-            return invalid("checkpoint.keep", "must be at least 2, so a torn newest checkpoint never leaves none");
+            return invalid(
+                "checkpoint.keep",
+                "must be at least 2, so a torn newest checkpoint never leaves none",
+            );
         }
         let c = &self.collective;
         if !(c.bucket_mb.is_finite() && c.bucket_mb > 0.0) {
@@ -360,11 +392,17 @@ impl Settings {
             ("cluster.rendezvous_timeout", k.rendezvous_timeout),
         ] {
             if !(secs.is_finite() && secs > 0.0) {
-                return invalid(key, &format!("must be a positive number of seconds, got {secs}"));
+                return invalid(
+                    key,
+                    &format!("must be a positive number of seconds, got {secs}"),
+                );
             }
         }
         if k.heartbeat_timeout <= k.heartbeat_interval {
-            return invalid("cluster.heartbeat_timeout", "must be longer than cluster.heartbeat_interval");
+            return invalid(
+                "cluster.heartbeat_timeout",
+                "must be longer than cluster.heartbeat_interval",
+            );
         }
         if self.run.dir.as_os_str().is_empty() {
             return invalid("run.dir", "must not be empty");
@@ -375,7 +413,8 @@ impl Settings {
     /// Reads settings from TOML text alone (e.g. a coordinator's effective configuration),
     /// with the same unknown-key and value checks as [`load`].
     pub fn from_toml(text: &str) -> Result<Self, ConfigError> {
-        let settings: Settings = toml::from_str(text).map_err(|e| ConfigError::Layering(e.to_string()))?;
+        let settings: Settings =
+            toml::from_str(text).map_err(|e| ConfigError::Layering(e.to_string()))?;
         settings.validate()?;
         Ok(settings)
     }

@@ -7,7 +7,10 @@ fn no_env() -> Vec<(String, String)> {
 }
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 fn toml_file(text: &str) -> tempfile::NamedTempFile {
@@ -32,7 +35,10 @@ fn defaults_are_the_documented_ones() {
 #[test]
 fn each_layer_overrides_the_one_below() {
     let file = toml_file("[train]\nsteps = 10\nbatch_size = 8\nseed = 1\n");
-    let e = env(&[("GANTRY__TRAIN__BATCH_SIZE", "16"), ("GANTRY__TRAIN__SEED", "2")]);
+    let e = env(&[
+        ("GANTRY__TRAIN__BATCH_SIZE", "16"),
+        ("GANTRY__TRAIN__SEED", "2"),
+    ]);
     let mut o = Overrides::new();
     o.push_assignment("train.seed=3").unwrap();
     let s = load(Some(file.path()), e, &o).unwrap();
@@ -57,19 +63,30 @@ fn set_parses_typed_and_bare_values() {
 
 #[test]
 fn env_lists_are_comma_separated() {
-    let s = load(None, env(&[("GANTRY__TRAIN__BETAS", "0.0,0.9")]), &Overrides::new()).unwrap();
+    let s = load(
+        None,
+        env(&[("GANTRY__TRAIN__BETAS", "0.0,0.9")]),
+        &Overrides::new(),
+    )
+    .unwrap();
     assert_eq!(s.train.betas, [0.0, 0.9]);
 }
 
 #[test]
 fn unknown_keys_are_named() {
     let file = toml_file("[train]\nstepz = 10\n");
-    let err = load(Some(file.path()), no_env(), &Overrides::new()).unwrap_err().to_string();
-    assert!(err.contains("stepz"), "{err}");
-
-    let err = load(None, env(&[("GANTRY__MODLE__KIND", "mlp")]), &Overrides::new())
+    let err = load(Some(file.path()), no_env(), &Overrides::new())
         .unwrap_err()
         .to_string();
+    assert!(err.contains("stepz"), "{err}");
+
+    let err = load(
+        None,
+        env(&[("GANTRY__MODLE__KIND", "mlp")]),
+        &Overrides::new(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("modle"), "{err}");
 
     let mut o = Overrides::new();
@@ -104,11 +121,15 @@ fn invalid_values_are_named() {
 #[test]
 fn malformed_and_missing_files_name_the_file() {
     let file = toml_file("[train\nsteps = ");
-    let err = load(Some(file.path()), no_env(), &Overrides::new()).unwrap_err().to_string();
+    let err = load(Some(file.path()), no_env(), &Overrides::new())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains(&file.path().display().to_string()), "{err}");
 
     let missing = Path::new("/nonexistent/gantry.toml");
-    let err = load(Some(missing), no_env(), &Overrides::new()).unwrap_err().to_string();
+    let err = load(Some(missing), no_env(), &Overrides::new())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("/nonexistent/gantry.toml"), "{err}");
 }
 

@@ -16,7 +16,10 @@ pub struct TokenCheck {
 
 impl TokenCheck {
     pub fn new(token: &str) -> Self {
-        Self { token: Arc::new(token.as_bytes().to_vec()), failures: Arc::default() }
+        Self {
+            token: Arc::new(token.as_bytes().to_vec()),
+            failures: Arc::default(),
+        }
     }
 
     pub fn check<T>(&self, request: Request<T>) -> Result<Request<T>, Status> {
@@ -60,7 +63,13 @@ mod tests {
     fn accepts_only_the_exact_token_and_counts_refusals() {
         let check = TokenCheck::new("s3cret");
         assert!(check.check(request(Some("Bearer s3cret"))).is_ok());
-        for bad in [None, Some("Bearer s3cre"), Some("Bearer s3cret2"), Some("s3cret"), Some("Bearer ")] {
+        for bad in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cret2"),
+            Some("s3cret"),
+            Some("Bearer "),
+        ] {
             let status = check.check(request(bad)).unwrap_err();
             assert_eq!(status.code(), tonic::Code::Unauthenticated);
         }

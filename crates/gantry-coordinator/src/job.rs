@@ -154,7 +154,10 @@ impl Job {
 
     /// Registers a worker for the current generation. The returned receiver yields its
     /// assignment once the whole group has joined.
-    pub fn join(&self, request: JoinRequest) -> Result<oneshot::Receiver<Result<JoinResponse, Status>>, ClusterError> {
+    pub fn join(
+        &self,
+        request: JoinRequest,
+    ) -> Result<oneshot::Receiver<Result<JoinResponse, Status>>, ClusterError> {
         let spec = &self.spec;
         if request.worker_id.is_empty() {
             return Err(ClusterError::InvalidArgument("worker_id is empty".into()));
@@ -191,11 +194,21 @@ impl Job {
             Phase::Rendezvous => {}
             Phase::Done | Phase::Failed => return Err(ClusterError::ShuttingDown),
             Phase::Training => {
-                return Err(ClusterError::WorldFull { world_size: spec.world_size, generation: state.generation });
+                return Err(ClusterError::WorldFull {
+                    world_size: spec.world_size,
+                    generation: state.generation,
+                });
             }
         }
-        if state.pending.iter().any(|(r, _)| r.worker_id == request.worker_id) {
-            return Err(ClusterError::InvalidArgument(format!("worker {:?} already joined", request.worker_id)));
+        if state
+            .pending
+            .iter()
+            .any(|(r, _)| r.worker_id == request.worker_id)
+        {
+            return Err(ClusterError::InvalidArgument(format!(
+                "worker {:?} already joined",
+                request.worker_id
+            )));
         }
         // A worker that gave up waiting (its Join call dropped) frees its place.
         state.pending.retain(|(_, tx)| !tx.is_closed());
@@ -275,9 +288,16 @@ impl Job {
         }
     }
 
-    fn member_mut<'a>(state: &'a mut State, worker_id: &str, generation: u64) -> Result<&'a mut Member, ClusterError> {
+    fn member_mut<'a>(
+        state: &'a mut State,
+        worker_id: &str,
+        generation: u64,
+    ) -> Result<&'a mut Member, ClusterError> {
         if generation != state.generation {
-            return Err(ClusterError::StaleGeneration { stale: generation, current: state.generation });
+            return Err(ClusterError::StaleGeneration {
+                stale: generation,
+                current: state.generation,
+            });
         }
         state
             .members
@@ -311,7 +331,10 @@ impl Job {
             _ if state.paused => (Command::Pause, 0),
             _ => (Command::Continue, 0),
         };
-        Ok(HeartbeatResponse { command: command as i32, at_step })
+        Ok(HeartbeatResponse {
+            command: command as i32,
+            at_step,
+        })
     }
 
     pub fn finish(&self, request: &FinishRequest) -> Result<(), ClusterError> {
@@ -319,7 +342,11 @@ impl Job {
         let member = Self::member_mut(&mut state, &request.worker_id, request.generation)?;
         member.last_seen = Instant::now();
         member.step = member.step.max(request.step);
-        member.finished = Some(if request.ok { Ok(()) } else { Err(request.error.clone()) });
+        member.finished = Some(if request.ok {
+            Ok(())
+        } else {
+            Err(request.error.clone())
+        });
         if request.ok {
             member.state = WorkerState::Done;
         }
@@ -329,11 +356,17 @@ impl Job {
         if let (false, None) = (request.ok, &state.failure) {
             state.failure = Some(Failure {
                 rank: Some(request.rank),
-                reason: format!("rank {} ({}) failed: {}", request.rank, request.worker_id, request.error),
+                reason: format!(
+                    "rank {} ({}) failed: {}",
+                    request.rank, request.worker_id, request.error
+                ),
             });
         }
         let all_ok = !state.members.is_empty()
-            && state.members.iter().all(|m| matches!(m.finished, Some(Ok(()))));
+            && state
+                .members
+                .iter()
+                .all(|m| matches!(m.finished, Some(Ok(()))));
         if all_ok && state.phase == Phase::Training {
             state.phase = Phase::Done;
             state.phase_since = Instant::now();
@@ -399,7 +432,12 @@ impl Job {
                             laggard.rank,
                             laggard.worker_id,
                             laggard.collective_seq,
-                            state.members.iter().map(|m| m.collective_seq).max().unwrap_or(0)
+                            state
+                                .members
+                                .iter()
+                                .map(|m| m.collective_seq)
+                                .max()
+                                .unwrap_or(0)
                         ),
                     });
                 }
@@ -478,11 +516,19 @@ impl Job {
 
     /// Worker ids of the current generation's members (to tell local processes apart).
     pub fn member_ids(&self) -> HashSet<String> {
-        self.lock().members.iter().map(|m| m.worker_id.clone()).collect()
+        self.lock()
+            .members
+            .iter()
+            .map(|m| m.worker_id.clone())
+            .collect()
     }
 
     pub fn rank_of(&self, worker_id: &str) -> Option<u32> {
-        self.lock().members.iter().find(|m| m.worker_id == worker_id).map(|m| m.rank)
+        self.lock()
+            .members
+            .iter()
+            .find(|m| m.worker_id == worker_id)
+            .map(|m| m.rank)
     }
 
     pub fn status(&self) -> StatusResponse {

@@ -71,7 +71,9 @@ fn run() -> Result<i32> {
     let (world, local) = match (cli.workers, cli.expect_workers) {
         (Some(n), None) => (n, true),
         (None, Some(n)) => (n, false),
-        _ => bail!("pass --workers N (start local workers) or --expect-workers N (wait for external ones)"),
+        _ => bail!(
+            "pass --workers N (start local workers) or --expect-workers N (wait for external ones)"
+        ),
     };
     let settings = load_settings(&cli)?;
     let token = match (settings.cluster.token.is_empty(), local) {
@@ -87,7 +89,9 @@ fn run() -> Result<i32> {
         (None, true) => "127.0.0.1:0".to_owned(),
         (None, false) => settings.cluster.listen.clone(),
     };
-    let listen: SocketAddr = listen.parse().with_context(|| format!("listen address {listen:?}"))?;
+    let listen: SocketAddr = listen
+        .parse()
+        .with_context(|| format!("listen address {listen:?}"))?;
     let worker_bin = match (&cli.worker_bin, local) {
         (Some(path), _) => Some(path.clone()),
         (None, true) => Some(spawn::default_worker_binary()?),
@@ -100,7 +104,9 @@ fn run() -> Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(supervise(settings, world, local, token, listen, worker_bin, resume))
+    runtime.block_on(supervise(
+        settings, world, local, token, listen, worker_bin, resume,
+    ))
 }
 
 /// The configuration: the usual layers, with `--resume RUN_DIR` reusing that run's
@@ -111,7 +117,10 @@ fn load_settings(cli: &Cli) -> Result<Settings> {
         if args.config.is_none() {
             let saved = run_dir.join("config.toml");
             if !saved.exists() {
-                bail!("--resume {}: no config.toml there (is it a run directory?)", run_dir.display());
+                bail!(
+                    "--resume {}: no config.toml there (is it a run directory?)",
+                    run_dir.display()
+                );
             }
             args.config = Some(saved);
         }
@@ -146,7 +155,9 @@ async fn supervise(
         heartbeat_interval: Duration::from_secs_f64(cluster.heartbeat_interval),
         heartbeat_timeout: Duration::from_secs_f64(cluster.heartbeat_timeout),
         rendezvous_timeout: Duration::from_secs_f64(cluster.rendezvous_timeout),
-        stall_timeout: Duration::from_secs_f64(settings.collective.timeout * 2.0 + cluster.heartbeat_timeout),
+        stall_timeout: Duration::from_secs_f64(
+            settings.collective.timeout * 2.0 + cluster.heartbeat_timeout,
+        ),
         max_restarts: cluster.max_restarts,
     };
     let job = Arc::new(Job::new(spec, resume));
@@ -157,8 +168,10 @@ async fn supervise(
         .with_context(|| format!("binding the gRPC address {listen}"))?;
     let bound = listener.local_addr()?;
     // Oversized messages are refused before they are decoded.
-    let server = CoordinatorServer::new(service::Service { job: job.clone() }).max_decoding_message_size(1 << 20);
-    let service = tonic::service::interceptor::InterceptedService::new(server, move |r| check.check(r));
+    let server = CoordinatorServer::new(service::Service { job: job.clone() })
+        .max_decoding_message_size(1 << 20);
+    let service =
+        tonic::service::interceptor::InterceptedService::new(server, move |r| check.check(r));
     tokio::spawn(
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(5)))
@@ -185,7 +198,10 @@ async fn supervise(
     });
     if let Some(w) = workers.as_mut() {
         w.spawn_generation(0)?;
-        eprintln!("coordinator: started {world} local workers; logs in {}", w.log_dir().display());
+        eprintln!(
+            "coordinator: started {world} local workers; logs in {}",
+            w.log_dir().display()
+        );
     }
 
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -206,7 +222,8 @@ async fn supervise(
                 let clean = status.success();
                 let in_generation = members.contains(&id) || job.phase() == Phase::Rendezvous;
                 if !clean && in_generation {
-                    let who = rank.map_or_else(|| format!("worker {id}"), |r| format!("rank {r} ({id})"));
+                    let who =
+                        rank.map_or_else(|| format!("worker {id}"), |r| format!("rank {r} ({id})"));
                     job.report_failure(Failure {
                         rank,
                         reason: format!("{who} {}", spawn::describe_exit(status)),
@@ -225,7 +242,11 @@ async fn supervise(
             Phase::Rendezvous | Phase::Training => {}
         }
         if let Some(failure) = job.check_health(Instant::now()) {
-            progress.println(&format!("coordinator: generation {} failed: {}", job.generation(), failure.reason));
+            progress.println(&format!(
+                "coordinator: generation {} failed: {}",
+                job.generation(),
+                failure.reason
+            ));
             if stopped_by.is_some() {
                 return fail(&mut workers, Some(failure), job.restarts());
             }
@@ -277,7 +298,11 @@ fn stop(job: &Job, already: Option<i32>, code: i32) -> Option<i32> {
     Some(code)
 }
 
-fn fail(workers: &mut Option<LocalWorkers>, failure: Option<Failure>, restarts: u32) -> Result<i32> {
+fn fail(
+    workers: &mut Option<LocalWorkers>,
+    failure: Option<Failure>,
+    restarts: u32,
+) -> Result<i32> {
     if let Some(w) = workers.as_mut() {
         w.stop_all(Duration::from_secs(3));
     }

@@ -18,13 +18,19 @@ impl Reporter {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = ProgressBar::new(total);
             bar.set_style(
-                ProgressStyle::with_template("{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {msg} (eta {eta})")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
+                ProgressStyle::with_template(
+                    "{elapsed_precise} [{bar:30.cyan/blue}] {pos}/{len} {msg} (eta {eta})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
             );
             bar
         });
-        Self { bar, last_line: Instant::now(), last_step: 0 }
+        Self {
+            bar,
+            last_line: Instant::now(),
+            last_step: 0,
+        }
     }
 
     pub fn show(&mut self, status: &StatusResponse) {
@@ -46,7 +52,10 @@ impl Reporter {
             None => {
                 let moved = status.step != self.last_step;
                 if moved && self.last_line.elapsed() > Duration::from_secs(5) {
-                    eprintln!("coordinator: step {}/{} {line}", status.step, status.total_steps);
+                    eprintln!(
+                        "coordinator: step {}/{} {line}",
+                        status.step, status.total_steps
+                    );
                     self.last_line = Instant::now();
                     self.last_step = status.step;
                 }

@@ -2,11 +2,11 @@
 
 use std::sync::Arc;
 
-use gantry_proto::v1::coordinator_server::Coordinator;
 use gantry_proto::ClusterError;
+use gantry_proto::v1::coordinator_server::Coordinator;
 use gantry_proto::v1::{
-    Command, ControlRequest, ControlResponse, FinishRequest, FinishResponse, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
-    StatusRequest, StatusResponse,
+    Command, ControlRequest, ControlResponse, FinishRequest, FinishResponse, HeartbeatRequest,
+    HeartbeatResponse, JoinRequest, JoinResponse, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -28,20 +28,32 @@ impl Coordinator for Service {
         }
     }
 
-    async fn heartbeat(&self, request: Request<HeartbeatRequest>) -> Result<Response<HeartbeatResponse>, Status> {
+    async fn heartbeat(
+        &self,
+        request: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
         Ok(Response::new(self.job.heartbeat(request.get_ref())?))
     }
 
-    async fn finish(&self, request: Request<FinishRequest>) -> Result<Response<FinishResponse>, Status> {
+    async fn finish(
+        &self,
+        request: Request<FinishRequest>,
+    ) -> Result<Response<FinishResponse>, Status> {
         self.job.finish(request.get_ref())?;
         Ok(Response::new(FinishResponse {}))
     }
 
-    async fn status(&self, _request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+    async fn status(
+        &self,
+        _request: Request<StatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         Ok(Response::new(self.job.status()))
     }
 
-    async fn control(&self, request: Request<ControlRequest>) -> Result<Response<ControlResponse>, Status> {
+    async fn control(
+        &self,
+        request: Request<ControlRequest>,
+    ) -> Result<Response<ControlResponse>, Status> {
         let at_step = match Command::try_from(request.get_ref().command) {
             Ok(Command::Pause) => {
                 self.job.set_paused(true);

@@ -33,14 +33,18 @@ pub fn default_worker_binary() -> Result<PathBuf> {
     if sibling.exists() {
         Ok(sibling)
     } else {
-        anyhow::bail!("no worker binary beside {} (pass --worker-bin PATH)", me.display())
+        anyhow::bail!(
+            "no worker binary beside {} (pass --worker-bin PATH)",
+            me.display()
+        )
     }
 }
 
 impl LocalWorkers {
     /// Starts `count` workers for `generation`. Their output goes to `log_dir/worker-N.log`.
     pub fn spawn_generation(&mut self, generation: u64) -> Result<()> {
-        fs::create_dir_all(&self.log_dir).with_context(|| format!("creating {}", self.log_dir.display()))?;
+        fs::create_dir_all(&self.log_dir)
+            .with_context(|| format!("creating {}", self.log_dir.display()))?;
         let use_gpus = !self.force_cpu && self.gpus >= self.count;
         for i in 0..self.count {
             let id = format!("local-g{generation}-w{i}");
@@ -61,7 +65,9 @@ impl LocalWorkers {
                 .stdout(log.try_clone()?)
                 .stderr(log);
             if use_gpus {
-                command.env("CUDA_VISIBLE_DEVICES", i.to_string()).args(["--device", "cuda"]);
+                command
+                    .env("CUDA_VISIBLE_DEVICES", i.to_string())
+                    .args(["--device", "cuda"]);
             } else {
                 command.args(["--device", "cpu"]);
             }
@@ -76,13 +82,14 @@ impl LocalWorkers {
     /// Children that exited since the last poll, with their status.
     pub fn poll_exited(&mut self) -> Vec<(String, ExitStatus)> {
         let mut exited = Vec::new();
-        self.children.retain_mut(|(id, child)| match child.try_wait() {
-            Ok(Some(status)) => {
-                exited.push((id.clone(), status));
-                false
-            }
-            _ => true,
-        });
+        self.children
+            .retain_mut(|(id, child)| match child.try_wait() {
+                Ok(Some(status)) => {
+                    exited.push((id.clone(), status));
+                    false
+                }
+                _ => true,
+            });
         exited
     }
 
@@ -94,7 +101,8 @@ impl LocalWorkers {
         }
         let deadline = Instant::now() + grace;
         while Instant::now() < deadline && !self.children.is_empty() {
-            self.children.retain_mut(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))));
+            self.children
+                .retain_mut(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))));
             std::thread::sleep(Duration::from_millis(50));
         }
         for (_, child) in &mut self.children {

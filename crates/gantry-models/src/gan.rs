@@ -66,9 +66,15 @@ pub struct Gan {
 
 impl Gan {
     /// Builds both networks with weights drawn from `train.seed`.
-    pub fn new(settings: &Settings, image_shape: [i64; 3], device: Device) -> Result<Self, ModelError> {
+    pub fn new(
+        settings: &Settings,
+        image_shape: [i64; 3],
+        device: Device,
+    ) -> Result<Self, ModelError> {
         if image_shape.iter().any(|&d| d <= 0) {
-            return Err(ModelError::Invalid(format!("invalid image shape {image_shape:?}")));
+            return Err(ModelError::Invalid(format!(
+                "invalid image shape {image_shape:?}"
+            )));
         }
         let latent_dim = settings.model.latent_dim;
         let latent = i64::try_from(latent_dim).map_err(|e| ModelError::Invalid(e.to_string()))?;
@@ -81,8 +87,10 @@ impl Gan {
             image_shape,
             settings.model.batch_norm,
         ));
-        let discriminator: Box<dyn ModuleT> =
-            Box::new(mlp::Discriminator::new(&discriminator_vs.root(), image_shape));
+        let discriminator: Box<dyn ModuleT> = Box::new(mlp::Discriminator::new(
+            &discriminator_vs.root(),
+            image_shape,
+        ));
         let g_params = FlatParams::new(&generator_vs);
         let d_params = FlatParams::new(&discriminator_vs);
         let t = &settings.train;
@@ -116,13 +124,17 @@ impl Gan {
     /// Turns host latents (`rows × latent_dim`, row-major) into a tensor on the device.
     pub fn latents(&self, host: &[f32]) -> Tensor {
         let rows = (host.len() / self.latent_dim.max(1)) as i64;
-        Tensor::from_slice(host).view([rows, self.latent_dim as i64]).to_device(self.device)
+        Tensor::from_slice(host)
+            .view([rows, self.latent_dim as i64])
+            .to_device(self.device)
     }
 
     /// Turns host pixels (NCHW in [-1, 1]) into a batch tensor on the device.
     pub fn images(&self, host: &[f32]) -> Tensor {
         let [c, h, w] = self.image_shape;
-        Tensor::from_slice(host).view([-1, c, h, w]).to_device(self.device)
+        Tensor::from_slice(host)
+            .view([-1, c, h, w])
+            .to_device(self.device)
     }
 
     /// Images from the generator in inference mode (BatchNorm running statistics).
@@ -133,7 +145,10 @@ impl Gan {
     /// Images as 8-bit grey/RGB values, NCHW, from the generator in inference mode.
     pub fn generate_u8(&self, z: &Tensor) -> Vec<u8> {
         let images = self.generate(z);
-        let bytes = ((images + 1.0) * 127.5).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
+        let bytes = ((images + 1.0) * 127.5)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8);
         Vec::<u8>::try_from(bytes.to_device(Device::Cpu).reshape([-1])).unwrap_or_default()
     }
 
@@ -157,7 +172,8 @@ impl Gan {
                 let d_loss = loss::discriminator(self.loss, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
                 let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, true, false);
-                let g_grads = Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
+                let g_grads =
+                    Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
                 let mut d_grad = self.d_params.flatten_grads(&d_grads);
                 let mut g_grad = self.g_params.flatten_grads(&g_grads);
                 sync(Network::Discriminator, &mut d_grad)?;
@@ -170,14 +186,16 @@ impl Gan {
                 // D steps on a detached fake batch, then G steps against the updated D.
                 let (real_logits, fake_logits) = self.discriminate_pair(real, &fake.detach());
                 let d_loss = loss::discriminator(self.loss, &real_logits, &fake_logits);
-                let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, false, false);
+                let d_grads =
+                    Tensor::run_backward(&[&d_loss], &self.d_params.tensors, false, false);
                 let mut d_grad = self.d_params.flatten_grads(&d_grads);
                 sync(Network::Discriminator, &mut d_grad)?;
                 self.d_opt.step(&self.d_params.flat, &d_grad);
 
                 let g_logits = self.discriminator.forward_t(&fake, true);
                 let g_loss = loss::generator(self.loss, &g_logits);
-                let g_grads = Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
+                let g_grads =
+                    Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
                 let mut g_grad = self.g_params.flatten_grads(&g_grads);
                 sync(Network::Generator, &mut g_grad)?;
                 self.g_opt.step(&self.g_params.flat, &g_grad);
@@ -190,9 +208,14 @@ impl Gan {
     /// through in one batch: one GEMM per layer instead of two.
     fn discriminate_pair(&self, real: &Tensor, fake: &Tensor) -> (Tensor, Tensor) {
         let n_real = real.size()[0];
-        let logits = self.discriminator.forward_t(&Tensor::cat(&[real, fake], 0), true);
+        let logits = self
+            .discriminator
+            .forward_t(&Tensor::cat(&[real, fake], 0), true);
         let n_fake = logits.size()[0] - n_real;
-        (logits.narrow(0, 0, n_real), logits.narrow(0, n_real, n_fake))
+        (
+            logits.narrow(0, 0, n_real),
+            logits.narrow(0, n_real, n_fake),
+        )
     }
 }
 

@@ -18,8 +18,8 @@ pub mod mlp;
 pub mod optim;
 pub mod runtime;
 
-mod gan;
 mod flat;
+mod gan;
 
 pub use flat::FlatParams;
 pub use gan::{Gan, HostStats, Network, StepStats};

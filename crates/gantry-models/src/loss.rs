@@ -69,6 +69,9 @@ mod tests {
     fn hinge_is_zero_when_margins_are_met() {
         let real = Tensor::from_slice(&[1.5f32, 2.0]);
         let fake = Tensor::from_slice(&[-1.5f32, -2.0]);
-        assert_eq!(discriminator(Loss::Hinge, &real, &fake).double_value(&[]), 0.0);
+        assert_eq!(
+            discriminator(Loss::Hinge, &real, &fake).double_value(&[]),
+            0.0
+        );
     }
 }

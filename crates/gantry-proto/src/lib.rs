@@ -18,7 +18,11 @@ pub enum ClusterError {
     #[error("missing or wrong join token")]
     Unauthenticated,
     #[error("{field} differs: worker has {worker:?}, coordinator has {coordinator:?}")]
-    Mismatch { field: &'static str, worker: String, coordinator: String },
+    Mismatch {
+        field: &'static str,
+        worker: String,
+        coordinator: String,
+    },
     #[error("generation {stale} is over; the job is at generation {current}")]
     StaleGeneration { stale: u64, current: u64 },
     #[error("the group is full: {world_size} workers have joined generation {generation}")]
@@ -60,12 +64,31 @@ mod tests {
         let cases = [
             (ClusterError::Unauthenticated, Code::Unauthenticated),
             (
-                ClusterError::Mismatch { field: "version", worker: "a".into(), coordinator: "b".into() },
+                ClusterError::Mismatch {
+                    field: "version",
+                    worker: "a".into(),
+                    coordinator: "b".into(),
+                },
                 Code::FailedPrecondition,
             ),
-            (ClusterError::StaleGeneration { stale: 1, current: 2 }, Code::Aborted),
-            (ClusterError::WorldFull { world_size: 2, generation: 0 }, Code::ResourceExhausted),
-            (ClusterError::InvalidArgument("x".into()), Code::InvalidArgument),
+            (
+                ClusterError::StaleGeneration {
+                    stale: 1,
+                    current: 2,
+                },
+                Code::Aborted,
+            ),
+            (
+                ClusterError::WorldFull {
+                    world_size: 2,
+                    generation: 0,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                ClusterError::InvalidArgument("x".into()),
+                Code::InvalidArgument,
+            ),
         ];
         for (error, code) in cases {
             let message = error.to_string();

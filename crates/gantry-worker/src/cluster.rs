@@ -18,7 +18,9 @@ use gantry_config::{DeviceChoice, Settings};
 use gantry_models::runtime;
 use gantry_proto::AUTHORIZATION;
 use gantry_proto::v1::coordinator_client::CoordinatorClient;
-use gantry_proto::v1::{Command, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerState};
+use gantry_proto::v1::{
+    Command, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerState,
+};
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Status};
@@ -65,9 +67,12 @@ impl Shared {
     }
 
     fn abort_reason(&self) -> Option<String> {
-        self.abort
-            .load(Ordering::SeqCst)
-            .then(|| self.abort_reason.lock().unwrap_or_else(|e| e.into_inner()).clone())
+        self.abort.load(Ordering::SeqCst).then(|| {
+            self.abort_reason
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+        })
     }
 
     fn set_state(&self, state: WorkerState) {
@@ -89,13 +94,22 @@ impl tonic::service::Interceptor for AddToken {
 type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, AddToken>>;
 
 fn client(channel: Channel, token: &str) -> Result<Client> {
-    let header = format!("Bearer {token}").parse().context("join token is not valid metadata")?;
-    Ok(CoordinatorClient::with_interceptor(channel, AddToken(header)))
+    let header = format!("Bearer {token}")
+        .parse()
+        .context("join token is not valid metadata")?;
+    Ok(CoordinatorClient::with_interceptor(
+        channel,
+        AddToken(header),
+    ))
 }
 
 /// Runs this worker in cluster mode and returns the process exit code.
 pub fn run(options: &ClusterOptions, local: &Settings) -> i32 {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("worker: cannot start the async runtime: {e}");
@@ -122,10 +136,19 @@ enum Failure {
 
 /// Status codes after which joining again (a new generation, a restarted coordinator) can work.
 fn retryable(status: &Status) -> bool {
-    matches!(status.code(), Code::Aborted | Code::Unavailable | Code::NotFound | Code::DeadlineExceeded)
+    matches!(
+        status.code(),
+        Code::Aborted | Code::Unavailable | Code::NotFound | Code::DeadlineExceeded
+    )
 }
 
-fn run_inner(rt: &tokio::runtime::Runtime, options: &ClusterOptions, local: &Settings) -> Result<(), Failure> {
+fn run_inner(
+    rt: &tokio::runtime::Runtime,
+    options: &ClusterOptions,
+    local: &Settings,
+) -> Result<(), Failure> {
+    // The gRPC channel spawns its connection task on the runtime it is created in.
+    let _runtime = rt.enter();
     let fatal = Failure::Fatal;
     let device_choice = options.device.unwrap_or(local.run.device);
     let device = runtime::resolve_device(device_choice, 0).map_err(|e| fatal(e.into()))?;
@@ -140,7 +163,10 @@ fn run_inner(rt: &tokio::runtime::Runtime, options: &ClusterOptions, local: &Set
     let ring_addr = format!(
         "{}:{}",
         options.advertise_host,
-        ring_listener.local_addr().map_err(|e| fatal(e.into()))?.port()
+        ring_listener
+            .local_addr()
+            .map_err(|e| fatal(e.into()))?
+            .port()
     );
 
     let channel = Endpoint::from_shared(options.coordinator.clone())
@@ -154,19 +180,33 @@ fn run_inner(rt: &tokio::runtime::Runtime, options: &ClusterOptions, local: &Set
 
     let join = JoinRequest {
         worker_id: options.worker_id.clone(),
-        host: hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        host: hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
         device: device_name,
         version: env!("CARGO_PKG_VERSION").to_owned(),
-        config_hash: if options.check_config { local.fingerprint() } else { String::new() },
+        config_hash: if options.check_config {
+            local.fingerprint()
+        } else {
+            String::new()
+        },
         expected_world_size: 0,
         ring_addr,
         metrics_addr: String::new(),
     };
     let assignment = rt
-        .block_on(join_with_retry(&mut client, join, Duration::from_secs_f64(local.cluster.rendezvous_timeout)))
+        .block_on(join_with_retry(
+            &mut client,
+            join,
+            Duration::from_secs_f64(local.cluster.rendezvous_timeout),
+        ))
         .map_err(|status| {
             let error = anyhow!("join refused: {} ({:?})", status.message(), status.code());
-            if retryable(&status) { Failure::Retryable(error) } else { Failure::Fatal(error) }
+            if retryable(&status) {
+                Failure::Retryable(error)
+            } else {
+                Failure::Fatal(error)
+            }
         })?;
 
     let mut settings = Settings::from_toml(&assignment.config_toml)
@@ -175,7 +215,12 @@ fn run_inner(rt: &tokio::runtime::Runtime, options: &ClusterOptions, local: &Set
     settings.run.device = device_choice;
     eprintln!(
         "worker {}: rank {} of {} (generation {}, backend {}, resume {})",
-        options.worker_id, assignment.rank, assignment.world_size, assignment.generation, assignment.backend, assignment.resume
+        options.worker_id,
+        assignment.rank,
+        assignment.world_size,
+        assignment.generation,
+        assignment.backend,
+        assignment.resume
     );
 
     let shared = Arc::new(Shared::default());
@@ -197,7 +242,12 @@ fn run_inner(rt: &tokio::runtime::Runtime, options: &ClusterOptions, local: &Set
 
     let (ok, error, summary_json, step) = match &outcome {
         Ok((summary, step)) => (true, String::new(), summary.clone(), *step),
-        Err(e) => (false, format!("{e:#}"), String::new(), shared.step.load(Ordering::Relaxed)),
+        Err(e) => (
+            false,
+            format!("{e:#}"),
+            String::new(),
+            shared.step.load(Ordering::Relaxed),
+        ),
     };
     let finish = FinishRequest {
         worker_id: options.worker_id.clone(),
@@ -212,24 +262,38 @@ fn run_inner(rt: &tokio::runtime::Runtime, options: &ClusterOptions, local: &Set
         tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await
     });
     if let Ok(Err(status)) = &reported {
-        eprintln!("worker {}: could not report the outcome: {}", options.worker_id, status.message());
+        eprintln!(
+            "worker {}: could not report the outcome: {}",
+            options.worker_id,
+            status.message()
+        );
     }
     match outcome {
         Ok(_) => Ok(()),
-        Err(e) => Err(if shared.abort_reason().is_some() || is_collective_error(&e) {
-            Failure::Retryable(e)
-        } else {
-            Failure::Fatal(e)
-        }),
+        Err(e) => Err(
+            if shared.abort_reason().is_some() || is_collective_error(&e) {
+                Failure::Retryable(e)
+            } else {
+                Failure::Fatal(e)
+            },
+        ),
     }
 }
 
 fn is_collective_error(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| cause.downcast_ref::<gantry_collective::CollectiveError>().is_some())
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<gantry_collective::CollectiveError>()
+            .is_some()
+    })
 }
 
 /// Join, retrying while the coordinator is not (yet) reachable, up to `deadline`.
-async fn join_with_retry(client: &mut Client, join: JoinRequest, deadline: Duration) -> Result<JoinResponse, Status> {
+async fn join_with_retry(
+    client: &mut Client,
+    join: JoinRequest,
+    deadline: Duration,
+) -> Result<JoinResponse, Status> {
     let started = Instant::now();
     loop {
         match client.join(join.clone()).await {
@@ -261,13 +325,15 @@ fn train(
             config.timeout = Duration::from_secs_f64(settings.collective.timeout);
             // Distinct per job and generation, so a straggler of an old group is refused.
             config.session_id = session_id(&assignment.run_id, assignment.generation);
-            let ring = RingCollective::from_listener(ring_listener, config).context("forming the ring")?;
+            let ring =
+                RingCollective::from_listener(ring_listener, config).context("forming the ring")?;
             *shared.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle());
             Group::new(Box::new(ring), settings.collective.bucket_mb)
         }
         "nccl" => {
-            let nccl = gantry_collective::nccl::NcclCollective::new(rank, world, &assignment.nccl_id, 0)
-                .context("forming the NCCL communicator")?;
+            let nccl =
+                gantry_collective::nccl::NcclCollective::new(rank, world, &assignment.nccl_id, 0)
+                    .context("forming the NCCL communicator")?;
             Group::new(Box::new(nccl), settings.collective.bucket_mb)
         }
         other => bail!("unknown backend {other:?}"),
@@ -275,19 +341,34 @@ fn train(
     if let Some(reason) = shared.abort_reason() {
         bail!("aborted before training: {reason}");
     }
-    let mut trainer = Trainer::new(settings, group, assignment.workers_on_host.max(1) as usize, 0)?;
+    let mut trainer = Trainer::new(
+        settings,
+        group,
+        assignment.workers_on_host.max(1) as usize,
+        0,
+    )?;
     if assignment.resume {
         trainer.resume_latest()?;
     }
     shared.step.store(trainer.step, Ordering::Relaxed);
     shared.set_state(WorkerState::Training);
-    let mut observer = ClusterObserver { shared: shared.clone(), last_step_at: Instant::now(), step_seconds: 0.0 };
-    let summary = trainer.run(&mut observer).map_err(|e| match shared.abort_reason() {
-        Some(reason) => e.context(format!("aborted: {reason}")),
-        None => e,
-    })?;
+    let mut observer = ClusterObserver {
+        shared: shared.clone(),
+        last_step_at: Instant::now(),
+        step_seconds: 0.0,
+    };
+    let summary = trainer
+        .run(&mut observer)
+        .map_err(|e| match shared.abort_reason() {
+            Some(reason) => e.context(format!("aborted: {reason}")),
+            None => e,
+        })?;
     shared.set_state(WorkerState::Done);
-    let json = if rank == 0 { serde_json::to_string(&summary)? } else { String::new() };
+    let json = if rank == 0 {
+        serde_json::to_string(&summary)?
+    } else {
+        String::new()
+    };
     Ok((json, trainer.step))
 }
 
@@ -312,16 +393,28 @@ impl StepObserver for ClusterObserver {
         let took = now.duration_since(self.last_step_at).as_secs_f64();
         self.last_step_at = now;
         // An exponential average smooths single slow steps (logging, samples).
-        self.step_seconds = if self.step_seconds == 0.0 { took } else { 0.9 * self.step_seconds + 0.1 * took };
+        self.step_seconds = if self.step_seconds == 0.0 {
+            took
+        } else {
+            0.9 * self.step_seconds + 0.1 * took
+        };
         self.shared.step.store(step, Ordering::Relaxed);
         if let Some(figures) = figures {
-            *self.shared.figures.lock().unwrap_or_else(|e| e.into_inner()) = Some((*figures, self.step_seconds));
+            *self
+                .shared
+                .figures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = Some((*figures, self.step_seconds));
         }
         loop {
             if let Some(reason) = self.shared.abort_reason() {
                 bail!("aborted at step {step}: {reason}");
             }
-            let (command, at_step) = *self.shared.command.lock().unwrap_or_else(|e| e.into_inner());
+            let (command, at_step) = *self
+                .shared
+                .command
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             match Command::try_from(command) {
                 Ok(Command::Stop) if step >= at_step => return Ok(Directive::Stop),
                 Ok(Command::Checkpoint) if step == at_step => return Ok(Directive::Checkpoint),
@@ -376,23 +469,35 @@ async fn heartbeat_loop(
             images_per_second: figures.map_or(0.0, |f| f.images_per_second),
             step_seconds,
         };
-        match tokio::time::timeout(interval.max(Duration::from_secs(1)) * 2, client.heartbeat(request)).await {
+        match tokio::time::timeout(
+            interval.max(Duration::from_secs(1)) * 2,
+            client.heartbeat(request),
+        )
+        .await
+        {
             Ok(Ok(response)) => {
                 last_ok = Instant::now();
                 let response = response.into_inner();
                 if response.command == Command::Abort as i32 {
                     shared.abort("the coordinator aborted the generation".into());
                 }
-                *shared.command.lock().unwrap_or_else(|e| e.into_inner()) = (response.command, response.at_step);
+                *shared.command.lock().unwrap_or_else(|e| e.into_inner()) =
+                    (response.command, response.at_step);
             }
             Ok(Err(status)) if matches!(status.code(), Code::Aborted | Code::NotFound) => {
-                shared.abort(format!("the coordinator ended this generation: {}", status.message()));
+                shared.abort(format!(
+                    "the coordinator ended this generation: {}",
+                    status.message()
+                ));
             }
             Ok(Err(status)) if status.code() == Code::Unauthenticated => {
                 shared.abort(format!("refused by the coordinator: {}", status.message()));
             }
             _ if last_ok.elapsed() > timeout => {
-                shared.abort(format!("lost the coordinator for {:.1} s", last_ok.elapsed().as_secs_f64()));
+                shared.abort(format!(
+                    "lost the coordinator for {:.1} s",
+                    last_ok.elapsed().as_secs_f64()
+                ));
             }
             _ => {}
         }
@@ -401,7 +506,10 @@ async fn heartbeat_loop(
 
 async fn watch_signals(shared: Arc<Shared>) {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         return;
     };
     tokio::select! {

@@ -28,7 +28,12 @@ impl Progress {
             bar.set_position(first_step);
             bar
         });
-        Self { bar, total, every: (total / 20).max(1), last_line: Instant::now() }
+        Self {
+            bar,
+            total,
+            every: (total / 20).max(1),
+            last_line: Instant::now(),
+        }
     }
 
     /// Records that `step` is done; `figures` describes it when it was a logging step.

@@ -70,7 +70,11 @@ pub struct RunDir {
 impl RunDir {
     /// Creates (or reuses) `root`, writes `config.toml` and starts a fresh `metrics.jsonl`.
     pub fn create(root: &Path, settings: &Settings) -> Result<Self> {
-        for dir in [root.to_path_buf(), root.join("samples"), root.join("checkpoints")] {
+        for dir in [
+            root.to_path_buf(),
+            root.join("samples"),
+            root.join("checkpoints"),
+        ] {
             fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         let config = settings.to_toml()?;
@@ -83,7 +87,10 @@ impl RunDir {
             .truncate(true)
             .open(&metrics_path)
             .with_context(|| format!("opening {}", metrics_path.display()))?;
-        Ok(Self { root: root.to_path_buf(), metrics: BufWriter::new(metrics) })
+        Ok(Self {
+            root: root.to_path_buf(),
+            metrics: BufWriter::new(metrics),
+        })
     }
 
     pub fn root(&self) -> &Path {

@@ -15,7 +15,10 @@ pub fn grid_png(images: &[u8], shape: [usize; 3], cols: usize) -> Result<Vec<u8>
     let [c, h, w] = shape;
     let per_image = c * h * w;
     if per_image == 0 || images.len() % per_image != 0 || !(c == 1 || c == 3) || cols == 0 {
-        bail!("cannot lay out {} bytes as images of shape {shape:?}", images.len());
+        bail!(
+            "cannot lay out {} bytes as images of shape {shape:?}",
+            images.len()
+        );
     }
     let n = images.len() / per_image;
     let rows = n.div_ceil(cols);
@@ -38,7 +41,11 @@ pub fn grid_png(images: &[u8], shape: [usize; 3], cols: usize) -> Result<Vec<u8>
     {
         let mut encoder =
             png::Encoder::new(BufWriter::new(&mut png_bytes), width as u32, height as u32);
-        encoder.set_color(if c == 1 { png::ColorType::Grayscale } else { png::ColorType::Rgb });
+        encoder.set_color(if c == 1 {
+            png::ColorType::Grayscale
+        } else {
+            png::ColorType::Rgb
+        });
         encoder.set_depth(png::BitDepth::Eight);
         let mut writer = encoder.write_header().context("PNG header")?;
         writer.write_image_data(&canvas).context("PNG data")?;
@@ -59,7 +66,12 @@ fn upscale(canvas: &[u8], width: usize, height: usize, c: usize) -> (usize, usiz
 }
 
 /// Writes the grid for `step` as `dir/step-NNNNNNNN.png` (atomically) and returns its path.
-pub fn write_grid(dir: &Path, step: u64, images: &[u8], shape: [usize; 3]) -> Result<std::path::PathBuf> {
+pub fn write_grid(
+    dir: &Path,
+    step: u64,
+    images: &[u8],
+    shape: [usize; 3],
+) -> Result<std::path::PathBuf> {
     let png = grid_png(images, shape, 8)?;
     let path = dir.join(format!("step-{step:08}.png"));
     crate::atomic::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
@@ -80,7 +92,10 @@ mod tests {
         let mut buf = vec![0; reader.output_buffer_size().unwrap()];
         let info = reader.next_frame(&mut buf).unwrap();
         // 2 columns, 3 rows of 3×4 tiles with 2-pixel gaps, doubled.
-        assert_eq!((info.width, info.height), (((2 * 5) + 2) * 2, ((3 * 6) + 2) * 2));
+        assert_eq!(
+            (info.width, info.height),
+            (((2 * 5) + 2) * 2, ((3 * 6) + 2) * 2)
+        );
         // Image 1 (second tile in the first row), pixel (y=1, x=2): value (12 + 1*3 + 2) * 4.
         let (x, y) = ((2 + 5 + 2) * 2, (2 + 1) * 2);
         assert_eq!(buf[y * info.width as usize + x], ((12 + 3 + 2) * 4) as u8);

@@ -19,13 +19,22 @@ pub struct Group {
 
 impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Group").field("rank", &self.rank).field("world", &self.world).finish()
+        f.debug_struct("Group")
+            .field("rank", &self.rank)
+            .field("world", &self.world)
+            .finish()
     }
 }
 
 impl Group {
     pub fn solo() -> Self {
-        Self { rank: 0, world: 1, collective: None, bucket_elems: usize::MAX, staging: Vec::new() }
+        Self {
+            rank: 0,
+            world: 1,
+            collective: None,
+            bucket_elems: usize::MAX,
+            staging: Vec::new(),
+        }
     }
 
     pub fn new(collective: Box<dyn Collective>, bucket_mb: f64) -> Self {
@@ -52,7 +61,9 @@ impl Group {
 
     /// Averages a flat f32 tensor across ranks, in place, bucket by bucket.
     pub fn average(&mut self, flat: &mut Tensor) -> Result<()> {
-        let Some(collective) = self.collective.as_mut() else { return Ok(()) };
+        let Some(collective) = self.collective.as_mut() else {
+            return Ok(());
+        };
         for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
             collective.all_reduce_f32(buf, ReduceOp::Average)
         })
@@ -60,7 +71,9 @@ impl Group {
 
     /// Overwrites a flat f32 tensor on every rank with rank 0's.
     pub fn broadcast(&mut self, flat: &mut Tensor) -> Result<()> {
-        let Some(collective) = self.collective.as_mut() else { return Ok(()) };
+        let Some(collective) = self.collective.as_mut() else {
+            return Ok(());
+        };
         for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
             collective.broadcast_f32(buf, 0)
         })
@@ -77,7 +90,9 @@ impl Group {
     /// Sums small host vectors across ranks.
     pub fn sum_host(&mut self, values: &mut [f32]) -> Result<()> {
         match self.collective.as_mut() {
-            Some(c) => c.all_reduce_f32(values, ReduceOp::Sum).context("all-reduce"),
+            Some(c) => c
+                .all_reduce_f32(values, ReduceOp::Sum)
+                .context("all-reduce"),
             None => Ok(()),
         }
     }
@@ -88,7 +103,10 @@ impl Group {
         if self.world == 1 {
             return Ok(());
         }
-        for (label, params) in [("generator", &gan.g_params), ("discriminator", &gan.d_params)] {
+        for (label, params) in [
+            ("generator", &gan.g_params),
+            ("discriminator", &gan.d_params),
+        ] {
             let ours = signature_text(params);
             let mut theirs = ours.clone().into_bytes();
             self.broadcast_bytes(&mut theirs)?;
@@ -99,7 +117,9 @@ impl Group {
                     .zip(theirs.lines())
                     .find(|(a, b)| a != b)
                     .map(|(a, b)| format!("rank {} has `{a}`, rank 0 has `{b}`", self.rank))
-                    .unwrap_or_else(|| format!("rank {} and rank 0 differ in tensor count", self.rank));
+                    .unwrap_or_else(|| {
+                        format!("rank {} and rank 0 differ in tensor count", self.rank)
+                    });
                 bail!("{label} differs between ranks: {first}");
             }
         }
@@ -120,8 +140,11 @@ impl Group {
             self.broadcast(&mut g)?;
             self.broadcast(&mut d)?;
             for vs in [&gan.generator_vs, &gan.discriminator_vs] {
-                let mut buffers: Vec<(String, Tensor)> =
-                    vs.variables().into_iter().filter(|(_, t)| !t.requires_grad()).collect();
+                let mut buffers: Vec<(String, Tensor)> = vs
+                    .variables()
+                    .into_iter()
+                    .filter(|(_, t)| !t.requires_grad())
+                    .collect();
                 buffers.sort_by(|a, b| a.0.cmp(&b.0));
                 for (_, buffer) in &mut buffers {
                     let mut flat = buffer.reshape([-1]).to_kind(Kind::Float);
@@ -141,13 +164,21 @@ impl Group {
         }
         let checksum = |t: &Tensor| -> (f64, f64) {
             let t = t.to_kind(Kind::Double);
-            (t.sum(None).double_value(&[]), (&t * &t).sum(None).double_value(&[]))
+            (
+                t.sum(None).double_value(&[]),
+                (&t * &t).sum(None).double_value(&[]),
+            )
         };
         let (g_sum, g_sq) = checksum(&gan.g_params.flat);
         let (d_sum, d_sq) = checksum(&gan.d_params.flat);
         // Each rank writes its figures into its own slot; a sum gathers everyone's.
         let mut table = vec![0f32; self.world * 4];
-        table[self.rank * 4..][..4].copy_from_slice(&[g_sum as f32, g_sq as f32, d_sum as f32, d_sq as f32]);
+        table[self.rank * 4..][..4].copy_from_slice(&[
+            g_sum as f32,
+            g_sq as f32,
+            d_sum as f32,
+            d_sq as f32,
+        ]);
         self.sum_host(&mut table)?;
         let reference = &table[..4];
         let divergent: Vec<usize> = (1..self.world)
@@ -157,7 +188,10 @@ impl Group {
             bail!(
                 "parameters diverged at step {step}: rank(s) {divergent:?} differ from rank 0 \
                  (checksums {:?} vs {reference:?})",
-                divergent.iter().map(|r| &table[r * 4..][..4]).collect::<Vec<_>>()
+                divergent
+                    .iter()
+                    .map(|r| &table[r * 4..][..4])
+                    .collect::<Vec<_>>()
             );
         }
         Ok(())
@@ -182,7 +216,11 @@ fn for_each_bucket(
     mut op: impl FnMut(&mut [f32]) -> Result<(), gantry_collective::CollectiveError>,
 ) -> Result<()> {
     if flat.kind() != Kind::Float || !flat.is_contiguous() || flat.dim() != 1 {
-        bail!("collective buffers must be contiguous 1-D f32 tensors, got {:?} {:?}", flat.kind(), flat.size());
+        bail!(
+            "collective buffers must be contiguous 1-D f32 tensors, got {:?} {:?}",
+            flat.kind(),
+            flat.size()
+        );
     }
     let numel = flat.numel();
     if flat.device() == Device::Cpu {

@@ -29,8 +29,13 @@ pub fn load_dataset(settings: &Settings) -> Result<Dataset> {
         DatasetChoice::FashionMnist => gantry_data::download::Remote::FashionMnist,
     };
     let cache = data.resolved_cache_dir();
-    gantry_data::download::load_remote(remote, gantry_data::download::Split::Train, &cache, &data.mirror)
-        .with_context(|| format!("loading data set {}", data.dataset))
+    gantry_data::download::load_remote(
+        remote,
+        gantry_data::download::Split::Train,
+        &cache,
+        &data.mirror,
+    )
+    .with_context(|| format!("loading data set {}", data.dataset))
 }
 
 /// What the driver of the loop wants done after a step. In a group every rank must get the
@@ -89,7 +94,12 @@ pub struct Trainer {
 impl Trainer {
     /// Builds the networks and the data pipeline, and makes every rank start from rank 0's
     /// weights. `workers_on_host` shares the CPU cores between co-located workers.
-    pub fn new(settings: &Settings, group: Group, workers_on_host: usize, device_ordinal: usize) -> Result<Self> {
+    pub fn new(
+        settings: &Settings,
+        group: Group,
+        workers_on_host: usize,
+        device_ordinal: usize,
+    ) -> Result<Self> {
         let started = Instant::now();
         let threads = runtime::set_threads(settings.train.threads, workers_on_host);
         let device = runtime::resolve_device(settings.run.device, device_ordinal)?;
@@ -97,11 +107,21 @@ impl Trainer {
         let (c, h, w) = dataset.image_shape();
         let mut gan = Gan::new(settings, [c as i64, h as i64, w as i64], device)?;
         let mut group = group;
-        group.synchronise_start(&mut gan).context("synchronising initial weights")?;
+        group
+            .synchronise_start(&mut gan)
+            .context("synchronising initial weights")?;
         let global_batch = settings.train.batch_size * group.world;
         let sampler = GlobalSampler::new(settings.train.seed, dataset.len(), global_batch)?;
-        let run = if group.rank == 0 { Some(RunDir::create(&settings.run.dir, settings)?) } else { None };
-        let grid_z = gan.latents(&latent::fixed(settings.train.seed, GRID_IMAGES, gan.latent_dim()));
+        let run = if group.rank == 0 {
+            Some(RunDir::create(&settings.run.dir, settings)?)
+        } else {
+            None
+        };
+        let grid_z = gan.latents(&latent::fixed(
+            settings.train.seed,
+            GRID_IMAGES,
+            gan.latent_dim(),
+        ));
         Ok(Self {
             settings: settings.clone(),
             dataset,
@@ -137,18 +157,29 @@ impl Trainer {
         let index = self.step;
         let indices = self.sampler.indices(index, rank, world)?;
         self.dataset.batch_f32(&indices, &mut self.pixels);
-        latent::fill(t.seed, index, self.gan.latent_dim(), rank * local, local, &mut self.latents);
+        latent::fill(
+            t.seed,
+            index,
+            self.gan.latent_dim(),
+            rank * local,
+            local,
+            &mut self.latents,
+        );
         let real = self.gan.images(&self.pixels);
         let z = self.gan.latents(&self.latents);
         let group = &mut self.group;
-        let stats = self.gan.train_step(&real, &z, &mut |_, grad| group.average(grad))?;
+        let stats = self
+            .gan
+            .train_step(&real, &z, &mut |_, grad| group.average(grad))?;
         self.step += 1;
         Ok(stats)
     }
 
     /// Writes the sample grid for the current step (rank 0 only) and returns its path.
     pub fn write_samples(&mut self) -> Result<Option<PathBuf>> {
-        let Some(run) = &self.run else { return Ok(None) };
+        let Some(run) = &self.run else {
+            return Ok(None);
+        };
         let images = self.gan.generate_u8(&self.grid_z);
         samples::write_grid(&run.samples_dir(), self.step, &images, self.grid_shape).map(Some)
     }
@@ -177,7 +208,11 @@ impl Trainer {
                 self.settings.run.dir.display()
             ));
         }
-        let mut last_sample = if self.step == 0 { self.write_samples()? } else { None };
+        let mut last_sample = if self.step == 0 {
+            self.write_samples()?
+        } else {
+            None
+        };
         let mut last: Option<HostStats> = None;
         let train_started = Instant::now();
         let (mut window_start, mut window_steps) = (Instant::now(), 0u64);
@@ -193,7 +228,10 @@ impl Trainer {
                     (window_steps * global_batch) as f64 / window_start.elapsed().as_secs_f64();
                 (window_start, window_steps) = (Instant::now(), 0);
                 last = Some(host);
-                Some(LoggedStep { stats: host, images_per_second })
+                Some(LoggedStep {
+                    stats: host,
+                    images_per_second,
+                })
             } else {
                 None
             };
@@ -251,7 +289,9 @@ impl Trainer {
                 d_g_z: host.d_fake,
             },
             last_sample: last_sample.as_ref().and_then(|p| {
-                p.strip_prefix(&self.settings.run.dir).ok().map(|p| p.display().to_string())
+                p.strip_prefix(&self.settings.run.dir)
+                    .ok()
+                    .map(|p| p.display().to_string())
             }),
         };
         if let Some(run) = &self.run {
@@ -291,7 +331,12 @@ impl Trainer {
         self.group.sum_host(&mut values)?;
         let n = self.group.world as f64;
         let [d_loss, g_loss, d_real, d_fake] = values.map(|v| f64::from(v) / n);
-        Ok(HostStats { d_loss, g_loss, d_real, d_fake })
+        Ok(HostStats {
+            d_loss,
+            g_loss,
+            d_real,
+            d_fake,
+        })
     }
 }
 

@@ -55,10 +55,15 @@ fn main() -> Result<()> {
     }
     let settings = cli.config.load()?;
     if let Some(coordinator) = &cli.coordinator {
-        let host = hostname::get().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "worker".into());
+        let host = hostname::get()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "worker".into());
         let options = ClusterOptions {
             coordinator: coordinator.clone(),
-            worker_id: cli.worker_id.clone().unwrap_or_else(|| format!("{host}-{}", std::process::id())),
+            worker_id: cli
+                .worker_id
+                .clone()
+                .unwrap_or_else(|| format!("{host}-{}", std::process::id())),
             advertise_host: cli.advertise_host.clone(),
             device: cli.config.device,
             check_config: cli.config.config.is_some(),
@@ -66,7 +71,9 @@ fn main() -> Result<()> {
         std::process::exit(cluster::run(&options, &settings));
     }
     if let Some(rank) = cli.rank {
-        let world = cli.world_size.context("--world-size is required with --rank")?;
+        let world = cli
+            .world_size
+            .context("--world-size is required with --rank")?;
         let peers = resolve_peers(&cli.peers)?;
         if world == 0 || rank >= world || peers.len() != world {
             bail!(
@@ -85,7 +92,9 @@ fn main() -> Result<()> {
         return Ok(());
     }
     if !cli.standalone {
-        bail!("no mode given: pass --standalone, or --rank/--world-size/--peers for a static group");
+        bail!(
+            "no mode given: pass --standalone, or --rank/--world-size/--peers for a static group"
+        );
     }
     run_standalone(&settings)?;
     Ok(())

@@ -28,7 +28,9 @@ impl Overrides {
     /// Parses one `section.key=value` argument. The value is read as a TOML value when it is one
     /// (`3`, `1e-4`, `true`, `[0.5, 0.9]`, `"x"`), else taken as a bare string (`bce`).
     pub fn push_assignment(&mut self, arg: &str) -> Result<&mut Self, ConfigError> {
-        let bad = || ConfigError::BadOverride { arg: arg.to_owned() };
+        let bad = || ConfigError::BadOverride {
+            arg: arg.to_owned(),
+        };
         let (key, raw) = arg.split_once('=').ok_or_else(bad)?;
         let key = key.trim();
         if key.is_empty() || key.split('.').any(str::is_empty) {
@@ -62,7 +64,10 @@ fn to_config_value(value: &toml::Value) -> Value {
         toml::Value::Datetime(d) => ValueKind::String(d.to_string()),
         toml::Value::Array(items) => ValueKind::Array(items.iter().map(to_config_value).collect()),
         toml::Value::Table(table) => ValueKind::Table(
-            table.iter().map(|(k, v)| (k.clone(), to_config_value(v))).collect(),
+            table
+                .iter()
+                .map(|(k, v)| (k.clone(), to_config_value(v)))
+                .collect(),
         ),
     };
     Value::new(None, kind)
@@ -108,10 +113,16 @@ pub fn load(
     );
 
     for (key, value) in &overrides.entries {
-        builder = builder.set_override(key.as_str(), to_config_value(value)).map_err(layering)?;
+        builder = builder
+            .set_override(key.as_str(), to_config_value(value))
+            .map_err(layering)?;
     }
 
-    let settings: Settings = builder.build().map_err(layering)?.try_deserialize().map_err(layering)?;
+    let settings: Settings = builder
+        .build()
+        .map_err(layering)?
+        .try_deserialize()
+        .map_err(layering)?;
     settings.validate()?;
     Ok(settings)
 }

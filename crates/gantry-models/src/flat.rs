@@ -17,8 +17,11 @@ pub struct FlatParams {
 
 impl FlatParams {
     pub fn new(vs: &VarStore) -> Self {
-        let mut named: Vec<(String, Tensor)> =
-            vs.variables().into_iter().filter(|(_, t)| t.requires_grad()).collect();
+        let mut named: Vec<(String, Tensor)> = vs
+            .variables()
+            .into_iter()
+            .filter(|(_, t)| t.requires_grad())
+            .collect();
         named.sort_by(|a, b| a.0.cmp(&b.0));
         let flat = tch::no_grad(|| {
             let pieces: Vec<Tensor> = named.iter().map(|(_, t)| t.reshape([-1])).collect();
@@ -32,7 +35,11 @@ impl FlatParams {
             offset += numel;
         }
         let (names, tensors) = named.into_iter().unzip();
-        Self { names, tensors, flat }
+        Self {
+            names,
+            tensors,
+            flat,
+        }
     }
 
     pub fn numel(&self) -> usize {
@@ -46,7 +53,11 @@ impl FlatParams {
             .iter()
             .zip(&self.tensors)
             .map(|(g, p)| {
-                if g.defined() { g.reshape([-1]) } else { p.zeros_like().reshape([-1]) }
+                if g.defined() {
+                    g.reshape([-1])
+                } else {
+                    p.zeros_like().reshape([-1])
+                }
             })
             .collect();
         Tensor::cat(&pieces, 0).to_kind(Kind::Float)

@@ -5,15 +5,18 @@
 //! bias only on the last layer. Keras defaults throughout: Glorot-uniform kernels, LeakyReLU
 //! slope 0.3, BatchNorm momentum 0.99 / eps 1e-3 (libtorch's momentum is 1 − Keras').
 
-use tch::nn::{self, ModuleT};
 use tch::Tensor;
+use tch::nn::{self, ModuleT};
 
 const SLOPE: f64 = 0.3;
 
 /// Keras' `glorot_uniform`, the reference model's kernel initialiser.
 fn glorot(fan_in: i64, fan_out: i64) -> nn::Init {
     let bound = (6.0 / (fan_in + fan_out) as f64).sqrt();
-    nn::Init::Uniform { lo: -bound, up: bound }
+    nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
 }
 
 fn dense(path: nn::Path<'_>, fan_in: i64, fan_out: i64, bias: bool) -> nn::Linear {
@@ -39,20 +42,38 @@ pub struct Generator {
 
 impl Generator {
     /// `batch_norm = false` gives the hidden layers biases instead (nothing else centres them).
-    pub fn new(path: &nn::Path<'_>, latent_dim: i64, image_shape: [i64; 3], batch_norm: bool) -> Self {
+    pub fn new(
+        path: &nn::Path<'_>,
+        latent_dim: i64,
+        image_shape: [i64; 3],
+        batch_norm: bool,
+    ) -> Self {
         let pixels = image_shape.iter().product();
         let widths = [latent_dim, 256, 512, pixels];
         let mut layers = Vec::new();
         let mut norms = Vec::new();
         for (i, pair) in widths.windows(2).enumerate() {
             let last = i == widths.len() - 2;
-            layers.push(dense(path / format!("dense{i}"), pair[0], pair[1], !batch_norm && !last));
+            layers.push(dense(
+                path / format!("dense{i}"),
+                pair[0],
+                pair[1],
+                !batch_norm && !last,
+            ));
             if batch_norm && !last {
-                let config = nn::BatchNormConfig { momentum: 0.01, eps: 1e-3, ..Default::default() };
+                let config = nn::BatchNormConfig {
+                    momentum: 0.01,
+                    eps: 1e-3,
+                    ..Default::default()
+                };
                 norms.push(nn::batch_norm1d(path / format!("norm{i}"), pair[1], config));
             }
         }
-        Self { layers, norms, image_shape }
+        Self {
+            layers,
+            norms,
+            image_shape,
+        }
     }
 }
 

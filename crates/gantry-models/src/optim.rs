@@ -29,7 +29,20 @@ impl FlatOptimizer {
             OptimizerKind::Adam => (params.zeros_like(), params.zeros_like()),
             OptimizerKind::Sgd => (Tensor::new(), Tensor::new()),
         };
-        Self { kind, lr, beta1: betas[0], beta2: betas[1], eps: 1e-8, step: 0, exp_avg, exp_avg_sq }
+        Self {
+            kind,
+            lr,
+            beta1: betas[0],
+            beta2: betas[1],
+            eps: 1e-8,
+            step: 0,
+            exp_avg,
+            exp_avg_sq,
+        }
+    }
+
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
     }
 
     /// Applies one update to `params` (flat, updated in place) from `grad` (same layout).
@@ -80,7 +93,13 @@ mod tests {
     fn adam_matches_the_written_out_formula() {
         let start = [0.5f64, -1.0, 2.0, 0.0];
         let grads: Vec<Vec<f64>> = (0..5)
-            .map(|s| start.iter().enumerate().map(|(i, _)| (s as f64 - i as f64) * 0.3).collect())
+            .map(|s| {
+                start
+                    .iter()
+                    .enumerate()
+                    .map(|(i, _)| (s as f64 - i as f64) * 0.3)
+                    .collect()
+            })
             .collect();
         let mut want = start.to_vec();
         reference_adam(&mut want, &grads, 1e-2, 0.5, 0.999);

@@ -71,14 +71,20 @@ pub fn resolve_device(choice: DeviceChoice, ordinal: usize) -> Result<Device, Mo
         DeviceChoice::Cpu => Ok(Device::Cpu),
         DeviceChoice::Auto => {
             load_cuda();
-            Ok(if tch::Cuda::is_available() { Device::Cuda(ordinal) } else { Device::Cpu })
+            Ok(if tch::Cuda::is_available() {
+                Device::Cuda(ordinal)
+            } else {
+                Device::Cpu
+            })
         }
         DeviceChoice::Cuda => {
             if let CudaSupport::Unavailable(why) = load_cuda() {
                 return Err(ModelError::NoCuda(why.clone()));
             }
             if !tch::Cuda::is_available() {
-                return Err(ModelError::NoCuda("CUDA runtime loaded, but no device found".into()));
+                return Err(ModelError::NoCuda(
+                    "CUDA runtime loaded, but no device found".into(),
+                ));
             }
             Ok(Device::Cuda(ordinal))
         }
@@ -92,12 +98,19 @@ pub fn describe_devices() -> String {
         CudaSupport::Loaded(path) => lines.push(format!("cuda support: loaded {}", path.display())),
         CudaSupport::Unavailable(why) => lines.push(format!("cuda support: not loaded ({why})")),
     }
-    let cuda_devices = if tch::Cuda::is_available() { tch::Cuda::device_count() } else { 0 };
+    let cuda_devices = if tch::Cuda::is_available() {
+        tch::Cuda::device_count()
+    } else {
+        0
+    };
     lines.push(format!("cuda devices: {cuda_devices}"));
     if cuda_devices > 0 {
         lines.push(format!("cudnn: {}", tch::Cuda::cudnn_is_available()));
     }
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    lines.push(format!("cpu: {cores} cores, intra-op threads {}", tch::get_num_threads()));
+    lines.push(format!(
+        "cpu: {cores} cores, intra-op threads {}",
+        tch::get_num_threads()
+    ));
     lines.join("\n")
 }

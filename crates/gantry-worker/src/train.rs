@@ -3,13 +3,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use gantry_config::{Dataset as DatasetChoice, Settings};
 use gantry_data::Dataset;
 use gantry_data::sampler::GlobalSampler;
-use gantry_models::{Gan, HostStats, latent, runtime};
+use gantry_models::{Gan, HostStats, StepInput, latent, runtime};
 use tch::{Device, Tensor};
 
+use crate::checkpoint::{self, CheckpointDir, CheckpointState};
 use crate::progress::Progress;
 use crate::run_dir::{FinalFigures, MetricsRow, RunDir, Summary};
 use crate::samples;
@@ -21,7 +22,19 @@ const GRID_IMAGES: usize = 64;
 /// Loads the configured training set.
 pub fn load_dataset(settings: &Settings) -> Result<Dataset> {
     let data = &settings.data;
-    let remote = match data.dataset {
+    let remote = match &data.dataset {
+        DatasetChoice::Folder(dir) => {
+            let loaded =
+                gantry_data::folder::load(dir, data.image_size, data.channels, data.max_bad_files)
+                    .with_context(|| format!("loading data set {}", data.dataset))?;
+            for (file, why) in &loaded.skipped {
+                eprintln!(
+                    "warning: skipped unreadable image {}: {why}",
+                    file.display()
+                );
+            }
+            return Ok(loaded.dataset);
+        }
         DatasetChoice::Mnist10k => {
             return gantry_data::embedded::mnist_10k().context("loading the embedded MNIST-10k");
         }
@@ -29,8 +42,13 @@ pub fn load_dataset(settings: &Settings) -> Result<Dataset> {
         DatasetChoice::FashionMnist => gantry_data::download::Remote::FashionMnist,
     };
     let cache = data.resolved_cache_dir();
-    gantry_data::download::load_remote(remote, gantry_data::download::Split::Train, &cache, &data.mirror)
-        .with_context(|| format!("loading data set {}", data.dataset))
+    gantry_data::download::load_remote(
+        remote,
+        gantry_data::download::Split::Train,
+        &cache,
+        &data.mirror,
+    )
+    .with_context(|| format!("loading data set {}", data.dataset))
 }
 
 /// What the loop tells whoever drives it after each step.
@@ -73,12 +91,39 @@ pub struct Trainer {
     pub step: u64,
     pixels: Vec<f32>,
     latents: Vec<f32>,
+    alphas: Vec<f32>,
+    /// Steps whose update was skipped for a non-finite loss or gradient, in all and in a row.
+    pub nonfinite_total: u64,
+    pub nonfinite_consecutive: u64,
+    /// The step of the newest checkpoint this trainer wrote or restored.
+    pub last_checkpoint: Option<u64>,
 }
 
 impl Trainer {
     /// Builds the networks and the data pipeline, and makes every rank start from rank 0's
     /// weights. `workers_on_host` shares the CPU cores between co-located workers.
-    pub fn new(settings: &Settings, group: Group, workers_on_host: usize, device_ordinal: usize) -> Result<Self> {
+    pub fn new(
+        settings: &Settings,
+        group: Group,
+        workers_on_host: usize,
+        device_ordinal: usize,
+    ) -> Result<Self> {
+        Self::with_resume(settings, group, workers_on_host, device_ordinal, None)
+    }
+
+    /// [`Trainer::new`], then [`Trainer::restore`] from `resume` if given. The settings are
+    /// checked against the checkpoint's before anything is built, and rank 0's run directory
+    /// keeps its metrics up to the checkpoint's step instead of starting afresh.
+    pub fn with_resume(
+        settings: &Settings,
+        group: Group,
+        workers_on_host: usize,
+        device_ordinal: usize,
+        resume: Option<&CheckpointDir>,
+    ) -> Result<Self> {
+        if let Some(c) = resume {
+            checkpoint::check_compatible(&c.settings, settings)?;
+        }
         let started = Instant::now();
         let threads = runtime::set_threads(settings.train.threads, workers_on_host);
         let device = runtime::resolve_device(settings.run.device, device_ordinal)?;
@@ -86,12 +131,22 @@ impl Trainer {
         let (c, h, w) = dataset.image_shape();
         let mut gan = Gan::new(settings, [c as i64, h as i64, w as i64], device)?;
         let mut group = group;
-        group.synchronise_start(&mut gan).context("synchronising initial weights")?;
+        group
+            .synchronise_start(&mut gan)
+            .context("synchronising initial weights")?;
         let global_batch = settings.train.batch_size * group.world;
         let sampler = GlobalSampler::new(settings.train.seed, dataset.len(), global_batch)?;
-        let run = if group.rank == 0 { Some(RunDir::create(&settings.run.dir, settings)?) } else { None };
-        let grid_z = gan.latents(&latent::fixed(settings.train.seed, GRID_IMAGES, gan.latent_dim()));
-        Ok(Self {
+        let run = match (group.rank, resume) {
+            (0, None) => Some(RunDir::create(&settings.run.dir, settings)?),
+            (0, Some(c)) => Some(RunDir::resume(&settings.run.dir, settings, c.step())?),
+            _ => None,
+        };
+        let grid_z = gan.latents(&latent::fixed(
+            settings.train.seed,
+            GRID_IMAGES,
+            gan.latent_dim(),
+        ));
+        let mut trainer = Self {
             settings: settings.clone(),
             dataset,
             gan,
@@ -106,7 +161,79 @@ impl Trainer {
             step: 0,
             pixels: Vec::new(),
             latents: Vec::new(),
-        })
+            alphas: Vec::new(),
+            nonfinite_total: 0,
+            nonfinite_consecutive: 0,
+            last_checkpoint: None,
+        };
+        if let Some(c) = resume {
+            trainer.restore(c)?;
+        }
+        Ok(trainer)
+    }
+
+    /// Loads a checkpoint's tensors and state (every rank reads the files). Shape-changing
+    /// setting changes are refused naming the key; others are warned about. On rank 0, rows
+    /// of `metrics.jsonl` after the checkpoint's step are dropped.
+    pub fn restore(&mut self, checkpoint: &CheckpointDir) -> Result<()> {
+        for warning in checkpoint::check_compatible(&checkpoint.settings, &self.settings)? {
+            eprintln!("warning: resuming {}: {warning}", checkpoint.path.display());
+        }
+        let state = &checkpoint.state;
+        self.gan
+            .load(&checkpoint.path)
+            .with_context(|| format!("loading checkpoint {}", checkpoint.path.display()))?;
+        self.gan.g_opt.step = state.g_optimizer_steps;
+        self.gan.d_opt.step = state.d_optimizer_steps;
+        self.step = state.step;
+        self.nonfinite_total = state.nonfinite_total;
+        self.nonfinite_consecutive = state.nonfinite_consecutive;
+        self.last_checkpoint = Some(state.step);
+        if self.run.is_some() {
+            self.run = Some(RunDir::resume(
+                &self.settings.run.dir,
+                &self.settings,
+                state.step,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The scalar state a checkpoint of the current step records.
+    pub fn checkpoint_state(&self) -> CheckpointState {
+        CheckpointState {
+            format: 1,
+            step: self.step,
+            seed: self.settings.train.seed,
+            data_position: self.step * u64::from(self.settings.train.n_critic),
+            g_optimizer_steps: self.gan.g_opt.step,
+            d_optimizer_steps: self.gan.d_opt.step,
+            nonfinite_total: self.nonfinite_total,
+            nonfinite_consecutive: self.nonfinite_consecutive,
+            fingerprint: self.settings.fingerprint(),
+            world_size: self.group.world,
+            rng_state: None,
+        }
+    }
+
+    /// Writes a checkpoint of the current step. A collective call: every rank must call it at
+    /// the same step (BatchNorm statistics are taken from rank 0 first); only rank 0 writes.
+    pub fn write_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        self.group.broadcast_state(&mut self.gan)?;
+        self.last_checkpoint = Some(self.step);
+        let Some(run) = &self.run else {
+            return Ok(None);
+        };
+        let dir = run.root().join("checkpoints");
+        let state = self.checkpoint_state();
+        checkpoint::write(
+            &dir,
+            &self.gan,
+            &self.settings,
+            &state,
+            self.settings.checkpoint.keep,
+        )
+        .map(Some)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -117,27 +244,76 @@ impl Trainer {
         self.settings.train.batch_size * self.group.world
     }
 
-    /// Runs step `self.step + 1`: this rank's slice of the global batch, gradient averaging
-    /// across the group, both optimiser steps.
+    /// Runs step `self.step + 1`: `train.n_critic` sub-steps, each on this rank's slice of
+    /// its own global batch, with gradient averaging across the group. Counts the step as
+    /// non-finite when an update was skipped (`stats.applied == false`).
     pub fn step_once(&mut self) -> Result<gantry_models::StepStats> {
-        let t = &self.settings.train;
-        let (rank, world, local) = (self.group.rank, self.group.world, t.batch_size);
-        // Step s consumes global batch s − 1 of the data stream and latent stream s − 1.
-        let index = self.step;
-        let indices = self.sampler.indices(index, rank, world)?;
-        self.dataset.batch_f32(&indices, &mut self.pixels);
-        latent::fill(t.seed, index, self.gan.latent_dim(), rank * local, local, &mut self.latents);
-        let real = self.gan.images(&self.pixels);
-        let z = self.gan.latents(&self.latents);
-        let group = &mut self.group;
-        let stats = self.gan.train_step(&real, &z, &mut |_, grad| group.average(grad))?;
+        let n_critic = u64::from(self.settings.train.n_critic);
+        // Step s (0-based) consumes sub-streams s·n_critic + i of the data, latent and
+        // interpolation streams; the last sub-step also updates G. With n_critic = 1 this is
+        // global batch s and latent stream s, as before.
+        let first = self.step * n_critic;
+        let mut stats = None;
+        for i in 0..n_critic {
+            let input = self.sub_step_input(first + i)?;
+            let group = &mut self.group;
+            let mut sync = |_, grad: &mut Tensor| group.average(grad);
+            let sub = if i + 1 < n_critic {
+                self.gan.critic_step(&input, &mut sync)?
+            } else {
+                self.gan.train_step(&input, &mut sync)?
+            };
+            let applied = sub.applied;
+            stats = Some(sub);
+            if !applied {
+                // The decision is the same on every rank (taken on averaged gradients), so
+                // every rank leaves the step here together.
+                break;
+            }
+        }
+        let stats = stats.context("train.n_critic is 0")?;
+        if stats.applied {
+            self.nonfinite_consecutive = 0;
+        } else {
+            self.nonfinite_total += 1;
+            self.nonfinite_consecutive += 1;
+        }
         self.step += 1;
         Ok(stats)
     }
 
+    /// This rank's real images, latents and interpolation coefficients of sub-stream `index`.
+    fn sub_step_input(&mut self, index: u64) -> Result<StepInput> {
+        let t = &self.settings.train;
+        let (rank, world, local) = (self.group.rank, self.group.world, t.batch_size);
+        let indices = self.sampler.indices(index, rank, world)?;
+        self.dataset.batch_f32(&indices, &mut self.pixels);
+        latent::fill(
+            t.seed,
+            index,
+            self.gan.latent_dim(),
+            rank * local,
+            local,
+            &mut self.latents,
+        );
+        let alpha = if t.loss == gantry_config::Loss::WganGp {
+            latent::interpolation(t.seed, index, rank * local, local, &mut self.alphas);
+            Some(self.gan.coefficients(&self.alphas))
+        } else {
+            None
+        };
+        Ok(StepInput {
+            real: self.gan.images(&self.pixels),
+            z: self.gan.latents(&self.latents),
+            alpha,
+        })
+    }
+
     /// Writes the sample grid for the current step (rank 0 only) and returns its path.
     pub fn write_samples(&mut self) -> Result<Option<PathBuf>> {
-        let Some(run) = &self.run else { return Ok(None) };
+        let Some(run) = &self.run else {
+            return Ok(None);
+        };
         let images = self.gan.generate_u8(&self.grid_z);
         samples::write_grid(&run.samples_dir(), self.step, &images, self.grid_shape).map(Some)
     }
@@ -148,6 +324,8 @@ impl Trainer {
         let log_every = self.settings.train.log_every;
         let sample_every = self.settings.samples.every;
         let verify_every = self.settings.collective.verify_every;
+        let checkpoint_every = self.settings.checkpoint.every;
+        let max_nonfinite = u64::from(self.settings.train.max_nonfinite);
         let global_batch = self.global_batch() as u64;
         let first_step = self.step;
 
@@ -166,7 +344,11 @@ impl Trainer {
                 self.settings.run.dir.display()
             ));
         }
-        let mut last_sample = if self.step == 0 { self.write_samples()? } else { None };
+        let mut last_sample = if self.step == 0 {
+            self.write_samples()?
+        } else {
+            None
+        };
         let mut last: Option<HostStats> = None;
         let train_started = Instant::now();
         let (mut window_start, mut window_steps) = (Instant::now(), 0u64);
@@ -174,6 +356,20 @@ impl Trainer {
         while self.step < total {
             let stats = self.step_once()?;
             let step = self.step;
+            if self.nonfinite_consecutive >= max_nonfinite {
+                // Skipped updates left the networks at their last good state; save it.
+                let saved = self.write_checkpoint()?;
+                progress.finish();
+                bail!(
+                    "stopping at step {step}: {} consecutive steps with a non-finite loss or gradient \
+                     (train.max_nonfinite = {max_nonfinite}; {} in all); the last good state is checkpointed{}",
+                    self.nonfinite_consecutive,
+                    self.nonfinite_total,
+                    saved
+                        .map(|p| format!(" in {}", p.display()))
+                        .unwrap_or_default()
+                );
+            }
             window_steps += 1;
 
             let logged = if step % log_every == 0 || step == total {
@@ -182,7 +378,10 @@ impl Trainer {
                     (window_steps * global_batch) as f64 / window_start.elapsed().as_secs_f64();
                 (window_start, window_steps) = (Instant::now(), 0);
                 last = Some(host);
-                Some(LoggedStep { stats: host, images_per_second })
+                Some(LoggedStep {
+                    stats: host,
+                    images_per_second,
+                })
             } else {
                 None
             };
@@ -210,6 +409,9 @@ impl Trainer {
                     last_sample = Some(path);
                 }
             }
+            if (checkpoint_every > 0 && step.is_multiple_of(checkpoint_every)) || step == total {
+                self.write_checkpoint()?;
+            }
             observer.after_step(step, logged.as_ref())?;
         }
         progress.finish();
@@ -233,7 +435,9 @@ impl Trainer {
                 d_g_z: host.d_fake,
             },
             last_sample: last_sample.as_ref().and_then(|p| {
-                p.strip_prefix(&self.settings.run.dir).ok().map(|p| p.display().to_string())
+                p.strip_prefix(&self.settings.run.dir)
+                    .ok()
+                    .map(|p| p.display().to_string())
             }),
         };
         if let Some(run) = &self.run {
@@ -260,13 +464,23 @@ impl Trainer {
         self.group.sum_host(&mut values)?;
         let n = self.group.world as f64;
         let [d_loss, g_loss, d_real, d_fake] = values.map(|v| f64::from(v) / n);
-        Ok(HostStats { d_loss, g_loss, d_real, d_fake })
+        Ok(HostStats {
+            d_loss,
+            g_loss,
+            d_real,
+            d_fake,
+        })
     }
 }
 
 /// Trains on one process (world size 1) and writes the run directory.
 pub fn run_standalone(settings: &Settings) -> Result<Summary> {
-    let mut trainer = Trainer::new(settings, Group::solo(), 1, 0)?;
+    run_standalone_from(settings, None)
+}
+
+/// [`run_standalone`], continuing from `resume` when given.
+pub fn run_standalone_from(settings: &Settings, resume: Option<&CheckpointDir>) -> Result<Summary> {
+    let mut trainer = Trainer::with_resume(settings, Group::solo(), 1, 0, resume)?;
     trainer.run(&mut NoObserver)
 }
 

@@ -584,8 +584,12 @@ impl Settings {
     }
 
     /// The configuration as TOML, as written to `RUN_DIR/config.toml`.
+    /// The join token is left out: run directories and the configuration handed to workers
+    /// must not leak it; each process takes it from its own environment or file.
     pub fn to_toml(&self) -> Result<String, ConfigError> {
-        toml::to_string_pretty(self).map_err(|e| ConfigError::Serialise(e.to_string()))
+        let mut shown = self.clone();
+        shown.cluster.token.clear();
+        toml::to_string_pretty(&shown).map_err(|e| ConfigError::Serialise(e.to_string()))
     }
 
     /// SHA-256 (hex) of everything that shapes what is trained. `run`, `cluster` and `metrics`

@@ -389,10 +389,10 @@ impl Job {
         if let Some(failure) = &state.failure {
             return Some(failure.clone());
         }
-        if let Some((at, failure)) = &state.reported {
-            if now.duration_since(*at) > REPORT_GRACE {
-                return Some(failure.clone());
-            }
+        if let Some((at, failure)) = &state.reported
+            && now.duration_since(*at) > REPORT_GRACE
+        {
+            return Some(failure.clone());
         }
         let spec = &self.spec;
         match state.phase {

@@ -145,8 +145,11 @@ fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<u8>> {
             dir.display()
         );
     }
-    let settings = gantry_config::load(Some(&config), std::iter::empty(), &Overrides::new())
+    let mut settings = gantry_config::load(Some(&config), std::iter::empty(), &Overrides::new())
         .with_context(|| format!("{}: invalid configuration", config.display()))?;
+    // The weights file chosen below (EMA or live) is loaded into the generator itself, so the
+    // Gan must sample from that generator rather than keep an EMA copy of its own.
+    settings.train.ema_decay = 0.0;
     let weights = ["generator_ema.safetensors", "generator.safetensors"]
         .iter()
         .map(|name| dir.join(name))

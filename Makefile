@@ -1,7 +1,7 @@
 # The entry point everyone shares: `make run` and `make test` are the README's two commands.
 CARGO ?= cargo
 RUN_DIR ?= runs/quickstart
-BINARIES := worker
+BINARIES := coordinator worker gantry-eval
 
 .PHONY: all libtorch build run test lint fmt bench clean
 
@@ -15,9 +15,9 @@ libtorch:
 build: libtorch
 	$(CARGO) build --release $(addprefix --bin ,$(BINARIES))
 
-# The main job on the embedded MNIST-10k digits.
+# The main job: 4 data-parallel workers on the embedded MNIST-10k digits.
 run: build
-	target/release/worker --standalone --run-dir $(RUN_DIR)
+	target/release/coordinator --workers 4 --run-dir $(RUN_DIR)
 
 # The whole test suite.
 test: libtorch

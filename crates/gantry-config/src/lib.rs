@@ -239,6 +239,15 @@ pub struct Cluster {
     pub rendezvous_timeout: f64,
     /// Port of each worker's ring all-reduce listener (0 = any free port).
     pub ring_port: u16,
+    /// TLS on the gRPC port: this side's certificate chain (PEM); empty = plaintext.
+    pub tls_cert: String,
+    /// This side's private key (PEM), with `tls_cert`.
+    pub tls_key: String,
+    /// CA bundle (PEM): the coordinator requires client certificates signed by it (mutual
+    /// TLS); workers verify the coordinator against it.
+    pub tls_ca: String,
+    /// The name workers expect in the coordinator's certificate (default: the URL's host).
+    pub tls_domain: String,
 }
 
 impl Default for Cluster {
@@ -252,6 +261,10 @@ impl Default for Cluster {
             max_restarts: 3,
             rendezvous_timeout: 300.0,
             ring_port: 7071,
+            tls_cert: String::new(),
+            tls_key: String::new(),
+            tls_ca: String::new(),
+            tls_domain: String::new(),
         }
     }
 }
@@ -403,6 +416,21 @@ impl Settings {
                 "cluster.heartbeat_timeout",
                 "must be longer than cluster.heartbeat_interval",
             );
+        }
+        if k.tls_cert.is_empty() != k.tls_key.is_empty() {
+            return invalid(
+                "cluster.tls_key",
+                "cluster.tls_cert and cluster.tls_key go together",
+            );
+        }
+        for (key, path) in [
+            ("cluster.tls_cert", &k.tls_cert),
+            ("cluster.tls_key", &k.tls_key),
+            ("cluster.tls_ca", &k.tls_ca),
+        ] {
+            if !path.is_empty() && !Path::new(path).is_file() {
+                return invalid(key, &format!("no such file: {path}"));
+            }
         }
         if self.run.dir.as_os_str().is_empty() {
             return invalid("run.dir", "must not be empty");

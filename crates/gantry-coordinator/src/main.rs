@@ -172,9 +172,15 @@ async fn supervise(
         .max_decoding_message_size(1 << 20);
     let service =
         tonic::service::interceptor::InterceptedService::new(server, move |r| check.check(r));
+    let mut server =
+        tonic::transport::Server::builder().http2_keepalive_interval(Some(Duration::from_secs(5)));
+    if let Some(tls) =
+        gantry_proto::tls::server_config(&cluster.tls_cert, &cluster.tls_key, &cluster.tls_ca)?
+    {
+        server = server.tls_config(tls).context("TLS configuration")?;
+    }
     tokio::spawn(
-        tonic::transport::Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        server
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );

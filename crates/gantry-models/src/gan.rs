@@ -78,6 +78,11 @@ impl Gan {
         }
         let latent_dim = settings.model.latent_dim;
         let latent = i64::try_from(latent_dim).map_err(|e| ModelError::Invalid(e.to_string()))?;
+        // Initial weights come from libtorch's global generator: hold it for the whole
+        // initialisation, so trainers built concurrently in one process (tests, several
+        // ranks as threads) each get exactly the seed's weights.
+        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(settings.train.seed as i64);
         let generator_vs = VarStore::new(device);
         let discriminator_vs = VarStore::new(device);

@@ -7,6 +7,8 @@ pub mod v1 {
     tonic::include_proto!("gantry.v1");
 }
 
+pub mod tls;
+
 use tonic::{Code, Status};
 
 /// Metadata key of the join token (`authorization: Bearer <token>`).

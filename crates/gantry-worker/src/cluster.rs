@@ -169,9 +169,20 @@ fn run_inner(
             .port()
     );
 
-    let channel = Endpoint::from_shared(options.coordinator.clone())
+    let mut endpoint = Endpoint::from_shared(options.coordinator.clone())
         .with_context(|| format!("coordinator address {:?}", options.coordinator))
-        .map_err(fatal)?
+        .map_err(fatal)?;
+    let c = &local.cluster;
+    if let Some(tls) =
+        gantry_proto::tls::client_config(&c.tls_cert, &c.tls_key, &c.tls_ca, &c.tls_domain)
+            .map_err(|e| fatal(e.into()))?
+    {
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("TLS configuration")
+            .map_err(fatal)?;
+    }
+    let channel = endpoint
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_while_idle(true)

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use gantry_config::{Dataset as DatasetChoice, Settings};
 use gantry_data::Dataset;
 use gantry_data::sampler::GlobalSampler;
-use gantry_models::{Gan, HostStats, latent, runtime};
+use gantry_models::{Gan, HostStats, Network, latent, runtime};
 use tch::{Device, Tensor};
 
 use crate::progress::Progress;
@@ -151,6 +151,15 @@ impl Trainer {
     /// Runs step `self.step + 1`: this rank's slice of the global batch, gradient averaging
     /// across the group, both optimiser steps.
     pub fn step_once(&mut self) -> Result<gantry_models::StepStats> {
+        self.step_with(&mut |_, _| {})
+    }
+
+    /// [`Self::step_once`], showing `tap` each network's group-averaged flat gradient just
+    /// before its optimiser step (for gradient statistics and for checking equivalences).
+    pub fn step_with(
+        &mut self,
+        tap: &mut dyn FnMut(Network, &Tensor),
+    ) -> Result<gantry_models::StepStats> {
         let t = &self.settings.train;
         let (rank, world, local) = (self.group.rank, self.group.world, t.batch_size);
         // Step s consumes global batch s − 1 of the data stream and latent stream s − 1.
@@ -168,9 +177,11 @@ impl Trainer {
         let real = self.gan.images(&self.pixels);
         let z = self.gan.latents(&self.latents);
         let group = &mut self.group;
-        let stats = self
-            .gan
-            .train_step(&real, &z, &mut |_, grad| group.average(grad))?;
+        let stats = self.gan.train_step(&real, &z, &mut |network, grad| {
+            group.average(grad)?;
+            tap(network, grad);
+            anyhow::Ok(())
+        })?;
         self.step += 1;
         Ok(stats)
     }

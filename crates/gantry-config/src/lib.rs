@@ -72,6 +72,18 @@ pub struct Train {
     pub threads: usize,
     /// Log a metrics line every this many steps.
     pub log_every: u64,
+    /// Weight of the WGAN-GP gradient penalty (`loss = "wgan-gp"` only).
+    pub gp_weight: f64,
+    /// Critic (D) updates per generator update. Each critic update takes its own batch: step
+    /// `s` (0-based) consumes data/latent/interpolation sub-streams `s × n_critic + i` for
+    /// `i = 0..n_critic`, and G updates with the last one's latents. 5 is usual for WGAN-GP.
+    pub n_critic: u32,
+    /// Decay of the generator's exponential moving average (samples and evaluation use it);
+    /// 0 disables it.
+    pub ema_decay: f64,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (each one's
+    /// update is skipped), after writing a checkpoint of the last good state.
+    pub max_nonfinite: u32,
 }
 
 impl Default for Train {
@@ -88,6 +100,10 @@ impl Default for Train {
             schedule: Schedule::Simultaneous,
             threads: 0,
             log_every: 10,
+            gp_weight: 10.0,
+            n_critic: 1,
+            ema_decay: 0.999,
+            max_nonfinite: 20,
         }
     }
 }
@@ -121,6 +137,13 @@ pub struct Data {
     pub cache_dir: String,
     /// Mirror base URLs tried in order for downloaded data sets; empty = the built-in list.
     pub mirror: Vec<String>,
+    /// Side of the square training images of a `folder:` data set (files are resized on the
+    /// shortest side, then centre-cropped). The MNIST family is 28 × 28 and needs 28.
+    pub image_size: usize,
+    /// 1 (grey) or 3 (RGB) for a `folder:` data set; the MNIST family needs 1.
+    pub channels: usize,
+    /// A `folder:` data set skips (with a warning) at most this many unreadable files.
+    pub max_bad_files: usize,
 }
 
 impl Default for Data {
@@ -129,11 +152,19 @@ impl Default for Data {
             dataset: Dataset::Mnist10k,
             cache_dir: String::new(),
             mirror: Vec::new(),
+            image_size: 28,
+            channels: 1,
+            max_bad_files: 10,
         }
     }
 }
 
 impl Data {
+    /// `[channels, height, width]` of the training images: what the networks are built for.
+    pub fn image_shape(&self) -> [usize; 3] {
+        [self.channels, self.image_size, self.image_size]
+    }
+
     /// The download cache directory after applying the default.
     pub fn resolved_cache_dir(&self) -> PathBuf {
         if !self.cache_dir.is_empty() {
@@ -325,7 +356,7 @@ macro_rules! string_enum {
 
 string_enum!(
     /// The GAN objective.
-    Loss { Bce = "bce", Hinge = "hinge" }
+    Loss { Bce = "bce", Hinge = "hinge", WganGp = "wgan-gp" }
 );
 string_enum!(
     /// How D and G updates interleave within a step.
@@ -337,7 +368,7 @@ string_enum!(
 );
 string_enum!(
     /// The network family.
-    ModelKind { Mlp = "mlp" }
+    ModelKind { Mlp = "mlp", Dcgan = "dcgan" }
 );
 string_enum!(
     /// Which device a worker trains on.
@@ -347,10 +378,65 @@ string_enum!(
     /// The gradient all-reduce backend.
     Backend { Auto = "auto", Ring = "ring", Nccl = "nccl" }
 );
-string_enum!(
-    /// The training data set.
-    Dataset { Mnist10k = "mnist-10k", Mnist = "mnist", FashionMnist = "fashion-mnist" }
-);
+/// The training data set: `mnist-10k` (embedded), `mnist`, `fashion-mnist`, or `folder:PATH`
+/// (PNG/JPEG files under PATH). Serialised as exactly these strings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dataset {
+    Mnist10k,
+    Mnist,
+    FashionMnist,
+    Folder(PathBuf),
+}
+
+impl Dataset {
+    /// Every accepted spelling, for error messages and docs.
+    pub const NAMES: &'static [&'static str] =
+        &["mnist-10k", "mnist", "fashion-mnist", "folder:PATH"];
+    const FOLDER_PREFIX: &'static str = "folder:";
+}
+
+impl fmt::Display for Dataset {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Mnist10k => f.write_str("mnist-10k"),
+            Self::Mnist => f.write_str("mnist"),
+            Self::FashionMnist => f.write_str("fashion-mnist"),
+            Self::Folder(path) => write!(f, "{}{}", Self::FOLDER_PREFIX, path.display()),
+        }
+    }
+}
+
+impl std::str::FromStr for Dataset {
+    type Err = String;
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "mnist-10k" => Ok(Self::Mnist10k),
+            "mnist" => Ok(Self::Mnist),
+            "fashion-mnist" => Ok(Self::FashionMnist),
+            other => match other.strip_prefix(Self::FOLDER_PREFIX) {
+                Some("") => Err("folder: needs a path, e.g. folder:/data/faces".into()),
+                Some(path) => Ok(Self::Folder(PathBuf::from(path))),
+                None => Err(format!(
+                    "{other:?} is not one of {}",
+                    Self::NAMES.join(", ")
+                )),
+            },
+        }
+    }
+}
+
+impl Serialize for Dataset {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Dataset {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
 
 impl Settings {
     /// Checks relations serde cannot express. Errors name the offending key.
@@ -381,6 +467,56 @@ impl Settings {
         }
         if t.log_every == 0 {
             return invalid("train.log_every", "must be at least 1");
+        }
+        if !(t.gp_weight.is_finite() && t.gp_weight >= 0.0) {
+            return invalid(
+                "train.gp_weight",
+                &format!("must be a non-negative number, got {}", t.gp_weight),
+            );
+        }
+        if t.n_critic == 0 {
+            return invalid("train.n_critic", "must be at least 1");
+        }
+        if !(0.0..1.0).contains(&t.ema_decay) {
+            return invalid(
+                "train.ema_decay",
+                &format!("must be in [0, 1) (0 disables), got {}", t.ema_decay),
+            );
+        }
+        if t.max_nonfinite == 0 {
+            return invalid("train.max_nonfinite", "must be at least 1");
+        }
+        let d = &self.data;
+        if !(d.channels == 1 || d.channels == 3) {
+            return invalid(
+                "data.channels",
+                &format!("must be 1 (grey) or 3 (RGB), got {}", d.channels),
+            );
+        }
+        if d.image_size < 4 {
+            return invalid(
+                "data.image_size",
+                &format!("must be at least 4, got {}", d.image_size),
+            );
+        }
+        if !matches!(d.dataset, Dataset::Folder(_)) {
+            // The MNIST family has one shape; saying so here keeps config.toml a complete
+            // description of the networks (the evaluator rebuilds them from it).
+            if d.image_size != 28 {
+                return invalid(
+                    "data.image_size",
+                    &format!("{} images are 28 × 28, got {}", d.dataset, d.image_size),
+                );
+            }
+            if d.channels != 1 {
+                return invalid(
+                    "data.channels",
+                    &format!(
+                        "{} images are grey (1 channel), got {}",
+                        d.dataset, d.channels
+                    ),
+                );
+            }
         }
         if self.model.latent_dim == 0 {
             return invalid("model.latent_dim", "must be at least 1");

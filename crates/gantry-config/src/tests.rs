@@ -173,3 +173,75 @@ fn shipped_configs_load() {
     }
     assert!(seen >= 1);
 }
+
+#[test]
+fn dataset_strings_round_trip_including_folders() {
+    for text in [
+        "mnist-10k",
+        "mnist",
+        "fashion-mnist",
+        "folder:/data/faces",
+        "folder:rel/dir",
+    ] {
+        let parsed: Dataset = text.parse().unwrap();
+        assert_eq!(parsed.to_string(), text);
+        let json = serde_json::to_string(&parsed).unwrap();
+        assert_eq!(json, format!("{text:?}"));
+        assert_eq!(serde_json::from_str::<Dataset>(&json).unwrap(), parsed);
+    }
+    assert_eq!(
+        "folder:/x".parse::<Dataset>().unwrap(),
+        Dataset::Folder("/x".into())
+    );
+    assert!("folder:".parse::<Dataset>().is_err());
+    assert!(
+        "cifar"
+            .parse::<Dataset>()
+            .unwrap_err()
+            .contains("folder:PATH")
+    );
+}
+
+#[test]
+fn folder_dataset_and_image_shape_through_the_layers() {
+    let mut o = Overrides::new();
+    o.push_assignment("data.dataset=folder:/tmp/faces").unwrap();
+    o.push_assignment("data.image_size=32").unwrap();
+    o.push_assignment("data.channels=3").unwrap();
+    let s = load(None, no_env(), &o).unwrap();
+    assert_eq!(s.data.dataset, Dataset::Folder("/tmp/faces".into()));
+    assert_eq!(s.data.image_shape(), [3, 32, 32]);
+    let text = s.to_toml().unwrap();
+    assert!(text.contains("dataset = \"folder:/tmp/faces\""), "{text}");
+    let back: Settings = toml::from_str(&text).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn engine_keys_are_validated_by_name() {
+    for (arg, key) in [
+        ("train.n_critic=0", "train.n_critic"),
+        ("train.ema_decay=1.0", "train.ema_decay"),
+        ("train.gp_weight=-1", "train.gp_weight"),
+        ("train.max_nonfinite=0", "train.max_nonfinite"),
+        ("data.channels=2", "data.channels"),
+        ("data.image_size=32", "data.image_size"),
+    ] {
+        let mut o = Overrides::new();
+        o.push_assignment(arg).unwrap();
+        let err = load(None, no_env(), &o).unwrap_err().to_string();
+        assert!(err.contains(key), "{arg}: {err}");
+    }
+    let mut o = Overrides::new();
+    o.push_assignment("train.loss=wgan-gp").unwrap();
+    o.push_assignment("model.kind=dcgan").unwrap();
+    let s = load(None, no_env(), &o).unwrap();
+    assert_eq!(
+        (s.train.loss, s.model.kind),
+        (Loss::WganGp, ModelKind::Dcgan)
+    );
+    assert_eq!(
+        (s.train.gp_weight, s.train.n_critic, s.train.ema_decay),
+        (10.0, 1, 0.999)
+    );
+}

@@ -95,7 +95,14 @@ struct State {
     paused: bool,
     summary_json: Option<String>,
     failure: Option<Failure>,
+    /// A failure a worker reported about itself. Often it is the echo of another rank's death
+    /// (its peer vanished mid all-reduce), so it waits briefly for the root cause to show.
+    reported: Option<(Instant, Failure)>,
 }
+
+/// How long a worker-reported failure waits for a process exit or a missed heartbeat that
+/// would name the rank that actually failed.
+const REPORT_GRACE: Duration = Duration::from_millis(1500);
 
 /// The shared job.
 #[derive(Debug)]
@@ -123,6 +130,7 @@ impl Job {
                 paused: false,
                 summary_json: None,
                 failure: None,
+                reported: None,
             }),
         }
     }
@@ -353,14 +361,15 @@ impl Job {
         if request.rank == 0 && request.ok && !request.summary_json.is_empty() {
             state.summary_json = Some(request.summary_json.clone());
         }
-        if let (false, None) = (request.ok, &state.failure) {
-            state.failure = Some(Failure {
+        if !request.ok && state.reported.is_none() {
+            let failure = Failure {
                 rank: Some(request.rank),
                 reason: format!(
                     "rank {} ({}) failed: {}",
                     request.rank, request.worker_id, request.error
                 ),
-            });
+            };
+            state.reported = Some((Instant::now(), failure));
         }
         let all_ok = !state.members.is_empty()
             && state
@@ -379,6 +388,11 @@ impl Job {
         let state = self.lock();
         if let Some(failure) = &state.failure {
             return Some(failure.clone());
+        }
+        if let Some((at, failure)) = &state.reported {
+            if now.duration_since(*at) > REPORT_GRACE {
+                return Some(failure.clone());
+            }
         }
         let spec = &self.spec;
         match state.phase {
@@ -472,6 +486,7 @@ impl Job {
         state.members.clear();
         state.pending.clear();
         state.failure = None;
+        state.reported = None;
         state.stop_at = None;
         state.checkpoint_at = None;
         true
@@ -569,5 +584,171 @@ impl Job {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(world: u32) -> JobSpec {
+        JobSpec {
+            run_id: "run".into(),
+            version: "1.0".into(),
+            settings_toml: String::new(),
+            fingerprint: "abc".into(),
+            world_size: world,
+            total_steps: 100,
+            backend: "ring".into(),
+            workers_on_host: 1,
+            heartbeat_interval: Duration::from_millis(100),
+            heartbeat_timeout: Duration::from_millis(500),
+            rendezvous_timeout: Duration::from_secs(60),
+            stall_timeout: Duration::from_secs(60),
+            max_restarts: 1,
+        }
+    }
+
+    fn join_request(id: &str) -> JoinRequest {
+        JoinRequest {
+            worker_id: id.into(),
+            version: "1.0".into(),
+            ring_addr: "127.0.0.1:1000".into(),
+            device: "cpu".into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn group_forms_when_all_joined_and_ranks_follow_join_order() {
+        let job = Job::new(spec(2), false);
+        let mut a = job.join(join_request("a")).unwrap();
+        assert!(
+            a.try_recv().is_err(),
+            "no answer before the group is complete"
+        );
+        let mut b = job.join(join_request("b")).unwrap();
+        let (a, b) = (
+            a.try_recv().unwrap().unwrap(),
+            b.try_recv().unwrap().unwrap(),
+        );
+        assert_eq!((a.rank, b.rank, a.world_size), (0, 1, 2));
+        assert_eq!(a.ring_peers, vec!["127.0.0.1:1000".to_owned(); 2]);
+        assert_eq!(a.backend, "ring");
+        assert_eq!(job.phase(), Phase::Training);
+        let err = job.join(join_request("c")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    }
+
+    #[test]
+    fn mismatches_name_the_field_and_both_values() {
+        let job = Job::new(spec(2), false);
+        let mut r = join_request("a");
+        r.version = "0.9".into();
+        let err = job.join(r).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("version") && err.to_string().contains("0.9"));
+        let mut r = join_request("a");
+        r.config_hash = "other".into();
+        let err = job.join(r).unwrap_err();
+        assert!(err.to_string().contains("config hash") && err.to_string().contains("abc"));
+        let mut r = join_request("a");
+        r.expected_world_size = 3;
+        assert_eq!(
+            job.join(r).unwrap_err().code(),
+            tonic::Code::FailedPrecondition
+        );
+        let mut r = join_request("a");
+        r.ring_addr = "nowhere".into();
+        assert_eq!(
+            job.join(r).unwrap_err().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn silent_rank_fails_the_generation_and_old_generations_are_aborted() {
+        let job = Job::new(spec(1), false);
+        let _a = job.join(join_request("a")).unwrap();
+        let hb = HeartbeatRequest {
+            worker_id: "a".into(),
+            generation: 0,
+            step: 5,
+            ..Default::default()
+        };
+        assert!(job.heartbeat(&hb).is_ok());
+        assert!(job.check_health(Instant::now()).is_none());
+        let failure = job
+            .check_health(Instant::now() + Duration::from_secs(2))
+            .unwrap();
+        assert_eq!(failure.rank, Some(0));
+        assert!(
+            failure.reason.contains("missed heartbeats"),
+            "{}",
+            failure.reason
+        );
+
+        assert!(job.next_generation());
+        assert_eq!(job.heartbeat(&hb).unwrap_err().code(), tonic::Code::Aborted);
+        let resumed = job
+            .join(join_request("a2"))
+            .unwrap()
+            .try_recv()
+            .unwrap()
+            .unwrap();
+        assert!(resumed.resume);
+        assert_eq!(resumed.generation, 1);
+        // The restart budget (1) is spent: the next failure ends the job.
+        assert!(!job.next_generation());
+        assert_eq!(job.phase(), Phase::Failed);
+    }
+
+    #[test]
+    fn a_rank_reported_failure_waits_for_the_root_cause() {
+        let job = Job::new(spec(2), false);
+        let _a = job.join(join_request("a")).unwrap();
+        let _b = job.join(join_request("b")).unwrap();
+        let finish = FinishRequest {
+            worker_id: "a".into(),
+            rank: 0,
+            ok: false,
+            error: "peer disconnected".into(),
+            ..Default::default()
+        };
+        job.finish(&finish).unwrap();
+        assert!(
+            job.check_health(Instant::now()).is_none(),
+            "within the grace period"
+        );
+        job.report_failure(Failure {
+            rank: Some(1),
+            reason: "rank 1 killed by signal 9".into(),
+        });
+        assert_eq!(job.check_health(Instant::now()).unwrap().rank, Some(1));
+    }
+
+    #[test]
+    fn stop_is_scheduled_ahead_of_the_fastest_rank() {
+        let job = Job::new(spec(2), false);
+        let _a = job.join(join_request("a")).unwrap();
+        let _b = job.join(join_request("b")).unwrap();
+        for (id, step) in [("a", 10), ("b", 11)] {
+            let hb = HeartbeatRequest {
+                worker_id: id.into(),
+                step,
+                step_seconds: 0.05,
+                ..Default::default()
+            };
+            job.heartbeat(&hb).unwrap();
+        }
+        let at = job.request_stop().unwrap();
+        assert!(at > 11, "stop at {at}");
+        let hb = HeartbeatRequest {
+            worker_id: "a".into(),
+            step: 10,
+            ..Default::default()
+        };
+        let reply = job.heartbeat(&hb).unwrap();
+        assert_eq!((reply.command, reply.at_step), (Command::Stop as i32, at));
     }
 }

@@ -114,6 +114,14 @@ pub enum DataError {
     #[error("rank {rank} is out of range for world size {world}")]
     RankOutOfRange { rank: usize, world: usize },
 
+    /// A folder data set held more unreadable images than allowed.
+    #[error("{dir}: {} unreadable image file(s), more than data.max_bad_files = {max}:{}", .files.len(), list_files(.files))]
+    BadFiles {
+        dir: String,
+        max: usize,
+        files: Vec<(std::path::PathBuf, String)>,
+    },
+
     /// Sampler parameters that cannot produce any batch.
     #[error("invalid sampler: {0}")]
     InvalidSampler(String),
@@ -123,6 +131,14 @@ fn list_failures(failures: &[(String, DataError)]) -> String {
     let mut out = String::new();
     for (mirror, err) in failures {
         let _ = write!(out, "\n  {mirror}: {err}");
+    }
+    out
+}
+
+fn list_files(files: &[(std::path::PathBuf, String)]) -> String {
+    let mut out = String::new();
+    for (file, why) in files {
+        let _ = write!(out, "\n  {}: {why}", file.display());
     }
     out
 }

@@ -13,6 +13,9 @@
 //! * [`download`] fetches full MNIST / Fashion-MNIST into a local cache, with
 //!   resumable, MD5-verified, atomically renamed downloads and mirror
 //!   fallback; once cached, loading never touches the network.
+//! * [`folder`] reads a folder of PNG/JPEG files (grey or RGB), resized and
+//!   centre-cropped to one square size, skipping a bounded number of
+//!   unreadable files.
 //! * [`sampler`] decides which examples make up each global batch as a pure
 //!   function of `(seed, step)`, so data order survives resume and does not
 //!   depend on how many ranks share the batch.
@@ -25,6 +28,7 @@ pub mod dataset;
 pub mod download;
 pub mod embedded;
 mod error;
+pub mod folder;
 pub mod idx;
 pub mod sampler;
 

@@ -1,11 +1,23 @@
-//! A generator and a discriminator with their optimisers, and one training step.
+//! A generator and a discriminator with their optimisers, the generator's EMA, and one
+//! training step.
 
-use gantry_config::{Loss, Schedule, Settings};
+use std::collections::HashMap;
+use std::path::Path;
+
+use gantry_config::{Loss, ModelKind, Optimizer, Schedule, Settings};
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::optim::FlatOptimizer;
-use crate::{FlatParams, ModelError, loss, mlp};
+use crate::{FlatParams, ModelError, dcgan, loss, mlp};
+
+/// File names of a saved [`Gan`] (see [`Gan::save`]).
+pub const GENERATOR_FILE: &str = "generator.safetensors";
+pub const DISCRIMINATOR_FILE: &str = "discriminator.safetensors";
+/// The EMA generator under the generator `VarStore`'s variable names: load it with
+/// `gan.generator_vs.load(dir.join(GENERATOR_EMA_FILE))` to sample from the EMA weights.
+pub const GENERATOR_EMA_FILE: &str = "generator_ema.safetensors";
+pub const OPTIMIZER_FILE: &str = "optimizer.safetensors";
 
 /// Which of the two networks a gradient belongs to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +36,9 @@ pub struct StepStats {
     pub d_real: Tensor,
     /// Mean of D(G(z)) over the fake batch.
     pub d_fake: Tensor,
+    /// False when a loss or an averaged gradient was non-finite and the step's remaining
+    /// updates were skipped (see [`Gan::train_step`]).
+    pub applied: bool,
 }
 
 /// Host copies of [`StepStats`].
@@ -46,7 +61,40 @@ impl StepStats {
     }
 }
 
-/// The GAN being trained: both networks, their flat parameters and their optimisers.
+/// One (sub-)step's inputs, this rank's rows of the global batch.
+#[derive(Debug)]
+pub struct StepInput {
+    /// Real images, NCHW in [-1, 1].
+    pub real: Tensor,
+    /// Latents, `rows × latent_dim`.
+    pub z: Tensor,
+    /// Per-image interpolation coefficients in [0, 1) for the WGAN-GP penalty (`wgan-gp`
+    /// only; see [`crate::latent::interpolation`]).
+    pub alpha: Option<Tensor>,
+}
+
+/// An exponential moving average of the generator: a second generator module of the same
+/// architecture (so its `VarStore` has the generator's variable names) whose flat parameters
+/// follow the live ones.
+#[derive(Debug)]
+pub struct Ema {
+    pub decay: f64,
+    pub vs: VarStore,
+    module: Box<dyn ModuleT>,
+    pub params: FlatParams,
+    /// BatchNorm running statistics, copied (not averaged) from the live generator.
+    buffers: Vec<Tensor>,
+}
+
+/// `ema ← decay · ema + (1 − decay) · live`, in place, as one kernel over the flat tensor.
+pub fn ema_update(ema: &Tensor, live: &Tensor, decay: f64) {
+    tch::no_grad(|| {
+        let _ = ema.shallow_clone().lerp_(live, 1.0 - decay);
+    });
+}
+
+/// The GAN being trained: both networks, their flat parameters, their optimisers and the
+/// generator's EMA.
 #[derive(Debug)]
 pub struct Gan {
     pub device: Device,
@@ -58,14 +106,56 @@ pub struct Gan {
     pub d_params: FlatParams,
     pub g_opt: FlatOptimizer,
     pub d_opt: FlatOptimizer,
+    /// `None` when `train.ema_decay = 0`.
+    pub ema: Option<Ema>,
+    /// The generator's non-trainable tensors (BatchNorm running statistics), sorted by name.
+    g_buffers: Vec<Tensor>,
     loss: Loss,
     schedule: Schedule,
+    gp_weight: f64,
     latent_dim: usize,
     image_shape: [i64; 3],
 }
 
+fn build_generator(
+    settings: &Settings,
+    path: &tch::nn::Path<'_>,
+    image_shape: [i64; 3],
+) -> Result<Box<dyn ModuleT>, ModelError> {
+    let latent =
+        i64::try_from(settings.model.latent_dim).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    let bn = settings.model.batch_norm;
+    Ok(match settings.model.kind {
+        ModelKind::Mlp => Box::new(mlp::Generator::new(path, latent, image_shape, bn)),
+        ModelKind::Dcgan => Box::new(dcgan::Generator::new(path, latent, image_shape, bn)?),
+    })
+}
+
+fn buffers(vs: &VarStore) -> Vec<Tensor> {
+    let mut named: Vec<(String, Tensor)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| !t.requires_grad())
+        .collect();
+    named.sort_by(|a, b| a.0.cmp(&b.0));
+    named.into_iter().map(|(_, t)| t).collect()
+}
+
+fn all_finite(t: &Tensor) -> bool {
+    bool::try_from(t.isfinite().all()).unwrap_or(false)
+}
+
+/// Adds `0 · loss` to every gradient element: zero when the (local) loss is finite, NaN when
+/// not. A rank whose loss overflowed then poisons the *averaged* gradient on every rank, so
+/// the skip decision, taken on the averaged gradient, is the same everywhere.
+fn poison_with(grad: &mut Tensor, loss: &Tensor) {
+    tch::no_grad(|| {
+        let _ = grad.g_add_(&(loss.detach().to_kind(Kind::Float) * 0.0));
+    });
+}
+
 impl Gan {
-    /// Builds both networks with weights drawn from `train.seed`.
+    /// Builds both networks (and the EMA generator) with weights drawn from `train.seed`.
     pub fn new(
         settings: &Settings,
         image_shape: [i64; 3],
@@ -77,7 +167,6 @@ impl Gan {
             )));
         }
         let latent_dim = settings.model.latent_dim;
-        let latent = i64::try_from(latent_dim).map_err(|e| ModelError::Invalid(e.to_string()))?;
         // Initial weights come from libtorch's global generator: hold it for the whole
         // initialisation, so trainers built concurrently in one process (tests, several
         // ranks as threads) each get exactly the seed's weights.
@@ -86,19 +175,44 @@ impl Gan {
         tch::manual_seed(settings.train.seed as i64);
         let generator_vs = VarStore::new(device);
         let discriminator_vs = VarStore::new(device);
-        let generator: Box<dyn ModuleT> = Box::new(mlp::Generator::new(
-            &generator_vs.root(),
-            latent,
-            image_shape,
-            settings.model.batch_norm,
-        ));
-        let discriminator: Box<dyn ModuleT> = Box::new(mlp::Discriminator::new(
-            &discriminator_vs.root(),
-            image_shape,
-        ));
+        let generator = build_generator(settings, &generator_vs.root(), image_shape)?;
+        let discriminator: Box<dyn ModuleT> = match settings.model.kind {
+            ModelKind::Mlp => Box::new(mlp::Discriminator::new(
+                &discriminator_vs.root(),
+                image_shape,
+            )),
+            ModelKind::Dcgan => Box::new(dcgan::Discriminator::new(
+                &discriminator_vs.root(),
+                image_shape,
+            )?),
+        };
         let g_params = FlatParams::new(&generator_vs);
         let d_params = FlatParams::new(&discriminator_vs);
+        let g_buffers = buffers(&generator_vs);
         let t = &settings.train;
+        // Built after G and D so their initial weights do not depend on whether EMA is on;
+        // its own random init is overwritten with G's values at once.
+        let ema = if t.ema_decay > 0.0 {
+            let vs = VarStore::new(device);
+            let module = build_generator(settings, &vs.root(), image_shape)?;
+            let params = FlatParams::new(&vs);
+            let ema_buffers = buffers(&vs);
+            tch::no_grad(|| {
+                params.flat.shallow_clone().copy_(&g_params.flat);
+                for (dst, src) in ema_buffers.iter().zip(&g_buffers) {
+                    dst.shallow_clone().copy_(src);
+                }
+            });
+            Some(Ema {
+                decay: t.ema_decay,
+                vs,
+                module,
+                params,
+                buffers: ema_buffers,
+            })
+        } else {
+            None
+        };
         let g_opt = FlatOptimizer::new(t.optimizer, t.lr_g, t.betas, &g_params.flat);
         let d_opt = FlatOptimizer::new(t.optimizer, t.lr_d, t.betas, &d_params.flat);
         Ok(Self {
@@ -111,8 +225,11 @@ impl Gan {
             d_params,
             g_opt,
             d_opt,
+            ema,
+            g_buffers,
             loss: t.loss,
             schedule: t.schedule,
+            gp_weight: t.gp_weight,
             latent_dim,
             image_shape,
         })
@@ -142,12 +259,25 @@ impl Gan {
             .to_device(self.device)
     }
 
-    /// Images from the generator in inference mode (BatchNorm running statistics).
+    /// Turns host interpolation coefficients into a tensor on the device.
+    pub fn coefficients(&self, host: &[f32]) -> Tensor {
+        Tensor::from_slice(host).to_device(self.device)
+    }
+
+    /// Images from the EMA generator (the live one when EMA is off), in inference mode.
     pub fn generate(&self, z: &Tensor) -> Tensor {
+        match &self.ema {
+            Some(ema) => tch::no_grad(|| ema.module.forward_t(z, false)),
+            None => self.generate_live(z),
+        }
+    }
+
+    /// Images from the live (trained) generator in inference mode.
+    pub fn generate_live(&self, z: &Tensor) -> Tensor {
         tch::no_grad(|| self.generator.forward_t(z, false))
     }
 
-    /// Images as 8-bit grey/RGB values, NCHW, from the generator in inference mode.
+    /// [`Gan::generate`]'s images as 8-bit grey/RGB values, NCHW.
     pub fn generate_u8(&self, z: &Tensor) -> Vec<u8> {
         let images = self.generate(z);
         let bytes = ((images + 1.0) * 127.5)
@@ -157,56 +287,157 @@ impl Gan {
         Vec::<u8>::try_from(bytes.to_device(Device::Cpu).reshape([-1])).unwrap_or_default()
     }
 
-    /// One training step on this rank's slice of the global batch.
+    /// One full step (D and G updates) on this rank's slice of the global batch.
     ///
     /// `sync` is called with each network's flat gradient before that network's optimiser
     /// step; a data-parallel worker all-reduces (averages) it across ranks there, a single
     /// process leaves it as it is.
+    ///
+    /// Non-finite values: a gradient is checked *after* `sync` (a rank's non-finite local loss
+    /// is folded into its gradient first), so every rank takes the same decision. At the first
+    /// non-finite gradient the step stops: that update and the later ones of the step are
+    /// skipped (in `simultaneous` both gradients are checked before either is applied), the
+    /// generator's BatchNorm statistics are put back, and `applied` is false. Every rank calls
+    /// `sync` the same number of times whatever happens.
+    ///
+    /// # Panics
+    /// With `loss = "wgan-gp"` and no `input.alpha`.
     pub fn train_step<E>(
         &mut self,
-        real: &Tensor,
-        z: &Tensor,
+        input: &StepInput,
         sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
     ) -> Result<StepStats, E> {
-        let fake = self.generator.forward_t(z, true);
-        match self.schedule {
+        let saved = self.snapshot_buffers();
+        let fake = self.generator.forward_t(&input.z, true);
+        let (d_loss, g_loss, real_logits, fake_logits, applied) = match self.schedule {
             Schedule::Simultaneous => {
                 // One forward pass serves both losses, as in the reference tutorial; each
                 // network then takes the gradient of its own loss.
-                let (real_logits, fake_logits) = self.discriminate_pair(real, &fake);
-                let d_loss = loss::discriminator(self.loss, &real_logits, &fake_logits);
+                let (real_logits, fake_logits) = self.discriminate_pair(&input.real, &fake);
+                let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
                 let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, true, false);
                 let g_grads =
                     Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
                 let mut d_grad = self.d_params.flatten_grads(&d_grads);
                 let mut g_grad = self.g_params.flatten_grads(&g_grads);
+                poison_with(&mut d_grad, &d_loss);
+                poison_with(&mut g_grad, &g_loss);
                 sync(Network::Discriminator, &mut d_grad)?;
                 sync(Network::Generator, &mut g_grad)?;
-                self.d_opt.step(&self.d_params.flat, &d_grad);
-                self.g_opt.step(&self.g_params.flat, &g_grad);
-                Ok(stats(d_loss, g_loss, &real_logits, &fake_logits))
+                let applied = all_finite(&d_grad) && all_finite(&g_grad);
+                if applied {
+                    self.d_opt.step(&self.d_params.flat, &d_grad);
+                    self.g_opt.step(&self.g_params.flat, &g_grad);
+                    self.update_ema();
+                }
+                (d_loss, g_loss, real_logits, fake_logits, applied)
             }
             Schedule::Alternating => {
                 // D steps on a detached fake batch, then G steps against the updated D.
-                let (real_logits, fake_logits) = self.discriminate_pair(real, &fake.detach());
-                let d_loss = loss::discriminator(self.loss, &real_logits, &fake_logits);
-                let d_grads =
-                    Tensor::run_backward(&[&d_loss], &self.d_params.tensors, false, false);
-                let mut d_grad = self.d_params.flatten_grads(&d_grads);
-                sync(Network::Discriminator, &mut d_grad)?;
-                self.d_opt.step(&self.d_params.flat, &d_grad);
-
-                let g_logits = self.discriminator.forward_t(&fake, true);
-                let g_loss = loss::generator(self.loss, &g_logits);
-                let g_grads =
-                    Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
-                let mut g_grad = self.g_params.flatten_grads(&g_grads);
-                sync(Network::Generator, &mut g_grad)?;
-                self.g_opt.step(&self.g_params.flat, &g_grad);
-                Ok(stats(d_loss, g_loss, &real_logits, &fake_logits))
+                let (real_logits, fake_logits, d_loss, d_applied) =
+                    self.critic_update(input, &fake.detach(), sync)?;
+                if d_applied {
+                    let g_logits = self.discriminator.forward_t(&fake, true);
+                    let g_loss = loss::generator(self.loss, &g_logits);
+                    let g_grads =
+                        Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
+                    let mut g_grad = self.g_params.flatten_grads(&g_grads);
+                    poison_with(&mut g_grad, &g_loss);
+                    sync(Network::Generator, &mut g_grad)?;
+                    let applied = all_finite(&g_grad);
+                    if applied {
+                        self.g_opt.step(&self.g_params.flat, &g_grad);
+                        self.update_ema();
+                    }
+                    (d_loss, g_loss, real_logits, fake_logits, applied)
+                } else {
+                    let g_loss = tch::no_grad(|| loss::generator(self.loss, &fake_logits));
+                    (d_loss, g_loss, real_logits, fake_logits, false)
+                }
             }
+        };
+        if !applied {
+            self.restore_buffers(&saved);
         }
+        Ok(stats(d_loss, g_loss, &real_logits, &fake_logits, applied))
+    }
+
+    /// One extra critic (D only) update, for `train.n_critic > 1`: the fake batch comes from
+    /// the generator in training mode without gradients. Non-finite handling as in
+    /// [`Gan::train_step`].
+    pub fn critic_step<E>(
+        &mut self,
+        input: &StepInput,
+        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
+    ) -> Result<StepStats, E> {
+        let saved = self.snapshot_buffers();
+        let fake = tch::no_grad(|| self.generator.forward_t(&input.z, true));
+        let (real_logits, fake_logits, d_loss, applied) = self.critic_update(input, &fake, sync)?;
+        if !applied {
+            self.restore_buffers(&saved);
+        }
+        let g_loss = tch::no_grad(|| loss::generator(self.loss, &fake_logits));
+        Ok(stats(d_loss, g_loss, &real_logits, &fake_logits, applied))
+    }
+
+    /// Computes, syncs, checks and (if finite) applies D's gradient on a detached fake batch.
+    fn critic_update<E>(
+        &mut self,
+        input: &StepInput,
+        fake: &Tensor,
+        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
+    ) -> Result<(Tensor, Tensor, Tensor, bool), E> {
+        let (real_logits, fake_logits) = self.discriminate_pair(&input.real, fake);
+        let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
+        let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, false, false);
+        let mut d_grad = self.d_params.flatten_grads(&d_grads);
+        poison_with(&mut d_grad, &d_loss);
+        sync(Network::Discriminator, &mut d_grad)?;
+        let applied = all_finite(&d_grad);
+        if applied {
+            self.d_opt.step(&self.d_params.flat, &d_grad);
+        }
+        Ok((real_logits, fake_logits, d_loss, applied))
+    }
+
+    /// D's loss, with the gradient penalty for `wgan-gp`.
+    fn critic_loss(
+        &self,
+        input: &StepInput,
+        fake: &Tensor,
+        real_logits: &Tensor,
+        fake_logits: &Tensor,
+    ) -> Tensor {
+        let base = loss::discriminator(self.loss, real_logits, fake_logits);
+        if self.loss != Loss::WganGp || self.gp_weight == 0.0 {
+            return base;
+        }
+        let alpha = input
+            .alpha
+            .as_ref()
+            .expect("wgan-gp needs interpolation coefficients (StepInput::alpha)");
+        base + self.gradient_penalty(&input.real, fake, alpha) * self.gp_weight
+    }
+
+    /// `E[(‖∇D(x̂)‖₂ − 1)²]` on `x̂ = α·real + (1 − α)·fake`, differentiable w.r.t. D's
+    /// parameters (the inner gradient is taken with `create_graph`).
+    pub fn gradient_penalty(&self, real: &Tensor, fake: &Tensor, alpha: &Tensor) -> Tensor {
+        let n = real.size()[0];
+        let a = alpha.to_kind(real.kind()).view([n, 1, 1, 1]);
+        let x_hat = (real * &a + fake.detach() * (a.ones_like() - &a))
+            .detach()
+            .set_requires_grad(true);
+        let out = self.discriminator.forward_t(&x_hat, true);
+        let grads = Tensor::run_backward(&[&out.sum(Kind::Float)], &[&x_hat], true, true);
+        // sqrt(sum + ε) rather than norm(): finite derivative where the gradient is zero.
+        let norm = (grads[0].square().flatten(1, -1).sum_dim_intlist(
+            [1i64].as_slice(),
+            false,
+            Kind::Float,
+        ) + 1e-12)
+            .sqrt();
+        (norm - 1.0).square().mean(Kind::Float)
     }
 
     /// D on the real and the fake batch. The discriminator has no BatchNorm, so both go
@@ -222,13 +453,123 @@ impl Gan {
             logits.narrow(0, n_real, n_fake),
         )
     }
+
+    fn update_ema(&mut self) {
+        if let Some(ema) = &self.ema {
+            ema_update(&ema.params.flat, &self.g_params.flat, ema.decay);
+            tch::no_grad(|| {
+                for (dst, src) in ema.buffers.iter().zip(&self.g_buffers) {
+                    dst.shallow_clone().copy_(src);
+                }
+            });
+        }
+    }
+
+    fn snapshot_buffers(&self) -> Vec<Tensor> {
+        tch::no_grad(|| self.g_buffers.iter().map(Tensor::copy).collect())
+    }
+
+    fn restore_buffers(&self, saved: &[Tensor]) {
+        tch::no_grad(|| {
+            for (dst, src) in self.g_buffers.iter().zip(saved) {
+                dst.shallow_clone().copy_(src);
+            }
+        });
+    }
+
+    /// Writes the four tensor files into `dir`: both networks (parameters and buffers), the
+    /// EMA generator under the generator's variable names (the live generator when EMA is
+    /// off), and both optimisers' moment tensors. Adam's step counts are not in them: they go
+    /// with the rest of the scalar state.
+    pub fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        self.generator_vs.save(dir.join(GENERATOR_FILE))?;
+        self.discriminator_vs.save(dir.join(DISCRIMINATOR_FILE))?;
+        match &self.ema {
+            Some(ema) => ema.vs.save(dir.join(GENERATOR_EMA_FILE))?,
+            None => self.generator_vs.save(dir.join(GENERATOR_EMA_FILE))?,
+        }
+        let mut moments: Vec<(String, &Tensor)> = Vec::new();
+        for (net, opt) in [("generator", &self.g_opt), ("discriminator", &self.d_opt)] {
+            if opt.exp_avg.defined() {
+                moments.push((format!("{net}.exp_avg"), &opt.exp_avg));
+                moments.push((format!("{net}.exp_avg_sq"), &opt.exp_avg_sq));
+            }
+        }
+        Tensor::write_safetensors(&moments, dir.join(OPTIMIZER_FILE))?;
+        Ok(())
+    }
+
+    /// Loads what [`Gan::save`] wrote, in place (the flat parameter layout is kept), checking
+    /// every name and shape. Optimiser step counts are set separately.
+    pub fn load(&mut self, dir: &Path) -> Result<(), ModelError> {
+        load_into(&self.generator_vs, &dir.join(GENERATOR_FILE))?;
+        load_into(&self.discriminator_vs, &dir.join(DISCRIMINATOR_FILE))?;
+        if let Some(ema) = &self.ema {
+            load_into(&ema.vs, &dir.join(GENERATOR_EMA_FILE))?;
+        }
+        let path = dir.join(OPTIMIZER_FILE);
+        let moments: HashMap<String, Tensor> =
+            Tensor::read_safetensors(&path)?.into_iter().collect();
+        for (net, opt) in [("generator", &self.g_opt), ("discriminator", &self.d_opt)] {
+            if needs_moments(opt) {
+                for (field, dst) in [("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)] {
+                    let name = format!("{net}.{field}");
+                    copy_checked(dst, moments.get(&name), &name, &path)?;
+                }
+            }
+        }
+        Ok(())
+    }
 }
 
-fn stats(d_loss: Tensor, g_loss: Tensor, real_logits: &Tensor, fake_logits: &Tensor) -> StepStats {
+fn needs_moments(opt: &FlatOptimizer) -> bool {
+    opt.kind() == Optimizer::Adam
+}
+
+fn copy_checked(
+    dst: &Tensor,
+    src: Option<&Tensor>,
+    name: &str,
+    path: &Path,
+) -> Result<(), ModelError> {
+    let src =
+        src.ok_or_else(|| ModelError::Invalid(format!("{}: no tensor `{name}`", path.display())))?;
+    if src.size() != dst.size() || src.kind() != dst.kind() {
+        return Err(ModelError::Invalid(format!(
+            "{}: `{name}` is {:?} {:?}, the model needs {:?} {:?}",
+            path.display(),
+            src.kind(),
+            src.size(),
+            dst.kind(),
+            dst.size()
+        )));
+    }
+    tch::no_grad(|| dst.shallow_clone().copy_(src));
+    Ok(())
+}
+
+/// Copies every variable of `vs` from `path` with `copy_`, so variables that are views into a
+/// flat tensor stay views (tch's `VarStore::load` may re-point them).
+fn load_into(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
+    let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)?.into_iter().collect();
+    for (name, var) in vs.variables() {
+        copy_checked(&var, tensors.get(&name), &name, path)?;
+    }
+    Ok(())
+}
+
+fn stats(
+    d_loss: Tensor,
+    g_loss: Tensor,
+    real_logits: &Tensor,
+    fake_logits: &Tensor,
+    applied: bool,
+) -> StepStats {
     tch::no_grad(|| StepStats {
         d_loss: d_loss.detach(),
         g_loss: g_loss.detach(),
         d_real: real_logits.sigmoid().mean(None),
         d_fake: fake_logits.sigmoid().mean(None),
+        applied,
     })
 }

@@ -4,12 +4,14 @@
 //! batch without the others, a resumed run needs no RNG state, and a world of 2 × 32 draws
 //! exactly the vectors a world of 1 × 64 draws.
 
-use rand::SeedableRng;
+use rand::{RngCore, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rand_distr::{Distribution, StandardNormal};
 
 /// Separates latent streams from other uses of the same seed.
 const LATENT_DOMAIN: u64 = 0x6c61_7465_6e74_7a30;
+/// Separates the gradient penalty's interpolation coefficients from the latents.
+const INTERPOLATION_DOMAIN: u64 = 0x696e_7465_7270_6f6c;
 
 /// Fills `out` with rows `[first_row, first_row + rows)` of the `global_rows × dim` standard
 /// normal latent matrix of `step`.
@@ -26,6 +28,20 @@ pub fn fill(seed: u64, step: u64, dim: usize, first_row: usize, rows: usize, out
         rng.set_word_pos((row as u128) << 20);
         out.extend((0..dim).map(|_| -> f32 { StandardNormal.sample(&mut rng) }));
     }
+}
+
+/// Fills `out` with rows `[first_row, first_row + rows)` of the `global_rows` interpolation
+/// coefficients (uniform in [0, 1)) of the WGAN-GP penalty at sub-step `step`: one per image,
+/// from the 24 high bits of word `row` of the step's own ChaCha8 stream. Like [`fill`], a pure
+/// function of (seed, step), so exact resume and world-size invariance hold for the penalty too.
+pub fn interpolation(seed: u64, step: u64, first_row: usize, rows: usize, out: &mut Vec<f32>) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ INTERPOLATION_DOMAIN);
+    rng.set_stream(step);
+    out.clear();
+    out.extend((first_row..first_row + rows).map(|row| {
+        rng.set_word_pos(row as u128);
+        (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32
+    }));
 }
 
 /// A fixed latent batch (the sample grid's), independent of any step.
@@ -50,6 +66,20 @@ mod tests {
             joined.extend_from_slice(&part);
         }
         assert_eq!(whole, joined);
+    }
+
+    #[test]
+    fn interpolation_slices_concatenate_and_are_uniform() {
+        let mut whole = Vec::new();
+        interpolation(7, 3, 0, 4096, &mut whole);
+        let mut part = Vec::new();
+        interpolation(7, 3, 1024, 1024, &mut part);
+        assert_eq!(&whole[1024..2048], part.as_slice());
+        assert!(whole.iter().all(|a| (0.0..1.0).contains(a)));
+        let mean = whole.iter().map(|&a| f64::from(a)).sum::<f64>() / 4096.0;
+        assert!((mean - 0.5).abs() < 0.03, "mean {mean}");
+        interpolation(7, 4, 0, 4096, &mut part);
+        assert_ne!(whole, part);
     }
 
     #[test]

@@ -3,15 +3,18 @@
 //! - [`runtime`] prepares libtorch for a process: intra-op threads and, where a GPU and the
 //!   CUDA libraries are present, loading `libtorch_cuda.so` (which the linker would otherwise
 //!   drop, leaving CUDA invisible).
-//! - [`mlp`] holds the classic MLP GAN; [`Gan`] bundles a generator and a discriminator, each
+//! - [`mlp`] holds the classic MLP GAN, [`dcgan`] the convolutional one; [`Gan`] bundles a generator and a discriminator, each
 //!   in its own `VarStore` whose trainable parameters live in one flat tensor, so that gradient
 //!   all-reduce and the optimiser step each touch one contiguous buffer per network.
+//!   [`Gan`] also keeps an EMA copy of the generator (samples and evaluation use it), skips
+//!   updates whose averaged gradient is non-finite, and saves/loads its tensors.
 //! - [`loss`] and [`optim`] are the objectives and the (flat) optimisers.
 //! - [`latent`] makes the latent batch of a global step as a pure function of (seed, step), so
 //!   that data-parallel runs do not depend on the world size and resumed runs replay exactly.
 //!
 //! This crate never opens a socket: moving gradients between ranks is the worker's job.
 
+pub mod dcgan;
 pub mod latent;
 pub mod loss;
 pub mod mlp;
@@ -22,7 +25,10 @@ mod flat;
 mod gan;
 
 pub use flat::FlatParams;
-pub use gan::{Gan, HostStats, Network, StepStats};
+pub use gan::{
+    DISCRIMINATOR_FILE, Ema, GENERATOR_EMA_FILE, GENERATOR_FILE, Gan, HostStats, Network,
+    OPTIMIZER_FILE, StepInput, StepStats, ema_update,
+};
 
 /// Errors of the model layer.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,8 @@
 //! GAN objectives on discriminator logits.
 //!
+//! `wgan-gp` is the Wasserstein critic objective; its gradient penalty needs the critic itself
+//! and lives in [`crate::Gan`].
+//!
 //! BCE-from-logits is written with softplus: `BCE(l, 1) = softplus(-l)` and
 //! `BCE(l, 0) = softplus(l)`, which is the same function without materialising target tensors.
 
@@ -11,6 +14,7 @@ pub fn discriminator(loss: Loss, real: &Tensor, fake: &Tensor) -> Tensor {
     match loss {
         Loss::Bce => (-real).softplus().mean(None) + fake.softplus().mean(None),
         Loss::Hinge => (-real + 1.0).relu().mean(None) + (fake + 1.0).relu().mean(None),
+        Loss::WganGp => fake.mean(None) - real.mean(None),
     }
 }
 
@@ -18,7 +22,7 @@ pub fn discriminator(loss: Loss, real: &Tensor, fake: &Tensor) -> Tensor {
 pub fn generator(loss: Loss, fake: &Tensor) -> Tensor {
     match loss {
         Loss::Bce => (-fake).softplus().mean(None),
-        Loss::Hinge => -fake.mean(None),
+        Loss::Hinge | Loss::WganGp => -fake.mean(None),
     }
 }
 
@@ -49,7 +53,7 @@ mod tests {
 
     #[test]
     fn every_loss_is_finite_with_finite_gradients() {
-        for loss in [Loss::Bce, Loss::Hinge] {
+        for loss in [Loss::Bce, Loss::Hinge, Loss::WganGp] {
             let real = Tensor::randn([16], (Kind::Float, tch::Device::Cpu)).set_requires_grad(true);
             let fake = (Tensor::randn([16], (Kind::Float, tch::Device::Cpu)) * 50.0)
                 .set_requires_grad(true);

@@ -41,6 +41,10 @@ impl FlatOptimizer {
         }
     }
 
+    pub fn kind(&self) -> OptimizerKind {
+        self.kind
+    }
+
     /// Applies one update to `params` (flat, updated in place) from `grad` (same layout).
     pub fn step(&mut self, params: &Tensor, grad: &Tensor) {
         tch::no_grad(|| {

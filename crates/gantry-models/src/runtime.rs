@@ -61,8 +61,8 @@ pub fn set_threads(threads: usize, workers_on_host: usize) -> usize {
         (cores / workers_on_host.max(1)).max(1)
     };
     tch::set_num_threads(i32::try_from(n).unwrap_or(i32::MAX));
-    // Inter-op parallelism only serves graph executors Gantry does not use; libtorch allows
-    // setting it once per process, before any parallel work.
+    // libtorch refuses (and tch panics on) a second call once parallel work has run, which a
+    // process building a second Trainer (a restart, a resume, tests) would make.
     static INTEROP: std::sync::Once = std::sync::Once::new();
     INTEROP.call_once(|| tch::set_num_interop_threads(1));
     n

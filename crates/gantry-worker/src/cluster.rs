@@ -356,15 +356,22 @@ fn train(
     if let Some(reason) = shared.abort_reason() {
         bail!("aborted before training: {reason}");
     }
-    let mut trainer = Trainer::new(
-        settings,
-        group,
-        assignment.workers_on_host.max(1) as usize,
-        0,
-    )?;
-    if assignment.resume {
-        trainer.resume_latest()?;
+    // A new generation continues from the newest complete checkpoint; before the first
+    // checkpoint there is none, and the group starts afresh.
+    let resume = if assignment.resume {
+        crate::checkpoint::resume_from(&settings.run.dir)?
+    } else {
+        None
+    };
+    if let Some(c) = &resume {
+        eprintln!(
+            "worker: resuming from step {} ({})",
+            c.step(),
+            c.path.display()
+        );
     }
+    let workers_on_host = assignment.workers_on_host.max(1) as usize;
+    let mut trainer = Trainer::with_resume(settings, group, workers_on_host, 0, resume.as_ref())?;
     shared.step.store(trainer.step, Ordering::Relaxed);
     shared.set_state(WorkerState::Training);
     let mut observer = ClusterObserver {

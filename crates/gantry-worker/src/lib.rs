@@ -5,11 +5,13 @@
 //! data indices and latents are pure functions of (seed, step), sliced by rank.
 //!
 //! - [`train`]: the loop (data → step → metrics → samples → summary).
+//! - [`checkpoint`]: crash-safe checkpoints, and finding the one to resume from.
 //! - [`run_dir`]: the files a run leaves behind, written atomically.
 //! - [`samples`]: the 8×8 sample grid as PNG.
 //! - [`progress`]: a progress bar on a terminal, plain log lines elsewhere.
 
 pub mod atomic;
+pub mod checkpoint;
 pub mod cluster;
 pub mod progress;
 pub mod run_dir;

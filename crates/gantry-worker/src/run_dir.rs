@@ -5,6 +5,7 @@
 //! metrics.jsonl      one JSON object per logged step
 //! samples/step-NNNNNNNN.png
 //! summary.json       the outcome, written when the run ends
+//! checkpoints/       see [`crate::checkpoint`]
 //! ```
 
 use std::fs::{self, File, OpenOptions};
@@ -85,6 +86,48 @@ impl RunDir {
             .create(true)
             .write(true)
             .truncate(true)
+            .open(&metrics_path)
+            .with_context(|| format!("opening {}", metrics_path.display()))?;
+        Ok(Self {
+            root: root.to_path_buf(),
+            metrics: BufWriter::new(metrics),
+        })
+    }
+
+    /// Reopens `root` for a run resumed at `step`: writes `config.toml`, keeps the
+    /// `metrics.jsonl` rows with `step ≤ step` (rewritten atomically) and appends after them.
+    pub fn resume(root: &Path, settings: &Settings, step: u64) -> Result<Self> {
+        for dir in [
+            root.to_path_buf(),
+            root.join("samples"),
+            root.join("checkpoints"),
+        ] {
+            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let config = settings.to_toml()?;
+        crate::atomic::write(&root.join("config.toml"), config.as_bytes())
+            .with_context(|| format!("writing {}", root.join("config.toml").display()))?;
+        let metrics_path = root.join("metrics.jsonl");
+        let old = match fs::read_to_string(&metrics_path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", metrics_path.display())),
+        };
+        let mut kept = String::new();
+        for line in old.lines() {
+            // A torn last line (crash mid-write) has no readable step and goes too.
+            let row_step = serde_json::from_str::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+            if row_step.is_some_and(|s| s <= step) {
+                kept.push_str(line);
+                kept.push('\n');
+            }
+        }
+        crate::atomic::write(&metrics_path, kept.as_bytes())
+            .with_context(|| format!("rewriting {}", metrics_path.display()))?;
+        let metrics = OpenOptions::new()
+            .append(true)
             .open(&metrics_path)
             .with_context(|| format!("opening {}", metrics_path.display()))?;
         Ok(Self {

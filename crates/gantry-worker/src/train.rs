@@ -3,13 +3,14 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use gantry_config::{Dataset as DatasetChoice, Settings};
 use gantry_data::Dataset;
 use gantry_data::sampler::GlobalSampler;
-use gantry_models::{Gan, HostStats, Network, latent, runtime};
+use gantry_models::{Gan, HostStats, Network, StepInput, latent, runtime};
 use tch::{Device, Tensor};
 
+use crate::checkpoint::{self, CheckpointDir, CheckpointState};
 use crate::progress::Progress;
 use crate::run_dir::{FinalFigures, MetricsRow, RunDir, Summary};
 use crate::samples;
@@ -21,7 +22,19 @@ const GRID_IMAGES: usize = 64;
 /// Loads the configured training set.
 pub fn load_dataset(settings: &Settings) -> Result<Dataset> {
     let data = &settings.data;
-    let remote = match data.dataset {
+    let remote = match &data.dataset {
+        DatasetChoice::Folder(dir) => {
+            let loaded =
+                gantry_data::folder::load(dir, data.image_size, data.channels, data.max_bad_files)
+                    .with_context(|| format!("loading data set {}", data.dataset))?;
+            for (file, why) in &loaded.skipped {
+                eprintln!(
+                    "warning: skipped unreadable image {}: {why}",
+                    file.display()
+                );
+            }
+            return Ok(loaded.dataset);
+        }
         DatasetChoice::Mnist10k => {
             return gantry_data::embedded::mnist_10k().context("loading the embedded MNIST-10k");
         }
@@ -89,6 +102,12 @@ pub struct Trainer {
     pub step: u64,
     pixels: Vec<f32>,
     latents: Vec<f32>,
+    alphas: Vec<f32>,
+    /// Steps whose update was skipped for a non-finite loss or gradient, in all and in a row.
+    pub nonfinite_total: u64,
+    pub nonfinite_consecutive: u64,
+    /// The step of the newest checkpoint this trainer wrote or restored.
+    pub last_checkpoint: Option<u64>,
 }
 
 impl Trainer {
@@ -100,6 +119,22 @@ impl Trainer {
         workers_on_host: usize,
         device_ordinal: usize,
     ) -> Result<Self> {
+        Self::with_resume(settings, group, workers_on_host, device_ordinal, None)
+    }
+
+    /// [`Trainer::new`], then [`Trainer::restore`] from `resume` if given. The settings are
+    /// checked against the checkpoint's before anything is built, and rank 0's run directory
+    /// keeps its metrics up to the checkpoint's step instead of starting afresh.
+    pub fn with_resume(
+        settings: &Settings,
+        group: Group,
+        workers_on_host: usize,
+        device_ordinal: usize,
+        resume: Option<&CheckpointDir>,
+    ) -> Result<Self> {
+        if let Some(c) = resume {
+            checkpoint::check_compatible(&c.settings, settings)?;
+        }
         let started = Instant::now();
         let threads = runtime::set_threads(settings.train.threads, workers_on_host);
         let device = runtime::resolve_device(settings.run.device, device_ordinal)?;
@@ -112,17 +147,17 @@ impl Trainer {
             .context("synchronising initial weights")?;
         let global_batch = settings.train.batch_size * group.world;
         let sampler = GlobalSampler::new(settings.train.seed, dataset.len(), global_batch)?;
-        let run = if group.rank == 0 {
-            Some(RunDir::create(&settings.run.dir, settings)?)
-        } else {
-            None
+        let run = match (group.rank, resume) {
+            (0, None) => Some(RunDir::create(&settings.run.dir, settings)?),
+            (0, Some(c)) => Some(RunDir::resume(&settings.run.dir, settings, c.step())?),
+            _ => None,
         };
         let grid_z = gan.latents(&latent::fixed(
             settings.train.seed,
             GRID_IMAGES,
             gan.latent_dim(),
         ));
-        Ok(Self {
+        let mut trainer = Self {
             settings: settings.clone(),
             dataset,
             gan,
@@ -137,7 +172,79 @@ impl Trainer {
             step: 0,
             pixels: Vec::new(),
             latents: Vec::new(),
-        })
+            alphas: Vec::new(),
+            nonfinite_total: 0,
+            nonfinite_consecutive: 0,
+            last_checkpoint: None,
+        };
+        if let Some(c) = resume {
+            trainer.restore(c)?;
+        }
+        Ok(trainer)
+    }
+
+    /// Loads a checkpoint's tensors and state (every rank reads the files). Shape-changing
+    /// setting changes are refused naming the key; others are warned about. On rank 0, rows
+    /// of `metrics.jsonl` after the checkpoint's step are dropped.
+    pub fn restore(&mut self, checkpoint: &CheckpointDir) -> Result<()> {
+        for warning in checkpoint::check_compatible(&checkpoint.settings, &self.settings)? {
+            eprintln!("warning: resuming {}: {warning}", checkpoint.path.display());
+        }
+        let state = &checkpoint.state;
+        self.gan
+            .load(&checkpoint.path)
+            .with_context(|| format!("loading checkpoint {}", checkpoint.path.display()))?;
+        self.gan.g_opt.step = state.g_optimizer_steps;
+        self.gan.d_opt.step = state.d_optimizer_steps;
+        self.step = state.step;
+        self.nonfinite_total = state.nonfinite_total;
+        self.nonfinite_consecutive = state.nonfinite_consecutive;
+        self.last_checkpoint = Some(state.step);
+        if self.run.is_some() {
+            self.run = Some(RunDir::resume(
+                &self.settings.run.dir,
+                &self.settings,
+                state.step,
+            )?);
+        }
+        Ok(())
+    }
+
+    /// The scalar state a checkpoint of the current step records.
+    pub fn checkpoint_state(&self) -> CheckpointState {
+        CheckpointState {
+            format: 1,
+            step: self.step,
+            seed: self.settings.train.seed,
+            data_position: self.step * u64::from(self.settings.train.n_critic),
+            g_optimizer_steps: self.gan.g_opt.step,
+            d_optimizer_steps: self.gan.d_opt.step,
+            nonfinite_total: self.nonfinite_total,
+            nonfinite_consecutive: self.nonfinite_consecutive,
+            fingerprint: self.settings.fingerprint(),
+            world_size: self.group.world,
+            rng_state: None,
+        }
+    }
+
+    /// Writes a checkpoint of the current step. A collective call: every rank must call it at
+    /// the same step (BatchNorm statistics are taken from rank 0 first); only rank 0 writes.
+    pub fn write_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        self.group.broadcast_state(&mut self.gan)?;
+        self.last_checkpoint = Some(self.step);
+        let Some(run) = &self.run else {
+            return Ok(None);
+        };
+        let dir = run.root().join("checkpoints");
+        let state = self.checkpoint_state();
+        checkpoint::write(
+            &dir,
+            &self.gan,
+            &self.settings,
+            &state,
+            self.settings.checkpoint.keep,
+        )
+        .map(Some)
     }
 
     pub fn settings(&self) -> &Settings {
@@ -148,8 +255,9 @@ impl Trainer {
         self.settings.train.batch_size * self.group.world
     }
 
-    /// Runs step `self.step + 1`: this rank's slice of the global batch, gradient averaging
-    /// across the group, both optimiser steps.
+    /// Runs step `self.step + 1`: `train.n_critic` sub-steps, each on this rank's slice of
+    /// its own global batch, with gradient averaging across the group. Counts the step as
+    /// non-finite when an update was skipped (`stats.applied == false`).
     pub fn step_once(&mut self) -> Result<gantry_models::StepStats> {
         self.step_with(&mut |_, _| {})
     }
@@ -160,10 +268,48 @@ impl Trainer {
         &mut self,
         tap: &mut dyn FnMut(Network, &Tensor),
     ) -> Result<gantry_models::StepStats> {
+        let n_critic = u64::from(self.settings.train.n_critic);
+        // Step s (0-based) consumes sub-streams s·n_critic + i of the data, latent and
+        // interpolation streams; the last sub-step also updates G. With n_critic = 1 this is
+        // global batch s and latent stream s, as before.
+        let first = self.step * n_critic;
+        let mut stats = None;
+        for i in 0..n_critic {
+            let input = self.sub_step_input(first + i)?;
+            let group = &mut self.group;
+            let mut sync = |network, grad: &mut Tensor| {
+                group.average(grad)?;
+                tap(network, grad);
+                anyhow::Ok(())
+            };
+            let sub = if i + 1 < n_critic {
+                self.gan.critic_step(&input, &mut sync)?
+            } else {
+                self.gan.train_step(&input, &mut sync)?
+            };
+            let applied = sub.applied;
+            stats = Some(sub);
+            if !applied {
+                // The decision is the same on every rank (taken on averaged gradients), so
+                // every rank leaves the step here together.
+                break;
+            }
+        }
+        let stats = stats.context("train.n_critic is 0")?;
+        if stats.applied {
+            self.nonfinite_consecutive = 0;
+        } else {
+            self.nonfinite_total += 1;
+            self.nonfinite_consecutive += 1;
+        }
+        self.step += 1;
+        Ok(stats)
+    }
+
+    /// This rank's real images, latents and interpolation coefficients of sub-stream `index`.
+    fn sub_step_input(&mut self, index: u64) -> Result<StepInput> {
         let t = &self.settings.train;
         let (rank, world, local) = (self.group.rank, self.group.world, t.batch_size);
-        // Step s consumes global batch s − 1 of the data stream and latent stream s − 1.
-        let index = self.step;
         let indices = self.sampler.indices(index, rank, world)?;
         self.dataset.batch_f32(&indices, &mut self.pixels);
         latent::fill(
@@ -174,16 +320,17 @@ impl Trainer {
             local,
             &mut self.latents,
         );
-        let real = self.gan.images(&self.pixels);
-        let z = self.gan.latents(&self.latents);
-        let group = &mut self.group;
-        let stats = self.gan.train_step(&real, &z, &mut |network, grad| {
-            group.average(grad)?;
-            tap(network, grad);
-            anyhow::Ok(())
-        })?;
-        self.step += 1;
-        Ok(stats)
+        let alpha = if t.loss == gantry_config::Loss::WganGp {
+            latent::interpolation(t.seed, index, rank * local, local, &mut self.alphas);
+            Some(self.gan.coefficients(&self.alphas))
+        } else {
+            None
+        };
+        Ok(StepInput {
+            real: self.gan.images(&self.pixels),
+            z: self.gan.latents(&self.latents),
+            alpha,
+        })
     }
 
     /// Writes the sample grid for the current step (rank 0 only) and returns its path.
@@ -201,6 +348,8 @@ impl Trainer {
         let log_every = self.settings.train.log_every;
         let sample_every = self.settings.samples.every;
         let verify_every = self.settings.collective.verify_every;
+        let checkpoint_every = self.settings.checkpoint.every;
+        let max_nonfinite = u64::from(self.settings.train.max_nonfinite);
         let global_batch = self.global_batch() as u64;
         let first_step = self.step;
 
@@ -231,6 +380,20 @@ impl Trainer {
         while self.step < total {
             let stats = self.step_once()?;
             let step = self.step;
+            if self.nonfinite_consecutive >= max_nonfinite {
+                // Skipped updates left the networks at their last good state; save it.
+                let saved = self.write_checkpoint()?;
+                progress.finish();
+                bail!(
+                    "stopping at step {step}: {} consecutive steps with a non-finite loss or gradient \
+                     (train.max_nonfinite = {max_nonfinite}; {} in all); the last good state is checkpointed{}",
+                    self.nonfinite_consecutive,
+                    self.nonfinite_total,
+                    saved
+                        .map(|p| format!(" in {}", p.display()))
+                        .unwrap_or_default()
+                );
+            }
             window_steps += 1;
 
             let logged = if step % log_every == 0 || step == total {
@@ -270,13 +433,16 @@ impl Trainer {
                     last_sample = Some(path);
                 }
             }
-            match observer.after_step(step, logged.as_ref())? {
-                Directive::Continue => {}
-                Directive::Checkpoint => self.checkpoint_now()?,
-                Directive::Stop => {
-                    self.checkpoint_now()?;
-                    break;
-                }
+            if (checkpoint_every > 0 && step.is_multiple_of(checkpoint_every)) || step == total {
+                self.write_checkpoint()?;
+            }
+            let directive = observer.after_step(step, logged.as_ref())?;
+            let saved_now = self.last_checkpoint == Some(step);
+            if directive != Directive::Continue && !saved_now {
+                self.write_checkpoint()?;
+            }
+            if directive == Directive::Stop {
+                break;
             }
         }
         progress.finish();
@@ -320,19 +486,6 @@ impl Trainer {
         Ok(summary)
     }
 
-    /// Continues from the newest complete checkpoint in the run directory, if there is one.
-    pub fn resume_latest(&mut self) -> Result<()> {
-        // Checkpoints arrive with the engine's checkpoint module.
-        Ok(())
-    }
-
-    /// Writes a checkpoint of the current state (all ranks call this at the same step).
-    pub fn checkpoint_now(&mut self) -> Result<()> {
-        // Checkpoints arrive with the engine's checkpoint module; until then state is
-        // only made consistent across ranks.
-        self.group.broadcast_state(&mut self.gan)
-    }
-
     /// Averages a step's figures over the group, so logs describe the global batch.
     fn group_mean(&mut self, host: &HostStats) -> Result<HostStats> {
         if self.group.world == 1 {
@@ -353,7 +506,12 @@ impl Trainer {
 
 /// Trains on one process (world size 1) and writes the run directory.
 pub fn run_standalone(settings: &Settings) -> Result<Summary> {
-    let mut trainer = Trainer::new(settings, Group::solo(), 1, 0)?;
+    run_standalone_from(settings, None)
+}
+
+/// [`run_standalone`], continuing from `resume` when given.
+pub fn run_standalone_from(settings: &Settings, resume: Option<&CheckpointDir>) -> Result<Summary> {
+    let mut trainer = Trainer::with_resume(settings, Group::solo(), 1, 0, resume)?;
     trainer.run(&mut NoObserver)
 }
 

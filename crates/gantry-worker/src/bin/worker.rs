@@ -8,9 +8,10 @@ use clap::Parser;
 use gantry_collective::{RingCollective, RingConfig};
 use gantry_config::ConfigArgs;
 use gantry_models::runtime;
+use gantry_worker::checkpoint::ResumeArgs;
 use gantry_worker::cluster::{self, ClusterOptions};
 use gantry_worker::sync::Group;
-use gantry_worker::train::{NoObserver, Trainer, run_standalone};
+use gantry_worker::train::{NoObserver, Trainer, run_standalone_from};
 
 /// A Gantry worker.
 #[derive(Debug, Parser)]
@@ -45,6 +46,8 @@ struct Cli {
     list_devices: bool,
     #[command(flatten)]
     config: ConfigArgs,
+    #[command(flatten)]
+    resume: ResumeArgs,
 }
 
 fn main() -> Result<()> {
@@ -96,7 +99,12 @@ fn main() -> Result<()> {
             "no mode given: pass --standalone, or --rank/--world-size/--peers for a static group"
         );
     }
-    run_standalone(&settings)?;
+    let checkpoint = cli.resume.checkpoint()?;
+    let settings = match &checkpoint {
+        Some(_) => ResumeArgs::settings(&cli.config, checkpoint.as_ref())?,
+        None => settings,
+    };
+    run_standalone_from(&settings, checkpoint.as_ref())?;
     Ok(())
 }
 

@@ -1,0 +1,411 @@
+//! Crash-safe checkpoints and resuming from them.
+//!
+//! ```text
+//! RUN_DIR/checkpoints/step-NNNNNNNN/
+//!   generator.safetensors      generator parameters and BatchNorm buffers
+//!   discriminator.safetensors
+//!   generator_ema.safetensors  the EMA generator under the generator's variable names
+//!   optimizer.safetensors      both optimisers' exp_avg / exp_avg_sq (Adam)
+//!   config.toml                the effective settings
+//!   state.json                 step, seed, data position, counters, fingerprint
+//!   MANIFEST                   "<sha256>  <size>  <file>" per file above; written last
+//! ```
+//!
+//! A checkpoint is written into `checkpoints/.tmp-step-NNNNNNNN-<pid>/`, every file fsynced,
+//! `MANIFEST` written and fsynced last, the directory fsynced, renamed to its final name and
+//! `checkpoints/` fsynced. A directory is *complete* when its MANIFEST exists and every file
+//! it lists has the listed size and SHA-256; resume only ever accepts complete ones, so a
+//! crash at any point leaves either the previous checkpoint or the new one.
+//!
+//! No RNG state is stored: data order, latents and WGAN-GP interpolates are pure functions of
+//! (seed, sub-step) and nothing in a step draws from libtorch's generator, so (tensors, step)
+//! determine the rest of the run exactly.
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use gantry_config::{ConfigArgs, Settings};
+use gantry_models::Gan;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::atomic::sync_dir;
+
+pub const MANIFEST: &str = "MANIFEST";
+pub const STATE_FILE: &str = "state.json";
+pub const CONFIG_FILE: &str = "config.toml";
+/// Every file a complete checkpoint holds besides MANIFEST.
+pub const FILES: &[&str] = &[
+    gantry_models::GENERATOR_FILE,
+    gantry_models::DISCRIMINATOR_FILE,
+    gantry_models::GENERATOR_EMA_FILE,
+    gantry_models::OPTIMIZER_FILE,
+    CONFIG_FILE,
+    STATE_FILE,
+];
+const FORMAT: u32 = 1;
+
+/// Settings keys whose change alters tensor shapes (or the optimiser state's layout): a
+/// checkpoint cannot be loaded across them.
+pub const SHAPE_KEYS: &[&str] = &[
+    "model.kind",
+    "model.latent_dim",
+    "model.batch_norm",
+    "data.image_size",
+    "data.channels",
+    "train.optimizer",
+];
+
+/// `state.json`: the scalar state next to the tensors.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointState {
+    pub format: u32,
+    /// Steps completed.
+    pub step: u64,
+    pub seed: u64,
+    /// The next data/latent/interpolation sub-stream index (`step × train.n_critic`).
+    pub data_position: u64,
+    /// Adam's `t` of each optimiser (lower than `step` after skipped updates).
+    pub g_optimizer_steps: u64,
+    pub d_optimizer_steps: u64,
+    pub nonfinite_total: u64,
+    pub nonfinite_consecutive: u64,
+    /// [`Settings::fingerprint`] of the run that wrote it.
+    pub fingerprint: String,
+    pub world_size: usize,
+    /// RNG state the run still depends on: none (see the module docs); kept explicit so a
+    /// future stateful RNG has an obvious home.
+    pub rng_state: Option<String>,
+}
+
+/// A complete checkpoint, found and verified.
+#[derive(Debug, Clone)]
+pub struct CheckpointDir {
+    pub path: PathBuf,
+    pub state: CheckpointState,
+    /// The settings it was written with.
+    pub settings: Settings,
+    /// Newer checkpoints that were passed over, with the reason (already warned about).
+    pub skipped: Vec<(PathBuf, String)>,
+}
+
+impl CheckpointDir {
+    pub fn step(&self) -> u64 {
+        self.state.step
+    }
+}
+
+fn step_name(step: u64) -> String {
+    format!("step-{step:08}")
+}
+
+/// Writes the checkpoint of `step` into `checkpoints/` (see the module docs), then keeps only
+/// the newest `keep` complete ones. Returns the final directory.
+pub fn write(
+    checkpoints: &Path,
+    gan: &Gan,
+    settings: &Settings,
+    state: &CheckpointState,
+    keep: usize,
+) -> Result<PathBuf> {
+    fs::create_dir_all(checkpoints)
+        .with_context(|| format!("creating {}", checkpoints.display()))?;
+    let name = step_name(state.step);
+    let tmp = checkpoints.join(format!(".tmp-{name}-{}", std::process::id()));
+    let target = checkpoints.join(&name);
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        gan.save(&tmp).context("writing tensors")?;
+        fs::write(tmp.join(CONFIG_FILE), settings.to_toml()?)?;
+        fs::write(
+            tmp.join(STATE_FILE),
+            serde_json::to_string_pretty(state)? + "\n",
+        )?;
+        let mut manifest = String::new();
+        for file in FILES {
+            let path = tmp.join(file);
+            File::open(&path)?
+                .sync_all()
+                .with_context(|| format!("fsync {}", path.display()))?;
+            let (digest, size) = hash_file(&path)?;
+            manifest.push_str(&format!("{digest}  {size}  {file}\n"));
+        }
+        let mut f = File::create(tmp.join(MANIFEST))?;
+        f.write_all(manifest.as_bytes())?;
+        f.sync_all()?;
+        sync_dir(&tmp)?;
+        if target.exists() {
+            // Same step written again (e.g. a rerun): the old copy goes only once the new one
+            // is complete on disk.
+            fs::remove_dir_all(&target)
+                .with_context(|| format!("replacing {}", target.display()))?;
+        }
+        fs::rename(&tmp, &target)?;
+        sync_dir(checkpoints)?;
+        Ok(())
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e.context(format!("writing checkpoint {}", target.display())));
+    }
+    prune(checkpoints, keep, state.step)?;
+    Ok(target)
+}
+
+fn hash_file(path: &Path) -> Result<(String, u64)> {
+    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        size += n as u64;
+    }
+    Ok((hex::encode(hasher.finalize()), size))
+}
+
+/// Checks that `dir` is complete; the error says which file is wrong and how.
+pub fn verify(dir: &Path) -> std::result::Result<(), String> {
+    let manifest_path = dir.join(MANIFEST);
+    let text = fs::read_to_string(&manifest_path)
+        .map_err(|e| format!("{}: {e} (checkpoint incomplete)", manifest_path.display()))?;
+    let mut listed = Vec::new();
+    for line in text.lines() {
+        let parts: Vec<&str> = line.splitn(3, "  ").collect();
+        let [digest, size, file] = parts[..] else {
+            return Err(format!(
+                "{}: malformed line {line:?}",
+                manifest_path.display()
+            ));
+        };
+        let path = dir.join(file);
+        let (actual, actual_size) =
+            hash_file(&path).map_err(|e| format!("{}: {e:#}", path.display()))?;
+        if actual_size.to_string() != size {
+            return Err(format!(
+                "{}: size {actual_size}, MANIFEST says {size}",
+                path.display()
+            ));
+        }
+        if actual != digest {
+            return Err(format!(
+                "{}: SHA-256 {actual}, MANIFEST says {digest}",
+                path.display()
+            ));
+        }
+        listed.push(file);
+    }
+    if let Some(missing) = FILES.iter().find(|f| !listed.contains(f)) {
+        return Err(format!(
+            "{}: does not list {missing}",
+            manifest_path.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Reads a directory that [`verify`] accepted.
+fn open(dir: &Path, skipped: Vec<(PathBuf, String)>) -> Result<CheckpointDir> {
+    let state_path = dir.join(STATE_FILE);
+    let state: CheckpointState = serde_json::from_slice(&fs::read(&state_path)?)
+        .with_context(|| format!("parsing {}", state_path.display()))?;
+    if state.format != FORMAT {
+        bail!(
+            "{}: checkpoint format {} (this worker reads {FORMAT})",
+            state_path.display(),
+            state.format
+        );
+    }
+    let config_path = dir.join(CONFIG_FILE);
+    let settings: Settings = toml::from_str(&fs::read_to_string(&config_path)?)
+        .with_context(|| format!("parsing {}", config_path.display()))?;
+    Ok(CheckpointDir {
+        path: dir.to_path_buf(),
+        state,
+        settings,
+        skipped,
+    })
+}
+
+/// `step-NNNNNNNN` directories under `checkpoints/`, newest first.
+fn candidates(checkpoints: &Path) -> Result<Vec<(u64, PathBuf)>> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(checkpoints) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(e) => return Err(e).with_context(|| format!("listing {}", checkpoints.display())),
+    };
+    for entry in entries {
+        let entry = entry?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(step) = name
+            .strip_prefix("step-")
+            .and_then(|s| s.parse::<u64>().ok())
+            && entry.file_type()?.is_dir()
+        {
+            found.push((step, entry.path()));
+        }
+    }
+    found.sort_by_key(|entry| std::cmp::Reverse(entry.0));
+    Ok(found)
+}
+
+/// Finds the checkpoint to resume from. `path` is a checkpoint directory (it must be
+/// complete), a run directory or its `checkpoints/` directory (the newest complete checkpoint
+/// wins; incomplete or corrupt newer ones are skipped with a warning naming the file and the
+/// reason). `Ok(None)`: no complete checkpoint there.
+pub fn resume_from(path: &Path) -> Result<Option<CheckpointDir>> {
+    let is_checkpoint = path.join(MANIFEST).exists()
+        || path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("step-"));
+    if is_checkpoint {
+        verify(path)
+            .map_err(|why| anyhow::anyhow!("cannot resume from {}: {why}", path.display()))?;
+        return open(path, Vec::new()).map(Some);
+    }
+    let checkpoints = if path.join("checkpoints").is_dir() {
+        path.join("checkpoints")
+    } else {
+        path.to_path_buf()
+    };
+    let mut skipped = Vec::new();
+    for (_, dir) in candidates(&checkpoints)? {
+        match verify(&dir) {
+            Ok(()) => return open(&dir, skipped).map(Some),
+            Err(why) => {
+                eprintln!("warning: skipping checkpoint {}: {why}", dir.display());
+                skipped.push((dir, why));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Keeps the newest `keep` checkpoints up to step `current` that have a MANIFEST; removes
+/// every other `step-*` directory and every leftover `.tmp-*` directory. Checkpoints after
+/// `current` belong to a timeline a resume abandoned (its metrics rows are dropped too);
+/// left in place they would outrank, and so prune, the new run's checkpoints.
+pub fn prune(checkpoints: &Path, keep: usize, current: u64) -> Result<()> {
+    let mut kept = 0;
+    for (step, dir) in candidates(checkpoints)? {
+        if step > current {
+            fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing abandoned checkpoint {}", dir.display()))?;
+            continue;
+        }
+        if kept < keep && dir.join(MANIFEST).exists() {
+            kept += 1;
+            continue;
+        }
+        if kept >= keep || !dir.join(MANIFEST).exists() {
+            fs::remove_dir_all(&dir)
+                .with_context(|| format!("removing old checkpoint {}", dir.display()))?;
+        }
+    }
+    for entry in fs::read_dir(checkpoints)? {
+        let entry = entry?;
+        if entry.file_name().to_string_lossy().starts_with(".tmp-") {
+            fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// Compares a checkpoint's settings with the current ones. Changes to [`SHAPE_KEYS`] are
+/// refused naming the key; other changes (outside `run`, `cluster`, `metrics`) come back as
+/// warnings, one per key.
+pub fn check_compatible(saved: &Settings, current: &Settings) -> Result<Vec<String>> {
+    let (old, new) = (leaves(saved)?, leaves(current)?);
+    let mut warnings = Vec::new();
+    for (key, value) in &new {
+        let before = old.iter().find(|(k, _)| k == key).map(|(_, v)| v);
+        if before == Some(value) {
+            continue;
+        }
+        let before = before.map_or_else(|| "(absent)".to_owned(), ToString::to_string);
+        if SHAPE_KEYS.contains(&key.as_str()) {
+            bail!(
+                "cannot resume: `{key}` changed from {before} to {value}, which changes the networks' \
+                 tensor shapes; use the checkpoint's value or start a new run"
+            );
+        }
+        if !["run.", "cluster.", "metrics."]
+            .iter()
+            .any(|p| key.starts_with(p))
+        {
+            warnings.push(format!(
+                "`{key}` changed from {before} to {value} since the checkpoint"
+            ));
+        }
+    }
+    Ok(warnings)
+}
+
+fn leaves(settings: &Settings) -> Result<Vec<(String, serde_json::Value)>> {
+    fn walk(prefix: &str, value: serde_json::Value, out: &mut Vec<(String, serde_json::Value)>) {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (k, v) in map {
+                    let key = if prefix.is_empty() {
+                        k
+                    } else {
+                        format!("{prefix}.{k}")
+                    };
+                    walk(&key, v, out);
+                }
+            }
+            other => out.push((prefix.to_owned(), other)),
+        }
+    }
+    let mut out = Vec::new();
+    walk("", serde_json::to_value(settings)?, &mut out);
+    Ok(out)
+}
+
+/// The `--resume PATH` flag, for any binary that runs a [`crate::train::Trainer`].
+#[derive(Debug, Clone, Default, Args)]
+pub struct ResumeArgs {
+    /// Continue from a checkpoint: a checkpoint directory, or a run directory (its newest
+    /// complete checkpoint). Without --config, the checkpoint's config.toml is the base layer.
+    #[arg(long, value_name = "PATH")]
+    pub resume: Option<PathBuf>,
+}
+
+impl ResumeArgs {
+    /// The checkpoint to resume from (`None` without `--resume`); an error when `--resume`
+    /// names no complete checkpoint.
+    pub fn checkpoint(&self) -> Result<Option<CheckpointDir>> {
+        let Some(path) = &self.resume else {
+            return Ok(None);
+        };
+        match resume_from(path)? {
+            Some(checkpoint) => Ok(Some(checkpoint)),
+            None => bail!("--resume {}: no complete checkpoint found", path.display()),
+        }
+    }
+
+    /// Settings for a resumed run: the usual layers, with the checkpoint's `config.toml` in
+    /// place of `--config` when that flag is absent.
+    pub fn settings(config: &ConfigArgs, checkpoint: Option<&CheckpointDir>) -> Result<Settings> {
+        match checkpoint {
+            Some(c) if config.config.is_none() => Ok(gantry_config::load(
+                Some(&c.path.join(CONFIG_FILE)),
+                std::env::vars(),
+                &config.overrides()?,
+            )?),
+            _ => Ok(config.load()?),
+        }
+    }
+}

@@ -593,9 +593,11 @@ impl Settings {
     }
 
     /// SHA-256 (hex) of everything that shapes what is trained. `run`, `cluster` and `metrics`
-    /// (where, on which device, behind which address) are left out: two workers on different hosts and devices train the same job.
+    /// (where, on which device, behind which address) and `train.threads` (each host's CPU
+    /// share) are left out: two workers on different hosts and devices train the same job.
     pub fn fingerprint(&self) -> String {
         let mut shaping = self.clone();
+        shaping.train.threads = 0;
         shaping.run = Run::default();
         shaping.cluster = Cluster::default();
         shaping.metrics = Metrics::default();

@@ -152,6 +152,7 @@ fn toml_round_trips_and_fingerprint_ignores_run() {
     let mut elsewhere = s.clone();
     elsewhere.run.dir = "/somewhere/else".into();
     elsewhere.run.device = DeviceChoice::Cpu;
+    elsewhere.train.threads = 3;
     assert_eq!(s.fingerprint(), elsewhere.fingerprint());
     let mut other = s.clone();
     other.train.lr_d = 1e-3;

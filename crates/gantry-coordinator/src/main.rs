@@ -215,6 +215,8 @@ async fn supervise(
     let mut stopped_by: Option<i32> = None;
     let mut progress = progress::Reporter::new(settings.train.steps);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
+    // How the current generation's local workers ended so far.
+    let mut exits: Vec<(String, std::process::ExitStatus)> = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {}
@@ -223,7 +225,9 @@ async fn supervise(
         }
         if let Some(w) = workers.as_mut() {
             let members = job.member_ids();
-            for (id, status) in w.poll_exited() {
+            let exited = w.poll_exited();
+            exits.extend(exited.iter().cloned());
+            for (id, status) in exited {
                 let rank = job.rank_of(&id);
                 let clean = status.success();
                 let in_generation = members.contains(&id) || job.phase() == Phase::Rendezvous;
@@ -247,7 +251,13 @@ async fn supervise(
             }
             Phase::Rendezvous | Phase::Training => {}
         }
-        if let Some(failure) = job.check_health(Instant::now()) {
+        if let Some(mut failure) = job.check_health(Instant::now()) {
+            // Stop the generation first: the report then has the failed worker's exit status.
+            if let Some(w) = workers.as_mut() {
+                exits.extend(w.stop_all(Duration::from_secs(3)));
+            }
+            failure.reason = with_exit_statuses(failure.reason, &exits);
+            exits.clear();
             progress.println(&format!(
                 "coordinator: generation {} failed: {}",
                 job.generation(),
@@ -255,9 +265,6 @@ async fn supervise(
             ));
             if stopped_by.is_some() {
                 return fail(&mut workers, Some(failure), job.restarts());
-            }
-            if let Some(w) = workers.as_mut() {
-                w.stop_all(Duration::from_secs(3));
             }
             if !job.next_generation() {
                 return fail(&mut workers, Some(failure), job.restarts());
@@ -294,6 +301,18 @@ async fn supervise(
             Ok(0)
         }
     }
+}
+
+/// `reason`, plus the exit status of each local worker it names (when not already stated):
+/// "rank 1 (local-g2-w0) failed: ...; local-g2-w0 exited with exit status 1".
+fn with_exit_statuses(mut reason: String, exits: &[(String, std::process::ExitStatus)]) -> String {
+    for (id, status) in exits {
+        let how = spawn::describe_exit(*status);
+        if reason.contains(id.as_str()) && !reason.contains(&how) {
+            reason.push_str(&format!("; {id} exited with {how}"));
+        }
+    }
+    reason
 }
 
 fn stop(job: &Job, already: Option<i32>, code: i32) -> Option<i32> {

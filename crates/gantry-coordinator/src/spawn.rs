@@ -94,22 +94,26 @@ impl LocalWorkers {
     }
 
     /// Asks every child to leave (SIGTERM), waits up to `grace`, then kills what is left.
-    /// Stopped (SIGSTOP) children cannot act on SIGTERM, so SIGKILL ends them.
-    pub fn stop_all(&mut self, grace: Duration) {
+    /// Stopped (SIGSTOP) children cannot act on SIGTERM, so SIGKILL ends them. Returns how
+    /// each child ended.
+    pub fn stop_all(&mut self, grace: Duration) -> Vec<(String, ExitStatus)> {
         for (_, child) in &self.children {
             signal(child, libc::SIGTERM);
         }
         let deadline = Instant::now() + grace;
+        let mut exited = Vec::new();
         while Instant::now() < deadline && !self.children.is_empty() {
-            self.children
-                .retain_mut(|(_, c)| !matches!(c.try_wait(), Ok(Some(_))));
+            exited.extend(self.poll_exited());
             std::thread::sleep(Duration::from_millis(50));
         }
-        for (_, child) in &mut self.children {
+        for (id, child) in &mut self.children {
             let _ = child.kill();
-            let _ = child.wait();
+            if let Ok(status) = child.wait() {
+                exited.push((id.clone(), status));
+            }
         }
         self.children.clear();
+        exited
     }
 
     pub fn log_dir(&self) -> &Path {

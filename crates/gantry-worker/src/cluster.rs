@@ -224,6 +224,10 @@ fn run_inner(
         .context("the coordinator's configuration")
         .map_err(fatal)?;
     settings.run.device = device_choice;
+    // The CPU share is this host's (e.g. its pod's CPU request), not the job's.
+    if local.train.threads != 0 {
+        settings.train.threads = local.train.threads;
+    }
     eprintln!(
         "worker {}: rank {} of {} (generation {}, backend {}, resume {})",
         options.worker_id,

@@ -46,7 +46,7 @@ impl Progress {
                 }
             }
             (None, Some(figures)) => {
-                let due = step % self.every == 0 || step == self.total;
+                let due = step.is_multiple_of(self.every) || step == self.total;
                 if due || self.last_line.elapsed() > Duration::from_secs(30) {
                     eprintln!("step {step}/{} {figures}", self.total);
                     self.last_line = Instant::now();

@@ -14,7 +14,8 @@ const SCALE: usize = 2;
 pub fn grid_png(images: &[u8], shape: [usize; 3], cols: usize) -> Result<Vec<u8>> {
     let [c, h, w] = shape;
     let per_image = c * h * w;
-    if per_image == 0 || images.len() % per_image != 0 || !(c == 1 || c == 3) || cols == 0 {
+    if per_image == 0 || !images.len().is_multiple_of(per_image) || !(c == 1 || c == 3) || cols == 0
+    {
         bail!(
             "cannot lay out {} bytes as images of shape {shape:?}",
             images.len()

@@ -396,7 +396,7 @@ impl Trainer {
             }
             window_steps += 1;
 
-            let logged = if step % log_every == 0 || step == total {
+            let logged = if step.is_multiple_of(log_every) || step == total {
                 let host = self.group_mean(&stats.to_host())?;
                 let images_per_second =
                     (window_steps * global_batch) as f64 / window_start.elapsed().as_secs_f64();
@@ -423,10 +423,11 @@ impl Trainer {
             if self.group.rank == 0 {
                 progress.update(step, logged.as_ref().map(describe));
             }
-            if verify_every > 0 && step % verify_every == 0 {
+            if verify_every > 0 && step.is_multiple_of(verify_every) {
                 self.group.verify_identical(&self.gan, step)?;
             }
-            let sample_due = (sample_every > 0 && step % sample_every == 0) || step == total;
+            let sample_due =
+                (sample_every > 0 && step.is_multiple_of(sample_every)) || step == total;
             if sample_due {
                 self.group.broadcast_state(&mut self.gan)?;
                 if let Some(path) = self.write_samples()? {

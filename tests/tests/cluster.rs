@@ -184,6 +184,8 @@ fn tiny(steps: u64) -> Vec<String> {
         "train.threads=1",
         "train.log_every=5",
         "samples.every=0",
+        // Quality evaluation is tested in the worker crate; here it would only add time.
+        "eval.samples=0",
         "checkpoint.every=20",
         "collective.verify_every=10",
         // Longer than the heartbeat timeout: a hung peer is caught by its missed heartbeats,

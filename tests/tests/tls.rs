@@ -152,7 +152,14 @@ fn mutual_tls_admits_only_workers_with_the_jobs_certificates() {
                 "--set",
                 "train.threads=1",
             ])
-            .args(["--set", "samples.every=0", "--set", "checkpoint.every=0"])
+            .args([
+                "--set",
+                "samples.every=0",
+                "--set",
+                "checkpoint.every=0",
+                "--set",
+                "eval.samples=0",
+            ])
             .args([
                 "--set",
                 "cluster.heartbeat_interval=0.2",

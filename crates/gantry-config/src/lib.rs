@@ -49,6 +49,26 @@ pub struct Settings {
     pub collective: CollectiveSettings,
     pub cluster: Cluster,
     pub metrics: Metrics,
+    pub eval: Eval,
+}
+
+/// Quality evaluation (FID / Inception Score against an MNIST classifier).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Eval {
+    /// Generated images scored at the end of a run (0 = no evaluation).
+    pub samples: usize,
+    /// Also evaluate every this many steps (0 = only at the end).
+    pub every: u64,
+}
+
+impl Default for Eval {
+    fn default() -> Self {
+        Self {
+            samples: 1000,
+            every: 0,
+        }
+    }
 }
 
 /// Optimisation and the training loop.
@@ -601,6 +621,7 @@ impl Settings {
         shaping.run = Run::default();
         shaping.cluster = Cluster::default();
         shaping.metrics = Metrics::default();
+        shaping.eval = Eval::default();
         let canonical = serde_json::to_vec(&shaping).unwrap_or_default();
         hex::encode(Sha256::digest(canonical))
     }

@@ -59,6 +59,23 @@ pub struct Summary {
     pub final_figures: FinalFigures,
     /// The last sample grid, relative to the run directory.
     pub last_sample: Option<String>,
+    /// Sample quality of the final (EMA) generator, when evaluated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quality: Option<QualityReport>,
+}
+
+/// `summary.json`'s `quality`: the final generator scored by `gantry-eval`'s classifier.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct QualityReport {
+    /// Fréchet distance to held-out real digits in the classifier's feature space.
+    pub fid: f64,
+    /// The same for the untrained generator (same seed), the baseline.
+    pub fid_initial: f64,
+    pub inception_score: f64,
+    pub classes_covered: u32,
+    pub class_histogram: [u32; 10],
+    pub samples: usize,
+    pub classifier_accuracy: f64,
 }
 
 /// An open run directory.
@@ -149,6 +166,21 @@ impl RunDir {
         serde_json::to_writer(&mut self.metrics, row)?;
         self.metrics.write_all(b"\n")?;
         self.metrics.flush().context("writing metrics.jsonl")
+    }
+
+    /// Appends one evaluation to `quality.jsonl` (quality over time).
+    pub fn append_quality(&self, step: u64, report: &QualityReport) -> Result<()> {
+        let path = self.root.join("quality.jsonl");
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let mut row = serde_json::to_value(report)?;
+        if let Some(object) = row.as_object_mut() {
+            object.insert("step".into(), step.into());
+        }
+        writeln!(file, "{row}").with_context(|| format!("writing {}", path.display()))
     }
 
     pub fn write_summary(&self, summary: &Summary) -> Result<()> {

@@ -12,7 +12,7 @@ use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointDir, CheckpointState};
 use crate::progress::Progress;
-use crate::run_dir::{FinalFigures, MetricsRow, RunDir, Summary};
+use crate::run_dir::{FinalFigures, MetricsRow, QualityReport, RunDir, Summary};
 use crate::samples;
 use crate::sync::Group;
 
@@ -437,6 +437,15 @@ impl Trainer {
             if (checkpoint_every > 0 && step.is_multiple_of(checkpoint_every)) || step == total {
                 self.write_checkpoint()?;
             }
+            let eval_every = self.settings.eval.every;
+            if eval_every > 0 && step.is_multiple_of(eval_every) && step != total {
+                if let Some(report) = self.evaluate(false)? {
+                    progress.println(&format!(
+                        "step {step}: fid {:.2}, inception score {:.2}, {} classes",
+                        report.fid, report.inception_score, report.classes_covered
+                    ));
+                }
+            }
             let directive = observer.after_step(step, logged.as_ref())?;
             let saved_now = self.last_checkpoint == Some(step);
             if directive != Directive::Continue && !saved_now {
@@ -451,6 +460,7 @@ impl Trainer {
 
         let train_seconds = train_started.elapsed().as_secs_f64();
         let host = last.context("no step was run")?;
+        let quality = self.evaluate(true)?;
         let summary = Summary {
             steps: self.step,
             world_size: self.group.world,
@@ -471,6 +481,7 @@ impl Trainer {
                     .ok()
                     .map(|p| p.display().to_string())
             }),
+            quality,
         };
         if let Some(run) = &self.run {
             run.write_summary(&summary)?;
@@ -485,6 +496,60 @@ impl Trainer {
             ));
         }
         Ok(summary)
+    }
+
+    /// Scores `eval.samples` images of the current (EMA) generator with gantry-eval's MNIST
+    /// classifier (rank 0 only; trained once and cached). With `baseline`, also scores the
+    /// untrained generator of the same seed for `fid_initial`. `None` when evaluation is off
+    /// or the images are not 28×28 grey digits.
+    pub fn evaluate(&self, baseline: bool) -> Result<Option<QualityReport>> {
+        let n = self.settings.eval.samples;
+        if self.group.rank != 0 || n < 2 {
+            return Ok(None);
+        }
+        if self.grid_shape != [1, 28, 28] {
+            return Ok(None);
+        }
+        let evaluator = gantry_eval::Evaluator::load_or_train(&gantry_eval::default_cache_dir())
+            .context("preparing the evaluation classifier")?;
+        let z = latent::fixed(
+            self.settings.train.seed.wrapping_add(1),
+            n,
+            self.gan.latent_dim(),
+        );
+        let sample = |gan: &Gan| -> Vec<u8> {
+            let dim = gan.latent_dim();
+            z.chunks(500 * dim)
+                .flat_map(|chunk| gan.generate_u8(&gan.latents(chunk)))
+                .collect()
+        };
+        let quality = evaluator
+            .score(&sample(&self.gan), n)
+            .context("scoring samples")?;
+        let fid_initial = if baseline {
+            // The untrained generator is a pure function of the seed: rebuild it.
+            let shape = self.gan.image_shape();
+            let initial = Gan::new(&self.settings, shape, self.device)?;
+            evaluator
+                .score(&sample(&initial), n)
+                .context("scoring the untrained generator")?
+                .fid
+        } else {
+            f64::NAN
+        };
+        let report = QualityReport {
+            fid: quality.fid,
+            fid_initial,
+            inception_score: quality.inception_score,
+            classes_covered: quality.classes_covered,
+            class_histogram: quality.class_histogram,
+            samples: n,
+            classifier_accuracy: evaluator.classifier_accuracy(),
+        };
+        if let Some(run) = &self.run {
+            run.append_quality(self.step, &report)?;
+        }
+        Ok(Some(report))
     }
 
     /// Averages a step's figures over the group, so logs describe the global batch.

@@ -13,6 +13,7 @@ fn short_run_writes_every_artifact() {
     settings.train.threads = 1;
     settings.train.log_every = 10;
     settings.samples.every = 20;
+    settings.eval.samples = 200;
     settings.run.dir = dir.path().to_path_buf();
 
     let summary = run_standalone(&settings).unwrap();

@@ -438,13 +438,12 @@ impl Trainer {
                 self.write_checkpoint()?;
             }
             let eval_every = self.settings.eval.every;
-            if eval_every > 0 && step.is_multiple_of(eval_every) && step != total {
-                if let Some(report) = self.evaluate(false)? {
-                    progress.println(&format!(
-                        "step {step}: fid {:.2}, inception score {:.2}, {} classes",
-                        report.fid, report.inception_score, report.classes_covered
-                    ));
-                }
+            let eval_due = eval_every > 0 && step.is_multiple_of(eval_every) && step != total;
+            if eval_due && let Some(report) = self.evaluate(false)? {
+                progress.println(&format!(
+                    "step {step}: fid {:.2}, inception score {:.2}, {} classes",
+                    report.fid, report.inception_score, report.classes_covered
+                ));
             }
             let directive = observer.after_step(step, logged.as_ref())?;
             let saved_now = self.last_checkpoint == Some(step);

@@ -45,6 +45,10 @@ struct Cli {
     /// gRPC listen address (default: cluster.listen; 127.0.0.1 with any free port for --workers).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
+    /// HTTP address for /healthz and /readyz (default: metrics.addr; 127.0.0.1 with any free
+    /// port for --workers).
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_addr: Option<String>,
     /// Continue the run in this directory from its newest complete checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
@@ -98,15 +102,27 @@ fn run() -> Result<i32> {
         (None, false) => None,
     };
     let resume = cli.resume.is_some();
+    let metrics_addr = match (&cli.metrics_addr, local) {
+        (Some(addr), _) => addr.clone(),
+        (None, true) => "127.0.0.1:0".to_owned(),
+        (None, false) => settings.metrics.addr.clone(),
+    };
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(supervise(
-        settings, world, local, token, listen, worker_bin, resume,
-    ))
+    let launch = Launch {
+        world,
+        local,
+        token,
+        listen,
+        worker_bin,
+        resume,
+        metrics_addr,
+    };
+    runtime.block_on(supervise(settings, launch))
 }
 
 /// The configuration: the usual layers, with `--resume RUN_DIR` reusing that run's
@@ -133,15 +149,28 @@ fn load_settings(cli: &Cli) -> Result<Settings> {
     Ok(settings)
 }
 
-async fn supervise(
-    settings: Settings,
+/// How this coordinator runs its job, as resolved from the command line.
+#[derive(Debug)]
+struct Launch {
     world: u32,
     local: bool,
     token: String,
     listen: SocketAddr,
     worker_bin: Option<PathBuf>,
     resume: bool,
-) -> Result<i32> {
+    metrics_addr: String,
+}
+
+async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
+    let Launch {
+        world,
+        local,
+        token,
+        listen,
+        worker_bin,
+        resume,
+        metrics_addr,
+    } = launch;
     let cluster = &settings.cluster;
     let spec = JobSpec {
         run_id: format!("{}-{}", settings.train.seed, &auth::generate_token()[..8]),
@@ -191,6 +220,13 @@ async fn supervise(
         settings.train.steps,
         settings.run.dir.display()
     );
+
+    let ready = gantry_metrics::Readiness::default();
+    let http = gantry_metrics::serve(&metrics_addr, ready.clone())
+        .await
+        .with_context(|| "the health endpoint (--metrics-addr / metrics.addr)")?;
+    ready.set(true);
+    eprintln!("coordinator: health endpoints on http://{http}/healthz and /readyz");
 
     let mut workers = worker_bin.map(|binary| LocalWorkers {
         binary,

@@ -205,6 +205,23 @@ fn run_inner(
         ring_addr,
         metrics_addr: String::new(),
     };
+    // Probes for orchestrators: alive from here on, ready once the group has formed. Several
+    // workers sharing a host (and a default port) is normal outside Kubernetes, so a taken
+    // port costs only the probe endpoint, never the training.
+    let ready = gantry_metrics::Readiness::default();
+    match rt.block_on(gantry_metrics::serve(
+        &local.metrics.worker_addr,
+        ready.clone(),
+    )) {
+        Ok(addr) => eprintln!(
+            "worker {}: health endpoints on http://{addr}/healthz",
+            options.worker_id
+        ),
+        Err(e) => eprintln!(
+            "worker {}: warning: no health endpoint: {e}",
+            options.worker_id
+        ),
+    }
     let assignment = rt
         .block_on(join_with_retry(
             &mut client,
@@ -238,6 +255,7 @@ fn run_inner(
         assignment.resume
     );
 
+    ready.set(true);
     let shared = Arc::new(Shared::default());
     shared.set_state(WorkerState::Starting);
     let heartbeat = rt.spawn(heartbeat_loop(

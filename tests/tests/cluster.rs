@@ -841,11 +841,27 @@ fn killed_coordinator_is_noticed_and_a_resumed_one_finishes_the_job() {
     ];
     c.wait_step(25);
     c.procs[first].signal(libc::SIGKILL);
+    // Every worker leaves with the retryable code. The first to miss its heartbeats says it
+    // lost the coordinator and aborts the ring; its partner may see that abort first, as a
+    // peer gone mid all-reduce: both are the same event.
+    let mut noticed = 0;
     for w in workers {
         c.assert_exit(w, EXIT_RETRYABLE, JOB);
         let err = c.stderr(w);
-        assert!(err.contains("lost the coordinator"), "{err}");
+        if err.contains("lost the coordinator") {
+            noticed += 1;
+        } else {
+            assert!(
+                err.contains("disconnected") || err.contains("aborted"),
+                "{err}"
+            );
+        }
     }
+    assert!(
+        noticed >= 1,
+        "no worker noticed the lost coordinator\n{}",
+        c.diag()
+    );
     let reached = c.metrics_step();
     assert!(
         reached < steps,

@@ -85,19 +85,25 @@ pub struct RunDir {
     metrics: BufWriter<File>,
 }
 
+/// Creates the run directory's folders and writes the effective `config.toml`.
+fn prepare(root: &Path, settings: &Settings) -> Result<()> {
+    for dir in [
+        root.to_path_buf(),
+        root.join("samples"),
+        root.join("checkpoints"),
+    ] {
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let config = settings.to_toml()?;
+    let path = root.join("config.toml");
+    crate::atomic::write(&path, config.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 impl RunDir {
     /// Creates (or reuses) `root`, writes `config.toml` and starts a fresh `metrics.jsonl`.
     pub fn create(root: &Path, settings: &Settings) -> Result<Self> {
-        for dir in [
-            root.to_path_buf(),
-            root.join("samples"),
-            root.join("checkpoints"),
-        ] {
-            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let config = settings.to_toml()?;
-        crate::atomic::write(&root.join("config.toml"), config.as_bytes())
-            .with_context(|| format!("writing {}", root.join("config.toml").display()))?;
+        prepare(root, settings)?;
         let metrics_path = root.join("metrics.jsonl");
         let metrics = OpenOptions::new()
             .create(true)
@@ -114,16 +120,7 @@ impl RunDir {
     /// Reopens `root` for a run resumed at `step`: writes `config.toml`, keeps the
     /// `metrics.jsonl` rows with `step ≤ step` (rewritten atomically) and appends after them.
     pub fn resume(root: &Path, settings: &Settings, step: u64) -> Result<Self> {
-        for dir in [
-            root.to_path_buf(),
-            root.join("samples"),
-            root.join("checkpoints"),
-        ] {
-            fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let config = settings.to_toml()?;
-        crate::atomic::write(&root.join("config.toml"), config.as_bytes())
-            .with_context(|| format!("writing {}", root.join("config.toml").display()))?;
+        prepare(root, settings)?;
         let metrics_path = root.join("metrics.jsonl");
         let old = match fs::read_to_string(&metrics_path) {
             Ok(text) => text,

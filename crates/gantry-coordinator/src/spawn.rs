@@ -1,7 +1,6 @@
 //! Local worker processes (`coordinator --workers N`).
 
 use std::fs::{self, OpenOptions};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -72,9 +71,6 @@ impl LocalWorkers {
             } else {
                 command.args(["--device", "cpu"]);
             }
-            // A process group of their own: Ctrl-C in the coordinator's terminal reaches only
-            // the coordinator, which then checkpoints and stops the workers in order.
-            command.process_group(0);
             let child = command
                 .spawn()
                 .with_context(|| format!("starting {}", self.binary.display()))?;

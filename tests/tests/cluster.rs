@@ -19,10 +19,10 @@ use std::io::Read;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use common::{describe, repo_root, run};
+use common::binary;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -36,47 +36,6 @@ const EXIT_RETRYABLE: i32 = 75;
 fn serial() -> MutexGuard<'static, ()> {
     static SERIAL: Mutex<()> = Mutex::new(());
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// `target/<profile>/`: this test binary lives in its `deps/`. `GANTRY_TEST_BIN_DIR`
-/// points elsewhere (binaries built in another target directory).
-fn profile_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("GANTRY_TEST_BIN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.parent()
-        .and_then(Path::parent)
-        .expect("target/<profile>/deps/<test>")
-        .to_path_buf()
-}
-
-/// The `coordinator` or `worker` binary of this profile, built once when missing.
-fn binary(name: &str) -> PathBuf {
-    static BUILT: OnceLock<()> = OnceLock::new();
-    let dir = profile_dir();
-    let missing = |n: &str| !dir.join(n).is_file();
-    if missing("coordinator") || missing("worker") {
-        BUILT.get_or_init(|| {
-            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-            let mut build = Command::new(cargo);
-            build
-                .args(["build", "--bin", "coordinator", "--bin", "worker"])
-                .current_dir(repo_root());
-            if dir.file_name().is_some_and(|p| p == "release") {
-                build.arg("--release");
-            }
-            let output = run(&mut build);
-            assert!(
-                output.status.success(),
-                "{}",
-                describe("cargo build --bin coordinator --bin worker", &output)
-            );
-        });
-    }
-    let path = dir.join(name);
-    assert!(path.is_file(), "{} missing", path.display());
-    path
 }
 
 fn kill(pid: i32, signal: i32) -> bool {

@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
-use common::{container, describe, object, render_overlay, repo_root, run};
+use common::{binary, container, object, render_overlay};
 use serde_json::Value;
 
 const STEPS: &str = "20";
@@ -30,39 +30,6 @@ fn free_port() -> u16 {
         .local_addr()
         .expect("addr")
         .port()
-}
-
-/// `target/<profile>/{coordinator,worker}` beside this test binary (`GANTRY_TEST_BIN_DIR`
-/// overrides the directory), built once when missing.
-fn binary(name: &str) -> PathBuf {
-    let dir = match std::env::var_os("GANTRY_TEST_BIN_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => std::env::current_exe()
-            .expect("test executable")
-            .parent()
-            .and_then(Path::parent)
-            .expect("target/<profile>/deps/<test>")
-            .to_path_buf(),
-    };
-    let path = dir.join(name);
-    if !path.is_file() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let mut build = Command::new(cargo);
-        build
-            .args(["build", "--bin", "coordinator", "--bin", "worker"])
-            .current_dir(repo_root());
-        if dir.file_name().is_some_and(|p| p == "release") {
-            build.arg("--release");
-        }
-        let output = run(&mut build);
-        assert!(
-            output.status.success(),
-            "{}",
-            describe("cargo build --bin coordinator --bin worker", &output)
-        );
-    }
-    assert!(path.is_file(), "{} missing after the build", path.display());
-    path
 }
 
 fn strings(value: &Value) -> Vec<String> {

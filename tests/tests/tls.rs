@@ -3,28 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::repo_root;
-
-/// The debug binaries of the workspace, built once if missing.
-fn binary(name: &str) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join(name);
-    if !path.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "--bin", "coordinator", "--bin", "worker"])
-            .current_dir(repo_root())
-            .status()
-            .expect("cargo build");
-        assert!(status.success(), "building the binaries failed");
-    }
-    path
-}
+use common::binary;
 
 fn openssl(dir: &Path, args: &[&str]) {
     let status = Command::new("openssl")

@@ -151,3 +151,46 @@ pub fn expect_workers(coordinator_container: &Value) -> String {
         .expect("--expect-workers");
     args[at + 1].to_string()
 }
+
+/// `target/<profile>/`: this test binary lives in its `deps/`. `GANTRY_TEST_BIN_DIR`
+/// points elsewhere (binaries built in another target directory).
+pub fn profile_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("GANTRY_TEST_BIN_DIR") {
+        return PathBuf::from(dir);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>")
+        .to_path_buf()
+}
+
+/// The `coordinator` or `worker` binary of this profile. `cargo test` builds only test
+/// targets, so the binaries are (re)built once per test process: a stale binary from an
+/// earlier build would otherwise be tested instead of the source. Skipped when
+/// `GANTRY_TEST_BIN_DIR` names prebuilt binaries.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    let dir = profile_dir();
+    if std::env::var_os("GANTRY_TEST_BIN_DIR").is_none() {
+        BUILT.get_or_init(|| {
+            let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+            let mut build = Command::new(cargo);
+            build
+                .args(["build", "--bin", "coordinator", "--bin", "worker"])
+                .current_dir(repo_root());
+            if dir.file_name().is_some_and(|p| p == "release") {
+                build.arg("--release");
+            }
+            let output = run(&mut build);
+            assert!(
+                output.status.success(),
+                "{}",
+                describe("cargo build --bin coordinator --bin worker", &output)
+            );
+        });
+    }
+    let path = dir.join(name);
+    assert!(path.is_file(), "{} missing", path.display());
+    path
+}

@@ -8,10 +8,11 @@ use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use gantry_metrics::{ClusterTotals, ClusterView, LeadView, RankView};
 use gantry_proto::ClusterError;
 use gantry_proto::v1::{
     Command, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
-    StatusResponse, WorkerState, WorkerStatus,
+    StatusResponse, WorkerFigures, WorkerState, WorkerStatus,
 };
 use tokio::sync::oneshot;
 use tonic::Status;
@@ -68,6 +69,12 @@ pub struct Member {
     pub g_loss: f64,
     pub images_per_second: f64,
     pub step_seconds: f64,
+    pub d_real: f64,
+    pub d_fake: f64,
+    /// host:port of the worker's /metrics (empty if it has none).
+    pub metrics_addr: String,
+    /// The newest figures from its heartbeats.
+    pub figures: Option<WorkerFigures>,
     pub finished: Option<Result<(), String>>,
 }
 
@@ -98,6 +105,8 @@ struct State {
     /// A failure a worker reported about itself. Often it is the echo of another rank's death
     /// (its peer vanished mid all-reduce), so it waits briefly for the root cause to show.
     reported: Option<(Instant, Failure)>,
+    /// The workers' counters, accumulated over every generation.
+    totals: ClusterTotals,
 }
 
 /// How long a worker-reported failure waits for a process exit or a missed heartbeat that
@@ -131,6 +140,7 @@ impl Job {
                 summary_json: None,
                 failure: None,
                 reported: None,
+                totals: ClusterTotals::default(),
             }),
         }
     }
@@ -274,6 +284,10 @@ impl Job {
                 g_loss: f64::NAN,
                 images_per_second: 0.0,
                 step_seconds: 0.0,
+                d_real: f64::NAN,
+                d_fake: f64::NAN,
+                metrics_addr: r.metrics_addr.clone(),
+                figures: None,
                 finished: None,
             })
             .collect();
@@ -326,8 +340,20 @@ impl Job {
         if hb.d_loss.is_finite() || hb.g_loss.is_finite() {
             member.d_loss = hb.d_loss;
             member.g_loss = hb.g_loss;
+            member.d_real = hb.d_x;
+            member.d_fake = hb.d_g_z;
         }
         member.images_per_second = hb.images_per_second;
+        if let Some(figures) = &hb.figures {
+            let increase = figures_increase(member.figures.as_ref(), figures, member.rank == 0);
+            member.figures = Some(figures.clone());
+            let totals = &mut state.totals;
+            totals.images += increase.images;
+            totals.nonfinite_steps += increase.nonfinite_steps;
+            totals.allreduce_bytes += increase.allreduce_bytes;
+            totals.allreduce_seconds += increase.allreduce_seconds;
+            totals.checkpoints += increase.checkpoints;
+        }
         let step = hb.step;
         if step > state.last_progress.0 {
             state.last_progress = (step, Instant::now());
@@ -546,6 +572,83 @@ impl Job {
             .map(|m| m.rank)
     }
 
+    /// The job as the coordinator's metrics show it.
+    pub fn cluster_view(&self, auth_failures: u64) -> ClusterView {
+        let state = self.lock();
+        let now = Instant::now();
+        let alive = state
+            .members
+            .iter()
+            .filter(|m| now.duration_since(m.last_seen) <= self.spec.heartbeat_timeout)
+            .count();
+        let lead = state.members.iter().find(|m| m.rank == 0).map(|m| {
+            let f = m.figures.clone().unwrap_or_default();
+            LeadView {
+                d_loss: m.d_loss,
+                g_loss: m.g_loss,
+                d_real: m.d_real,
+                d_fake: m.d_fake,
+                generator_grad_norm: f.generator_grad_norm,
+                discriminator_grad_norm: f.discriminator_grad_norm,
+                last_checkpoint_seconds: f.last_checkpoint_seconds,
+                last_checkpoint_bytes: f.last_checkpoint_bytes,
+                quality: f.quality.map(|q| gantry_metrics::Quality {
+                    step: q.step,
+                    fid: q.fid,
+                    inception_score: q.inception_score,
+                    classes_covered: q.classes_covered,
+                }),
+            }
+        });
+        ClusterView {
+            phase: state.phase.as_str(),
+            generation: state.generation,
+            restarts: u64::from(state.restarts),
+            auth_failures,
+            workers_expected: u64::from(self.spec.world_size),
+            workers_alive: alive as u64,
+            step: state.members.iter().map(|m| m.step).min().unwrap_or(0),
+            total_steps: self.spec.total_steps,
+            totals: state.totals,
+            ranks: state
+                .members
+                .iter()
+                .map(|m| RankView {
+                    rank: m.rank,
+                    step: m.step,
+                    step_seconds: m.step_seconds,
+                    // Workers report the group's throughput; this rank's share is 1/world.
+                    images_per_second: m.images_per_second / f64::from(self.spec.world_size.max(1)),
+                    heartbeat_age_seconds: now.duration_since(m.last_seen).as_secs_f64(),
+                    phase_seconds: m
+                        .figures
+                        .as_ref()
+                        .map(|f| {
+                            let mut phases: Vec<(String, f64)> = f
+                                .phase_seconds
+                                .iter()
+                                .map(|(k, v)| (k.clone(), *v))
+                                .collect();
+                            phases.sort_by(|a, b| a.0.cmp(&b.0));
+                            phases
+                        })
+                        .unwrap_or_default(),
+                })
+                .collect(),
+            lead,
+        }
+    }
+
+    /// (rank, host:port) of each current member's /metrics endpoint.
+    pub fn metrics_targets(&self) -> Vec<(u32, String)> {
+        self.lock()
+            .members
+            .iter()
+            .filter(|m| !m.metrics_addr.is_empty())
+            .map(|m| (m.rank, m.metrics_addr.clone()))
+            .collect()
+    }
+
     pub fn status(&self) -> StatusResponse {
         let state = self.lock();
         let now = Instant::now();
@@ -584,6 +687,32 @@ impl Job {
                 })
                 .collect(),
         }
+    }
+}
+
+/// What a worker's counters grew by since its previous heartbeat (all of them for its first).
+/// Steps skipped and checkpoints are the group's, counted on rank 0 alone.
+fn figures_increase(
+    previous: Option<&WorkerFigures>,
+    now: &WorkerFigures,
+    lead: bool,
+) -> ClusterTotals {
+    let before = previous.cloned().unwrap_or_default();
+    let grew = |now: u64, before: u64| now.saturating_sub(before);
+    ClusterTotals {
+        images: grew(now.images_total, before.images_total),
+        nonfinite_steps: if lead {
+            grew(now.nonfinite_total, before.nonfinite_total)
+        } else {
+            0
+        },
+        allreduce_bytes: grew(now.allreduce_bytes_total, before.allreduce_bytes_total),
+        allreduce_seconds: (now.allreduce_seconds_total - before.allreduce_seconds_total).max(0.0),
+        checkpoints: if lead {
+            grew(now.checkpoints_total, before.checkpoints_total)
+        } else {
+            0
+        },
     }
 }
 
@@ -750,5 +879,43 @@ mod tests {
         };
         let reply = job.heartbeat(&hb).unwrap();
         assert_eq!((reply.command, reply.at_step), (Command::Stop as i32, at));
+    }
+
+    #[test]
+    fn cluster_totals_accumulate_increments_across_generations() {
+        let job = Job::new(spec(2), false);
+        let _a = job.join(join_request("a")).unwrap();
+        let _b = job.join(join_request("b")).unwrap();
+        let beat = |id: &str, generation: u64, images: u64, nonfinite: u64| HeartbeatRequest {
+            worker_id: id.into(),
+            generation,
+            figures: Some(WorkerFigures {
+                images_total: images,
+                nonfinite_total: nonfinite,
+                allreduce_bytes_total: images * 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        job.heartbeat(&beat("a", 0, 64, 1)).unwrap();
+        job.heartbeat(&beat("b", 0, 64, 1)).unwrap();
+        job.heartbeat(&beat("a", 0, 128, 1)).unwrap();
+        let view = job.cluster_view(0);
+        assert_eq!(view.totals.images, 192);
+        // Skipped steps are the group's: counted once (rank 0), not once per rank.
+        assert_eq!(view.totals.nonfinite_steps, 1);
+        assert_eq!(view.totals.allreduce_bytes, 1920);
+        assert_eq!(view.ranks.len(), 2);
+
+        // A new generation's processes count from zero again; the totals keep growing.
+        assert!(job.next_generation());
+        let _a2 = job.join(join_request("a2")).unwrap();
+        let _b2 = job.join(join_request("b2")).unwrap();
+        job.heartbeat(&beat("a2", 1, 64, 0)).unwrap();
+        let view = job.cluster_view(3);
+        assert_eq!(view.totals.images, 256);
+        assert_eq!(view.restarts, 1);
+        assert_eq!(view.auth_failures, 3);
+        assert_eq!(view.phase, "training");
     }
 }

@@ -7,6 +7,7 @@
 //! writes `summary.json` when the job is done.
 
 mod auth;
+mod http;
 mod job;
 mod progress;
 mod service;
@@ -45,8 +46,8 @@ struct Cli {
     /// gRPC listen address (default: cluster.listen; 127.0.0.1 with any free port for --workers).
     #[arg(long, value_name = "HOST:PORT")]
     listen: Option<String>,
-    /// HTTP address for /healthz and /readyz (default: metrics.addr; 127.0.0.1 with any free
-    /// port for --workers).
+    /// HTTP address for the status page, /metrics, /healthz and /readyz (default:
+    /// metrics.addr; 127.0.0.1 with any free port for --workers).
     #[arg(long, value_name = "HOST:PORT")]
     metrics_addr: Option<String>,
     /// Continue the run in this directory from its newest complete checkpoint.
@@ -191,6 +192,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
     };
     let job = Arc::new(Job::new(spec, resume));
     let check = TokenCheck::new(&token);
+    let auth_failures = check.failures.clone();
 
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -222,11 +224,17 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
     );
 
     let ready = gantry_metrics::Readiness::default();
-    let http = gantry_metrics::serve(&metrics_addr, ready.clone())
+    let routes = http::CoordinatorRoutes {
+        job: job.clone(),
+        metrics: gantry_metrics::ClusterMetrics::new(&job.spec.run_id)?,
+        auth_failures: auth_failures.clone(),
+        run_dir: settings.run.dir.clone(),
+    };
+    let http = gantry_metrics::serve(&metrics_addr, ready.clone(), Arc::new(routes))
         .await
-        .with_context(|| "the health endpoint (--metrics-addr / metrics.addr)")?;
+        .with_context(|| "the HTTP endpoint (--metrics-addr / metrics.addr)")?;
     ready.set(true);
-    eprintln!("coordinator: health endpoints on http://{http}/healthz and /readyz");
+    eprintln!("coordinator: status page on http://{http}/ (metrics at /metrics)");
 
     let mut workers = worker_bin.map(|binary| LocalWorkers {
         binary,

@@ -1,20 +1,28 @@
-//! The HTTP side of a Gantry process, for orchestrators and operators.
+//! The HTTP side of a Gantry process, for operators and orchestrators.
 //!
-//! Today it answers the probes Kubernetes uses: `GET /healthz` (the process is alive and
-//! serving) and `GET /readyz` (it is ready for its role: a coordinator that is running a job,
-//! a worker that has joined its group). Prometheus exposition will be served from the same
-//! listener. The server speaks just enough HTTP/1.1 for probes and `curl`, with bounded
-//! request sizes and timeouts, so a misbehaving client cannot hold it.
+//! - [`http`]: a small HTTP/1.1 server answering the probes Kubernetes uses (`/healthz`,
+//!   `/readyz`) and whatever [`http::Routes`] a process adds (`/metrics`, the coordinator's
+//!   status page).
+//! - [`worker`]: a worker's Prometheus series (losses, D outputs, gradient norms, step and
+//!   phase durations, all-reduce traffic, checkpoints, quality), and the figures its
+//!   heartbeat carries to the coordinator.
+//! - [`cluster`]: the coordinator's series: job state, per-rank progress and the straggler
+//!   ratio, and cluster-wide aggregates, so one scrape target shows the whole job.
+//!
+//! Every series is named `gantry_*` in base units, counters end in `_total`, and labels stay
+//! low-cardinality (`run_id`, `rank`, `generation`, `phase`, `network`).
 
-use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+pub mod cluster;
+pub mod http;
+pub mod worker;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+pub use cluster::{ClusterMetrics, ClusterTotals, ClusterView, LeadView, RankView};
+pub use http::{NoRoutes, PROMETHEUS_TEXT, Readiness, Response, Routes, serve};
+pub use worker::{Identity, Quality, WorkerMetrics, WorkerReport};
 
-/// Errors of the HTTP endpoint.
+use prometheus::{Encoder, Registry, TextEncoder};
+
+/// Errors of the metrics endpoints.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("binding the HTTP address {addr}: {source}")]
@@ -22,120 +30,61 @@ pub enum MetricsError {
         addr: String,
         source: std::io::Error,
     },
+    #[error("metric registry: {0}")]
+    Registry(#[from] prometheus::Error),
 }
 
-/// Readiness, flipped by the process as its role allows.
+/// A registry's series in Prometheus' text exposition format.
+pub fn render(registry: &Registry) -> String {
+    let mut buffer = Vec::new();
+    // Encoding into memory fails only for malformed families, which the registry refuses.
+    if TextEncoder::new()
+        .encode(&registry.gather(), &mut buffer)
+        .is_err()
+    {
+        return String::new();
+    }
+    String::from_utf8(buffer).unwrap_or_default()
+}
+
+/// Serves a [`WorkerMetrics`] at `/metrics` once one is installed (a worker binds its HTTP
+/// port before it knows its rank, so the series come later).
 #[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+pub struct WorkerRoutes(std::sync::Arc<std::sync::OnceLock<WorkerMetrics>>);
 
-impl Readiness {
-    pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::Relaxed);
-    }
-
-    pub fn get(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+impl WorkerRoutes {
+    /// Installs the metrics; later calls are ignored.
+    pub fn install(&self, metrics: WorkerMetrics) {
+        let _ = self.0.set(metrics);
     }
 }
 
-/// Binds `addr` (port 0 allowed) and serves the probes on the current tokio runtime.
-/// Returns the bound address.
-pub async fn serve(addr: &str, ready: Readiness) -> Result<SocketAddr, MetricsError> {
-    let bind_error = |source| MetricsError::Bind {
-        addr: addr.to_owned(),
-        source,
-    };
-    let listener = TcpListener::bind(addr).await.map_err(bind_error)?;
-    let bound = listener.local_addr().map_err(bind_error)?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let ready = ready.clone();
-            tokio::spawn(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(5), answer(stream, &ready)).await;
-            });
-        }
-    });
-    Ok(bound)
-}
-
-async fn answer(mut stream: TcpStream, ready: &Readiness) -> std::io::Result<()> {
-    // Probes send a few hundred bytes; anything beyond 8 KiB of headers is not a probe.
-    let mut request = Vec::with_capacity(512);
-    let mut chunk = [0u8; 1024];
-    while !request.windows(4).any(|w| w == b"\r\n\r\n") && request.len() < 8192 {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        request.extend_from_slice(&chunk[..n]);
+impl Routes for WorkerRoutes {
+    fn get(&self, path: &str) -> Option<Response> {
+        (path == "/metrics").then(|| {
+            Response::ok(
+                PROMETHEUS_TEXT,
+                self.0.get().map(WorkerMetrics::render).unwrap_or_default(),
+            )
+        })
     }
-    let line = request.split(|&b| b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let (status, body) = match (method, path) {
-        ("GET" | "HEAD", "/healthz") => ("200 OK", "ok\n"),
-        ("GET" | "HEAD", "/readyz") if ready.get() => ("200 OK", "ready\n"),
-        ("GET" | "HEAD", "/readyz") => ("503 Service Unavailable", "not ready\n"),
-        ("GET" | "HEAD", _) => ("404 Not Found", "not found\n"),
-        _ => ("405 Method Not Allowed", "method not allowed\n"),
-    };
-    let response = format!(
-        "HTTP/1.1 {status}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-        body.len(),
-        if method == "HEAD" { "" } else { body }
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
 }
 
+/// Reading expositions back in tests, independent of label order.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn get(addr: SocketAddr, request: &str) -> String {
-        let mut stream = TcpStream::connect(addr).await.unwrap();
-        stream.write_all(request.as_bytes()).await.unwrap();
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await.unwrap();
-        response
-    }
-
-    #[tokio::test]
-    async fn probes_follow_readiness() {
-        let ready = Readiness::default();
-        let addr = serve("127.0.0.1:0", ready.clone()).await.unwrap();
-        let health = get(addr, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
-        assert!(health.starts_with("HTTP/1.1 200"), "{health}");
-        let not_ready = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
-        assert!(not_ready.starts_with("HTTP/1.1 503"), "{not_ready}");
-        ready.set(true);
-        let now_ready = get(addr, "GET /readyz HTTP/1.1\r\n\r\n").await;
-        assert!(
-            now_ready.starts_with("HTTP/1.1 200") && now_ready.ends_with("ready\n"),
-            "{now_ready}"
-        );
-        assert!(
-            get(addr, "GET /nope HTTP/1.1\r\n\r\n")
-                .await
-                .starts_with("HTTP/1.1 404")
-        );
-        assert!(
-            get(addr, "POST /healthz HTTP/1.1\r\n\r\n")
-                .await
-                .starts_with("HTTP/1.1 405")
-        );
-    }
-
-    #[tokio::test]
-    async fn a_taken_port_is_a_clear_error() {
-        let first = serve("127.0.0.1:0", Readiness::default()).await.unwrap();
-        let err = serve(&first.to_string(), Readiness::default())
-            .await
-            .unwrap_err();
-        assert!(err.to_string().contains(&first.to_string()), "{err}");
+pub(crate) mod testing {
+    /// The value of the first sample of `name` carrying all of `labels`.
+    pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        text.lines().find_map(|line| {
+            let rest = line.strip_prefix(name)?;
+            let (set, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            let has_all = labels
+                .iter()
+                .all(|(k, v)| set.split(',').any(|pair| pair == format!("{k}=\"{v}\"")));
+            has_all.then(|| value.trim().parse().ok()).flatten()
+        })
     }
 }

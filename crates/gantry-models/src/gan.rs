@@ -9,6 +9,7 @@ use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::optim::FlatOptimizer;
+use crate::phases::{Phase, PhaseClock};
 use crate::{FlatParams, ModelError, dcgan, loss, mlp};
 
 /// File names of a saved [`Gan`] (see [`Gan::save`]).
@@ -124,6 +125,8 @@ pub struct Gan {
     gp_weight: f64,
     latent_dim: usize,
     image_shape: [i64; 3],
+    /// Times the phases of a step; the caller starts it and takes the result.
+    pub clock: PhaseClock,
 }
 
 fn build_generator(
@@ -241,6 +244,7 @@ impl Gan {
             gp_weight: t.gp_weight,
             latent_dim,
             image_shape,
+            clock: PhaseClock::new(device),
         })
     }
 
@@ -318,6 +322,7 @@ impl Gan {
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
         let fake = self.generator.forward_t(&input.z, true);
+        self.clock.lap(Phase::GeneratorForwardBackward);
         let (d_loss, g_loss, real_logits, fake_logits, applied) = match self.schedule {
             Schedule::Simultaneous => {
                 // One forward pass serves both losses, as in the reference tutorial; each
@@ -326,20 +331,24 @@ impl Gan {
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
                 let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, true, false);
+                let mut d_grad = self.d_params.flatten_grads(&d_grads);
+                poison_with(&mut d_grad, &d_loss);
+                self.clock.lap(Phase::DiscriminatorForwardBackward);
                 let g_grads =
                     Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
-                let mut d_grad = self.d_params.flatten_grads(&d_grads);
                 let mut g_grad = self.g_params.flatten_grads(&g_grads);
-                poison_with(&mut d_grad, &d_loss);
                 poison_with(&mut g_grad, &g_loss);
+                self.clock.lap(Phase::GeneratorForwardBackward);
                 sync(Network::Discriminator, &mut d_grad)?;
                 sync(Network::Generator, &mut g_grad)?;
+                self.clock.lap(Phase::AllReduce);
                 let applied = all_finite(&d_grad) && all_finite(&g_grad);
                 if applied {
                     self.d_opt.step(&self.d_params.flat, &d_grad);
                     self.g_opt.step(&self.g_params.flat, &g_grad);
                     self.update_ema();
                 }
+                self.clock.lap(Phase::Optimizer);
                 (d_loss, g_loss, real_logits, fake_logits, applied)
             }
             Schedule::Alternating => {
@@ -353,12 +362,15 @@ impl Gan {
                         Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
                     let mut g_grad = self.g_params.flatten_grads(&g_grads);
                     poison_with(&mut g_grad, &g_loss);
+                    self.clock.lap(Phase::GeneratorForwardBackward);
                     sync(Network::Generator, &mut g_grad)?;
+                    self.clock.lap(Phase::AllReduce);
                     let applied = all_finite(&g_grad);
                     if applied {
                         self.g_opt.step(&self.g_params.flat, &g_grad);
                         self.update_ema();
                     }
+                    self.clock.lap(Phase::Optimizer);
                     (d_loss, g_loss, real_logits, fake_logits, applied)
                 } else {
                     let g_loss = tch::no_grad(|| loss::generator(self.loss, &fake_logits));
@@ -382,6 +394,7 @@ impl Gan {
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
         let fake = tch::no_grad(|| self.generator.forward_t(&input.z, true));
+        self.clock.lap(Phase::GeneratorForwardBackward);
         let (real_logits, fake_logits, d_loss, applied) = self.critic_update(input, &fake, sync)?;
         if !applied {
             self.restore_buffers(&saved);
@@ -402,11 +415,14 @@ impl Gan {
         let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, false, false);
         let mut d_grad = self.d_params.flatten_grads(&d_grads);
         poison_with(&mut d_grad, &d_loss);
+        self.clock.lap(Phase::DiscriminatorForwardBackward);
         sync(Network::Discriminator, &mut d_grad)?;
+        self.clock.lap(Phase::AllReduce);
         let applied = all_finite(&d_grad);
         if applied {
             self.d_opt.step(&self.d_params.flat, &d_grad);
         }
+        self.clock.lap(Phase::Optimizer);
         Ok((real_logits, fake_logits, d_loss, applied))
     }
 

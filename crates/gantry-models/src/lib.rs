@@ -19,6 +19,7 @@ pub mod latent;
 pub mod loss;
 pub mod mlp;
 pub mod optim;
+pub mod phases;
 pub mod runtime;
 
 mod flat;

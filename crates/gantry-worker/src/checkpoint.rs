@@ -98,6 +98,19 @@ impl CheckpointDir {
     }
 }
 
+/// Bytes of the files directly inside a checkpoint directory (0 where unreadable).
+pub fn size_on_disk(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .filter(|m| m.is_file())
+                .map(|m| m.len())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 fn step_name(step: u64) -> String {
     format!("step-{step:08}")
 }

@@ -19,7 +19,7 @@ use gantry_models::runtime;
 use gantry_proto::AUTHORIZATION;
 use gantry_proto::v1::coordinator_client::CoordinatorClient;
 use gantry_proto::v1::{
-    Command, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerState,
+    Command, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerFigures, WorkerState,
 };
 use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
@@ -54,6 +54,8 @@ struct Shared {
     abort: AtomicBool,
     abort_reason: Mutex<String>,
     ring: Mutex<Option<AbortHandle>>,
+    /// The series behind /metrics; heartbeats carry their condensed figures.
+    metrics: Option<gantry_metrics::WorkerMetrics>,
 }
 
 impl Shared {
@@ -189,6 +191,32 @@ fn run_inner(
         .connect_lazy();
     let mut client = client(channel, &local.cluster.token).map_err(fatal)?;
 
+    // Probes and /metrics for orchestrators: alive from here on, ready once the group has
+    // formed, series once the rank is known. Several workers sharing a host (and a default
+    // port) is normal outside Kubernetes, so a taken port costs only this endpoint, never the
+    // training.
+    let ready = gantry_metrics::Readiness::default();
+    let routes = gantry_metrics::WorkerRoutes::default();
+    let metrics_addr = match rt.block_on(gantry_metrics::serve(
+        &local.metrics.worker_addr,
+        ready.clone(),
+        Arc::new(routes.clone()),
+    )) {
+        Ok(addr) => {
+            eprintln!(
+                "worker {}: metrics on http://{addr}/metrics",
+                options.worker_id
+            );
+            format!("{}:{}", options.advertise_host, addr.port())
+        }
+        Err(e) => {
+            eprintln!(
+                "worker {}: warning: no metrics endpoint: {e}",
+                options.worker_id
+            );
+            String::new()
+        }
+    };
     let join = JoinRequest {
         worker_id: options.worker_id.clone(),
         host: hostname::get()
@@ -203,25 +231,8 @@ fn run_inner(
         },
         expected_world_size: 0,
         ring_addr,
-        metrics_addr: String::new(),
+        metrics_addr,
     };
-    // Probes for orchestrators: alive from here on, ready once the group has formed. Several
-    // workers sharing a host (and a default port) is normal outside Kubernetes, so a taken
-    // port costs only the probe endpoint, never the training.
-    let ready = gantry_metrics::Readiness::default();
-    match rt.block_on(gantry_metrics::serve(
-        &local.metrics.worker_addr,
-        ready.clone(),
-    )) {
-        Ok(addr) => eprintln!(
-            "worker {}: health endpoints on http://{addr}/healthz",
-            options.worker_id
-        ),
-        Err(e) => eprintln!(
-            "worker {}: warning: no health endpoint: {e}",
-            options.worker_id
-        ),
-    }
     let assignment = rt
         .block_on(join_with_retry(
             &mut client,
@@ -255,8 +266,19 @@ fn run_inner(
         assignment.resume
     );
 
+    let metrics = gantry_metrics::WorkerMetrics::new(&gantry_metrics::Identity {
+        run_id: assignment.run_id.clone(),
+        rank: assignment.rank,
+        generation: assignment.generation,
+    })
+    .context("creating the worker's metrics")
+    .map_err(fatal)?;
+    routes.install(metrics.clone());
     ready.set(true);
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared {
+        metrics: Some(metrics.clone()),
+        ..Shared::default()
+    });
     shared.set_state(WorkerState::Starting);
     let heartbeat = rt.spawn(heartbeat_loop(
         client.clone(),
@@ -269,7 +291,7 @@ fn run_inner(
     ));
     let signals = rt.spawn(watch_signals(shared.clone()));
 
-    let outcome = train(&settings, &assignment, ring_listener, &shared);
+    let outcome = train(&settings, &assignment, ring_listener, &shared, metrics);
     heartbeat.abort();
     signals.abort();
 
@@ -344,6 +366,7 @@ fn train(
     assignment: &JoinResponse,
     ring_listener: TcpListener,
     shared: &Arc<Shared>,
+    metrics: gantry_metrics::WorkerMetrics,
 ) -> Result<(String, u64)> {
     let rank = assignment.rank as usize;
     let world = assignment.world_size as usize;
@@ -390,6 +413,7 @@ fn train(
     }
     let workers_on_host = assignment.workers_on_host.max(1) as usize;
     let mut trainer = Trainer::with_resume(settings, group, workers_on_host, 0, resume.as_ref())?;
+    trainer.set_metrics(metrics);
     shared.step.store(trainer.step, Ordering::Relaxed);
     shared.set_state(WorkerState::Training);
     let mut observer = ClusterObserver {
@@ -508,6 +532,7 @@ async fn heartbeat_loop(
             d_g_z: figures.map_or(f64::NAN, |f| f.stats.d_fake),
             images_per_second: figures.map_or(0.0, |f| f.images_per_second),
             step_seconds,
+            figures: shared.metrics.as_ref().map(|m| worker_figures(&m.report())),
         };
         match tokio::time::timeout(
             interval.max(Duration::from_secs(1)) * 2,
@@ -541,6 +566,27 @@ async fn heartbeat_loop(
             }
             _ => {}
         }
+    }
+}
+
+fn worker_figures(report: &gantry_metrics::WorkerReport) -> WorkerFigures {
+    WorkerFigures {
+        images_total: report.images_total,
+        nonfinite_total: report.nonfinite_total,
+        allreduce_bytes_total: report.allreduce_bytes_total,
+        allreduce_seconds_total: report.allreduce_seconds_total,
+        checkpoints_total: report.checkpoints_total,
+        generator_grad_norm: report.generator_grad_norm,
+        discriminator_grad_norm: report.discriminator_grad_norm,
+        phase_seconds: report.phase_seconds.iter().cloned().collect(),
+        last_checkpoint_seconds: report.last_checkpoint_seconds,
+        last_checkpoint_bytes: report.last_checkpoint_bytes,
+        quality: report.quality.map(|q| gantry_proto::v1::Quality {
+            step: q.step,
+            fid: q.fid,
+            inception_score: q.inception_score,
+            classes_covered: q.classes_covered,
+        }),
     }
 }
 

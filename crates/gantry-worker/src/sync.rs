@@ -15,6 +15,15 @@ pub struct Group {
     bucket_elems: usize,
     /// Host staging for tensors that do not live in host memory.
     staging: Vec<f32>,
+    /// Gradient all-reduce traffic since the last [`Group::take_traffic`].
+    traffic: Traffic,
+}
+
+/// Bytes and seconds of gradient all-reduces.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Traffic {
+    pub bytes: u64,
+    pub seconds: f64,
 }
 
 impl std::fmt::Debug for Group {
@@ -34,6 +43,7 @@ impl Group {
             collective: None,
             bucket_elems: usize::MAX,
             staging: Vec::new(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -45,6 +55,7 @@ impl Group {
             collective: Some(collective),
             bucket_elems,
             staging: Vec::new(),
+            traffic: Traffic::default(),
         }
     }
 
@@ -64,9 +75,18 @@ impl Group {
         let Some(collective) = self.collective.as_mut() else {
             return Ok(());
         };
+        let started = std::time::Instant::now();
         for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
             collective.all_reduce_f32(buf, ReduceOp::Average)
-        })
+        })?;
+        self.traffic.bytes += (flat.numel() * std::mem::size_of::<f32>()) as u64;
+        self.traffic.seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The gradient all-reduce traffic since the previous call.
+    pub fn take_traffic(&mut self) -> Traffic {
+        std::mem::take(&mut self.traffic)
     }
 
     /// Overwrites a flat f32 tensor on every rank with rank 0's.

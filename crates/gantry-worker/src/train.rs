@@ -7,6 +7,8 @@ use anyhow::{Context, Result, bail};
 use gantry_config::{Dataset as DatasetChoice, Settings};
 use gantry_data::Dataset;
 use gantry_data::sampler::GlobalSampler;
+use gantry_metrics::WorkerMetrics;
+use gantry_models::phases::Phase;
 use gantry_models::{Gan, HostStats, Network, StepInput, latent, runtime};
 use tch::{Device, Tensor};
 
@@ -108,6 +110,8 @@ pub struct Trainer {
     pub nonfinite_consecutive: u64,
     /// The step of the newest checkpoint this trainer wrote or restored.
     pub last_checkpoint: Option<u64>,
+    /// Prometheus series this trainer keeps up to date, when the process exports them.
+    metrics: Option<WorkerMetrics>,
 }
 
 impl Trainer {
@@ -176,6 +180,7 @@ impl Trainer {
             nonfinite_total: 0,
             nonfinite_consecutive: 0,
             last_checkpoint: None,
+            metrics: None,
         };
         if let Some(c) = resume {
             trainer.restore(c)?;
@@ -230,25 +235,33 @@ impl Trainer {
     /// Writes a checkpoint of the current step. A collective call: every rank must call it at
     /// the same step (BatchNorm statistics are taken from rank 0 first); only rank 0 writes.
     pub fn write_checkpoint(&mut self) -> Result<Option<PathBuf>> {
+        let started = Instant::now();
         self.group.broadcast_state(&mut self.gan)?;
         self.last_checkpoint = Some(self.step);
-        let Some(run) = &self.run else {
-            return Ok(None);
+        let written = match &self.run {
+            Some(run) => Some(checkpoint::write(
+                &run.root().join("checkpoints"),
+                &self.gan,
+                &self.settings,
+                &self.checkpoint_state(),
+                self.settings.checkpoint.keep,
+            )?),
+            None => None,
         };
-        let dir = run.root().join("checkpoints");
-        let state = self.checkpoint_state();
-        checkpoint::write(
-            &dir,
-            &self.gan,
-            &self.settings,
-            &state,
-            self.settings.checkpoint.keep,
-        )
-        .map(Some)
+        if let Some(metrics) = &self.metrics {
+            let bytes = written.as_deref().map_or(0, checkpoint::size_on_disk);
+            metrics.checkpoint(started.elapsed().as_secs_f64(), bytes);
+        }
+        Ok(written)
     }
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Keeps `metrics` up to date from now on.
+    pub fn set_metrics(&mut self, metrics: WorkerMetrics) {
+        self.metrics = Some(metrics);
     }
 
     pub fn global_batch(&self) -> usize {
@@ -258,8 +271,49 @@ impl Trainer {
     /// Runs step `self.step + 1`: `train.n_critic` sub-steps, each on this rank's slice of
     /// its own global batch, with gradient averaging across the group. Counts the step as
     /// non-finite when an update was skipped (`stats.applied == false`).
+    ///
+    /// With metrics installed, also records the step's duration, its phases, the all-reduce
+    /// traffic and, on logging steps, the gradient norms.
     pub fn step_once(&mut self) -> Result<gantry_models::StepStats> {
-        self.step_with(&mut |_, _| {})
+        let Some(metrics) = self.metrics.clone() else {
+            return self.step_with(&mut |_, _| {});
+        };
+        let started = Instant::now();
+        let next = self.step + 1;
+        let logging =
+            next.is_multiple_of(self.settings.train.log_every) || next == self.settings.train.steps;
+        // Timing phases on a GPU costs synchronisations: sample the logging steps only.
+        let timed = logging || !self.gan.clock.needs_sync();
+        self.gan.clock.start(timed);
+        let mut norms = [None, None];
+        let stats = self.step_with(&mut |network, grad| {
+            if logging {
+                let slot = match network {
+                    Network::Generator => 0,
+                    Network::Discriminator => 1,
+                };
+                norms[slot] = Some(tch::no_grad(|| grad.norm().double_value(&[])));
+            }
+        })?;
+        if let Some(phases) = self.gan.clock.take() {
+            metrics.phases(&phases.map(|(phase, seconds)| (phase.name(), seconds)));
+        }
+        for (network, norm) in ["generator", "discriminator"].into_iter().zip(norms) {
+            if let Some(norm) = norm {
+                metrics.gradient_norm(network, norm);
+            }
+        }
+        let traffic = self.group.take_traffic();
+        metrics.allreduce(traffic.bytes, traffic.seconds);
+        let images =
+            (self.settings.train.batch_size as u64) * u64::from(self.settings.train.n_critic);
+        metrics.step_done(
+            self.step,
+            started.elapsed().as_secs_f64(),
+            images,
+            stats.applied,
+        );
+        Ok(stats)
     }
 
     /// [`Self::step_once`], showing `tap` each network's group-averaged flat gradient just
@@ -326,11 +380,13 @@ impl Trainer {
         } else {
             None
         };
-        Ok(StepInput {
+        let input = StepInput {
             real: self.gan.images(&self.pixels),
             z: self.gan.latents(&self.latents),
             alpha,
-        })
+        };
+        self.gan.clock.lap(Phase::Data);
+        Ok(input)
     }
 
     /// Writes the sample grid for the current step (rank 0 only) and returns its path.
@@ -353,6 +409,9 @@ impl Trainer {
         let global_batch = self.global_batch() as u64;
         let first_step = self.step;
 
+        if let Some(metrics) = &self.metrics {
+            metrics.start(first_step, total);
+        }
         let mut progress = Progress::new(total, first_step);
         if self.group.rank == 0 {
             progress.println(&format!(
@@ -409,6 +468,10 @@ impl Trainer {
             } else {
                 None
             };
+            if let (Some(metrics), Some(logged)) = (&self.metrics, logged.as_ref()) {
+                let s = &logged.stats;
+                metrics.losses(s.d_loss, s.g_loss, s.d_real, s.d_fake);
+            }
             if let (Some(run), Some(logged)) = (self.run.as_mut(), logged.as_ref()) {
                 run.append_metrics(&MetricsRow {
                     step,
@@ -547,6 +610,14 @@ impl Trainer {
         };
         if let Some(run) = &self.run {
             run.append_quality(self.step, &report)?;
+        }
+        if let Some(metrics) = &self.metrics {
+            metrics.quality(gantry_metrics::Quality {
+                step: self.step,
+                fid: report.fid,
+                inception_score: report.inception_score,
+                classes_covered: report.classes_covered,
+            })?;
         }
         Ok(Some(report))
     }

@@ -1,17 +1,19 @@
 //! `worker`: trains a GAN on one device, alone or as one rank of a data-parallel group.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gantry_collective::{RingCollective, RingConfig};
-use gantry_config::ConfigArgs;
+use gantry_config::{ConfigArgs, Settings};
+use gantry_metrics::{Identity, Readiness, WorkerMetrics, WorkerRoutes};
 use gantry_models::runtime;
 use gantry_worker::checkpoint::ResumeArgs;
 use gantry_worker::cluster::{self, ClusterOptions};
 use gantry_worker::sync::Group;
-use gantry_worker::train::{NoObserver, Trainer, run_standalone_from};
+use gantry_worker::train::{NoObserver, Trainer};
 
 /// A Gantry worker.
 #[derive(Debug, Parser)]
@@ -91,6 +93,7 @@ fn main() -> Result<()> {
         let collective = RingCollective::connect(ring).context("joining the ring")?;
         let group = Group::new(Box::new(collective), settings.collective.bucket_mb);
         let mut trainer = Trainer::new(&settings, group, cli.workers_on_host, 0)?;
+        let _endpoint = serve_metrics(&settings, &mut trainer)?;
         trainer.run(&mut NoObserver)?;
         return Ok(());
     }
@@ -104,8 +107,45 @@ fn main() -> Result<()> {
         Some(_) => ResumeArgs::settings(&cli.config, checkpoint.as_ref())?,
         None => settings,
     };
-    run_standalone_from(&settings, checkpoint.as_ref())?;
+    let mut trainer = Trainer::with_resume(&settings, Group::solo(), 1, 0, checkpoint.as_ref())?;
+    let _endpoint = serve_metrics(&settings, &mut trainer)?;
+    trainer.run(&mut NoObserver)?;
     Ok(())
+}
+
+/// Serves /metrics, /healthz and /readyz at `metrics.worker_addr` for a run without a
+/// coordinator (the run directory's name is its `run_id`). A taken port costs only the
+/// endpoint. The returned runtime serves until it is dropped.
+fn serve_metrics(settings: &Settings, trainer: &mut Trainer) -> Result<tokio::runtime::Runtime> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let run_id = settings
+        .run
+        .dir
+        .file_name()
+        .map_or_else(|| "run".to_owned(), |n| n.to_string_lossy().into_owned());
+    let metrics = WorkerMetrics::new(&Identity {
+        run_id,
+        rank: trainer.group.rank as u32,
+        generation: 0,
+    })?;
+    trainer.set_metrics(metrics.clone());
+    let routes = WorkerRoutes::default();
+    routes.install(metrics);
+    let ready = Readiness::default();
+    ready.set(true);
+    match runtime.block_on(gantry_metrics::serve(
+        &settings.metrics.worker_addr,
+        ready,
+        Arc::new(routes),
+    )) {
+        Ok(addr) => eprintln!("worker: metrics on http://{addr}/metrics"),
+        Err(e) => eprintln!("worker: warning: no metrics endpoint: {e}"),
+    }
+    Ok(runtime)
 }
 
 fn resolve_peers(peers: &[String]) -> Result<Vec<SocketAddr>> {

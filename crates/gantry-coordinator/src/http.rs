@@ -1,0 +1,179 @@
+//! The coordinator's HTTP routes: Prometheus metrics, service discovery of the workers'
+//! endpoints, and a status page for people.
+//!
+//! - `/metrics`: the job's and the cluster's series (refreshed from the job on each scrape).
+//! - `/sd/workers`: the current generation's worker `/metrics` endpoints in Prometheus'
+//!   HTTP service-discovery format, so a local Prometheus finds workers on dynamic ports.
+//! - `/`: a status page that refreshes itself from `/api/status` and shows the newest sample
+//!   grid from `/samples/latest.png`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use gantry_metrics::{ClusterMetrics, PROMETHEUS_TEXT, Response, Routes};
+use serde_json::{Value, json};
+
+use crate::job::Job;
+
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
+#[derive(Debug)]
+pub struct CoordinatorRoutes {
+    pub job: Arc<Job>,
+    pub metrics: ClusterMetrics,
+    pub auth_failures: Arc<AtomicU64>,
+    pub run_dir: PathBuf,
+}
+
+impl Routes for CoordinatorRoutes {
+    fn get(&self, path: &str) -> Option<Response> {
+        match path {
+            "/metrics" => Some(Response::ok(PROMETHEUS_TEXT, self.render_metrics())),
+            "/sd/workers" => Some(Response::ok(
+                "application/json",
+                self.service_discovery().to_string(),
+            )),
+            "/api/status" => Some(Response::ok(
+                "application/json",
+                self.status_json().to_string(),
+            )),
+            "/" | "/index.html" => Some(Response::ok(
+                "text/html; charset=utf-8",
+                STATUS_PAGE.replace(
+                    "/*INITIAL_STATUS*/null",
+                    &self.status_json().to_string().replace("</", "<\\/"),
+                ),
+            )),
+            "/samples/latest.png" => {
+                let (_, file) = newest_sample(&self.run_dir)?;
+                let bytes = std::fs::read(file).ok()?;
+                Some(Response::ok("image/png", bytes))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl CoordinatorRoutes {
+    fn render_metrics(&self) -> String {
+        let view = self
+            .job
+            .cluster_view(self.auth_failures.load(Ordering::Relaxed));
+        if let Err(e) = self.metrics.refresh(&view) {
+            eprintln!("coordinator: warning: refreshing metrics: {e}");
+        }
+        self.metrics.render()
+    }
+
+    fn service_discovery(&self) -> Value {
+        let targets: Vec<Value> = self
+            .job
+            .metrics_targets()
+            .into_iter()
+            .map(|(_, addr)| {
+                json!({
+                    "targets": [addr],
+                    "labels": { "gantry_role": "worker", "gantry_run_id": self.job.spec.run_id },
+                })
+            })
+            .collect();
+        Value::Array(targets)
+    }
+
+    /// Everything the status page shows.
+    pub fn status_json(&self) -> Value {
+        let status = self.job.status();
+        let view = self
+            .job
+            .cluster_view(self.auth_failures.load(Ordering::Relaxed));
+        let median =
+            gantry_metrics::cluster::median_positive(status.workers.iter().map(|w| w.step_seconds));
+        let lead = view.lead.clone().unwrap_or_default();
+        let sample = newest_sample(&self.run_dir).map(
+            |(step, _)| json!({ "step": step, "url": format!("/samples/latest.png?step={step}") }),
+        );
+        json!({
+            "run_id": status.run_id,
+            "phase": status.phase,
+            "generation": status.generation,
+            "step": status.step,
+            "total_steps": status.total_steps,
+            "world_size": status.world_size,
+            "workers_alive": status.workers_alive,
+            "restarts": status.restarts,
+            "d_loss": finite(lead.d_loss),
+            "g_loss": finite(lead.g_loss),
+            "d_real": finite(lead.d_real),
+            "d_fake": finite(lead.d_fake),
+            "images_per_second": view.ranks.iter().map(|r| r.images_per_second).sum::<f64>(),
+            "quality": lead.quality.map(|q| json!({
+                "step": q.step,
+                "fid": q.fid,
+                "inception_score": q.inception_score,
+                "classes_covered": q.classes_covered,
+            })),
+            "sample": sample,
+            "workers": status.workers.iter().map(|w| json!({
+                "rank": w.rank,
+                "worker_id": w.worker_id,
+                "host": w.host,
+                "device": w.device,
+                "state": gantry_proto::v1::WorkerState::try_from(w.state)
+                    .map(|s| s.as_str_name().trim_start_matches("WORKER_STATE_").to_lowercase())
+                    .unwrap_or_default(),
+                "step": w.step,
+                "step_seconds": w.step_seconds,
+                "step_time_ratio": median.filter(|_| w.step_seconds > 0.0)
+                    .map(|m| w.step_seconds / m),
+                "images_per_second": w.images_per_second / f64::from(status.world_size.max(1)),
+                "seconds_since_heartbeat": w.seconds_since_heartbeat,
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn finite(x: f64) -> Option<f64> {
+    x.is_finite().then_some(x)
+}
+
+/// The newest `samples/step-NNNNNNNN.png` of the run directory, with its step.
+fn newest_sample(run_dir: &Path) -> Option<(u64, PathBuf)> {
+    std::fs::read_dir(run_dir.join("samples"))
+        .ok()?
+        .filter_map(|entry| {
+            let path = entry.ok()?.path();
+            let name = path.file_name()?.to_str()?;
+            let step = name
+                .strip_prefix("step-")?
+                .strip_suffix(".png")?
+                .parse()
+                .ok()?;
+            Some((step, path))
+        })
+        .max_by_key(|(step, _)| *step)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_newest_sample_is_the_highest_step() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(newest_sample(dir.path()).is_none());
+        let samples = dir.path().join("samples");
+        std::fs::create_dir(&samples).unwrap();
+        for name in [
+            "step-00000010.png",
+            "step-00000200.png",
+            "step-00000030.png",
+            "notes.txt",
+        ] {
+            std::fs::write(samples.join(name), b"x").unwrap();
+        }
+        let (step, path) = newest_sample(dir.path()).unwrap();
+        assert_eq!(step, 200);
+        assert!(path.ends_with("step-00000200.png"));
+    }
+}

@@ -23,6 +23,10 @@ run: build
 test: libtorch
 	$(CARGO) test --workspace
 
+# Side-by-side benchmarks against PyTorch (bench/run.sh; not part of the tests).
+bench: libtorch
+	bench/run.sh
+
 lint: libtorch
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -328,6 +328,29 @@ impl WorkerMetrics {
         Ok(())
     }
 
+    /// Mean seconds per step in each phase over every timed step so far.
+    pub fn phase_means(&self) -> Vec<(String, f64)> {
+        let mut means = Vec::new();
+        for family in self.phase_seconds.collect() {
+            for metric in family.get_metric() {
+                let phase = metric
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "phase")
+                    .map(|l| l.value().to_owned());
+                let histogram = metric.get_histogram();
+                if let Some(phase) = phase
+                    && histogram.get_sample_count() > 0
+                {
+                    let count = histogram.get_sample_count() as f64;
+                    means.push((phase, histogram.get_sample_sum() / count));
+                }
+            }
+        }
+        means.sort_by(|a, b| a.0.cmp(&b.0));
+        means
+    }
+
     /// The figures for the coordinator. Phase means cover the steps timed since the previous
     /// call.
     pub fn report(&self) -> WorkerReport {
@@ -451,6 +474,8 @@ mod tests {
         assert_eq!(first.phase_seconds, vec![("data".to_owned(), 2.0)]);
         m.phases(&[("data", 10.0)]);
         assert_eq!(m.report().phase_seconds, vec![("data".to_owned(), 10.0)]);
+        // Over the whole run: (1 + 3 + 10) / 3.
+        assert_eq!(m.phase_means(), vec![("data".to_owned(), 14.0 / 3.0)]);
         // No new step: the previous mean stands.
         assert_eq!(m.report().phase_seconds, vec![("data".to_owned(), 10.0)]);
         m.allreduce(4096, 0.5);

@@ -62,6 +62,9 @@ pub struct Summary {
     /// Sample quality of the final (EMA) generator, when evaluated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub quality: Option<QualityReport>,
+    /// Mean seconds per step in each phase on this rank (rank 0), over the timed steps.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub step_phases: std::collections::BTreeMap<String, f64>,
 }
 
 /// `summary.json`'s `quality`: the final generator scored by `gantry-eval`'s classifier.

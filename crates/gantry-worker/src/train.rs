@@ -544,6 +544,11 @@ impl Trainer {
                     .map(|p| p.display().to_string())
             }),
             quality,
+            step_phases: self
+                .metrics
+                .as_ref()
+                .map(|m| m.phase_means().into_iter().collect())
+                .unwrap_or_default(),
         };
         if let Some(run) = &self.run {
             run.write_summary(&summary)?;

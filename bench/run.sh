@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Gantry vs PyTorch on this machine, one command (`make bench`):
+#   1. libtorch and a release `worker` (scripts/fetch-libtorch.sh, cargo build --release);
+#   2. a virtual environment of its own at .cache/bench-venv with PyPI's torch==2.11.0 (the
+#      CUDA build with its NVIDIA wheels, about 4 GB; it also runs on CPU-only machines);
+#   3. bench/compare.py: MLP GAN images/s, world 1 and 2, batch 16/64/256, alternating
+#      Gantry and PyTorch (eager; DDP + gloo), repetitions, phases, scaling, step-time model;
+#   4. scripts/bench-allreduce.sh: ring vs gloo all-reduce bus bandwidth, 1-256 MiB.
+# Results: bench/results/<stamp>.{json,md} and the tables on stdout. Not part of the tests.
+#
+# Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5"), SKIP_ALLREDUCE=1.
+set -euo pipefail
+repo=$(cd "$(dirname "$0")/.." && pwd)
+cd "$repo"
+
+venv=${GANTRY_BENCH_VENV:-$repo/.cache/bench-venv}
+scripts/fetch-libtorch.sh
+cargo build --release -q --bin worker
+if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import torch, numpy' 2>/dev/null; then
+    echo "bench: installing PyTorch 2.11.0 into $venv (first run only)" >&2
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r bench/requirements.txt
+fi
+"$venv/bin/python" -c 'import torch; print(f"bench: PyTorch {torch.__version__}", file=__import__("sys").stderr)'
+
+# shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
+"$venv/bin/python" bench/compare.py --python "$venv/bin/python" ${BENCH_ARGS:-}
+
+if [[ -z "${SKIP_ALLREDUCE:-}" ]]; then
+    echo
+    echo "All-reduce bus bandwidth, ring vs gloo (2 ranks, loopback):"
+    PYTHON="$venv/bin/python" RANKS=2 SIZES_MB=1,4,16,64,256 ITERS=${ALLREDUCE_ITERS:-5} \
+        scripts/bench-allreduce.sh
+fi

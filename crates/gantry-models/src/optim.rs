@@ -75,10 +75,10 @@ impl FlatOptimizer {
                     unsafe {
                         let n = params.numel();
                         adam_fused(
-                            as_mut_slice(&params, n),
+                            as_mut_slice(&mut params, n),
                             as_slice(grad, n),
-                            as_mut_slice(&self.exp_avg, n),
-                            as_mut_slice(&self.exp_avg_sq, n),
+                            as_mut_slice(&mut self.exp_avg, n),
+                            as_mut_slice(&mut self.exp_avg_sq, n),
                             &constants,
                         );
                     }
@@ -140,14 +140,14 @@ fn fusable(params: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> bool {
 /// # Safety
 /// `t` is a contiguous f32 CPU tensor of `n` elements that nothing else accesses while the
 /// slice lives.
-unsafe fn as_mut_slice<'a>(t: &'a Tensor, n: usize) -> &'a mut [f32] {
+unsafe fn as_mut_slice(t: &mut Tensor, n: usize) -> &mut [f32] {
     // SAFETY: the caller's contract.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) }
 }
 
 /// # Safety
 /// As [`as_mut_slice`], read-only.
-unsafe fn as_slice<'a>(t: &'a Tensor, n: usize) -> &'a [f32] {
+unsafe fn as_slice(t: &Tensor, n: usize) -> &[f32] {
     // SAFETY: the caller's contract.
     unsafe { std::slice::from_raw_parts(t.data_ptr().cast::<f32>().cast_const(), n) }
 }
@@ -208,7 +208,7 @@ mod tests {
         let mut fused_opt = FlatOptimizer::new(OptimizerKind::Adam, 2e-4, [0.5, 0.999], &fused);
         // A strided view is not fusable: that instance runs libtorch's kernels.
         let wide = Tensor::zeros([n, 2], (Kind::Float, Device::Cpu));
-        let _ = wide.select(1, 0).copy_(&start);
+        wide.select(1, 0).copy_(&start);
         let kernels = wide.select(1, 0);
         let mut kernel_opt = FlatOptimizer::new(OptimizerKind::Adam, 2e-4, [0.5, 0.999], &kernels);
         for step in 0..20 {

@@ -77,4 +77,22 @@ pub trait Collective: Send {
     /// Number of completed collective operations, for hang detection: a rank
     /// whose sequence stops advancing while others' does is stuck.
     fn sequence(&self) -> u64;
+    /// In-place all-reduce of `len` f32s of GPU memory at `ptr`, enqueued on
+    /// the legacy default stream (libtorch's default), so it runs after the
+    /// kernels that produced the buffer and before those that read it.
+    /// Returns `Ok(false)` when the backend has no device path; the caller
+    /// then stages the buffer through host memory.
+    ///
+    /// # Safety
+    /// `ptr` must address at least `len` f32s on the backend's device, and
+    /// nothing may use them on another stream until the default stream has
+    /// passed this operation.
+    unsafe fn all_reduce_device_f32(
+        &mut self,
+        _ptr: u64,
+        _len: usize,
+        _op: ReduceOp,
+    ) -> Result<bool, CollectiveError> {
+        Ok(false)
+    }
 }

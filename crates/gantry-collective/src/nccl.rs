@@ -442,6 +442,20 @@ impl Collective for NcclCollective {
         self.finish(r)
     }
 
+    unsafe fn all_reduce_device_f32(
+        &mut self,
+        ptr: u64,
+        len: usize,
+        op: ReduceOp,
+    ) -> Result<bool, CollectiveError> {
+        // SAFETY: the trait method's contract; the null stream is the legacy
+        // default stream of the primary context libtorch also uses.
+        unsafe {
+            self.all_reduce_device(ptr, len, DeviceDType::F32, op, std::ptr::null_mut())?;
+        }
+        Ok(true)
+    }
+
     fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
         self.usable()?;
         let r = self.host_broadcast(buf, root);

@@ -154,6 +154,15 @@ fn buffers(vs: &VarStore) -> Vec<Tensor> {
 }
 
 fn all_finite(t: &Tensor) -> bool {
+    if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
+        // libtorch's isfinite().all() materialises a bool tensor and costs ~5 ns an element
+        // on one core; a scan of the host memory costs a tenth of that.
+        // SAFETY: a contiguous f32 CPU tensor of numel() elements, only read while `t` lives.
+        let values = unsafe {
+            std::slice::from_raw_parts(t.data_ptr().cast::<f32>().cast_const(), t.numel())
+        };
+        return values.iter().all(|v| v.is_finite());
+    }
     bool::try_from(t.isfinite().all()).unwrap_or(false)
 }
 
@@ -162,7 +171,15 @@ fn all_finite(t: &Tensor) -> bool {
 /// the skip decision, taken on the averaged gradient, is the same everywhere.
 fn poison_with(grad: &mut Tensor, loss: &Tensor) {
     tch::no_grad(|| {
-        let _ = grad.g_add_(&(loss.detach().to_kind(Kind::Float) * 0.0));
+        if grad.device() == Device::Cpu {
+            // Reading a CPU scalar is free; a full pass over the gradient is not.
+            if !loss.double_value(&[]).is_finite() {
+                let _ = grad.fill_(f64::NAN);
+            }
+        } else {
+            // On a GPU, reading the loss would wait for the device: stay on the stream.
+            let _ = grad.g_add_(&(loss.detach().to_kind(Kind::Float) * 0.0));
+        }
     });
 }
 
@@ -598,4 +615,25 @@ fn stats(
         d_fake: fake_logits.sigmoid().mean(None),
         applied,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_finite_sees_every_kind_of_non_finite_value() {
+        let fine = Tensor::from_slice(&[1.0f32, -2.0, 0.0, f32::MAX]);
+        assert!(all_finite(&fine));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let t = Tensor::from_slice(&[1.0f32, 2.0, bad, 4.0]);
+            assert!(!all_finite(&t), "{bad} missed (host scan)");
+            // A strided view and a double tensor take libtorch's kernels.
+            let strided = Tensor::stack(&[&t, &t], 1).select(1, 0);
+            assert!(!strided.is_contiguous());
+            assert!(!all_finite(&strided), "{bad} missed (strided)");
+            assert!(!all_finite(&t.to_kind(Kind::Double)), "{bad} missed (f64)");
+        }
+        assert!(all_finite(&Tensor::stack(&[&fine, &fine], 1).select(1, 1)));
+    }
 }

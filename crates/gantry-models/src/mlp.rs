@@ -8,6 +8,8 @@
 use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
+use crate::activation::LeakyRelu;
+
 const SLOPE: f64 = 0.3;
 
 /// Keras' `glorot_uniform`, the reference model's kernel initialiser.
@@ -28,15 +30,11 @@ fn dense(path: nn::Path<'_>, fan_in: i64, fan_out: i64, bias: bool) -> nn::Linea
     nn::linear(path, fan_in, fan_out, config)
 }
 
-/// LeakyReLU with slope 0.3 (tch's `leaky_relu` fixes the slope at 0.01).
-fn leaky_relu(xs: &Tensor) -> Tensor {
-    xs.maximum(&(xs * SLOPE))
-}
-
 #[derive(Debug)]
 pub struct Generator {
     layers: Vec<nn::Linear>,
     norms: Vec<nn::BatchNorm>,
+    activation: LeakyRelu,
     image_shape: [i64; 3],
 }
 
@@ -72,6 +70,7 @@ impl Generator {
         Self {
             layers,
             norms,
+            activation: LeakyRelu::new(SLOPE),
             image_shape,
         }
     }
@@ -86,7 +85,7 @@ impl ModuleT for Generator {
             if let Some(norm) = self.norms.get(i) {
                 xs = xs.apply_t(norm, train);
             }
-            xs = leaky_relu(&xs);
+            xs = self.activation.forward(&xs);
         }
         let [c, h, w] = self.image_shape;
         xs.apply(&self.layers[hidden]).tanh().view([-1, c, h, w])
@@ -96,6 +95,7 @@ impl ModuleT for Generator {
 #[derive(Debug)]
 pub struct Discriminator {
     layers: Vec<nn::Linear>,
+    activation: LeakyRelu,
 }
 
 impl Discriminator {
@@ -110,7 +110,10 @@ impl Discriminator {
                 dense(path / format!("dense{i}"), pair[0], pair[1], last)
             })
             .collect();
-        Self { layers }
+        Self {
+            layers,
+            activation: LeakyRelu::new(SLOPE),
+        }
     }
 }
 
@@ -119,7 +122,7 @@ impl ModuleT for Discriminator {
         let mut xs = images.flatten(1, -1);
         let last = self.layers.len() - 1;
         for layer in &self.layers[..last] {
-            xs = leaky_relu(&xs.apply(layer));
+            xs = self.activation.forward(&xs.apply(layer));
         }
         xs.apply(&self.layers[last]).view([-1])
     }

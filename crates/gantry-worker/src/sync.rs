@@ -76,9 +76,13 @@ impl Group {
             return Ok(());
         };
         let started = std::time::Instant::now();
-        for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
-            collective.all_reduce_f32(buf, ReduceOp::Average)
-        })?;
+        if flat.device().is_cuda() && device_all_reduce(collective.as_mut(), flat)? {
+            // NCCL reduced the gradient in GPU memory, on the default stream.
+        } else {
+            for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
+                collective.all_reduce_f32(buf, ReduceOp::Average)
+            })?;
+        }
         self.traffic.bytes += (flat.numel() * std::mem::size_of::<f32>()) as u64;
         self.traffic.seconds += started.elapsed().as_secs_f64();
         Ok(())
@@ -225,6 +229,21 @@ fn signature_text(params: &FlatParams) -> String {
         .map(|(name, shape, kind)| format!("{name} {shape:?} {kind:?}"))
         .collect::<Vec<_>>()
         .join("\n")
+}
+
+/// Averages a contiguous f32 GPU tensor in place through the backend's device path (one
+/// call: NCCL pipelines large buffers itself). `false` when the backend has none.
+fn device_all_reduce(collective: &mut dyn Collective, flat: &Tensor) -> Result<bool> {
+    if flat.kind() != Kind::Float || !flat.is_contiguous() {
+        return Ok(false);
+    }
+    let ptr = flat.data_ptr() as u64;
+    // SAFETY: a contiguous f32 CUDA tensor of numel() elements on the communicator's device
+    // (the worker trains on the device its NCCL communicator was created for); libtorch and
+    // NCCL both use the default stream, so no other stream touches it meanwhile.
+    let done = unsafe { collective.all_reduce_device_f32(ptr, flat.numel(), ReduceOp::Average) }
+        .context("all-reduce")?;
+    Ok(done)
 }
 
 /// Runs `op` on host f32 views of `flat` in buckets of at most `bucket` elements. CPU tensors

@@ -2,9 +2,9 @@
 """The PyTorch reference of Gantry's default job, for side-by-side benchmarks.
 
 Same model as crates/gantry-models/src/mlp.rs (G: 100-256-512-784, no bias, BatchNorm
-momentum 0.01 / eps 1e-3, LeakyReLU 0.3, tanh; D: 784-512-256-1, bias on the last layer only;
-Glorot-uniform kernels), same loss (non-saturating BCE from logits), same optimiser (Adam,
-lr 2e-4, betas 0.5/0.999), same data (the embedded MNIST-10k scaled to [-1, 1], a permutation
+momentum 0.01 / eps 1e-3, LeakyReLU 0.3, tanh; D: 784-512-256-1 with biases; Glorot-uniform
+kernels, zero biases), same loss (non-saturating BCE from logits), same optimiser (Adam,
+lr 1e-3, betas 0.5/0.999), same data (the embedded MNIST-10k scaled to [-1, 1], a permutation
 per epoch, each rank its slice of the global batch), same schedule as Gantry's default
 `simultaneous`: one forward pass of G and of D on real+fake, each network the gradient of its
 own loss. Data parallel with torch.distributed DDP (gloo on CPU, NCCL on GPU); launch with
@@ -68,8 +68,8 @@ class Generator(nn.Module):
 class Discriminator(nn.Module):
     def __init__(self, pixels=784):
         super().__init__()
-        self.l0 = nn.Linear(pixels, 512, bias=False)
-        self.l1 = nn.Linear(512, 256, bias=False)
+        self.l0 = nn.Linear(pixels, 512)
+        self.l1 = nn.Linear(512, 256)
         self.l2 = nn.Linear(256, 1)
         for layer in (self.l0, self.l1, self.l2):
             glorot(layer)
@@ -113,8 +113,8 @@ def main():
         d = nn.parallel.DistributedDataParallel(d, broadcast_buffers=False)
     if args.compile:
         g, d = torch.compile(g), torch.compile(d)
-    g_opt = torch.optim.Adam(g.parameters(), lr=2e-4, betas=(0.5, 0.999))
-    d_opt = torch.optim.Adam(d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    g_opt = torch.optim.Adam(g.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    d_opt = torch.optim.Adam(d.parameters(), lr=1e-3, betas=(0.5, 0.999))
     g_params, d_params = list(g.parameters()), list(d.parameters())
 
     digits = load_digits(args.data).to(device)

@@ -2,8 +2,13 @@
 //!
 //! Generator: latent → 256 → 512 → pixels, each hidden layer Linear (no bias) → BatchNorm →
 //! LeakyReLU(0.3), output tanh. Discriminator: pixels → 512 → 256 → 1 logit, LeakyReLU(0.3),
-//! bias only on the last layer. Keras defaults throughout: Glorot-uniform kernels, LeakyReLU
-//! slope 0.3, BatchNorm momentum 0.99 / eps 1e-3 (libtorch's momentum is 1 − Keras').
+//! every layer with a bias. Keras defaults throughout: Glorot-uniform kernels, zero biases,
+//! LeakyReLU slope 0.3, BatchNorm momentum 0.99 / eps 1e-3 (libtorch's momentum is 1 − Keras').
+//!
+//! The discriminator's hidden biases matter: without them its logit is `b + f(x)` with `f`
+//! positively homogeneous (`f(a·x) = a·f(x)` for `a > 0`), so it judges an image and every
+//! lower-contrast copy of it (scaled towards mid-grey, the origin of the [-1, 1] pixel range)
+//! alike up to scale, and the generator is left drawing speckled, grey-backed digits.
 
 use tch::Tensor;
 use tch::nn::{self, ModuleT};
@@ -105,10 +110,7 @@ impl Discriminator {
         let layers = widths
             .windows(2)
             .enumerate()
-            .map(|(i, pair)| {
-                let last = i == widths.len() - 2;
-                dense(path / format!("dense{i}"), pair[0], pair[1], last)
-            })
+            .map(|(i, pair)| dense(path / format!("dense{i}"), pair[0], pair[1], true))
             .collect();
         Self {
             layers,

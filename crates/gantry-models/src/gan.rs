@@ -321,7 +321,10 @@ impl Gan {
     ///
     /// `sync` is called with each network's flat gradient before that network's optimiser
     /// step; a data-parallel worker all-reduces (averages) it across ranks there, a single
-    /// process leaves it as it is.
+    /// process leaves it as it is. In `simultaneous`, D's call comes right after D's
+    /// backward pass and G's after G's, and neither gradient is read until G's call has
+    /// returned: an implementation may return from D's call early and finish averaging D's
+    /// gradient (overlapped with G's backward pass) before it returns from G's.
     ///
     /// Non-finite values: a gradient is checked *after* `sync` (a rank's non-finite local loss
     /// is folded into its gradient first), so every rank takes the same decision. At the first
@@ -351,12 +354,14 @@ impl Gan {
                 let mut d_grad = self.d_params.flatten_grads(&d_grads);
                 poison_with(&mut d_grad, &d_loss);
                 self.clock.lap(Phase::DiscriminatorForwardBackward);
+                // D's gradient is final here: its averaging may overlap G's backward pass.
+                sync(Network::Discriminator, &mut d_grad)?;
+                self.clock.lap(Phase::AllReduce);
                 let g_grads =
                     Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
                 let mut g_grad = self.g_params.flatten_grads(&g_grads);
                 poison_with(&mut g_grad, &g_loss);
                 self.clock.lap(Phase::GeneratorForwardBackward);
-                sync(Network::Discriminator, &mut d_grad)?;
                 sync(Network::Generator, &mut g_grad)?;
                 self.clock.lap(Phase::AllReduce);
                 let applied = all_finite(&d_grad) && all_finite(&g_grad);

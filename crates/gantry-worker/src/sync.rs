@@ -19,6 +19,48 @@ pub struct Group {
     traffic: Traffic,
 }
 
+/// An average running on a helper thread (see [`Group::start_average`]).
+pub struct PendingAverage<'scope> {
+    handle: std::thread::ScopedJoinHandle<
+        'scope,
+        (
+            Box<dyn Collective>,
+            Result<(), gantry_collective::CollectiveError>,
+            f64,
+        ),
+    >,
+    /// The tensor whose memory the thread works on.
+    _keep_alive: Tensor,
+    bytes: u64,
+}
+
+impl std::fmt::Debug for PendingAverage<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingAverage")
+            .field("bytes", &self.bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A host f32 buffer handed to the all-reduce thread.
+struct HostF32 {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: the buffer is used by one thread at a time: the all-reduce thread until it is
+// joined, the training thread after (see `Group::start_average`).
+unsafe impl Send for HostF32 {}
+
+impl HostF32 {
+    /// # Safety
+    /// The memory is live and used by no one else for `'a`.
+    unsafe fn into_slice<'a>(self) -> &'a mut [f32] {
+        // SAFETY: the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    }
+}
+
 /// Bytes and seconds of gradient all-reduces.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Traffic {
@@ -85,6 +127,58 @@ impl Group {
         }
         self.traffic.bytes += (flat.numel() * std::mem::size_of::<f32>()) as u64;
         self.traffic.seconds += started.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Starts averaging `flat` on a helper thread of `scope` and returns at once, or `None`
+    /// when that cannot be done (a world of one, or not a contiguous f32 CPU tensor: use
+    /// [`Group::average`]). Until [`Group::finish_average`] the group has no collective, and
+    /// nothing may touch `flat`'s memory.
+    pub fn start_average<'scope>(
+        &mut self,
+        scope: &'scope std::thread::Scope<'scope, '_>,
+        flat: &Tensor,
+    ) -> Option<PendingAverage<'scope>> {
+        let host_f32 = flat.device() == Device::Cpu
+            && flat.kind() == Kind::Float
+            && flat.is_contiguous()
+            && flat.dim() == 1;
+        if !host_f32 || self.collective.is_none() {
+            return None;
+        }
+        let mut collective = self.collective.take()?;
+        let bucket = self.bucket_elems.max(1);
+        let memory = HostF32 {
+            ptr: flat.data_ptr().cast::<f32>(),
+            len: flat.numel(),
+        };
+        let handle = scope.spawn(move || {
+            let started = std::time::Instant::now();
+            // SAFETY: `PendingAverage` keeps the tensor alive until this thread is joined,
+            // and the caller promised not to touch its memory meanwhile.
+            let all = unsafe { memory.into_slice() };
+            let result = all
+                .chunks_mut(bucket)
+                .try_for_each(|chunk| collective.all_reduce_f32(chunk, ReduceOp::Average));
+            (collective, result, started.elapsed().as_secs_f64())
+        });
+        Some(PendingAverage {
+            handle,
+            _keep_alive: flat.shallow_clone(),
+            bytes: (flat.numel() * std::mem::size_of::<f32>()) as u64,
+        })
+    }
+
+    /// Waits for [`Group::start_average`]'s averaging and takes the collective back.
+    pub fn finish_average(&mut self, pending: PendingAverage<'_>) -> Result<()> {
+        let (collective, result, seconds) = pending
+            .handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the all-reduce thread panicked"))?;
+        self.collective = Some(collective);
+        result.context("all-reduce")?;
+        self.traffic.bytes += pending.bytes;
+        self.traffic.seconds += seconds;
         Ok(())
     }
 

@@ -99,6 +99,9 @@ pub struct Trainer {
     grid_shape: [usize; 3],
     device: Device,
     threads: usize,
+    /// Average D's gradient on a helper thread while G's backward pass runs (see
+    /// [`Trainer::step_with`]).
+    overlap_allreduce: bool,
     started: Instant,
     /// Steps completed so far.
     pub step: u64,
@@ -172,6 +175,7 @@ impl Trainer {
             grid_shape: [c, h, w],
             device,
             threads,
+            overlap_allreduce: overlap_pays(settings, threads, workers_on_host),
             started,
             step: 0,
             pixels: Vec::new(),
@@ -259,6 +263,13 @@ impl Trainer {
         &self.settings
     }
 
+    /// Forces D's gradient averaging to overlap G's backward pass (in `simultaneous`) or
+    /// not, whatever the core count suggests (tests; experiments on other machines).
+    pub fn set_overlap_allreduce(&mut self, overlap: bool) {
+        self.overlap_allreduce =
+            overlap && self.settings.train.schedule == gantry_config::Schedule::Simultaneous;
+    }
+
     /// Keeps `metrics` up to date from now on.
     pub fn set_metrics(&mut self, metrics: WorkerMetrics) {
         self.metrics = Some(metrics);
@@ -328,19 +339,41 @@ impl Trainer {
         // global batch s and latent stream s, as before.
         let first = self.step * n_critic;
         let mut stats = None;
+        // In `simultaneous`, D's gradient averaging may overlap G's backward pass (see
+        // `Gan::train_step`); elsewhere each gradient is read right after its sync.
+        let overlap = self.overlap_allreduce;
         for i in 0..n_critic {
             let input = self.sub_step_input(first + i)?;
-            let group = &mut self.group;
-            let mut sync = |network, grad: &mut Tensor| {
-                group.average(grad)?;
-                tap(network, grad);
-                anyhow::Ok(())
-            };
-            let sub = if i + 1 < n_critic {
-                self.gan.critic_step(&input, &mut sync)?
-            } else {
-                self.gan.train_step(&input, &mut sync)?
-            };
+            let last = i + 1 == n_critic;
+            let (group, gan) = (&mut self.group, &mut self.gan);
+            let sub = std::thread::scope(|scope| {
+                let mut pending = None;
+                let mut sync = |network, grad: &mut Tensor| {
+                    if overlap && last && network == Network::Discriminator {
+                        if let Some(started) = group.start_average(scope, grad) {
+                            pending = Some((started, grad.shallow_clone()));
+                            return anyhow::Ok(());
+                        }
+                    }
+                    if let Some((started, d_grad)) = pending.take() {
+                        group.finish_average(started)?;
+                        tap(Network::Discriminator, &d_grad);
+                    }
+                    group.average(grad)?;
+                    tap(network, grad);
+                    anyhow::Ok(())
+                };
+                let sub = if last {
+                    gan.train_step(&input, &mut sync)
+                } else {
+                    gan.critic_step(&input, &mut sync)
+                };
+                // An error between the two calls leaves D's average running: collect it.
+                if let Some((started, _)) = pending.take() {
+                    group.finish_average(started)?;
+                }
+                sub
+            })?;
             let applied = sub.applied;
             stats = Some(sub);
             if !applied {
@@ -643,6 +676,17 @@ impl Trainer {
             d_fake,
         })
     }
+}
+
+/// Whether averaging D's gradient on a helper thread, overlapped with G's backward pass,
+/// pays: only in `simultaneous` (elsewhere the gradient is needed at once), and only with a
+/// core to spare for the helper. On the CPU the ring's copies and sums are work too: with
+/// every core busy training (2 workers × 1 thread on 2 cores), the helper thread takes its
+/// time from the backward pass, and measured steps got 5–10% slower.
+fn overlap_pays(settings: &Settings, threads: usize, workers_on_host: usize) -> bool {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    settings.train.schedule == gantry_config::Schedule::Simultaneous
+        && cores >= workers_on_host.max(1) * (threads + 1)
 }
 
 /// Trains on one process (world size 1) and writes the run directory.

@@ -19,16 +19,16 @@ pub struct Group {
     traffic: Traffic,
 }
 
+/// What the all-reduce thread hands back: the collective, the result, its seconds.
+type AverageOutcome = (
+    Box<dyn Collective>,
+    Result<(), gantry_collective::CollectiveError>,
+    f64,
+);
+
 /// An average running on a helper thread (see [`Group::start_average`]).
 pub struct PendingAverage<'scope> {
-    handle: std::thread::ScopedJoinHandle<
-        'scope,
-        (
-            Box<dyn Collective>,
-            Result<(), gantry_collective::CollectiveError>,
-            f64,
-        ),
-    >,
+    handle: std::thread::ScopedJoinHandle<'scope, AverageOutcome>,
     /// The tensor whose memory the thread works on.
     _keep_alive: Tensor,
     bytes: u64,

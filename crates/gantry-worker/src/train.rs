@@ -349,11 +349,13 @@ impl Trainer {
             let sub = std::thread::scope(|scope| {
                 let mut pending = None;
                 let mut sync = |network, grad: &mut Tensor| {
-                    if overlap && last && network == Network::Discriminator {
-                        if let Some(started) = group.start_average(scope, grad) {
-                            pending = Some((started, grad.shallow_clone()));
-                            return anyhow::Ok(());
-                        }
+                    if overlap
+                        && last
+                        && network == Network::Discriminator
+                        && let Some(started) = group.start_average(scope, grad)
+                    {
+                        pending = Some((started, grad.shallow_clone()));
+                        return anyhow::Ok(());
                     }
                     if let Some((started, d_grad)) = pending.take() {
                         group.finish_average(started)?;

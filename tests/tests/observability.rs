@@ -21,7 +21,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{binary, describe, repo_root, run};
+use common::{binary, describe, free_port, repo_root, run};
 use serde_json::Value;
 
 /// Installs prometheus, chromium and the dashboard type-checker once per test process.
@@ -215,14 +215,6 @@ fn query(prometheus: &str, promql: &str) -> Result<Vec<Value>, String> {
         .as_array()
         .cloned()
         .unwrap_or_default())
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Waits for the coordinator's "status page on http://ADDR/" line and returns ADDR.

@@ -576,11 +576,7 @@ impl Job {
     pub fn cluster_view(&self, auth_failures: u64) -> ClusterView {
         let state = self.lock();
         let now = Instant::now();
-        let alive = state
-            .members
-            .iter()
-            .filter(|m| now.duration_since(m.last_seen) <= self.spec.heartbeat_timeout)
-            .count();
+        let alive = self.alive(&state, now);
         let lead = state.members.iter().find(|m| m.rank == 0).map(|m| {
             let f = m.figures.clone().unwrap_or_default();
             LeadView {
@@ -649,14 +645,19 @@ impl Job {
             .collect()
     }
 
-    pub fn status(&self) -> StatusResponse {
-        let state = self.lock();
-        let now = Instant::now();
-        let alive = state
+    /// Members heard from within the heartbeat timeout.
+    fn alive(&self, state: &State, now: Instant) -> usize {
+        state
             .members
             .iter()
             .filter(|m| now.duration_since(m.last_seen) <= self.spec.heartbeat_timeout)
-            .count();
+            .count()
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        let state = self.lock();
+        let now = Instant::now();
+        let alive = self.alive(&state, now);
         let step = state.members.iter().map(|m| m.step).min().unwrap_or(0);
         let lead = state.members.iter().find(|m| m.rank == 0);
         StatusResponse {

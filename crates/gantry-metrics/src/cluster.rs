@@ -9,7 +9,9 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use prometheus::{Counter, Gauge, GaugeVec, IntCounter, IntGauge, Opts, Registry};
+use prometheus::{Counter, Gauge, GaugeVec, IntCounter, IntGauge, Registry};
+
+use crate::register::{counter, gauge, gauge_vec, int_counter, int_gauge};
 
 use crate::MetricsError;
 use crate::worker::Quality;
@@ -179,14 +181,11 @@ impl ClusterMetrics {
                 "cluster_allreduce_bytes_total",
                 "Bytes all ranks contributed to all-reduce operations.",
             )?,
-            allreduce_seconds: {
-                let c = Counter::new(
-                    "cluster_allreduce_seconds_total",
-                    "Seconds all ranks spent inside all-reduce operations.",
-                )?;
-                r.register(Box::new(c.clone()))?;
-                c
-            },
+            allreduce_seconds: counter(
+                r,
+                "cluster_allreduce_seconds_total",
+                "Seconds all ranks spent inside all-reduce operations.",
+            )?,
             checkpoints: int_counter(
                 r,
                 "cluster_checkpoints_total",
@@ -404,35 +403,6 @@ fn catch_up(counter: &IntCounter, total: u64) {
     if total > have {
         counter.inc_by(total - have);
     }
-}
-
-fn int_counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
-    let metric = IntCounter::new(name, help)?;
-    r.register(Box::new(metric.clone()))?;
-    Ok(metric)
-}
-
-fn int_gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
-    let metric = IntGauge::new(name, help)?;
-    r.register(Box::new(metric.clone()))?;
-    Ok(metric)
-}
-
-fn gauge(r: &Registry, name: &str, help: &str) -> Result<Gauge, MetricsError> {
-    let metric = Gauge::new(name, help)?;
-    r.register(Box::new(metric.clone()))?;
-    Ok(metric)
-}
-
-fn gauge_vec(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<GaugeVec, MetricsError> {
-    let metric = GaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(metric.clone()))?;
-    Ok(metric)
 }
 
 #[cfg(test)]

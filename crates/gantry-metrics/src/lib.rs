@@ -70,6 +70,74 @@ impl Routes for WorkerRoutes {
     }
 }
 
+/// Creating a series and registering it, in one call.
+pub(crate) mod register {
+    use prometheus::{
+        Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge,
+        Opts, Registry,
+    };
+
+    use crate::MetricsError;
+
+    pub fn int_counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+        let metric = IntCounter::new(name, help)?;
+        r.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn counter(r: &Registry, name: &str, help: &str) -> Result<Counter, MetricsError> {
+        let metric = Counter::new(name, help)?;
+        r.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn int_gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
+        let metric = IntGauge::new(name, help)?;
+        r.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn gauge(r: &Registry, name: &str, help: &str) -> Result<Gauge, MetricsError> {
+        let metric = Gauge::new(name, help)?;
+        r.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn gauge_vec(
+        r: &Registry,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<GaugeVec, MetricsError> {
+        let metric = GaugeVec::new(Opts::new(name, help), labels)?;
+        r.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn histogram(
+        r: &Registry,
+        name: &str,
+        help: &str,
+        buckets: Vec<f64>,
+    ) -> Result<Histogram, MetricsError> {
+        let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+        r.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+
+    pub fn histogram_vec(
+        r: &Registry,
+        name: &str,
+        help: &str,
+        buckets: Vec<f64>,
+        labels: &[&str],
+    ) -> Result<HistogramVec, MetricsError> {
+        let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
+        r.register(Box::new(metric.clone()))?;
+        Ok(metric)
+    }
+}
+
 /// Reading expositions back in tests, independent of label order.
 #[cfg(test)]
 pub(crate) mod testing {

@@ -10,11 +10,13 @@ use std::sync::{Arc, Mutex};
 
 use prometheus::core::Collector;
 use prometheus::{
-    Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge, Opts,
-    Registry,
+    Counter, Gauge, GaugeVec, Histogram, HistogramVec, IntCounter, IntGauge, Registry,
 };
 
 use crate::MetricsError;
+use crate::register::{
+    counter, gauge, gauge_vec, histogram, histogram_vec, int_counter, int_gauge,
+};
 
 /// Who is reporting: the constant labels of every worker series.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -104,95 +106,82 @@ impl WorkerMetrics {
             ("generation".to_owned(), identity.generation.to_string()),
         ]);
         let registry = Registry::new_custom(Some("gantry".into()), Some(labels))?;
-        let int_counter = |name: &str, help: &str| -> Result<IntCounter, MetricsError> {
-            let metric = IntCounter::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let int_gauge = |name: &str, help: &str| -> Result<IntGauge, MetricsError> {
-            let metric = IntGauge::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
-        let gauge = |name: &str, help: &str| -> Result<Gauge, MetricsError> {
-            let metric = Gauge::new(name, help)?;
-            registry.register(Box::new(metric.clone()))?;
-            Ok(metric)
-        };
+        let r = &registry;
         let steps = int_counter(
+            r,
             "train_steps_total",
             "Training steps completed by this rank.",
         )?;
         let images = int_counter(
+            r,
             "train_images_total",
             "Real images this rank's discriminator has seen (its slice of each global batch).",
         )?;
-        let step = int_gauge("train_step", "The newest completed step.")?;
-        let steps_target = int_gauge("train_steps_target", "Steps the run trains in all.")?;
+        let step = int_gauge(r, "train_step", "The newest completed step.")?;
+        let steps_target = int_gauge(r, "train_steps_target", "Steps the run trains in all.")?;
         let nonfinite = int_counter(
+            r,
             "train_nonfinite_steps_total",
             "Steps whose update was skipped for a non-finite loss or gradient.",
         )?;
         let generator_loss = gauge(
+            r,
             "train_generator_loss",
             "Generator loss of the newest logged step, averaged over the group.",
         )?;
         let discriminator_loss = gauge(
+            r,
             "train_discriminator_loss",
             "Discriminator loss of the newest logged step, averaged over the group.",
         )?;
         let d_real = gauge(
+            r,
             "train_discriminator_real_mean",
             "Mean D(x) on real images (sigmoid of the logits) at the newest logged step.",
         )?;
         let d_fake = gauge(
+            r,
             "train_discriminator_fake_mean",
             "Mean D(G(z)) on generated images at the newest logged step.",
         )?;
-        let grad_norm = GaugeVec::new(
-            Opts::new(
-                "train_gradient_norm",
-                "L2 norm of the group-averaged gradient at the newest logged step.",
-            ),
+        let grad_norm = gauge_vec(
+            r,
+            "train_gradient_norm",
+            "L2 norm of the group-averaged gradient at the newest logged step.",
             &["network"],
         )?;
-        registry.register(Box::new(grad_norm.clone()))?;
-        let step_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "train_step_duration_seconds",
-                "Wall time of one training step on this rank.",
-            )
-            .buckets(duration_buckets()),
+        let step_seconds = histogram(
+            r,
+            "train_step_duration_seconds",
+            "Wall time of one training step on this rank.",
+            duration_buckets(),
         )?;
-        registry.register(Box::new(step_seconds.clone()))?;
-        let phase_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "train_phase_duration_seconds",
-                "Time of one step spent in each phase: data, d_forward_backward, \
-                 g_forward_backward, allreduce (waiting for the group), optimizer.",
-            )
-            .buckets(duration_buckets()),
+        let phase_seconds = histogram_vec(
+            r,
+            "train_phase_duration_seconds",
+            "Time of one step spent in each phase: data, d_forward_backward, \
+             g_forward_backward, allreduce (waiting for the group), optimizer.",
+            duration_buckets(),
             &["phase"],
         )?;
-        registry.register(Box::new(phase_seconds.clone()))?;
         let allreduce_bytes = int_counter(
+            r,
             "allreduce_bytes_total",
             "Bytes this rank contributed to all-reduce operations.",
         )?;
-        let allreduce_seconds = Counter::new(
+        let allreduce_seconds = counter(
+            r,
             "allreduce_seconds_total",
             "Seconds this rank spent inside all-reduce operations.",
         )?;
-        registry.register(Box::new(allreduce_seconds.clone()))?;
-        let checkpoint_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "checkpoint_duration_seconds",
-                "Time to take a checkpoint (state broadcast, and on rank 0 the atomic write).",
-            )
-            .buckets(duration_buckets()),
+        let checkpoint_seconds = histogram(
+            r,
+            "checkpoint_duration_seconds",
+            "Time to take a checkpoint (state broadcast, and on rank 0 the atomic write).",
+            duration_buckets(),
         )?;
-        registry.register(Box::new(checkpoint_seconds.clone()))?;
         let checkpoint_bytes = int_gauge(
+            r,
             "checkpoint_size_bytes",
             "Size of the newest checkpoint this rank wrote (0 on ranks that do not write).",
         )?;

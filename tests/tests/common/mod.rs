@@ -194,3 +194,12 @@ pub fn binary(name: &str) -> PathBuf {
     assert!(path.is_file(), "{} missing", path.display());
     path
 }
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

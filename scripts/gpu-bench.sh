@@ -20,6 +20,8 @@ nccl_bench=${NCCL_BENCH:-target/release/examples/nccl_bench}
 python=${PYTHON:-python3}
 steps=${STEPS:-300}
 warmup=${WARMUP:-30}
+# DEVICE=cpu smoke-tests the script itself on a machine without a GPU.
+device=${DEVICE:-cuda}
 
 torch_dir=$("$python" -c 'import os, torch; print(os.path.dirname(torch.__file__))') || {
     echo "gpu-bench: $python has no torch" >&2; exit 1; }
@@ -33,17 +35,17 @@ done
 nvidia_libs=$(find "$site/nvidia" -maxdepth 3 -type d -name lib 2>/dev/null | tr '\n' ':')
 export LD_LIBRARY_PATH="$torch_dir/lib:$links:$nvidia_libs${LD_LIBRARY_PATH:-}"
 export GANTRY_LIBTORCH_LIB="$torch_dir/lib"
-"$python" -c 'import torch; print(f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}, {torch.cuda.get_device_name(0)}")'
+"$python" -c 'import torch; gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"; print(f"PyTorch {torch.__version__}, CUDA {torch.version.cuda}, {gpu}")'
 
 echo "== worker --list-devices"
 "$worker" --list-devices
 
 echo "== NCCL all-reduce, one rank (MiB, algbw GB/s, median ms, check)"
-"$nccl_bench"
+"$nccl_bench" || echo "nccl_bench failed (exit $?)"
 
 gantry() { # kind batch -> images/s
     local dir; dir=$(mktemp -d)
-    timeout 300 "$worker" --standalone --device cuda --run-dir "$dir/run" \
+    timeout 300 "$worker" --standalone --device "$device" --run-dir "$dir/run" \
         --set model.kind="$1" --set train.batch_size="$2" --set train.steps=$((warmup + steps)) \
         --set train.log_every="$warmup" --set samples.every=0 --set checkpoint.every=0 \
         --set eval.samples=0 --set train.ema_decay=0 --set metrics.worker_addr=127.0.0.1:0 \
@@ -59,9 +61,9 @@ PY
 }
 pytorch() { # batch extra-flags... -> images/s
     local batch=$1; shift
-    timeout 300 "$python" bench/torch_gan.py --device cuda --batch-size "$batch" --steps "$steps" \
+    timeout 300 "$python" bench/torch_gan.py --device "$device" --batch-size "$batch" --steps "$steps" \
         --warmup "$warmup" "$@" 2>/dev/null | "$python" -c \
-        'import json, sys; print(f"{json.loads(sys.stdin.read().splitlines()[-1])[\"images_per_second\"]:.0f}")' \
+        'import json, sys; d = json.loads(sys.stdin.read().splitlines()[-1]); print(round(d["images_per_second"]))' \
         || echo "failed"
 }
 

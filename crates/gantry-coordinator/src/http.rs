@@ -87,8 +87,10 @@ impl CoordinatorRoutes {
         let view = self
             .job
             .cluster_view(self.auth_failures.load(Ordering::Relaxed));
-        let median =
-            gantry_metrics::cluster::median_positive(status.workers.iter().map(|w| w.step_seconds));
+        // Per-rank figures as the metrics show them (this rank's share of the throughput,
+        // the straggler ratio), looked up by rank: the two snapshots are taken apart.
+        let ratios = view.step_time_ratios();
+        let rank_view = |rank: u32| view.ranks.iter().zip(&ratios).find(|(r, _)| r.rank == rank);
         let lead = view.lead.clone().unwrap_or_default();
         let sample = newest_sample(&self.run_dir).map(
             |(step, _)| json!({ "step": step, "url": format!("/samples/latest.png?step={step}") }),
@@ -124,9 +126,8 @@ impl CoordinatorRoutes {
                     .unwrap_or_default(),
                 "step": w.step,
                 "step_seconds": w.step_seconds,
-                "step_time_ratio": median.filter(|_| w.step_seconds > 0.0)
-                    .map(|m| w.step_seconds / m),
-                "images_per_second": w.images_per_second / f64::from(status.world_size.max(1)),
+                "step_time_ratio": rank_view(w.rank).and_then(|(_, ratio)| *ratio),
+                "images_per_second": rank_view(w.rank).map(|(r, _)| r.images_per_second),
                 "seconds_since_heartbeat": w.seconds_since_heartbeat,
             })).collect::<Vec<_>>(),
         })

@@ -91,6 +91,22 @@ pub fn median_positive(values: impl IntoIterator<Item = f64>) -> Option<f64> {
     })
 }
 
+impl ClusterView {
+    /// Each rank's step time over the median of all ranks' (the straggler signal), in
+    /// `ranks` order; `None` for a rank without a step time yet.
+    pub fn step_time_ratios(&self) -> Vec<Option<f64>> {
+        let median = median_positive(self.ranks.iter().map(|r| r.step_seconds));
+        self.ranks
+            .iter()
+            .map(|r| {
+                median
+                    .filter(|_| r.step_seconds > 0.0)
+                    .map(|m| r.step_seconds / m)
+            })
+            .collect()
+    }
+}
+
 #[derive(Debug)]
 struct Series {
     job_phase: GaugeVec,
@@ -318,8 +334,7 @@ impl ClusterMetrics {
         ] {
             vec.reset();
         }
-        let median = median_positive(view.ranks.iter().map(|r| r.step_seconds));
-        for rank in &view.ranks {
+        for (rank, ratio) in view.ranks.iter().zip(view.step_time_ratios()) {
             let label = rank.rank.to_string();
             let l = [label.as_str()];
             s.rank_step.with_label_values(&l).set(rank.step as f64);
@@ -332,12 +347,8 @@ impl ClusterMetrics {
             s.rank_heartbeat_age
                 .with_label_values(&l)
                 .set(rank.heartbeat_age_seconds);
-            if let Some(median) = median
-                && rank.step_seconds > 0.0
-            {
-                s.rank_step_ratio
-                    .with_label_values(&l)
-                    .set(rank.step_seconds / median);
+            if let Some(ratio) = ratio {
+                s.rank_step_ratio.with_label_values(&l).set(ratio);
             }
             for (phase, seconds) in &rank.phase_seconds {
                 s.rank_phase_seconds

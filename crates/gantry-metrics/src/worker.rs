@@ -319,25 +319,31 @@ impl WorkerMetrics {
 
     /// Mean seconds per step in each phase over every timed step so far.
     pub fn phase_means(&self) -> Vec<(String, f64)> {
-        let mut means = Vec::new();
+        self.phase_totals()
+            .into_iter()
+            .filter(|(_, _, count)| *count > 0)
+            .map(|(phase, sum, count)| (phase, sum / count as f64))
+            .collect()
+    }
+
+    /// (phase, seconds in all, steps timed) of every phase seen so far, sorted by phase.
+    fn phase_totals(&self) -> Vec<(String, f64, u64)> {
+        let mut totals = Vec::new();
         for family in self.phase_seconds.collect() {
             for metric in family.get_metric() {
-                let phase = metric
-                    .get_label()
-                    .iter()
-                    .find(|l| l.name() == "phase")
-                    .map(|l| l.value().to_owned());
-                let histogram = metric.get_histogram();
-                if let Some(phase) = phase
-                    && histogram.get_sample_count() > 0
-                {
-                    let count = histogram.get_sample_count() as f64;
-                    means.push((phase, histogram.get_sample_sum() / count));
+                let phase = metric.get_label().iter().find(|l| l.name() == "phase");
+                if let Some(phase) = phase {
+                    let histogram = metric.get_histogram();
+                    totals.push((
+                        phase.value().to_owned(),
+                        histogram.get_sample_sum(),
+                        histogram.get_sample_count(),
+                    ));
                 }
             }
         }
-        means.sort_by(|a, b| a.0.cmp(&b.0));
-        means
+        totals.sort_by(|a, b| a.0.cmp(&b.0));
+        totals
     }
 
     /// The figures for the coordinator. Phase means cover the steps timed since the previous
@@ -347,19 +353,10 @@ impl WorkerMetrics {
             .reported_phases
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        let mut phase_seconds = Vec::new();
-        for family in self.phase_seconds.collect() {
-            for metric in family.get_metric() {
-                let Some(phase) = metric
-                    .get_label()
-                    .iter()
-                    .find(|l| l.name() == "phase")
-                    .map(|l| l.value().to_owned())
-                else {
-                    continue;
-                };
-                let histogram = metric.get_histogram();
-                let (sum, count) = (histogram.get_sample_sum(), histogram.get_sample_count());
+        let phase_seconds = self
+            .phase_totals()
+            .into_iter()
+            .map(|(phase, sum, count)| {
                 let mark = previous.entry(phase.clone()).or_default();
                 let mean = if count > mark.count {
                     (sum - mark.sum) / (count - mark.count) as f64
@@ -367,10 +364,9 @@ impl WorkerMetrics {
                     mark.mean
                 };
                 *mark = PhaseMark { sum, count, mean };
-                phase_seconds.push((phase, mean));
-            }
-        }
-        phase_seconds.sort_by(|a, b| a.0.cmp(&b.0));
+                (phase, mean)
+            })
+            .collect();
         let quality = *self
             .quality_registered
             .lock()

@@ -143,7 +143,9 @@ fn build_generator(
     })
 }
 
-fn buffers(vs: &VarStore) -> Vec<Tensor> {
+/// A network's non-trainable tensors (BatchNorm running statistics), sorted by name, so every
+/// rank and every copy of the network lists them in the same order.
+pub fn buffers(vs: &VarStore) -> Vec<Tensor> {
     let mut named: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
@@ -164,6 +166,15 @@ fn all_finite(t: &Tensor) -> bool {
         return values.iter().all(|v| v.is_finite());
     }
     bool::try_from(t.isfinite().all()).unwrap_or(false)
+}
+
+/// The flat gradient of `loss` with respect to `params`, with a non-finite loss folded in
+/// (see [`poison_with`]). `keep_graph` keeps the graph for a second backward pass.
+fn flat_gradient(loss: &Tensor, params: &FlatParams, keep_graph: bool) -> Tensor {
+    let grads = Tensor::run_backward(&[loss], &params.tensors, keep_graph, false);
+    let mut grad = params.flatten_grads(&grads);
+    poison_with(&mut grad, loss);
+    grad
 }
 
 /// Adds `0 · loss` to every gradient element: zero when the (local) loss is finite, NaN when
@@ -350,17 +361,12 @@ impl Gan {
                 let (real_logits, fake_logits) = self.discriminate_pair(&input.real, &fake);
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
-                let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, true, false);
-                let mut d_grad = self.d_params.flatten_grads(&d_grads);
-                poison_with(&mut d_grad, &d_loss);
+                let mut d_grad = flat_gradient(&d_loss, &self.d_params, true);
                 self.clock.lap(Phase::DiscriminatorForwardBackward);
                 // D's gradient is final here: its averaging may overlap G's backward pass.
                 sync(Network::Discriminator, &mut d_grad)?;
                 self.clock.lap(Phase::AllReduce);
-                let g_grads =
-                    Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
-                let mut g_grad = self.g_params.flatten_grads(&g_grads);
-                poison_with(&mut g_grad, &g_loss);
+                let mut g_grad = flat_gradient(&g_loss, &self.g_params, false);
                 self.clock.lap(Phase::GeneratorForwardBackward);
                 sync(Network::Generator, &mut g_grad)?;
                 self.clock.lap(Phase::AllReduce);
@@ -380,10 +386,7 @@ impl Gan {
                 if d_applied {
                     let g_logits = self.discriminator.forward_t(&fake, true);
                     let g_loss = loss::generator(self.loss, &g_logits);
-                    let g_grads =
-                        Tensor::run_backward(&[&g_loss], &self.g_params.tensors, false, false);
-                    let mut g_grad = self.g_params.flatten_grads(&g_grads);
-                    poison_with(&mut g_grad, &g_loss);
+                    let mut g_grad = flat_gradient(&g_loss, &self.g_params, false);
                     self.clock.lap(Phase::GeneratorForwardBackward);
                     sync(Network::Generator, &mut g_grad)?;
                     self.clock.lap(Phase::AllReduce);
@@ -434,9 +437,7 @@ impl Gan {
     ) -> Result<(Tensor, Tensor, Tensor, bool), E> {
         let (real_logits, fake_logits) = self.discriminate_pair(&input.real, fake);
         let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
-        let d_grads = Tensor::run_backward(&[&d_loss], &self.d_params.tensors, false, false);
-        let mut d_grad = self.d_params.flatten_grads(&d_grads);
-        poison_with(&mut d_grad, &d_loss);
+        let mut d_grad = flat_gradient(&d_loss, &self.d_params, false);
         self.clock.lap(Phase::DiscriminatorForwardBackward);
         sync(Network::Discriminator, &mut d_grad)?;
         self.clock.lap(Phase::AllReduce);

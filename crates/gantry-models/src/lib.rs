@@ -29,7 +29,7 @@ mod gan;
 pub use flat::FlatParams;
 pub use gan::{
     DISCRIMINATOR_FILE, Ema, GENERATOR_EMA_FILE, GENERATOR_FILE, Gan, HostStats, Network,
-    OPTIMIZER_FILE, StepInput, StepStats, ema_decay_at, ema_update,
+    OPTIMIZER_FILE, StepInput, StepStats, buffers, ema_decay_at, ema_update,
 };
 
 /// Errors of the model layer.

@@ -258,13 +258,7 @@ impl Group {
             self.broadcast(&mut g)?;
             self.broadcast(&mut d)?;
             for vs in [&gan.generator_vs, &gan.discriminator_vs] {
-                let mut buffers: Vec<(String, Tensor)> = vs
-                    .variables()
-                    .into_iter()
-                    .filter(|(_, t)| !t.requires_grad())
-                    .collect();
-                buffers.sort_by(|a, b| a.0.cmp(&b.0));
-                for (_, buffer) in &mut buffers {
+                for mut buffer in gantry_models::buffers(vs) {
                     let mut flat = buffer.reshape([-1]).to_kind(Kind::Float);
                     self.broadcast(&mut flat)?;
                     buffer.copy_(&flat.view(buffer.size().as_slice()).to_kind(buffer.kind()));

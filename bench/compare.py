@@ -38,7 +38,7 @@ def clean_env():
     return env
 
 
-def gantry_args(batch, steps, warmup, run_dir):
+def gantry_args(batch, steps, warmup, run_dir, precision="fp32", extra_sets=()):
     total = warmup + steps
     sets = {
         "train.steps": total,
@@ -54,17 +54,21 @@ def gantry_args(batch, steps, warmup, run_dir):
         # lerp over G's parameters, about 0.2 ms a step on one core).
         "train.ema_decay": 0,
         "metrics.worker_addr": "127.0.0.1:0",
+        "train.precision": precision,
     }
+    for item in extra_sets:
+        key, _, value = item.partition("=")
+        sets[key] = value
     args = ["--run-dir", run_dir]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
     return args
 
 
-def run_gantry(worker, world, batch, steps, warmup):
+def run_gantry(worker, world, batch, steps, warmup, precision="fp32", extra_sets=()):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
-        args = gantry_args(batch, steps, warmup, run_dir)
+        args = gantry_args(batch, steps, warmup, run_dir, precision, extra_sets)
         if world == 1:
             procs = [subprocess.Popen([worker, "--standalone", *args], env=clean_env(),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
@@ -149,6 +153,10 @@ def main():
                         help="timed images per rank and run (steps = images / batch)")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="both systems: fp32, or bf16 autocast (Gantry train.precision)")
+    parser.add_argument("--gantry-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="extra Gantry setting, e.g. collective.shared_memory=false")
     args = parser.parse_args()
 
     worlds = [int(w) for w in args.worlds.split(",")]
@@ -164,9 +172,11 @@ def main():
                 order = ["gantry", "pytorch"] if rep % 2 == 0 else ["pytorch", "gantry"]
                 for system in order:
                     if system == "gantry":
-                        r = run_gantry(args.worker, world, batch, steps, args.warmup)
+                        r = run_gantry(args.worker, world, batch, steps, args.warmup,
+                                       args.precision, args.gantry_set)
                     else:
-                        r = run_torch(args.python, world, batch, steps, args.warmup)
+                        extra = ["--bf16"] if args.precision == "bf16" else []
+                        r = run_torch(args.python, world, batch, steps, args.warmup, extra)
                     results.setdefault(key, {}).setdefault(system, []).append(r)
                     print(f"rep {rep + 1}/{args.reps} world {world} batch {batch} {system}: "
                           f"{r['images_per_second']:.0f} images/s", file=sys.stderr, flush=True)
@@ -212,6 +222,8 @@ def main():
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_seconds": time.time() - started,
         "reps": args.reps,
+        "precision": args.precision,
+        "gantry_settings": args.gantry_set,
         "rows": table,
         "scaling": scaling,
         "step_time_model": models,
@@ -227,8 +239,10 @@ def main():
 
 
 def render(report):
+    extra = "".join(f", Gantry {s}" for s in report.get("gantry_settings", []))
     lines = [f"Machine: {report['machine']}. {report['reps']} repetitions, alternating, "
-             "one intra-op thread per rank; median [min–max] images/s.", "",
+             f"one intra-op thread per rank, {report.get('precision', 'fp32')}{extra}; "
+             "median [min–max] images/s.", "",
              "| world | batch/rank | Gantry images/s | PyTorch images/s | Gantry / PyTorch |",
              "|---:|---:|---:|---:|---:|"]
     for r in report["rows"]:
@@ -236,6 +250,8 @@ def render(report):
         lines.append(
             f"| {r['world_size']} | {r['batch_size']} | {g['median']:.0f} [{g['min']:.0f}–{g['max']:.0f}] "
             f"| {p['median']:.0f} [{p['min']:.0f}–{p['max']:.0f}] | {r['ratio']:.2f}x |")
+    if not report["scaling"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "Scaling, world 2 over world 1 on the same cores (efficiency = images/s(2) / "
               "(2 × images/s(1))):", "",
               "| batch/rank | Gantry w2/w1 | Gantry efficiency | PyTorch w2/w1 | PyTorch efficiency |",
@@ -252,6 +268,8 @@ def render(report):
                 parts = ", ".join(f"{k} {v * 1e3:.2f}" for k, v in phases.items())
                 lines.append(f"- world {r['world_size']}, batch {r['batch_size']}, {system}: "
                              f"step {r[system + '_step_seconds'] * 1e3:.2f} ms = {parts}")
+    if not report["step_time_model"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "Step time model, least squares over batch sizes: step = fixed + per_image × batch:", ""]
     for name, m in report["step_time_model"].items():
         lines.append(f"- {name}: fixed {m['fixed_seconds'] * 1e3:.2f} ms + "

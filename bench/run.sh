@@ -5,10 +5,13 @@
 #      CUDA build with its NVIDIA wheels, about 4 GB; it also runs on CPU-only machines);
 #   3. bench/compare.py: MLP GAN images/s, world 1 and 2, batch 16/64/256, alternating
 #      Gantry and PyTorch (eager; DDP + gloo), repetitions, phases, scaling, step-time model;
-#   4. scripts/bench-allreduce.sh: ring vs gloo all-reduce bus bandwidth, 1-256 MiB.
+#   4. the same at batch 64 with bf16 autocast in both systems (SKIP_BF16=1 skips it);
+#   5. scripts/bench-allreduce.sh: ring (TCP and same-host shared memory) vs gloo all-reduce
+#      bus bandwidth, 1-256 MiB.
 # Results: bench/results/<stamp>.{json,md} and the tables on stdout. Not part of the tests.
 #
-# Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5"), SKIP_ALLREDUCE=1.
+# Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5" or
+# "--gantry-set collective.shared_memory=false"), SKIP_BF16=1, SKIP_ALLREDUCE=1.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -25,6 +28,14 @@ fi
 
 # shellcheck disable=SC2086 # BENCH_ARGS is a list of flags
 "$venv/bin/python" bench/compare.py --python "$venv/bin/python" ${BENCH_ARGS:-}
+
+if [[ -z "${SKIP_BF16:-}" ]]; then
+    echo
+    echo "bf16 autocast, both systems (batch 64):"
+    # shellcheck disable=SC2086
+    "$venv/bin/python" bench/compare.py --python "$venv/bin/python" --precision bf16 \
+        --batches 64 ${BENCH_ARGS:-}
+fi
 
 if [[ -z "${SKIP_ALLREDUCE:-}" ]]; then
     echo

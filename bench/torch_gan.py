@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """The PyTorch reference of Gantry's default job, for side-by-side benchmarks.
 
-Same model as crates/gantry-models/src/mlp.rs (G: 100-256-512-784, no bias, BatchNorm
+`--model mlp` (default) is the same model as crates/gantry-models/src/mlp.rs (G: 100-256-512-784, no bias, BatchNorm
 momentum 0.01 / eps 1e-3, LeakyReLU 0.3, tanh; D: 784-512-256-1 with biases; Glorot-uniform
-kernels, zero biases), same loss (non-saturating BCE from logits), same optimiser (Adam,
+kernels, zero biases); `--model dcgan` the same as crates/gantry-models/src/dcgan.rs at 28x28
+(G: Linear 100-6272 no bias, BatchNorm, ReLU, ConvTranspose 128-64 4/2/1 no bias, BatchNorm,
+ReLU, ConvTranspose 64-1 with bias, tanh; D: Conv 1-64 and 64-128 4/2/1, LeakyReLU 0.2,
+Linear 6272-1; weights N(0, 0.02), zero biases). Same loss (non-saturating BCE from logits), same optimiser (Adam,
 lr 1e-3, betas 0.5/0.999), same data (the embedded MNIST-10k scaled to [-1, 1], a permutation
 per epoch, each rank its slice of the global batch), same schedule as Gantry's default
 `simultaneous`: one forward pass of G and of D on real+fake, each network the gradient of its
@@ -65,6 +68,45 @@ class Generator(nn.Module):
         return torch.tanh(self.l2(x))
 
 
+class DcganGenerator(nn.Module):
+    def __init__(self, latent=100):
+        super().__init__()
+        self.project = nn.Linear(latent, 128 * 7 * 7, bias=False)
+        self.n0 = nn.BatchNorm2d(128)
+        self.up0 = nn.ConvTranspose2d(128, 64, 4, 2, 1, bias=False)
+        self.n1 = nn.BatchNorm2d(64)
+        self.up1 = nn.ConvTranspose2d(64, 1, 4, 2, 1)
+        normal_init(self)
+
+    def forward(self, z):
+        x = self.project(z).view(-1, 128, 7, 7)
+        x = self.up0(F.relu(self.n0(x)))
+        x = self.up1(F.relu(self.n1(x)))
+        return torch.tanh(x)
+
+
+class DcganDiscriminator(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0 = nn.Conv2d(1, 64, 4, 2, 1)
+        self.c1 = nn.Conv2d(64, 128, 4, 2, 1)
+        self.out = nn.Linear(128 * 7 * 7, 1)
+        normal_init(self)
+
+    def forward(self, x):
+        x = F.leaky_relu(self.c0(x), 0.2)
+        x = F.leaky_relu(self.c1(x), 0.2)
+        return self.out(x.flatten(1))
+
+
+def normal_init(module):
+    for layer in module.modules():
+        if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(layer.weight, 0.0, 0.02)
+            if layer.bias is not None:
+                nn.init.zeros_(layer.bias)
+
+
 class Discriminator(nn.Module):
     def __init__(self, pixels=784):
         super().__init__()
@@ -82,6 +124,7 @@ class Discriminator(nn.Module):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["mlp", "dcgan"], default="mlp")
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=20)
@@ -89,7 +132,7 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
-    parser.add_argument("--bf16", action="store_true", help="bf16 autocast (GPU)")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument(
         "--data", default=os.path.join(REPO, "data/mnist-10k/mnist-10k-images-idx3-ubyte.gz")
     )
@@ -107,7 +150,10 @@ def main():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
     torch.manual_seed(args.seed)
-    g, d = Generator().to(device), Discriminator().to(device)
+    if args.model == "dcgan":
+        g, d = DcganGenerator().to(device), DcganDiscriminator().to(device)
+    else:
+        g, d = Generator().to(device), Discriminator().to(device)
     if distributed:
         g = nn.parallel.DistributedDataParallel(g, broadcast_buffers=False)
         d = nn.parallel.DistributedDataParallel(d, broadcast_buffers=False)
@@ -118,6 +164,8 @@ def main():
     g_params, d_params = list(g.parameters()), list(d.parameters())
 
     digits = load_digits(args.data).to(device)
+    if args.model == "dcgan":
+        digits = digits.view(-1, 1, 28, 28)
     global_batch = args.batch_size * world
     generator = torch.Generator().manual_seed(args.seed)
     order, cursor = torch.randperm(len(digits), generator=generator), 0
@@ -178,6 +226,8 @@ def main():
             json.dumps(
                 {
                     "system": "pytorch" + ("-compile" if args.compile else ""),
+                    "model": args.model,
+                    "precision": "bf16" if args.bf16 else "fp32",
                     "world_size": world,
                     "batch_size": args.batch_size,
                     "steps": args.steps,

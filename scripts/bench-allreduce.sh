@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# All-reduce bus bandwidth: Gantry's ring backend vs PyTorch gloo, same sizes
+# All-reduce bus bandwidth: Gantry's ring backend (over TCP, and through same-host shared
+# memory) vs PyTorch gloo, same sizes
 # and rank counts, loopback, run one after the other (not concurrently, so
 # they do not compete for cores). Prints one Markdown table.
 #
@@ -21,10 +22,12 @@ trap 'rm -rf "$tmp"' EXIT
 
 echo "building and running the ring benchmark (release)..." >&2
 cargo bench -q -p gantry-collective --bench ring_allreduce -- "${common[@]}" >"$tmp/ring.tsv"
+cargo bench -q -p gantry-collective --bench ring_allreduce -- "${common[@]}" --shared-memory \
+    >"$tmp/shm.tsv"
 echo "running the gloo benchmark..." >&2
 "$PYTHON" bench/gloo_allreduce.py "${common[@]}" >"$tmp/gloo.tsv"
 
-"$PYTHON" - "$tmp/ring.tsv" "$tmp/gloo.tsv" <<'PY'
+"$PYTHON" - "$tmp/ring.tsv" "$tmp/shm.tsv" "$tmp/gloo.tsv" <<'PY'
 import sys
 
 def load(path):
@@ -35,12 +38,14 @@ def load(path):
             out[(int(parts[1]), int(parts[2]))] = (float(parts[3]), float(parts[4]))
     return out
 
-ring, gloo = load(sys.argv[1]), load(sys.argv[2])
-print("| ranks | size (MiB) | ring busbw (GB/s) | gloo busbw (GB/s) | ring / gloo | ring ms | gloo ms |")
-print("|---:|---:|---:|---:|---:|---:|---:|")
-for key in sorted(set(ring) | set(gloo)):
-    r, g = ring.get(key), gloo.get(key)
-    ratio = f"{r[0] / g[0]:.2f}x" if r and g else "-"
-    fmt = lambda v, i: f"{v[i]:.2f}" if v else "-"
-    print(f"| {key[0]} | {key[1]} | {fmt(r, 0)} | {fmt(g, 0)} | {ratio} | {fmt(r, 1)} | {fmt(g, 1)} |")
+ring, shm, gloo = load(sys.argv[1]), load(sys.argv[2]), load(sys.argv[3])
+print("| ranks | size (MiB) | ring TCP busbw (GB/s) | ring shared-memory busbw | gloo busbw "
+      "| TCP / gloo | shared memory / gloo | TCP ms | shared memory ms | gloo ms |")
+print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+fmt = lambda v, i: f"{v[i]:.2f}" if v else "-"
+ratio = lambda a, b: f"{a[0] / b[0]:.2f}x" if a and b else "-"
+for key in sorted(set(ring) | set(shm) | set(gloo)):
+    r, s, g = ring.get(key), shm.get(key), gloo.get(key)
+    print(f"| {key[0]} | {key[1]} | {fmt(r, 0)} | {fmt(s, 0)} | {fmt(g, 0)} | {ratio(r, g)} "
+          f"| {ratio(s, g)} | {fmt(r, 1)} | {fmt(s, 1)} | {fmt(g, 1)} |")
 PY

@@ -9,9 +9,9 @@
 #
 # 1. `worker --list-devices` (libtorch_cuda loaded, the GPU seen);
 # 2. NCCL through Gantry's backend, one rank: all-reduce correctness and bandwidth, 1-256 MiB;
-# 3. images/s of the MLP GAN (batch 64 and 1024) and the DCGAN (batch 256, Gantry only: the
-#    PyTorch reference covers the MLP), Gantry vs PyTorch eager, torch.compile and bf16
-#    autocast (PyTorch; Gantry trains in fp32), one table. Budget: under 8 minutes.
+# 3. (one host thread each side, as bench/torch_gan.py's default) images/s of the MLP GAN (batch 64 and 1024) and the DCGAN (batch 256): Gantry fp32 and
+#    bf16 (train.precision), PyTorch eager fp32 and bf16 autocast, torch.compile fp32; one
+#    table. Budget: under 8 minutes.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -43,12 +43,14 @@ echo "== worker --list-devices"
 echo "== NCCL all-reduce, one rank (MiB, algbw GB/s, median ms, check)"
 "$nccl_bench" || echo "nccl_bench failed (exit $?)"
 
-gantry() { # kind batch -> images/s
+gantry() { # kind batch precision -> images/s
     local dir; dir=$(mktemp -d)
     timeout 300 "$worker" --standalone --device "$device" --run-dir "$dir/run" \
-        --set model.kind="$1" --set train.batch_size="$2" --set train.steps=$((warmup + steps)) \
+        --set model.kind="$1" --set train.batch_size="$2" --set train.precision="$3" \
+        --set train.steps=$((warmup + steps)) \
         --set train.log_every="$warmup" --set samples.every=0 --set checkpoint.every=0 \
         --set eval.samples=0 --set train.ema_decay=0 --set metrics.worker_addr=127.0.0.1:0 \
+        --set train.threads=1 \
         >"$dir/log" 2>&1 || { tail -5 "$dir/log" >&2; echo "failed"; rm -rf "$dir"; return; }
     "$python" - "$dir/run/metrics.jsonl" "$warmup" "$2" <<'PY'
 import json, sys
@@ -59,19 +61,22 @@ print(f"{(b['step'] - warm) * batch / (b['wall_seconds'] - a['wall_seconds']):.0
 PY
     rm -rf "$dir"
 }
-pytorch() { # batch extra-flags... -> images/s
-    local batch=$1; shift
-    timeout 300 "$python" bench/torch_gan.py --device "$device" --batch-size "$batch" --steps "$steps" \
+pytorch() { # model batch extra-flags... -> images/s
+    local model=$1 batch=$2; shift 2
+    timeout 300 "$python" bench/torch_gan.py --device "$device" --model "$model" \
+        --batch-size "$batch" --steps "$steps" \
         --warmup "$warmup" "$@" 2>/dev/null | "$python" -c \
         'import json, sys; d = json.loads(sys.stdin.read().splitlines()[-1]); print(round(d["images_per_second"]))' \
         || echo "failed"
 }
 
 echo "== images/s (higher is better)"
-printf '| model | batch | Gantry fp32 | PyTorch eager fp32 | PyTorch compile fp32 | PyTorch eager bf16 |\n'
-printf '|---|---:|---:|---:|---:|---:|\n'
-for batch in 64 1024; do
-    printf '| mlp | %s | %s | %s | %s | %s |\n' "$batch" "$(gantry mlp "$batch")" \
-        "$(pytorch "$batch")" "$(pytorch "$batch" --compile)" "$(pytorch "$batch" --bf16)"
+printf '| model | batch | Gantry fp32 | Gantry bf16 | PyTorch eager fp32 | PyTorch eager bf16 | PyTorch compile fp32 |\n'
+printf '|---|---:|---:|---:|---:|---:|---:|\n'
+for job in "mlp 64" "mlp 1024" "dcgan 256"; do
+    read -r model batch <<<"$job"
+    printf '| %s | %s | %s | %s | %s | %s | %s |\n' "$model" "$batch" \
+        "$(gantry "$model" "$batch" fp32)" "$(gantry "$model" "$batch" bf16)" \
+        "$(pytorch "$model" "$batch")" "$(pytorch "$model" "$batch" --bf16)" \
+        "$(pytorch "$model" "$batch" --compile)"
 done
-printf '| dcgan | 256 | %s | - | - | - |\n' "$(gantry dcgan 256)"

@@ -2,10 +2,11 @@
 //!
 //! `cargo bench -p gantry-collective --bench ring_allreduce -- [--ranks 2,4]
 //! [--sizes-mb 1,4,8,16,64,256] [--iters 10] [--warmup 2] [--chunk-kb 256]
-//! [--sockbuf-kb 512 (0 = kernel autotuning)]`
+//! [--sockbuf-kb 512 (0 = kernel autotuning)] [--shared-memory]`
 //!
 //! Prints one tab-separated line per (ranks, size):
-//! `ring <ranks> <MiB> <busbw GB/s> <median ms>`, where
+//! `ring <ranks> <MiB> <busbw GB/s> <median ms>` (`shm` instead of `ring` with
+//! `--shared-memory`: the same-host shared-memory all-reduce), where
 //! busbw = bytes * 2(n-1)/n / time (the NCCL-tests convention) and time is,
 //! per iteration, the slowest rank's all-reduce after a barrier; median over
 //! iterations. `scripts/bench-allreduce.sh` runs it next to gloo.
@@ -24,6 +25,7 @@ struct Args {
     warmup: usize,
     chunk_kb: usize,
     sockbuf_kb: usize,
+    shared_memory: bool,
 }
 
 fn list(v: &str) -> Vec<usize> {
@@ -40,6 +42,7 @@ fn parse_args() -> Args {
         warmup: 2,
         chunk_kb: 256,
         sockbuf_kb: 512,
+        shared_memory: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -52,6 +55,7 @@ fn parse_args() -> Args {
             "--warmup" => a.warmup = val().parse().expect("warmup"),
             "--chunk-kb" => a.chunk_kb = val().parse().expect("chunk-kb"),
             "--sockbuf-kb" => a.sockbuf_kb = val().parse().expect("sockbuf-kb"),
+            "--shared-memory" => a.shared_memory = true,
             _ => {}
         }
     }
@@ -75,6 +79,7 @@ fn main() {
                 config.timeout = Duration::from_secs(120);
                 config.chunk_bytes = args.chunk_kb << 10;
                 config.socket_buffer_bytes = (args.sockbuf_kb > 0).then_some(args.sockbuf_kb << 10);
+                config.shared_memory = args.shared_memory;
                 let sizes = args.sizes_mb.clone();
                 let (iters, warmup) = (args.iters, args.warmup);
                 let tx = tx.clone();
@@ -117,7 +122,8 @@ fn main() {
             let median = times[times.len() / 2].as_secs_f64();
             let bytes = (mb << 20) as f64;
             let busbw = bytes * 2.0 * (n - 1) as f64 / n as f64 / median / 1e9;
-            println!("ring\t{n}\t{mb}\t{busbw:.3}\t{:.2}", median * 1e3);
+            let label = if args.shared_memory { "shm" } else { "ring" };
+            println!("{label}\t{n}\t{mb}\t{busbw:.3}\t{:.2}", median * 1e3);
         }
     }
 }

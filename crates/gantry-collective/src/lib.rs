@@ -13,6 +13,9 @@
 //!   element count) that the receiver checks, every socket call has a timeout,
 //!   and a failing rank shuts its sockets so the failure travels round the
 //!   ring instead of leaving peers hanging.
+//!   When every rank is on one host (`RingConfig::shared_memory`), its
+//!   all-reduce skips the sockets: ranks sum each other's buffers in one
+//!   shared-memory region (`shm.rs`), with one barrier per operation.
 //! * [`nccl::NcclCollective`] (GPU): NCCL through `cudarc`, loaded at run time,
 //!   so building needs neither CUDA nor NCCL. When the libraries or a GPU are
 //!   missing, construction returns [`CollectiveError::NcclUnavailable`] or
@@ -29,6 +32,7 @@
 mod error;
 pub mod nccl;
 mod ring;
+mod shm;
 mod wire;
 
 pub use error::{CollectiveError, Peer};

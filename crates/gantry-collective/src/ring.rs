@@ -14,6 +14,7 @@
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, mpsc};
 use std::thread;
@@ -21,6 +22,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
+use crate::shm::{self, Descriptor, SharedRegion, WaitError};
 use crate::wire::{ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, OpKind, VERSION};
 use crate::{Collective, CollectiveError, Peer, ReduceOp};
 
@@ -57,6 +59,12 @@ pub struct RingConfig {
     pub session_id: u64,
     /// `SO_SNDBUF`/`SO_RCVBUF` to request, or `None` for kernel autotuning.
     pub socket_buffer_bytes: Option<usize>,
+    /// All-reduce through shared memory when every rank is on this machine and can map the
+    /// same region (see `shm.rs`); otherwise, and for broadcasts, the TCP ring. Every rank
+    /// must pass the same value.
+    pub shared_memory: bool,
+    /// Size of each rank's two shared-memory slots; larger all-reduces go in pieces.
+    pub shared_memory_slot_bytes: usize,
 }
 
 impl RingConfig {
@@ -70,6 +78,8 @@ impl RingConfig {
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             session_id: 0,
             socket_buffer_bytes: Some(DEFAULT_SOCKET_BUFFER_BYTES),
+            shared_memory: false,
+            shared_memory_slot_bytes: shm::DEFAULT_SLOT_BYTES,
         }
     }
 
@@ -99,6 +109,15 @@ impl RingConfig {
         }
         if self.timeout.is_zero() {
             return bad("timeout must be positive".into());
+        }
+        if self.shared_memory
+            && (self.shared_memory_slot_bytes < 64
+                || !self.shared_memory_slot_bytes.is_multiple_of(64))
+        {
+            return bad(format!(
+                "shared_memory_slot_bytes {} is not a positive multiple of 64",
+                self.shared_memory_slot_bytes
+            ));
         }
         Ok(())
     }
@@ -187,6 +206,10 @@ pub struct RingCollective {
     poisoned: Option<String>,
     /// Receive buffer for the reduce-scatter phase, kept across calls.
     scratch: Vec<f32>,
+    /// Every rank's listen address, to name peers in errors.
+    peers: Vec<SocketAddr>,
+    /// The same-host all-reduce region, when every rank joined it.
+    shm: Option<SharedRegion>,
 }
 
 impl RingCollective {
@@ -286,7 +309,7 @@ impl RingCollective {
             left.try_clone()
                 .map_err(|e| io_err(left_peer, "setup", e))?,
         ]);
-        Ok(RingCollective {
+        let mut ring = RingCollective {
             rank,
             world_size: n,
             timeout: config.timeout,
@@ -301,7 +324,77 @@ impl RingCollective {
             seq: 0,
             poisoned: None,
             scratch: Vec::new(),
-        })
+            peers: config.peers.clone(),
+            shm: None,
+        };
+        if config.shared_memory {
+            ring.join_shared_memory(config.shared_memory_slot_bytes)?;
+        }
+        Ok(ring)
+    }
+
+    /// Whether all-reduces go through shared memory (see [`RingConfig::shared_memory`]).
+    pub fn uses_shared_memory(&self) -> bool {
+        self.shm.is_some()
+    }
+
+    /// Rank 0 creates a region and broadcasts its host identity and path; each rank maps it
+    /// if it is on the same host and can; only if every rank could (one all-reduce over TCP
+    /// says) does the group switch. Rank 0 then removes the file: the mappings stay valid and
+    /// nothing is left behind in `/dev/shm`, however the processes end. The sequence number is
+    /// reset afterwards, so joining costs callers no operations.
+    fn join_shared_memory(&mut self, slot_bytes: usize) -> Result<(), CollectiveError> {
+        let n = self.world_size;
+        if n > shm::MAX_RANKS {
+            return Ok(());
+        }
+        let identity = shm::host_identity();
+        let mut created = None;
+        let mut created_path = None;
+        let mut message = Vec::new();
+        if self.rank == 0 {
+            // Unused to the rest of the ring (it never names this region) and not guessable
+            // by a stale process of an earlier group.
+            use std::hash::{BuildHasher, Hasher};
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u32(std::process::id());
+            hasher.write_u128(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_nanos(),
+            );
+            // A failure to create it (no /dev/shm space, say) just keeps the TCP path.
+            if let Ok((path, region)) = SharedRegion::create(n, slot_bytes, hasher.finish()) {
+                message = format!("{identity}\n{}", path.display()).into_bytes();
+                created = Some(region);
+                created_path = Some(path);
+            }
+        }
+        let outcome = self.broadcast_bytes(&mut message, 0).and_then(|()| {
+            let region = match created.take() {
+                Some(region) => Some(region),
+                None => String::from_utf8(message)
+                    .ok()
+                    .and_then(|text| {
+                        let (theirs, path) = text.split_once('\n')?;
+                        (theirs == identity).then(|| path.to_owned())
+                    })
+                    .and_then(|path| {
+                        SharedRegion::open(Path::new(&path), n, self.rank, slot_bytes).ok()
+                    }),
+            };
+            let mut joined = [if region.is_some() { 1.0f32 } else { 0.0 }];
+            self.all_reduce_f32(&mut joined, ReduceOp::Sum)?;
+            Ok((joined[0] == n as f32).then_some(region).flatten())
+        });
+        if let Some(path) = created_path {
+            let _ = std::fs::remove_file(path);
+        }
+        self.shm = outcome?;
+        self.seq = 0;
+        self.abort.inner.seq.store(0, Ordering::SeqCst);
+        Ok(())
     }
 
     fn single(config: &RingConfig) -> Result<Self, CollectiveError> {
@@ -315,6 +408,8 @@ impl RingCollective {
             seq: 0,
             poisoned: None,
             scratch: Vec::new(),
+            peers: config.peers.clone(),
+            shm: None,
         })
     }
 
@@ -348,6 +443,9 @@ impl RingCollective {
                     e
                 };
                 self.poisoned = Some(e.to_string());
+                if let Some(region) = &self.shm {
+                    region.mark_failed();
+                }
                 if let Some(l) = &self.links {
                     l.shutdown();
                 }
@@ -410,6 +508,9 @@ impl RingCollective {
             // One rank: the sum is the buffer, and so is the average.
             return Ok(());
         };
+        if self.shm.is_some() {
+            return self.shared_memory_all_reduce(kind, buf, op);
+        }
         let n = self.world_size;
         let r = self.rank;
         let len = buf.len();
@@ -502,6 +603,127 @@ impl RingCollective {
             }
             Ok(())
         })
+    }
+
+    /// [`Self::all_reduce_inner`] through the shared region, piece by piece.
+    fn shared_memory_all_reduce(
+        &mut self,
+        kind: OpKind,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        let Self {
+            links: Some(links),
+            shm: Some(region),
+            abort,
+            peers,
+            timeout,
+            seq,
+            ..
+        } = self
+        else {
+            unreachable!("called with links and a region");
+        };
+        let name = kind.name();
+        let timeout = *timeout;
+        let peer = |rank: usize| Peer {
+            rank,
+            addr: peers[rank],
+        };
+        let ours = Descriptor {
+            kind: kind as u64,
+            seq: *seq,
+            count: buf.len() as u64,
+            reduce: op.code(),
+        };
+        let average = op == ReduceOp::Average;
+        let pieces = region.slot_elems();
+        // An empty buffer still meets the others once, so mismatches are seen.
+        let mut empty: [f32; 0] = [];
+        let mut parts: Vec<&mut [f32]> = buf.chunks_mut(pieces).collect();
+        if parts.is_empty() {
+            parts.push(&mut empty);
+        }
+        for part in parts {
+            region.all_reduce_piece(
+                part,
+                ours,
+                average,
+                |waiter| {
+                    waiter
+                        .wait(timeout, || abort.is_aborted(), [&links.left, &links.right])
+                        .map_err(|e| match e {
+                            WaitError::Aborted => CollectiveError::Aborted,
+                            WaitError::PeerFailed { rank } => CollectiveError::PeerDisconnected {
+                                peer: peer(rank),
+                                op: name,
+                                source: io::Error::other("it failed during a shared-memory operation"),
+                            },
+                            WaitError::NeighbourClosed { left } => {
+                                CollectiveError::PeerDisconnected {
+                                    peer: if left { links.left_peer } else { links.right_peer },
+                                    op: name,
+                                    source: io::ErrorKind::UnexpectedEof.into(),
+                                }
+                            }
+                            WaitError::NeighbourOnTcp { left } => CollectiveError::Protocol {
+                                peer: if left { links.left_peer } else { links.right_peer },
+                                detail: format!(
+                                    "it runs an operation over TCP while we run {name} in shared memory"
+                                ),
+                            },
+                            WaitError::Timeout { rank } => CollectiveError::Timeout {
+                                peer: peer(rank),
+                                op: name,
+                                timeout,
+                            },
+                            WaitError::Io { left, source } => CollectiveError::from_io(
+                                if left { links.left_peer } else { links.right_peer },
+                                name,
+                                timeout,
+                                source,
+                            ),
+                        })
+                },
+                |rank, theirs| {
+                    let peer = peer(rank);
+                    if theirs.kind != ours.kind {
+                        let theirs = u32::try_from(theirs.kind)
+                            .ok()
+                            .and_then(OpKind::from_u32)
+                            .map_or("an unknown operation", OpKind::name);
+                        return Err(CollectiveError::Protocol {
+                            peer,
+                            detail: format!("it runs {theirs} while we run {name}"),
+                        });
+                    }
+                    if theirs.seq != ours.seq {
+                        return Err(CollectiveError::Protocol {
+                            peer,
+                            detail: format!(
+                                "it is at operation #{} while we are at #{}",
+                                theirs.seq, ours.seq
+                            ),
+                        });
+                    }
+                    if theirs.count != ours.count {
+                        return Err(CollectiveError::LengthMismatch {
+                            peer,
+                            ours: buf_len(ours.count),
+                            theirs: buf_len(theirs.count),
+                        });
+                    }
+                    if theirs.reduce != ours.reduce {
+                        return Err(CollectiveError::Protocol {
+                            peer,
+                            detail: "it uses a different reduce operation (sum vs average)".into(),
+                        });
+                    }
+                    Ok(())
+                },
+            )?;
+        }
+        Ok(())
     }
 
     /// Pipelines `data` from `root` rightwards round the ring; the rank left
@@ -649,6 +871,9 @@ impl Collective for RingCollective {
     }
 
     fn abort(&mut self) {
+        if let Some(region) = &self.shm {
+            region.mark_failed();
+        }
         self.abort.abort();
         self.poisoned.get_or_insert_with(|| "aborted".into());
     }
@@ -947,4 +1172,8 @@ fn write_all_until(
     s.set_write_timeout(Some(timeout))
         .and_then(|()| s.write_all(buf))
         .map_err(|e| CollectiveError::from_io(peer, "handshake", timeout, e))
+}
+
+fn buf_len(count: u64) -> usize {
+    usize::try_from(count).unwrap_or(usize::MAX)
 }

@@ -3,71 +3,21 @@
 //! threads joined with a deadline well above the configured timeout, so a
 //! hang fails the test instead of hanging CI.
 
-use std::net::{SocketAddr, TcpListener};
+mod common;
+
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
+use common::{expected_sum, loopback_listeners, run_ranks, value};
 use gantry_collective::{Collective, CollectiveError, ReduceOp, RingCollective, RingConfig};
-
-const TIMEOUT: Duration = Duration::from_secs(10);
-const JOIN_DEADLINE: Duration = Duration::from_secs(90);
-
-fn loopback_listeners(n: usize) -> (Vec<TcpListener>, Vec<SocketAddr>) {
-    let listeners: Vec<_> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let addrs = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
-    (listeners, addrs)
-}
-
-/// Runs `body(rank, connect_result)` on one thread per rank and returns the
-/// results in rank order; panics if any rank does not finish in time.
-fn run_ranks<T, C, B>(n: usize, configure: C, body: B) -> Vec<T>
-where
-    T: Send + 'static,
-    C: Fn(&mut RingConfig),
-    B: Fn(usize, Result<RingCollective, CollectiveError>) -> T + Send + Sync + 'static,
-{
-    let (listeners, addrs) = loopback_listeners(n);
-    let body = Arc::new(body);
-    let (tx, rx) = mpsc::channel();
-    for (rank, listener) in listeners.into_iter().enumerate() {
-        let mut config = RingConfig::new(rank, n, addrs.clone());
-        config.timeout = TIMEOUT;
-        configure(&mut config);
-        let body = Arc::clone(&body);
-        let tx = tx.clone();
-        thread::spawn(move || {
-            let ring = RingCollective::from_listener(listener, config);
-            let _ = tx.send((rank, body(rank, ring)));
-        });
-    }
-    drop(tx);
-    let mut out: Vec<Option<T>> = (0..n).map(|_| None).collect();
-    for _ in 0..n {
-        let (rank, v) = rx
-            .recv_timeout(JOIN_DEADLINE)
-            .expect("a rank hung or panicked");
-        out[rank] = Some(v);
-    }
-    out.into_iter().map(Option::unwrap).collect()
-}
-
-/// Integer-valued, so sums are exact in any order.
-fn value(rank: usize, i: usize) -> f32 {
-    ((rank * 7 + i * 3) % 101) as f32 - 50.0
-}
-
-fn expected_sum(n: usize, i: usize) -> f32 {
-    (0..n).map(|r| value(r, i)).sum()
-}
 
 fn check_all_reduce(n: usize, lengths: &'static [usize], chunk_bytes: usize) {
     let results = run_ranks(
         n,
-        |c| c.chunk_bytes = chunk_bytes,
+        |_, c| c.chunk_bytes = chunk_bytes,
         move |rank, ring| {
             let mut ring = ring.unwrap();
             for &len in lengths {
@@ -126,7 +76,7 @@ fn all_reduce_64_mib_for_2_3_4_ranks() {
     for n in 2..=4 {
         let mismatched_blocks = run_ranks(
             n,
-            |_| {},
+            |_, _| {},
             move |rank, ring| {
                 let mut ring = ring.unwrap();
                 // Fill and check by whole-block memcpy/memcmp: this test crate
@@ -157,7 +107,7 @@ fn broadcast_f32_from_every_root() {
     for n in [2usize, 3, 4] {
         let results = run_ranks(
             n,
-            |c| c.chunk_bytes = 64,
+            |_, c| c.chunk_bytes = 64,
             move |rank, ring| {
                 let mut ring = ring.unwrap();
                 let mut ok = true;
@@ -180,7 +130,7 @@ fn broadcast_bytes_carries_the_roots_length() {
     let n = 3;
     let results = run_ranks(
         n,
-        |c| c.chunk_bytes = 100,
+        |_, c| c.chunk_bytes = 100,
         move |rank, ring| {
             let mut ring = ring.unwrap();
             let mut got = Vec::new();
@@ -209,7 +159,7 @@ fn broadcast_bytes_carries_the_roots_length() {
 fn barrier_completes_and_advances_sequence() {
     let results = run_ranks(
         3,
-        |_| {},
+        |_, _| {},
         |_, ring| {
             let mut ring = ring.unwrap();
             for _ in 0..5 {
@@ -317,7 +267,7 @@ fn missing_left_neighbour_fails_accept_naming_it() {
 fn wrong_session_is_refused_naming_the_peer() {
     let results = run_ranks(
         2,
-        |c| {
+        |_, c| {
             c.session_id = 100 + c.rank as u64;
             c.timeout = Duration::from_secs(2);
         },
@@ -339,7 +289,7 @@ fn mismatched_lengths_fail_on_every_rank() {
     let lens = [10usize, 10, 12];
     let results = run_ranks(
         3,
-        |_| {},
+        |_, _| {},
         move |rank, ring| {
             let mut ring = ring.unwrap();
             let mut buf = vec![1.0; lens[rank]];
@@ -377,7 +327,7 @@ fn mismatched_lengths_fail_on_every_rank() {
 fn mismatched_operations_fail() {
     let results = run_ranks(
         2,
-        |_| {},
+        |_, _| {},
         |rank, ring| {
             let mut ring = ring.unwrap();
             if rank == 0 {
@@ -404,7 +354,7 @@ fn silent_peer_times_out_naming_it() {
     let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
     let results = run_ranks(
         2,
-        |c| c.timeout = Duration::from_millis(300),
+        |_, c| c.timeout = Duration::from_millis(300),
         move |rank, ring| {
             let mut ring = ring.unwrap();
             if rank == 1 {
@@ -429,7 +379,7 @@ fn silent_peer_times_out_naming_it() {
 fn peer_dropping_between_operations_fails_the_others() {
     let results = run_ranks(
         3,
-        |_| {},
+        |_, _| {},
         |rank, ring| {
             let mut ring = ring.unwrap();
             let mut buf = vec![1.0; 100_000];
@@ -461,7 +411,7 @@ fn peer_aborted_mid_all_reduce_fails_every_survivor() {
     let progress2 = Arc::clone(&progress);
     let results = run_ranks(
         n,
-        |_| {},
+        |_, _| {},
         move |rank, ring| {
             let mut ring = ring.unwrap();
             let mut buf = vec![1.0f32; LEN];

@@ -104,6 +104,9 @@ pub struct Train {
     /// Stop after this many consecutive steps with a non-finite loss or gradient (each one's
     /// update is skipped), after writing a checkpoint of the last good state.
     pub max_nonfinite: u32,
+    /// Arithmetic of the forward passes: `fp32`, or `bf16` (autocast: matrix products and
+    /// convolutions in bfloat16, parameters, gradients, losses and optimiser state in fp32).
+    pub precision: Precision,
 }
 
 impl Default for Train {
@@ -124,6 +127,7 @@ impl Default for Train {
             n_critic: 1,
             ema_decay: 0.999,
             max_nonfinite: 20,
+            precision: Precision::Fp32,
         }
     }
 }
@@ -258,6 +262,9 @@ pub struct CollectiveSettings {
     pub verify_every: u64,
     /// Seconds any collective operation may wait for a peer before failing.
     pub timeout: f64,
+    /// Ring backend: all-reduce through one shared-memory region when every rank is on the
+    /// same host (and can map `/dev/shm`), instead of loopback TCP.
+    pub shared_memory: bool,
 }
 
 impl Default for CollectiveSettings {
@@ -266,6 +273,7 @@ impl Default for CollectiveSettings {
             bucket_mb: 25.0,
             verify_every: 100,
             timeout: 60.0,
+            shared_memory: true,
         }
     }
 }
@@ -385,6 +393,10 @@ string_enum!(
 string_enum!(
     /// The optimiser used for both networks.
     Optimizer { Adam = "adam", Sgd = "sgd" }
+);
+string_enum!(
+    /// Arithmetic of the forward passes (see [`Train::precision`]).
+    Precision { Fp32 = "fp32", Bf16 = "bf16" }
 );
 string_enum!(
     /// The network family.

@@ -49,7 +49,17 @@ impl FlatParams {
     /// Concatenates per-parameter gradients (in `tensors` order) into one flat tensor.
     /// A parameter that got no gradient contributes zeros.
     pub fn flatten_grads(&self, grads: &[Tensor]) -> Tensor {
-        let pieces: Vec<Tensor> = grads
+        Tensor::cat(&self.grad_pieces(grads), 0).to_kind(Kind::Float)
+    }
+
+    /// [`Self::flatten_grads`] into `out` (`numel()` elements of the parameters' kind),
+    /// without allocating.
+    pub fn flatten_grads_into(&self, grads: &[Tensor], out: &Tensor) {
+        let _ = Tensor::cat_out(out, &self.grad_pieces(grads), 0);
+    }
+
+    fn grad_pieces(&self, grads: &[Tensor]) -> Vec<Tensor> {
+        grads
             .iter()
             .zip(&self.tensors)
             .map(|(g, p)| {
@@ -59,8 +69,7 @@ impl FlatParams {
                     p.zeros_like().reshape([-1])
                 }
             })
-            .collect();
-        Tensor::cat(&pieces, 0).to_kind(Kind::Float)
+            .collect()
     }
 
     /// (name, shape, kind) of every parameter, to check that ranks built the same network.

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
+use crate::precision::Autocast;
 use crate::{FlatParams, ModelError, dcgan, loss, mlp};
 
 /// File names of a saved [`Gan`] (see [`Gan::save`]).
@@ -125,6 +126,11 @@ pub struct Gan {
     gp_weight: f64,
     latent_dim: usize,
     image_shape: [i64; 3],
+    /// bf16 forward passes in training steps (`train.precision`); sampling and evaluation
+    /// stay fp32.
+    autocast: Autocast,
+    /// Both networks' flat gradients, D's then G's (see [`Gan::gradients`]).
+    gradients: Tensor,
     /// Times the phases of a step; the caller starts it and takes the result.
     pub clock: PhaseClock,
 }
@@ -168,11 +174,13 @@ fn all_finite(t: &Tensor) -> bool {
     bool::try_from(t.isfinite().all()).unwrap_or(false)
 }
 
-/// The flat gradient of `loss` with respect to `params`, with a non-finite loss folded in
-/// (see [`poison_with`]). `keep_graph` keeps the graph for a second backward pass.
-fn flat_gradient(loss: &Tensor, params: &FlatParams, keep_graph: bool) -> Tensor {
+/// The flat gradient of `loss` with respect to `params`, written into `out` (a view of
+/// [`Gan::gradients`]), with a non-finite loss folded in (see [`poison_with`]). `keep_graph`
+/// keeps the graph for a second backward pass.
+fn flat_gradient(loss: &Tensor, params: &FlatParams, keep_graph: bool, out: Tensor) -> Tensor {
     let grads = Tensor::run_backward(&[loss], &params.tensors, keep_graph, false);
-    let mut grad = params.flatten_grads(&grads);
+    let mut grad = out;
+    tch::no_grad(|| params.flatten_grads_into(&grads, &grad));
     poison_with(&mut grad, loss);
     grad
 }
@@ -254,6 +262,10 @@ impl Gan {
             None
         };
         let g_opt = FlatOptimizer::new(t.optimizer, t.lr_g, t.betas, &g_params.flat);
+        let gradients = Tensor::zeros(
+            [(d_params.numel() + g_params.numel()) as i64],
+            (Kind::Float, device),
+        );
         let d_opt = FlatOptimizer::new(t.optimizer, t.lr_d, t.betas, &d_params.flat);
         Ok(Self {
             device,
@@ -272,8 +284,27 @@ impl Gan {
             gp_weight: t.gp_weight,
             latent_dim,
             image_shape,
+            autocast: Autocast::new(t.precision, device),
+            gradients,
             clock: PhaseClock::new(device),
         })
+    }
+
+    /// Both networks' flat gradients of the current step in one tensor: D's first, then G's.
+    /// The tensors `train_step`'s `sync` receives are views of it, so in `simultaneous` (where
+    /// neither is read before G's `sync` returns) a caller may average both in one operation:
+    /// keep D's, and at G's call average this tensor instead. Overwritten every step.
+    pub fn gradients(&self) -> &Tensor {
+        &self.gradients
+    }
+
+    fn d_gradient(&self) -> Tensor {
+        self.gradients.narrow(0, 0, self.d_params.numel() as i64)
+    }
+
+    fn g_gradient(&self) -> Tensor {
+        let d = self.d_params.numel() as i64;
+        self.gradients.narrow(0, d, self.g_params.numel() as i64)
     }
 
     pub fn latent_dim(&self) -> usize {
@@ -352,7 +383,7 @@ impl Gan {
         sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
-        let fake = self.generator.forward_t(&input.z, true);
+        let fake = self.generate_for_training(&input.z);
         self.clock.lap(Phase::GeneratorForwardBackward);
         let (d_loss, g_loss, real_logits, fake_logits, applied) = match self.schedule {
             Schedule::Simultaneous => {
@@ -361,12 +392,12 @@ impl Gan {
                 let (real_logits, fake_logits) = self.discriminate_pair(&input.real, &fake);
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
-                let mut d_grad = flat_gradient(&d_loss, &self.d_params, true);
+                let mut d_grad = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient());
                 self.clock.lap(Phase::DiscriminatorForwardBackward);
                 // D's gradient is final here: its averaging may overlap G's backward pass.
                 sync(Network::Discriminator, &mut d_grad)?;
                 self.clock.lap(Phase::AllReduce);
-                let mut g_grad = flat_gradient(&g_loss, &self.g_params, false);
+                let mut g_grad = flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
                 self.clock.lap(Phase::GeneratorForwardBackward);
                 sync(Network::Generator, &mut g_grad)?;
                 self.clock.lap(Phase::AllReduce);
@@ -384,9 +415,10 @@ impl Gan {
                 let (real_logits, fake_logits, d_loss, d_applied) =
                     self.critic_update(input, &fake.detach(), sync)?;
                 if d_applied {
-                    let g_logits = self.discriminator.forward_t(&fake, true);
+                    let g_logits = self.discriminate(&fake);
                     let g_loss = loss::generator(self.loss, &g_logits);
-                    let mut g_grad = flat_gradient(&g_loss, &self.g_params, false);
+                    let mut g_grad =
+                        flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
                     self.clock.lap(Phase::GeneratorForwardBackward);
                     sync(Network::Generator, &mut g_grad)?;
                     self.clock.lap(Phase::AllReduce);
@@ -418,7 +450,7 @@ impl Gan {
         sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
-        let fake = tch::no_grad(|| self.generator.forward_t(&input.z, true));
+        let fake = tch::no_grad(|| self.generate_for_training(&input.z));
         self.clock.lap(Phase::GeneratorForwardBackward);
         let (real_logits, fake_logits, d_loss, applied) = self.critic_update(input, &fake, sync)?;
         if !applied {
@@ -437,7 +469,7 @@ impl Gan {
     ) -> Result<(Tensor, Tensor, Tensor, bool), E> {
         let (real_logits, fake_logits) = self.discriminate_pair(&input.real, fake);
         let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
-        let mut d_grad = flat_gradient(&d_loss, &self.d_params, false);
+        let mut d_grad = flat_gradient(&d_loss, &self.d_params, false, self.d_gradient());
         self.clock.lap(Phase::DiscriminatorForwardBackward);
         sync(Network::Discriminator, &mut d_grad)?;
         self.clock.lap(Phase::AllReduce);
@@ -476,7 +508,7 @@ impl Gan {
         let x_hat = (real * &a + fake.detach() * (a.ones_like() - &a))
             .detach()
             .set_requires_grad(true);
-        let out = self.discriminator.forward_t(&x_hat, true);
+        let out = self.discriminate(&x_hat);
         let grads = Tensor::run_backward(&[&out.sum(Kind::Float)], &[&x_hat], true, true);
         // sqrt(sum + ε) rather than norm(): finite derivative where the gradient is zero.
         let norm = (grads[0].square().flatten(1, -1).sum_dim_intlist(
@@ -488,13 +520,25 @@ impl Gan {
         (norm - 1.0).square().mean(Kind::Float)
     }
 
+    /// The generator in training mode, in `train.precision`; fp32 images.
+    fn generate_for_training(&self, z: &Tensor) -> Tensor {
+        let images = self.autocast.run(|| self.generator.forward_t(z, true));
+        images.to_kind(Kind::Float)
+    }
+
+    /// D's logits in `train.precision`, as fp32 (losses and the penalty are taken in fp32).
+    fn discriminate(&self, images: &Tensor) -> Tensor {
+        let logits = self
+            .autocast
+            .run(|| self.discriminator.forward_t(images, true));
+        logits.to_kind(Kind::Float)
+    }
+
     /// D on the real and the fake batch. The discriminator has no BatchNorm, so both go
     /// through in one batch: one GEMM per layer instead of two.
     fn discriminate_pair(&self, real: &Tensor, fake: &Tensor) -> (Tensor, Tensor) {
         let n_real = real.size()[0];
-        let logits = self
-            .discriminator
-            .forward_t(&Tensor::cat(&[real, fake], 0), true);
+        let logits = self.discriminate(&Tensor::cat(&[real, fake], 0));
         let n_fake = logits.size()[0] - n_real;
         (
             logits.narrow(0, 0, n_real),

@@ -21,6 +21,7 @@ pub mod loss;
 pub mod mlp;
 pub mod optim;
 pub mod phases;
+pub mod precision;
 pub mod runtime;
 
 mod flat;

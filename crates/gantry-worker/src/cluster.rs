@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use gantry_collective::{AbortHandle, RingCollective, RingConfig};
+use gantry_collective::{AbortHandle, RingCollective};
 use gantry_config::{DeviceChoice, Settings};
 use gantry_models::runtime;
 use gantry_proto::AUTHORIZATION;
@@ -377,8 +377,7 @@ fn train(
                 .iter()
                 .map(|p| p.parse().with_context(|| format!("ring peer {p:?}")))
                 .collect::<Result<Vec<_>>>()?;
-            let mut config = RingConfig::new(rank, world, peers);
-            config.timeout = Duration::from_secs_f64(settings.collective.timeout);
+            let mut config = crate::sync::ring_config(settings, rank, world, peers);
             // Distinct per job and generation, so a straggler of an old group is refused.
             config.session_id = session_id(&assignment.run_id, assignment.generation);
             let ring =

@@ -1,9 +1,26 @@
 //! Where tch tensors meet the collective: gradient buckets, parameter broadcast, checks.
 
+use std::net::SocketAddr;
+use std::time::Duration;
+
 use anyhow::{Context, Result, bail};
-use gantry_collective::{Collective, ReduceOp};
+use gantry_collective::{Collective, ReduceOp, RingConfig};
+use gantry_config::Settings;
 use gantry_models::{FlatParams, Gan};
 use tch::{Device, Kind, Tensor};
+
+/// The ring settings of `collective.*` for one rank; the caller sets the session id.
+pub fn ring_config(
+    settings: &Settings,
+    rank: usize,
+    world: usize,
+    peers: Vec<SocketAddr>,
+) -> RingConfig {
+    let mut config = RingConfig::new(rank, world, peers);
+    config.timeout = Duration::from_secs_f64(settings.collective.timeout);
+    config.shared_memory = settings.collective.shared_memory;
+    config
+}
 
 /// A rank's view of its data-parallel group.
 pub struct Group {

@@ -339,29 +339,50 @@ impl Trainer {
         // global batch s and latent stream s, as before.
         let first = self.step * n_critic;
         let mut stats = None;
-        // In `simultaneous`, D's gradient averaging may overlap G's backward pass (see
-        // `Gan::train_step`); elsewhere each gradient is read right after its sync.
+        // In `simultaneous` neither gradient is read before G's sync returns (see
+        // `Gan::train_step`), so D's averaging may wait: overlapped with G's backward pass on
+        // a helper thread, or (by default) joined with G's into one all-reduce over
+        // `Gan::gradients`: one synchronisation of the ranks a step instead of two.
+        // Elsewhere each gradient is read right after its sync.
+        let simultaneous = self.settings.train.schedule == gantry_config::Schedule::Simultaneous;
         let overlap = self.overlap_allreduce;
         for i in 0..n_critic {
             let input = self.sub_step_input(first + i)?;
             let last = i + 1 == n_critic;
+            let joint = self.gan.gradients().shallow_clone();
             let (group, gan) = (&mut self.group, &mut self.gan);
             let sub = std::thread::scope(|scope| {
                 let mut pending = None;
+                let mut deferred: Option<Tensor> = None;
                 let mut sync = |network, grad: &mut Tensor| {
-                    if overlap
-                        && last
-                        && network == Network::Discriminator
+                    let defer = simultaneous && last && network == Network::Discriminator;
+                    if defer
+                        && overlap
                         && let Some(started) = group.start_average(scope, grad)
                     {
                         pending = Some((started, grad.shallow_clone()));
+                        return anyhow::Ok(());
+                    }
+                    if defer {
+                        deferred = Some(grad.shallow_clone());
                         return anyhow::Ok(());
                     }
                     if let Some((started, d_grad)) = pending.take() {
                         group.finish_average(started)?;
                         tap(Network::Discriminator, &d_grad);
                     }
-                    group.average(grad)?;
+                    match deferred.take() {
+                        Some(d_grad) if spans(&joint, &d_grad, grad) => {
+                            group.average(&mut joint.shallow_clone())?;
+                            tap(Network::Discriminator, &d_grad);
+                        }
+                        Some(mut d_grad) => {
+                            group.average(&mut d_grad)?;
+                            tap(Network::Discriminator, &d_grad);
+                            group.average(grad)?;
+                        }
+                        None => group.average(grad)?,
+                    }
                     tap(network, grad);
                     anyhow::Ok(())
                 };
@@ -678,6 +699,19 @@ impl Trainer {
             d_fake,
         })
     }
+}
+
+/// Whether `first` and `second` are, in this order, exactly the two halves of `joint`'s
+/// memory, so averaging `joint` averages both.
+fn spans(joint: &Tensor, first: &Tensor, second: &Tensor) -> bool {
+    let f32_bytes = std::mem::size_of::<f32>();
+    let base = joint.data_ptr() as usize;
+    [joint, first, second]
+        .iter()
+        .all(|t| t.kind() == tch::Kind::Float && t.is_contiguous() && t.device() == joint.device())
+        && first.data_ptr() as usize == base
+        && second.data_ptr() as usize == base + first.numel() * f32_bytes
+        && first.numel() + second.numel() == joint.numel()
 }
 
 /// Whether averaging D's gradient on a helper thread, overlapped with G's backward pass,

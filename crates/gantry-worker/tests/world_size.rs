@@ -1,16 +1,16 @@
 //! World-size invariance through the real training loop: with the data order and latents
 //! defined per global step, 2 ranks × 32 and 4 ranks × 16 compute the same averaged gradients
 //! as 1 rank × 64 and train to the same parameters (BatchNorm off: its batch statistics are
-//! per rank by nature). Ranks run as threads joined by the real TCP ring on 127.0.0.1.
+//! per rank by nature). Ranks run as threads joined by the real ring on 127.0.0.1, through
+//! its shared-memory all-reduce (the default on one host) or over TCP.
 
 use std::net::TcpListener;
 use std::thread;
-use std::time::Duration;
 
-use gantry_collective::{RingCollective, RingConfig};
+use gantry_collective::RingCollective;
 use gantry_config::{Optimizer, Settings};
 use gantry_models::Network;
-use gantry_worker::sync::Group;
+use gantry_worker::sync::{Group, ring_config};
 use gantry_worker::train::Trainer;
 
 const STEPS: u64 = 30;
@@ -23,6 +23,8 @@ struct Outcome {
     gradients: Gradients,
     generator: Vec<f32>,
     discriminator: Vec<f32>,
+    /// Collective operations the training steps took.
+    operations: u64,
 }
 
 fn settings(world: usize, optimizer: Optimizer, run_dir: &std::path::Path) -> Settings {
@@ -56,6 +58,7 @@ fn train_rank(settings: &Settings, group: Group, overlap: bool) -> Outcome {
     let mut trainer = Trainer::new(settings, group, 1, 0).unwrap();
     trainer.set_overlap_allreduce(overlap);
     let mut gradients = Vec::new();
+    let before = trainer.group.sequence();
     for _ in 0..STEPS {
         let (mut d, mut g) = (Vec::new(), Vec::new());
         trainer
@@ -66,8 +69,10 @@ fn train_rank(settings: &Settings, group: Group, overlap: bool) -> Outcome {
             .unwrap();
         gradients.push((d, g));
     }
+    let operations = trainer.group.sequence() - before;
     trainer.group.verify_identical(&trainer.gan, STEPS).unwrap();
     Outcome {
+        operations,
         gradients,
         generator: to_vec(&trainer.gan.g_params.flat),
         discriminator: to_vec(&trainer.gan.d_params.flat),
@@ -76,13 +81,20 @@ fn train_rank(settings: &Settings, group: Group, overlap: bool) -> Outcome {
 
 /// Trains `world` ranks as threads; returns every rank's outcome.
 fn train_group(world: usize, optimizer: Optimizer) -> Vec<Outcome> {
-    train_group_with(world, optimizer, false)
+    train_group_with(world, optimizer, false, true)
 }
 
-/// [`train_group`], with D's averaging overlapped with G's backward pass or not.
-fn train_group_with(world: usize, optimizer: Optimizer, overlap: bool) -> Vec<Outcome> {
+/// [`train_group`], with D's averaging overlapped with G's backward pass or not, and the
+/// ring's all-reduce through shared memory or TCP.
+fn train_group_with(
+    world: usize,
+    optimizer: Optimizer,
+    overlap: bool,
+    shared_memory: bool,
+) -> Vec<Outcome> {
     let dir = tempfile::tempdir().unwrap();
-    let settings = settings(world, optimizer, dir.path());
+    let mut settings = settings(world, optimizer, dir.path());
+    settings.collective.shared_memory = shared_memory;
     if world == 1 {
         return vec![train_rank(&settings, Group::solo(), overlap)];
     }
@@ -96,9 +108,12 @@ fn train_group_with(world: usize, optimizer: Optimizer, overlap: bool) -> Vec<Ou
         .map(|(rank, listener)| {
             let (settings, peers) = (settings.clone(), peers.clone());
             thread::spawn(move || {
-                let mut config = RingConfig::new(rank, world, peers);
-                config.timeout = Duration::from_secs(60);
-                let ring = RingCollective::from_listener(listener, config).unwrap();
+                let ring = RingCollective::from_listener(
+                    listener,
+                    ring_config(&settings, rank, world, peers),
+                )
+                .unwrap();
+                assert_eq!(ring.uses_shared_memory(), shared_memory);
                 train_rank(&settings, Group::new(Box::new(ring), 25.0), overlap)
             })
         })
@@ -176,9 +191,26 @@ fn four_ranks_match_one_with_adam() {
 #[test]
 fn overlapped_averaging_changes_nothing() {
     // The same sums in the same order, only on another thread: bit-identical training.
-    let plain = train_group_with(2, Optimizer::Adam, false);
-    let overlapped = train_group_with(2, Optimizer::Adam, true);
+    let plain = train_group_with(2, Optimizer::Adam, false, true);
+    let overlapped = train_group_with(2, Optimizer::Adam, true, true);
     for (a, b) in plain.iter().zip(&overlapped) {
+        // Plainly, both gradients go in one all-reduce a step (the buckets hold both); the
+        // overlapped D average is an operation of its own.
+        assert_eq!(a.operations, STEPS);
+        assert_eq!(b.operations, 2 * STEPS);
+        assert_eq!(a.gradients, b.gradients);
+        assert_eq!(a.generator, b.generator);
+        assert_eq!(a.discriminator, b.discriminator);
+    }
+}
+
+#[test]
+fn shared_memory_and_tcp_rings_train_identically() {
+    // Two ranks: both paths add the same two numbers (in either order, which float addition
+    // does not mind) and divide by two, so training is bit-identical.
+    let shared = train_group_with(2, Optimizer::Adam, false, true);
+    let tcp = train_group_with(2, Optimizer::Adam, false, false);
+    for (a, b) in shared.iter().zip(&tcp) {
         assert_eq!(a.gradients, b.gradients);
         assert_eq!(a.generator, b.generator);
         assert_eq!(a.discriminator, b.discriminator);

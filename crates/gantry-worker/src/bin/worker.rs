@@ -2,11 +2,10 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use gantry_collective::{RingCollective, RingConfig};
+use gantry_collective::RingCollective;
 use gantry_config::{ConfigArgs, Settings};
 use gantry_metrics::{Identity, Readiness, WorkerMetrics, WorkerRoutes};
 use gantry_models::runtime;
@@ -87,8 +86,7 @@ fn main() -> Result<()> {
                 peers.len()
             );
         }
-        let mut ring = RingConfig::new(rank, world, peers);
-        ring.timeout = Duration::from_secs_f64(settings.collective.timeout);
+        let mut ring = gantry_worker::sync::ring_config(&settings, rank, world, peers);
         ring.session_id = u64::from_str_radix(&settings.fingerprint()[..16], 16).unwrap_or(0);
         let collective = RingCollective::connect(ring).context("joining the ring")?;
         let group = Group::new(Box::new(collective), settings.collective.bucket_mb);

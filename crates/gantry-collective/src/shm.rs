@@ -1,0 +1,567 @@
+//! Same-host fast path of the ring: all-reduce through one shared-memory region.
+//!
+//! When every rank of a ring runs on one machine (and can open the same file in `/dev/shm`),
+//! moving gradients through loopback TCP costs two kernel copies per byte, a sender thread
+//! per operation and a wake-up per chunk. Here each rank copies its buffer into its own slot
+//! of a shared mapping, announces it, waits until every rank has announced the same operation,
+//! and then sums all slots itself, in rank order, so every rank computes bit-identical
+//! results with one barrier per operation and no system call on the fast path (futexes only
+//! when a rank has to sleep).
+//!
+//! Layout: a 4 KiB header, then `world_size × 2` slots of `slot_bytes`. Each rank owns two
+//! slots, used alternately: a rank may run one operation ahead of a peer still reading the
+//! previous one, never two (it would have had to pass the barrier of the one in between), so
+//! two slots make the reuse safe without a second barrier.
+//!
+//! Header: a magic number, the world size and slot size (checked by every rank that maps it),
+//! the first failed rank (so ranks that are not neighbours of a failure learn of it at once),
+//! and per rank, on cache lines of its own, the ticket of its last announced operation (the
+//! futex word) and, per slot, a descriptor of that operation (kind, sequence, length, reduce
+//! operation) that every peer checks, so mismatched calls fail on every rank instead of
+//! summing unrelated data.
+//!
+//! Failure: neighbours still hold the ring's TCP connections. A rank waiting here peeks at
+//! them between sleeps: end-of-file means a neighbour died (or failed and shut them), data
+//! means a neighbour runs a different, TCP-path operation. Both fail the wait with the
+//! neighbour named, as the TCP path would.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+const MAGIC: u64 = u64::from_le_bytes(*b"GANTRYSM");
+const HEADER_BYTES: usize = 4096;
+/// Bytes of header per rank: two cache lines.
+const RANK_BYTES: usize = 128;
+/// Offsets of the global fields.
+const MAGIC_AT: usize = 0;
+const WORLD_AT: usize = 8;
+const SLOT_AT: usize = 16;
+const FAILED_AT: usize = 24;
+/// Per-rank lines: ticket (u32) at +0, then two descriptors of 4 × u64 at +8 and +40.
+const RANK_LINES_AT: usize = RANK_BYTES;
+/// Largest world size whose per-rank lines fit in the header.
+pub(crate) const MAX_RANKS: usize = HEADER_BYTES / RANK_BYTES - 1;
+/// Default slot: gradients up to this size take one barrier; larger ones are cut into
+/// pieces of this size.
+pub(crate) const DEFAULT_SLOT_BYTES: usize = 4 << 20;
+/// Busy-wait iterations before sleeping on the futex: ranks usually arrive within
+/// microseconds of each other, and a sleep/wake pair costs more than that.
+const SPIN_ITERATIONS: u32 = 4000;
+/// Longest single futex sleep, so liveness and deadlines are checked regularly.
+const SLEEP_SLICE: Duration = Duration::from_millis(2);
+
+/// What one rank announces for one operation; peers compare it with their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Descriptor {
+    /// `wire::OpKind` as a number (all-reduce or barrier).
+    pub kind: u64,
+    /// The collective's operation sequence number.
+    pub seq: u64,
+    /// Total elements of the operation (not of the piece).
+    pub count: u64,
+    /// `ReduceOp::code()`.
+    pub reduce: u64,
+}
+
+/// Why a wait for a peer ended without the peer arriving.
+#[derive(Debug)]
+pub(crate) enum WaitError {
+    /// This rank was aborted (its `AbortHandle`).
+    Aborted,
+    /// `rank` recorded a failure in the header.
+    PeerFailed { rank: usize },
+    /// A neighbour's TCP connection ended (`left` says which one).
+    NeighbourClosed { left: bool },
+    /// A neighbour sent TCP data: it runs an operation that does not use shared memory.
+    NeighbourOnTcp { left: bool },
+    /// `rank` did not arrive within the timeout.
+    Timeout { rank: usize },
+    /// A socket error while checking a neighbour.
+    Io { left: bool, source: io::Error },
+}
+
+/// A mapped region; see the module docs.
+#[derive(Debug)]
+pub(crate) struct SharedRegion {
+    base: NonNull<u8>,
+    len: usize,
+    world_size: usize,
+    rank: usize,
+    slot_bytes: usize,
+    /// The ticket of this rank's last operation (the next one uses `ticket + 1`).
+    ticket: u32,
+}
+
+// SAFETY: the region is plain shared memory; all cross-rank access goes through atomics and
+// the barrier protocol above, and the struct itself is only used through `&mut self` methods
+// or atomics.
+unsafe impl Send for SharedRegion {}
+
+fn region_len(world_size: usize, slot_bytes: usize) -> usize {
+    HEADER_BYTES + world_size * 2 * slot_bytes
+}
+
+/// Where regions are created: `/dev/shm` (memory-backed on Linux), else the temp directory.
+fn region_dir() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// Names this machine and boot: ranks with different identities cannot share memory, even if
+/// a file of the same name happens to exist for both.
+pub(crate) fn host_identity() -> String {
+    let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+    let host = fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}/{}", host.trim(), boot.trim())
+}
+
+impl SharedRegion {
+    /// Creates (rank 0) a zeroed region file with its pages reserved, so that running out of
+    /// `/dev/shm` space shows up here as an error and never later as SIGBUS.
+    pub(crate) fn create(
+        world_size: usize,
+        slot_bytes: usize,
+        unique: u64,
+    ) -> io::Result<(PathBuf, Self)> {
+        let path = region_dir().join(format!("gantry-allreduce-{unique:016x}"));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        let len = region_len(world_size, slot_bytes);
+        let reserved = i64::try_from(len)
+            .map_err(io::Error::other)
+            .and_then(|len| {
+                // SAFETY: a valid descriptor and range.
+                match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+                    0 => Ok(()),
+                    code => Err(io::Error::from_raw_os_error(code)),
+                }
+            });
+        if let Err(e) = reserved {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
+        let region = match Self::map(&file, len, world_size, 0, slot_bytes) {
+            Ok(region) => region,
+            Err(e) => {
+                let _ = fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        region
+            .word64(WORLD_AT)
+            .store(world_size as u64, Ordering::Relaxed);
+        region
+            .word64(SLOT_AT)
+            .store(slot_bytes as u64, Ordering::Relaxed);
+        region.word64(MAGIC_AT).store(MAGIC, Ordering::Release);
+        Ok((path, region))
+    }
+
+    /// Maps the region rank 0 created at `path`, checking its header.
+    pub(crate) fn open(
+        path: &Path,
+        world_size: usize,
+        rank: usize,
+        slot_bytes: usize,
+    ) -> io::Result<Self> {
+        let file = OpenOptions::new().read(true).write(true).open(path)?;
+        let len = region_len(world_size, slot_bytes);
+        if file.metadata()?.len() != len as u64 {
+            return Err(io::Error::other(format!(
+                "{} has the wrong size for {world_size} ranks",
+                path.display()
+            )));
+        }
+        let region = Self::map(&file, len, world_size, rank, slot_bytes)?;
+        let header_ok = region.word64(MAGIC_AT).load(Ordering::Acquire) == MAGIC
+            && region.word64(WORLD_AT).load(Ordering::Relaxed) == world_size as u64
+            && region.word64(SLOT_AT).load(Ordering::Relaxed) == slot_bytes as u64;
+        if !header_ok {
+            return Err(io::Error::other(format!(
+                "{} is not this group's region",
+                path.display()
+            )));
+        }
+        Ok(region)
+    }
+
+    fn map(
+        file: &File,
+        len: usize,
+        world_size: usize,
+        rank: usize,
+        slot_bytes: usize,
+    ) -> io::Result<Self> {
+        if world_size == 0
+            || world_size > MAX_RANKS
+            || !slot_bytes.is_multiple_of(64)
+            || slot_bytes == 0
+        {
+            return Err(io::Error::other(format!(
+                "unsupported shared-memory geometry: {world_size} ranks, {slot_bytes}-byte slots"
+            )));
+        }
+        // SAFETY: a shared read-write mapping of a file of `len` bytes; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let base = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap: null"))?;
+        Ok(Self {
+            base,
+            len,
+            world_size,
+            rank,
+            slot_bytes,
+            ticket: 0,
+        })
+    }
+
+    pub(crate) fn slot_elems(&self) -> usize {
+        self.slot_bytes / size_of::<f32>()
+    }
+
+    fn word64(&self, offset: usize) -> &AtomicU64 {
+        debug_assert!(offset.is_multiple_of(8) && offset + 8 <= HEADER_BYTES);
+        // SAFETY: inside the mapped header, 8-byte aligned (the mapping is page aligned);
+        // AtomicU64 has u64's layout, and the memory lives as long as `self`.
+        unsafe { &*self.base.as_ptr().add(offset).cast::<AtomicU64>() }
+    }
+
+    fn failed(&self) -> &AtomicU32 {
+        // SAFETY: as in `word64`, 4-byte aligned.
+        unsafe { &*self.base.as_ptr().add(FAILED_AT).cast::<AtomicU32>() }
+    }
+
+    fn ticket_of(&self, rank: usize) -> &AtomicU32 {
+        // SAFETY: as in `word64`; rank < world_size ≤ MAX_RANKS keeps it in the header.
+        unsafe {
+            &*self
+                .base
+                .as_ptr()
+                .add(RANK_LINES_AT + rank * RANK_BYTES)
+                .cast::<AtomicU32>()
+        }
+    }
+
+    fn descriptor_words(&self, rank: usize, parity: usize) -> [&AtomicU64; 4] {
+        let at = RANK_LINES_AT + rank * RANK_BYTES + 8 + parity * 32;
+        [0, 8, 16, 24].map(|o| self.word64(at + o))
+    }
+
+    fn slot_ptr(&self, rank: usize, parity: usize) -> *mut f32 {
+        let offset = HEADER_BYTES + (rank * 2 + parity) * self.slot_bytes;
+        debug_assert!(offset + self.slot_bytes <= self.len);
+        // SAFETY: inside the mapping (checked above), 64-byte aligned.
+        unsafe { self.base.as_ptr().add(offset).cast::<f32>() }
+    }
+
+    /// Records that this rank failed, for every other rank to see, and wakes sleepers.
+    pub(crate) fn mark_failed(&self) {
+        let _ = self.failed().compare_exchange(
+            0,
+            self.rank as u32 + 1,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+        for r in 0..self.world_size {
+            futex_wake(self.ticket_of(r));
+        }
+    }
+
+    /// One piece of an all-reduce (`data.len() ≤ slot_elems()`): every rank's `data` summed in
+    /// rank order (then divided by the world size when `average`), written back into `data`.
+    /// `check` compares a peer's descriptor with ours and returns the error to fail with.
+    pub(crate) fn all_reduce_piece<E>(
+        &mut self,
+        data: &mut [f32],
+        ours: Descriptor,
+        average: bool,
+        mut wait: impl FnMut(&mut Waiter<'_>) -> Result<(), E>,
+        mut check: impl FnMut(usize, Descriptor) -> Result<(), E>,
+    ) -> Result<(), E> {
+        assert!(data.len() <= self.slot_elems(), "piece larger than a slot");
+        let ticket = self.ticket.wrapping_add(1);
+        let parity = (ticket % 2) as usize;
+        let n = data.len();
+        // SAFETY: our own slot of this parity: no peer reads it until we announce `ticket`,
+        // and every peer has finished reading it for `ticket - 2` (it announced `ticket - 1`,
+        // which we waited for in the previous piece).
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot_ptr(self.rank, parity), n)
+        };
+        let words = self.descriptor_words(self.rank, parity);
+        for (word, value) in words
+            .iter()
+            .zip([ours.kind, ours.seq, ours.count, ours.reduce])
+        {
+            word.store(value, Ordering::Relaxed);
+        }
+        self.ticket = ticket;
+        self.ticket_of(self.rank).store(ticket, Ordering::Release);
+        futex_wake(self.ticket_of(self.rank));
+
+        for peer in (0..self.world_size).filter(|&r| r != self.rank) {
+            wait(&mut Waiter {
+                region: self,
+                peer,
+                ticket,
+            })?;
+            let [kind, seq, count, reduce] = self
+                .descriptor_words(peer, parity)
+                .map(|w| w.load(Ordering::Relaxed));
+            check(
+                peer,
+                Descriptor {
+                    kind,
+                    seq,
+                    count,
+                    reduce,
+                },
+            )?;
+        }
+
+        // Every rank's piece for `ticket` is in place and stays so until each rank has
+        // announced `ticket + 1`, which cannot happen before we do.
+        let slots: Vec<&[f32]> = (0..self.world_size)
+            .map(|r| {
+                // SAFETY: see above; `n` elements were written by rank `r` for this ticket.
+                unsafe { std::slice::from_raw_parts(self.slot_ptr(r, parity).cast_const(), n) }
+            })
+            .collect();
+        reduce_into(data, &slots, self.rank, average);
+        Ok(())
+    }
+}
+
+/// `data ← (Σ_r slots[r]) [/ n]`, summed in rank order so every rank gets the same bits, in
+/// one pass over memory: blocks small enough to stay in L1 collect the sum, and this rank's
+/// own term is read from `data` (equal to its slot) rather than from shared memory.
+fn reduce_into(data: &mut [f32], slots: &[&[f32]], me: usize, average: bool) {
+    const BLOCK: usize = 1024;
+    let scale = slots.len() as f32;
+    let mut acc = [0.0f32; BLOCK];
+    for start in (0..data.len()).step_by(BLOCK) {
+        let end = (start + BLOCK).min(data.len());
+        let acc = &mut acc[..end - start];
+        for (r, slot) in slots.iter().enumerate() {
+            let term = if r == me {
+                &data[start..end]
+            } else {
+                &slot[start..end]
+            };
+            if r == 0 {
+                acc.copy_from_slice(term);
+            } else {
+                for (a, b) in acc.iter_mut().zip(term) {
+                    *a += *b;
+                }
+            }
+        }
+        if average {
+            for a in acc.iter_mut() {
+                *a /= scale;
+            }
+        }
+        data[start..end].copy_from_slice(acc);
+    }
+}
+
+impl Drop for SharedRegion {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `map`, unmapped once.
+        unsafe {
+            libc::munmap(self.base.as_ptr().cast(), self.len);
+        }
+    }
+}
+
+/// One rank waiting for one peer to announce a ticket; see [`Waiter::wait`].
+#[derive(Debug)]
+pub(crate) struct Waiter<'r> {
+    region: &'r SharedRegion,
+    peer: usize,
+    ticket: u32,
+}
+
+impl Waiter<'_> {
+    /// Waits until the peer has announced this ticket (or the next one). Spins briefly, then
+    /// sleeps on the peer's futex word in short slices, checking between them for this rank's
+    /// abort flag, a failure recorded by any rank, the neighbours' TCP connections and the
+    /// deadline.
+    pub(crate) fn wait(
+        &mut self,
+        timeout: Duration,
+        aborted: impl Fn() -> bool,
+        neighbours: [&TcpStream; 2],
+    ) -> Result<(), WaitError> {
+        let word = self.region.ticket_of(self.peer);
+        let arrived = |seen: u32| (seen.wrapping_sub(self.ticket) as i32) >= 0;
+        for _ in 0..SPIN_ITERATIONS {
+            if arrived(word.load(Ordering::Acquire)) {
+                return Ok(());
+            }
+            std::hint::spin_loop();
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = word.load(Ordering::Acquire);
+            if arrived(seen) {
+                return Ok(());
+            }
+            if let Err(e) = self.trouble(&aborted, neighbours, deadline) {
+                // The peer may have arrived, finished, and moved on to a TCP operation or
+                // closed its connections (its last operation done) since the load above:
+                // that is not a failure of this operation.
+                if arrived(word.load(Ordering::Acquire)) {
+                    return Ok(());
+                }
+                return Err(e);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            futex_wait(word, seen, SLEEP_SLICE.min(left));
+        }
+    }
+
+    /// Anything that ends the wait other than the peer's arrival.
+    fn trouble(
+        &self,
+        aborted: &impl Fn() -> bool,
+        neighbours: [&TcpStream; 2],
+        deadline: Instant,
+    ) -> Result<(), WaitError> {
+        if aborted() {
+            return Err(WaitError::Aborted);
+        }
+        match self.region.failed().load(Ordering::SeqCst) {
+            0 => {}
+            failed => {
+                return Err(WaitError::PeerFailed {
+                    rank: failed as usize - 1,
+                });
+            }
+        }
+        for (left, stream) in [(true, neighbours[0]), (false, neighbours[1])] {
+            match peek(stream) {
+                Ok(Peeked::Nothing) => {}
+                Ok(Peeked::Closed) => return Err(WaitError::NeighbourClosed { left }),
+                Ok(Peeked::Data) => return Err(WaitError::NeighbourOnTcp { left }),
+                Err(source) => return Err(WaitError::Io { left, source }),
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(WaitError::Timeout { rank: self.peer });
+        }
+        Ok(())
+    }
+}
+
+enum Peeked {
+    Nothing,
+    Data,
+    Closed,
+}
+
+/// Looks at a socket without blocking or consuming anything.
+fn peek(stream: &TcpStream) -> io::Result<Peeked> {
+    let mut byte = 0u8;
+    // SAFETY: a valid socket and a one-byte buffer.
+    let got = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            (&raw mut byte).cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match got {
+        0 => Ok(Peeked::Closed),
+        n if n > 0 => Ok(Peeked::Data),
+        _ => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(Peeked::Nothing),
+                io::ErrorKind::ConnectionReset
+                | io::ErrorKind::NotConnected
+                | io::ErrorKind::BrokenPipe => Ok(Peeked::Closed),
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// Sleeps while `*word == expected`, at most `timeout` (spurious wake-ups are fine: callers
+/// loop). Not FUTEX_PRIVATE: the word is shared between processes.
+fn futex_wait(word: &AtomicU32, expected: u32, timeout: Duration) {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: a valid, aligned futex word and timespec for the call's duration.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAIT,
+            expected,
+            &raw const ts,
+            std::ptr::null::<u32>(),
+            0,
+        );
+    }
+}
+
+fn futex_wake(word: &AtomicU32) {
+    // SAFETY: a valid, aligned futex word.
+    unsafe {
+        libc::syscall(
+            libc::SYS_futex,
+            word.as_ptr(),
+            libc::FUTEX_WAKE,
+            i32::MAX,
+            std::ptr::null::<libc::timespec>(),
+            std::ptr::null::<u32>(),
+            0,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn open_refuses_a_region_of_another_geometry() {
+        let unique = 0x7e57_0000_0000_0000 | u64::from(std::process::id());
+        let (path, _owner) = SharedRegion::create(2, 4096, unique).unwrap();
+        assert!(SharedRegion::open(&path, 2, 1, 4096).is_ok());
+        let err = SharedRegion::open(&path, 3, 1, 4096).unwrap_err();
+        assert!(err.to_string().contains("wrong size"), "{err}");
+        let err = SharedRegion::open(&path, 2, 1, 2048).unwrap_err();
+        assert!(err.to_string().contains("wrong size"), "{err}");
+        fs::remove_file(&path).unwrap();
+        assert!(SharedRegion::open(&path, 2, 1, 4096).is_err());
+    }
+}

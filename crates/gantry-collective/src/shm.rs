@@ -29,6 +29,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::net::TcpStream;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -134,10 +135,12 @@ impl SharedRegion {
         unique: u64,
     ) -> io::Result<(PathBuf, Self)> {
         let path = region_dir().join(format!("gantry-allreduce-{unique:016x}"));
+        // Owner-only: another user on the host has no business reading the gradients.
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)?;
         let len = region_len(world_size, slot_bytes);
         let reserved = i64::try_from(len)

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
-use crate::shm::{self, Descriptor, SharedRegion, WaitError};
+use crate::shm::{self, SharedRegion, WaitError};
 use crate::wire::{ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, OpKind, VERSION};
 use crate::{Collective, CollectiveError, Peer, ReduceOp};
 
@@ -183,6 +183,14 @@ struct Links {
 }
 
 impl Links {
+    fn neighbour(&self, left: bool) -> Peer {
+        if left {
+            self.left_peer
+        } else {
+            self.right_peer
+        }
+    }
+
     /// Both directions, both neighbours: the left one sees EOF when writing
     /// to us, the right one EOF when reading, so both fail promptly.
     fn shutdown(&self) {
@@ -349,41 +357,23 @@ impl RingCollective {
             return Ok(());
         }
         let identity = shm::host_identity();
-        let mut created = None;
-        let mut created_path = None;
-        let mut message = Vec::new();
-        if self.rank == 0 {
-            // Unused to the rest of the ring (it never names this region) and not guessable
-            // by a stale process of an earlier group.
-            use std::hash::{BuildHasher, Hasher};
-            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-            hasher.write_u32(std::process::id());
-            hasher.write_u128(
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_nanos(),
-            );
-            // A failure to create it (no /dev/shm space, say) just keeps the TCP path.
-            if let Ok((path, region)) = SharedRegion::create(n, slot_bytes, hasher.finish()) {
-                message = format!("{identity}\n{}", path.display()).into_bytes();
-                created = Some(region);
-                created_path = Some(path);
-            }
-        }
+        // Rank 0 only; a failure to create it (no /dev/shm space, say) keeps the TCP path.
+        let (created_path, created) = if self.rank == 0 {
+            SharedRegion::create(n, slot_bytes).ok().unzip()
+        } else {
+            (None, None)
+        };
+        let mut message = match &created_path {
+            Some(path) => format!("{identity}\n{}", path.display()).into_bytes(),
+            None => Vec::new(),
+        };
         let outcome = self.broadcast_bytes(&mut message, 0).and_then(|()| {
-            let region = match created.take() {
-                Some(region) => Some(region),
-                None => String::from_utf8(message)
-                    .ok()
-                    .and_then(|text| {
-                        let (theirs, path) = text.split_once('\n')?;
-                        (theirs == identity).then(|| path.to_owned())
-                    })
-                    .and_then(|path| {
-                        SharedRegion::open(Path::new(&path), n, self.rank, slot_bytes).ok()
-                    }),
-            };
+            let region = created.or_else(|| {
+                let text = String::from_utf8(message).ok()?;
+                let (theirs, path) = text.split_once('\n')?;
+                let path = (theirs == identity).then_some(Path::new(path))?;
+                SharedRegion::open(path, n, self.rank, slot_bytes).ok()
+            });
             let mut joined = [if region.is_some() { 1.0f32 } else { 0.0 }];
             self.all_reduce_f32(&mut joined, ReduceOp::Sum)?;
             Ok((joined[0] == n as f32).then_some(region).flatten())
@@ -465,28 +455,7 @@ impl RingCollective {
         (&links.left)
             .read_exact(&mut raw)
             .map_err(|e| self.io_err(links.left_peer, op, e))?;
-        let peer = links.left_peer;
-        let theirs =
-            Header::decode(&raw).map_err(|detail| CollectiveError::Protocol { peer, detail })?;
-        if theirs.kind != ours.kind {
-            return Err(CollectiveError::Protocol {
-                peer,
-                detail: format!(
-                    "it runs {} while we run {}",
-                    theirs.kind.name(),
-                    ours.kind.name()
-                ),
-            });
-        }
-        if theirs.seq != ours.seq {
-            return Err(CollectiveError::Protocol {
-                peer,
-                detail: format!(
-                    "it is at operation #{} while we are at #{}",
-                    theirs.seq, ours.seq
-                ),
-            });
-        }
+        let theirs = check_same_operation(links.left_peer, &ours, Header::decode(&raw))?;
         Ok(theirs)
     }
 
@@ -514,29 +483,14 @@ impl RingCollective {
         let n = self.world_size;
         let r = self.rank;
         let len = buf.len();
-        let theirs = self.exchange_headers(
-            links,
-            Header {
-                kind,
-                seq: self.seq,
-                count: len as u64,
-                extra: op.code(),
-            },
-        )?;
-        let peer = links.left_peer;
-        if theirs.count != len as u64 {
-            return Err(CollectiveError::LengthMismatch {
-                peer,
-                ours: len,
-                theirs: usize::try_from(theirs.count).unwrap_or(usize::MAX),
-            });
-        }
-        if theirs.extra != op.code() {
-            return Err(CollectiveError::Protocol {
-                peer,
-                detail: "it uses a different reduce operation (sum vs average)".into(),
-            });
-        }
+        let ours = Header {
+            kind,
+            seq: self.seq,
+            count: len as u64,
+            extra: op.code(),
+        };
+        let theirs = self.exchange_headers(links, ours)?;
+        check_same_reduction(links.left_peer, &ours, &theirs)?;
 
         let ce = self.chunk_elems;
         if self.scratch.len() < ce.min(len) {
@@ -630,11 +584,11 @@ impl RingCollective {
             rank,
             addr: peers[rank],
         };
-        let ours = Descriptor {
-            kind: kind as u64,
+        let ours = Header {
+            kind,
             seq: *seq,
             count: buf.len() as u64,
-            reduce: op.code(),
+            extra: op.code(),
         };
         let average = op == ReduceOp::Average;
         let pieces = region.slot_elems();
@@ -647,7 +601,7 @@ impl RingCollective {
         for part in parts {
             region.all_reduce_piece(
                 part,
-                ours,
+                &ours,
                 average,
                 |waiter| {
                     waiter
@@ -661,13 +615,13 @@ impl RingCollective {
                             },
                             WaitError::NeighbourClosed { left } => {
                                 CollectiveError::PeerDisconnected {
-                                    peer: if left { links.left_peer } else { links.right_peer },
+                                    peer: links.neighbour(left),
                                     op: name,
                                     source: io::ErrorKind::UnexpectedEof.into(),
                                 }
                             }
                             WaitError::NeighbourOnTcp { left } => CollectiveError::Protocol {
-                                peer: if left { links.left_peer } else { links.right_peer },
+                                peer: links.neighbour(left),
                                 detail: format!(
                                     "it runs an operation over TCP while we run {name} in shared memory"
                                 ),
@@ -678,7 +632,7 @@ impl RingCollective {
                                 timeout,
                             },
                             WaitError::Io { left, source } => CollectiveError::from_io(
-                                if left { links.left_peer } else { links.right_peer },
+                                links.neighbour(left),
                                 name,
                                 timeout,
                                 source,
@@ -686,40 +640,8 @@ impl RingCollective {
                         })
                 },
                 |rank, theirs| {
-                    let peer = peer(rank);
-                    if theirs.kind != ours.kind {
-                        let theirs = u32::try_from(theirs.kind)
-                            .ok()
-                            .and_then(OpKind::from_u32)
-                            .map_or("an unknown operation", OpKind::name);
-                        return Err(CollectiveError::Protocol {
-                            peer,
-                            detail: format!("it runs {theirs} while we run {name}"),
-                        });
-                    }
-                    if theirs.seq != ours.seq {
-                        return Err(CollectiveError::Protocol {
-                            peer,
-                            detail: format!(
-                                "it is at operation #{} while we are at #{}",
-                                theirs.seq, ours.seq
-                            ),
-                        });
-                    }
-                    if theirs.count != ours.count {
-                        return Err(CollectiveError::LengthMismatch {
-                            peer,
-                            ours: buf_len(ours.count),
-                            theirs: buf_len(theirs.count),
-                        });
-                    }
-                    if theirs.reduce != ours.reduce {
-                        return Err(CollectiveError::Protocol {
-                            peer,
-                            detail: "it uses a different reduce operation (sum vs average)".into(),
-                        });
-                    }
-                    Ok(())
+                    let theirs = check_same_operation(peer(rank), &ours, theirs)?;
+                    check_same_reduction(peer(rank), &ours, &theirs)
                 },
             )?;
         }
@@ -810,7 +732,7 @@ impl Collective for RingCollective {
                 return Err(CollectiveError::LengthMismatch {
                     peer: links.left_peer,
                     ours: buf.len(),
-                    theirs: usize::try_from(theirs.count).unwrap_or(usize::MAX),
+                    theirs: buf_len(theirs.count),
                 });
             }
             me.chain_broadcast(links, "broadcast", bytemuck::cast_slice_mut(buf), root)
@@ -1176,4 +1098,52 @@ fn write_all_until(
 
 fn buf_len(count: u64) -> usize {
     usize::try_from(count).unwrap_or(usize::MAX)
+}
+
+/// `theirs` (as decoded) must be the operation `ours` is: same kind, same place in the
+/// sequence. Both paths (TCP headers, shared-memory headers) check peers with this.
+fn check_same_operation(
+    peer: Peer,
+    ours: &Header,
+    theirs: Result<Header, String>,
+) -> Result<Header, CollectiveError> {
+    let theirs = theirs.map_err(|detail| CollectiveError::Protocol { peer, detail })?;
+    if theirs.kind != ours.kind {
+        return Err(CollectiveError::Protocol {
+            peer,
+            detail: format!(
+                "it runs {} while we run {}",
+                theirs.kind.name(),
+                ours.kind.name()
+            ),
+        });
+    }
+    if theirs.seq != ours.seq {
+        return Err(CollectiveError::Protocol {
+            peer,
+            detail: format!(
+                "it is at operation #{} while we are at #{}",
+                theirs.seq, ours.seq
+            ),
+        });
+    }
+    Ok(theirs)
+}
+
+/// For reductions, also the same length and reduce operation.
+fn check_same_reduction(peer: Peer, ours: &Header, theirs: &Header) -> Result<(), CollectiveError> {
+    if theirs.count != ours.count {
+        return Err(CollectiveError::LengthMismatch {
+            peer,
+            ours: buf_len(ours.count),
+            theirs: buf_len(theirs.count),
+        });
+    }
+    if theirs.extra != ours.extra {
+        return Err(CollectiveError::Protocol {
+            peer,
+            detail: "it uses a different reduce operation (sum vs average)".into(),
+        });
+    }
+    Ok(())
 }

@@ -16,9 +16,9 @@
 //! Header: a magic number, the world size and slot size (checked by every rank that maps it),
 //! the first failed rank (so ranks that are not neighbours of a failure learn of it at once),
 //! and per rank, on cache lines of its own, the ticket of its last announced operation (the
-//! futex word) and, per slot, a descriptor of that operation (kind, sequence, length, reduce
-//! operation) that every peer checks, so mismatched calls fail on every rank instead of
-//! summing unrelated data.
+//! futex word) and, per slot, the operation's header (the same `wire::Header` the TCP path
+//! sends: kind, sequence, length, reduce operation) that every peer checks, so mismatched
+//! calls fail on every rank instead of summing unrelated data.
 //!
 //! Failure: neighbours still hold the ring's TCP connections. A rank waiting here peeks at
 //! them between sleeps: end-of-file means a neighbour died (or failed and shut them), data
@@ -35,6 +35,8 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::wire::{HEADER_LEN, Header};
+
 const MAGIC: u64 = u64::from_le_bytes(*b"GANTRYSM");
 const HEADER_BYTES: usize = 4096;
 /// Bytes of header per rank: two cache lines.
@@ -44,8 +46,10 @@ const MAGIC_AT: usize = 0;
 const WORLD_AT: usize = 8;
 const SLOT_AT: usize = 16;
 const FAILED_AT: usize = 24;
-/// Per-rank lines: ticket (u32) at +0, then two descriptors of 4 × u64 at +8 and +40.
+/// Per-rank lines: ticket (u32) at +0, then one encoded header per slot at +8 and +48.
 const RANK_LINES_AT: usize = RANK_BYTES;
+const HEADERS_AT: usize = 8;
+const _: () = assert!(HEADERS_AT + 2 * HEADER_LEN <= RANK_BYTES);
 /// Largest world size whose per-rank lines fit in the header.
 pub(crate) const MAX_RANKS: usize = HEADER_BYTES / RANK_BYTES - 1;
 /// Default slot: gradients up to this size take one barrier; larger ones are cut into
@@ -56,19 +60,6 @@ pub(crate) const DEFAULT_SLOT_BYTES: usize = 4 << 20;
 const SPIN_ITERATIONS: u32 = 4000;
 /// Longest single futex sleep, so liveness and deadlines are checked regularly.
 const SLEEP_SLICE: Duration = Duration::from_millis(2);
-
-/// What one rank announces for one operation; peers compare it with their own.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Descriptor {
-    /// `wire::OpKind` as a number (all-reduce or barrier).
-    pub kind: u64,
-    /// The collective's operation sequence number.
-    pub seq: u64,
-    /// Total elements of the operation (not of the piece).
-    pub count: u64,
-    /// `ReduceOp::code()`.
-    pub reduce: u64,
-}
 
 /// Why a wait for a peer ended without the peer arriving.
 #[derive(Debug)]
@@ -118,6 +109,21 @@ fn region_dir() -> PathBuf {
     }
 }
 
+/// A name no other group on this host uses, and that a stale process of an earlier group
+/// cannot guess (only rank 0 knows it until it broadcasts it).
+fn unique_name() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u32(std::process::id());
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    hasher.finish()
+}
+
 /// Names this machine and boot: ranks with different identities cannot share memory, even if
 /// a file of the same name happens to exist for both.
 pub(crate) fn host_identity() -> String {
@@ -129,12 +135,8 @@ pub(crate) fn host_identity() -> String {
 impl SharedRegion {
     /// Creates (rank 0) a zeroed region file with its pages reserved, so that running out of
     /// `/dev/shm` space shows up here as an error and never later as SIGBUS.
-    pub(crate) fn create(
-        world_size: usize,
-        slot_bytes: usize,
-        unique: u64,
-    ) -> io::Result<(PathBuf, Self)> {
-        let path = region_dir().join(format!("gantry-allreduce-{unique:016x}"));
+    pub(crate) fn create(world_size: usize, slot_bytes: usize) -> io::Result<(PathBuf, Self)> {
+        let path = region_dir().join(format!("gantry-allreduce-{:016x}", unique_name()));
         // Owner-only: another user on the host has no business reading the gradients.
         let file = OpenOptions::new()
             .read(true)
@@ -269,9 +271,10 @@ impl SharedRegion {
         }
     }
 
-    fn descriptor_words(&self, rank: usize, parity: usize) -> [&AtomicU64; 4] {
-        let at = RANK_LINES_AT + rank * RANK_BYTES + 8 + parity * 32;
-        [0, 8, 16, 24].map(|o| self.word64(at + o))
+    fn header_ptr(&self, rank: usize, parity: usize) -> *mut [u8; HEADER_LEN] {
+        let at = RANK_LINES_AT + rank * RANK_BYTES + HEADERS_AT + parity * HEADER_LEN;
+        // SAFETY: inside rank `rank`'s header lines (see the assertion by HEADERS_AT).
+        unsafe { self.base.as_ptr().add(at).cast::<[u8; HEADER_LEN]>() }
     }
 
     fn slot_ptr(&self, rank: usize, parity: usize) -> *mut f32 {
@@ -296,14 +299,15 @@ impl SharedRegion {
 
     /// One piece of an all-reduce (`data.len() ≤ slot_elems()`): every rank's `data` summed in
     /// rank order (then divided by the world size when `average`), written back into `data`.
-    /// `check` compares a peer's descriptor with ours and returns the error to fail with.
+    /// `ours` describes the whole operation; `check` gets each peer's header as it decoded (or
+    /// what was wrong with it) and returns the error to fail with.
     pub(crate) fn all_reduce_piece<E>(
         &mut self,
         data: &mut [f32],
-        ours: Descriptor,
+        ours: &Header,
         average: bool,
         mut wait: impl FnMut(&mut Waiter<'_>) -> Result<(), E>,
-        mut check: impl FnMut(usize, Descriptor) -> Result<(), E>,
+        mut check: impl FnMut(usize, Result<Header, String>) -> Result<(), E>,
     ) -> Result<(), E> {
         assert!(data.len() <= self.slot_elems(), "piece larger than a slot");
         let ticket = self.ticket.wrapping_add(1);
@@ -315,13 +319,9 @@ impl SharedRegion {
         unsafe {
             std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot_ptr(self.rank, parity), n)
         };
-        let words = self.descriptor_words(self.rank, parity);
-        for (word, value) in words
-            .iter()
-            .zip([ours.kind, ours.seq, ours.count, ours.reduce])
-        {
-            word.store(value, Ordering::Relaxed);
-        }
+        // SAFETY: our own header of this parity, as for the slot above; published by the
+        // Release store of the ticket below.
+        unsafe { self.header_ptr(self.rank, parity).write(ours.encode()) };
         self.ticket = ticket;
         self.ticket_of(self.rank).store(ticket, Ordering::Release);
         futex_wake(self.ticket_of(self.rank));
@@ -332,18 +332,10 @@ impl SharedRegion {
                 peer,
                 ticket,
             })?;
-            let [kind, seq, count, reduce] = self
-                .descriptor_words(peer, parity)
-                .map(|w| w.load(Ordering::Relaxed));
-            check(
-                peer,
-                Descriptor {
-                    kind,
-                    seq,
-                    count,
-                    reduce,
-                },
-            )?;
+            // SAFETY: the peer wrote it before announcing `ticket` (Acquire in the wait), and
+            // does not write this parity again before we announce `ticket + 1`.
+            let theirs = unsafe { self.header_ptr(peer, parity).read() };
+            check(peer, Header::decode(&theirs))?;
         }
 
         // Every rank's piece for `ticket` is in place and stays so until each rank has
@@ -557,8 +549,7 @@ mod tests {
 
     #[test]
     fn open_refuses_a_region_of_another_geometry() {
-        let unique = 0x7e57_0000_0000_0000 | u64::from(std::process::id());
-        let (path, _owner) = SharedRegion::create(2, 4096, unique).unwrap();
+        let (path, _owner) = SharedRegion::create(2, 4096).unwrap();
         assert!(SharedRegion::open(&path, 2, 1, 4096).is_ok());
         let err = SharedRegion::open(&path, 3, 1, 4096).unwrap_err();
         assert!(err.to_string().contains("wrong size"), "{err}");

@@ -91,7 +91,7 @@ impl OpKind {
         }
     }
 
-    pub(crate) fn from_u32(v: u32) -> Option<Self> {
+    fn from_u32(v: u32) -> Option<Self> {
         Some(match v {
             1 => OpKind::AllReduce,
             2 => OpKind::BroadcastF32,

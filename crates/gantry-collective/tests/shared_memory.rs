@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
@@ -186,26 +184,7 @@ fn mismatched_lengths_fail_on_every_rank() {
 
 #[test]
 fn mismatched_operations_fail() {
-    let results = run_ranks(
-        2,
-        |_, _| {},
-        |rank, ring| {
-            let mut ring = ring.unwrap();
-            match rank {
-                0 => ring.barrier().unwrap_err(),
-                _ => ring.all_reduce_f32(&mut [1.0], ReduceOp::Sum).unwrap_err(),
-            }
-        },
-    );
-    for err in &results {
-        let CollectiveError::Protocol { detail, .. } = err else {
-            panic!("expected Protocol, got {err}");
-        };
-        assert!(
-            detail.contains("barrier") && detail.contains("all-reduce"),
-            "{detail}"
-        );
-    }
+    common::check_mismatched_operations_fail(true);
 }
 
 #[test]
@@ -237,107 +216,21 @@ fn an_operation_over_tcp_against_one_in_shared_memory_fails_both() {
 
 #[test]
 fn silent_peer_times_out_naming_it() {
-    let (release_tx, release_rx) = mpsc::channel::<()>();
-    let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
-    let results = run_ranks(
-        2,
-        |_, c| c.timeout = Duration::from_millis(300),
-        move |rank, ring| {
-            let mut ring = ring.unwrap();
-            if rank == 1 {
-                let _ = release_rx.lock().unwrap().recv();
-                return None;
-            }
-            let err = ring
-                .all_reduce_f32(&mut [1.0; 8], ReduceOp::Sum)
-                .unwrap_err();
-            let _ = release_tx.send(());
-            Some(err)
-        },
-    );
-    match &results[0] {
-        Some(CollectiveError::Timeout { peer, .. }) => assert_eq!(peer.rank, 1),
-        other => panic!("expected Timeout naming rank 1, got {other:?}"),
-    }
+    common::check_silent_peer_times_out_naming_it(true);
 }
 
 #[test]
 fn peer_dropping_between_operations_fails_the_others() {
-    // Four ranks: rank 2 is not a neighbour of rank 0, which learns of the failure through
+    // Four ranks: rank 1 is not a neighbour of rank 3, which learns of the failure through
     // the region's failure mark or a neighbour closing, never by its timeout.
-    let results = run_ranks(
-        4,
-        |_, _| {},
-        |rank, ring| {
-            let mut ring = ring.unwrap();
-            let mut buf = vec![1.0; 100_000];
-            ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
-            if rank == 1 {
-                drop(ring);
-                return None;
-            }
-            Some(ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap_err())
-        },
-    );
-    for (rank, r) in results.iter().enumerate() {
-        if rank != 1 {
-            let err = r.as_ref().unwrap();
-            assert!(
-                matches!(err, CollectiveError::PeerDisconnected { .. }),
-                "rank {rank}: {err}"
-            );
-        }
-    }
+    common::check_peer_dropping_between_operations_fails_the_others(4, true);
 }
 
 #[test]
 fn peer_aborted_mid_all_reduce_fails_every_survivor() {
-    const LEN: usize = 4 << 20;
-    let (n, victim) = (4, 2);
-    let progress = Arc::new(AtomicU64::new(0));
-    let results = run_ranks(
-        n,
-        |_, _| {},
-        move |rank, ring| {
-            let mut ring = ring.unwrap();
-            let mut buf = vec![1.0f32; LEN];
-            if rank == victim {
-                let handle = ring.abort_handle();
-                let progress = Arc::clone(&progress);
-                thread::spawn(move || {
-                    while progress.load(Ordering::SeqCst) < 1 {
-                        thread::sleep(Duration::from_millis(1));
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                    handle.abort();
-                });
-            }
-            for i in 0..10_000u64 {
-                if let Err(e) = ring.all_reduce_f32(&mut buf, ReduceOp::Sum) {
-                    return (i, e);
-                }
-                if rank == victim {
-                    progress.store(i + 1, Ordering::SeqCst);
-                }
-            }
-            panic!("rank {rank} never noticed the abort");
-        },
-    );
-    for (rank, (completed, err)) in results.iter().enumerate() {
-        assert!(*completed >= 1, "rank {rank} failed too early: {err}");
-        if rank == victim {
-            assert!(matches!(err, CollectiveError::Aborted), "victim: {err}");
-        } else {
-            assert!(
-                matches!(err, CollectiveError::PeerDisconnected { .. }),
-                "rank {rank}: {err}"
-            );
-            assert!(
-                err.to_string().contains("rank "),
-                "error names no peer: {err}"
-            );
-        }
-    }
+    common::check_peer_aborted_mid_all_reduce_fails_every_survivor(4 << 20, 10_000, true, |e| {
+        matches!(e, CollectiveError::PeerDisconnected { .. })
+    });
 }
 
 #[test]

@@ -3,11 +3,12 @@
 //! configured timeout, so a hang fails the test instead of hanging CI.
 
 use std::net::{SocketAddr, TcpListener};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, mpsc};
 use std::thread;
 use std::time::Duration;
 
-use gantry_collective::{CollectiveError, RingCollective, RingConfig};
+use gantry_collective::{Collective, CollectiveError, ReduceOp, RingCollective, RingConfig};
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
 pub const JOIN_DEADLINE: Duration = Duration::from_secs(90);
@@ -61,4 +62,144 @@ pub fn value(rank: usize, i: usize) -> f32 {
 
 pub fn expected_sum(n: usize, i: usize) -> f32 {
     (0..n).map(|r| value(r, i)).sum()
+}
+
+// Failure cases both all-reduce paths (TCP, `shared_memory`) must handle alike.
+
+pub fn check_mismatched_operations_fail(shared_memory: bool) {
+    let results = run_ranks(
+        2,
+        |_, c| c.shared_memory = shared_memory,
+        |rank, ring| {
+            let mut ring = ring.unwrap();
+            if rank == 0 {
+                ring.barrier().unwrap_err()
+            } else {
+                ring.all_reduce_f32(&mut [1.0], ReduceOp::Sum).unwrap_err()
+            }
+        },
+    );
+    for err in &results {
+        let CollectiveError::Protocol { detail, .. } = err else {
+            panic!("expected Protocol, got {err}");
+        };
+        assert!(
+            detail.contains("barrier") && detail.contains("all-reduce"),
+            "{detail}"
+        );
+    }
+}
+
+pub fn check_silent_peer_times_out_naming_it(shared_memory: bool) {
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
+    let results = run_ranks(
+        2,
+        |_, c| {
+            c.shared_memory = shared_memory;
+            c.timeout = Duration::from_millis(300);
+        },
+        move |rank, ring| {
+            let mut ring = ring.unwrap();
+            if rank == 1 {
+                // Alive and connected, but never joins the all-reduce.
+                let _ = release_rx.lock().unwrap().recv();
+                return None;
+            }
+            let err = ring
+                .all_reduce_f32(&mut [1.0; 8], ReduceOp::Sum)
+                .unwrap_err();
+            let _ = release_tx.send(());
+            Some(err)
+        },
+    );
+    match &results[0] {
+        Some(CollectiveError::Timeout { peer, .. }) => assert_eq!(peer.rank, 1),
+        other => panic!("expected Timeout naming rank 1, got {other:?}"),
+    }
+}
+
+/// `n` ranks; rank 1 drops its collective after one operation.
+pub fn check_peer_dropping_between_operations_fails_the_others(n: usize, shared_memory: bool) {
+    let results = run_ranks(
+        n,
+        |_, c| c.shared_memory = shared_memory,
+        |rank, ring| {
+            let mut ring = ring.unwrap();
+            let mut buf = vec![1.0; 100_000];
+            ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
+            if rank == 1 {
+                drop(ring); // a crashed process closes its sockets like this
+                return None;
+            }
+            Some(ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap_err())
+        },
+    );
+    for (rank, r) in results.iter().enumerate() {
+        if rank != 1 {
+            let err = r.as_ref().unwrap();
+            assert!(
+                matches!(err, CollectiveError::PeerDisconnected { .. }),
+                "rank {rank}: {err}"
+            );
+        }
+    }
+}
+
+/// Four ranks all-reducing `len` floats up to `max_ops` times; rank 2 is aborted from another
+/// thread during its second operation (very likely). The victim must see `Aborted`, every
+/// survivor an error `survivor_error_ok` accepts that names a peer, and none may hang.
+pub fn check_peer_aborted_mid_all_reduce_fails_every_survivor(
+    len: usize,
+    max_ops: u64,
+    shared_memory: bool,
+    survivor_error_ok: fn(&CollectiveError) -> bool,
+) {
+    let n = 4;
+    let victim = 2;
+    let progress = Arc::new(AtomicU64::new(0));
+    let progress2 = Arc::clone(&progress);
+    let results = run_ranks(
+        n,
+        |_, c| c.shared_memory = shared_memory,
+        move |rank, ring| {
+            let mut ring = ring.unwrap();
+            let mut buf = vec![1.0f32; len];
+            if rank == victim {
+                let handle = ring.abort_handle();
+                let progress = Arc::clone(&progress2);
+                // Abort from another thread once the first operation is done and
+                // the second is (very likely) under way; either way the ring
+                // must fail on every rank rather than hang.
+                thread::spawn(move || {
+                    while progress.load(Ordering::SeqCst) < 1 {
+                        thread::sleep(Duration::from_millis(1));
+                    }
+                    thread::sleep(Duration::from_millis(20));
+                    handle.abort();
+                });
+            }
+            for i in 0..max_ops {
+                if let Err(e) = ring.all_reduce_f32(&mut buf, ReduceOp::Sum) {
+                    return (i, e);
+                }
+                if rank == victim {
+                    progress2.store(i + 1, Ordering::SeqCst);
+                }
+            }
+            panic!("rank {rank} never noticed the abort");
+        },
+    );
+    for (rank, (completed, err)) in results.iter().enumerate() {
+        assert!(*completed >= 1, "rank {rank} failed too early: {err}");
+        if rank == victim {
+            assert!(matches!(err, CollectiveError::Aborted), "victim: {err}");
+        } else {
+            assert!(survivor_error_ok(err), "rank {rank}: {err}");
+            assert!(
+                err.to_string().contains("rank "),
+                "error names no peer: {err}"
+            );
+        }
+    }
 }

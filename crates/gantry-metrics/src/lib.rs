@@ -72,6 +72,7 @@ impl Routes for WorkerRoutes {
 
 /// Creating a series and registering it, in one call.
 pub(crate) mod register {
+    use prometheus::core::Collector;
     use prometheus::{
         Counter, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntGauge,
         Opts, Registry,
@@ -79,28 +80,29 @@ pub(crate) mod register {
 
     use crate::MetricsError;
 
-    pub fn int_counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
-        let metric = IntCounter::new(name, help)?;
+    /// Registers `metric` (a handle: clones share its values) and hands it back.
+    fn registered<M: Collector + Clone + 'static>(
+        r: &Registry,
+        metric: M,
+    ) -> Result<M, MetricsError> {
         r.register(Box::new(metric.clone()))?;
         Ok(metric)
+    }
+
+    pub fn int_counter(r: &Registry, name: &str, help: &str) -> Result<IntCounter, MetricsError> {
+        registered(r, IntCounter::new(name, help)?)
     }
 
     pub fn counter(r: &Registry, name: &str, help: &str) -> Result<Counter, MetricsError> {
-        let metric = Counter::new(name, help)?;
-        r.register(Box::new(metric.clone()))?;
-        Ok(metric)
+        registered(r, Counter::new(name, help)?)
     }
 
     pub fn int_gauge(r: &Registry, name: &str, help: &str) -> Result<IntGauge, MetricsError> {
-        let metric = IntGauge::new(name, help)?;
-        r.register(Box::new(metric.clone()))?;
-        Ok(metric)
+        registered(r, IntGauge::new(name, help)?)
     }
 
     pub fn gauge(r: &Registry, name: &str, help: &str) -> Result<Gauge, MetricsError> {
-        let metric = Gauge::new(name, help)?;
-        r.register(Box::new(metric.clone()))?;
-        Ok(metric)
+        registered(r, Gauge::new(name, help)?)
     }
 
     pub fn gauge_vec(
@@ -109,9 +111,7 @@ pub(crate) mod register {
         help: &str,
         labels: &[&str],
     ) -> Result<GaugeVec, MetricsError> {
-        let metric = GaugeVec::new(Opts::new(name, help), labels)?;
-        r.register(Box::new(metric.clone()))?;
-        Ok(metric)
+        registered(r, GaugeVec::new(Opts::new(name, help), labels)?)
     }
 
     pub fn histogram(
@@ -120,9 +120,10 @@ pub(crate) mod register {
         help: &str,
         buckets: Vec<f64>,
     ) -> Result<Histogram, MetricsError> {
-        let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
-        r.register(Box::new(metric.clone()))?;
-        Ok(metric)
+        registered(
+            r,
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?,
+        )
     }
 
     pub fn histogram_vec(
@@ -132,9 +133,10 @@ pub(crate) mod register {
         buckets: Vec<f64>,
         labels: &[&str],
     ) -> Result<HistogramVec, MetricsError> {
-        let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?;
-        r.register(Box::new(metric.clone()))?;
-        Ok(metric)
+        registered(
+            r,
+            HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), labels)?,
+        )
     }
 }
 

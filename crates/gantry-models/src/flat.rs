@@ -46,20 +46,11 @@ impl FlatParams {
         self.flat.numel()
     }
 
-    /// Concatenates per-parameter gradients (in `tensors` order) into one flat tensor.
-    /// A parameter that got no gradient contributes zeros.
-    pub fn flatten_grads(&self, grads: &[Tensor]) -> Tensor {
-        Tensor::cat(&self.grad_pieces(grads), 0).to_kind(Kind::Float)
-    }
-
-    /// [`Self::flatten_grads`] into `out` (`numel()` elements of the parameters' kind),
-    /// without allocating.
+    /// Concatenates per-parameter gradients (in `tensors` order) into `out` (`numel()`
+    /// elements of the parameters' kind), without allocating. A parameter that got no
+    /// gradient contributes zeros.
     pub fn flatten_grads_into(&self, grads: &[Tensor], out: &Tensor) {
-        let _ = Tensor::cat_out(out, &self.grad_pieces(grads), 0);
-    }
-
-    fn grad_pieces(&self, grads: &[Tensor]) -> Vec<Tensor> {
-        grads
+        let pieces: Vec<Tensor> = grads
             .iter()
             .zip(&self.tensors)
             .map(|(g, p)| {
@@ -69,7 +60,8 @@ impl FlatParams {
                     p.zeros_like().reshape([-1])
                 }
             })
-            .collect()
+            .collect();
+        let _ = Tensor::cat_out(out, &pieces, 0);
     }
 
     /// (name, shape, kind) of every parameter, to check that ranks built the same network.

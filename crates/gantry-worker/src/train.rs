@@ -99,8 +99,8 @@ pub struct Trainer {
     grid_shape: [usize; 3],
     device: Device,
     threads: usize,
-    /// Average D's gradient on a helper thread while G's backward pass runs (see
-    /// [`Trainer::step_with`]).
+    /// In `simultaneous`, average D's gradient on a helper thread while G's backward pass
+    /// runs (see [`Trainer::step_with`]); other schedules ignore it.
     overlap_allreduce: bool,
     started: Instant,
     /// Steps completed so far.
@@ -175,7 +175,7 @@ impl Trainer {
             grid_shape: [c, h, w],
             device,
             threads,
-            overlap_allreduce: overlap_pays(settings, threads, workers_on_host),
+            overlap_allreduce: overlap_pays(threads, workers_on_host),
             started,
             step: 0,
             pixels: Vec::new(),
@@ -266,8 +266,7 @@ impl Trainer {
     /// Forces D's gradient averaging to overlap G's backward pass (in `simultaneous`) or
     /// not, whatever the core count suggests (tests; experiments on other machines).
     pub fn set_overlap_allreduce(&mut self, overlap: bool) {
-        self.overlap_allreduce =
-            overlap && self.settings.train.schedule == gantry_config::Schedule::Simultaneous;
+        self.overlap_allreduce = overlap;
     }
 
     /// Keeps `metrics` up to date from now on.
@@ -715,14 +714,12 @@ fn spans(joint: &Tensor, first: &Tensor, second: &Tensor) -> bool {
 }
 
 /// Whether averaging D's gradient on a helper thread, overlapped with G's backward pass,
-/// pays: only in `simultaneous` (elsewhere the gradient is needed at once), and only with a
-/// core to spare for the helper. On the CPU the ring's copies and sums are work too: with
+/// pays (where the schedule allows it at all): only with a core to spare for the helper. On the CPU the ring's copies and sums are work too: with
 /// every core busy training (2 workers × 1 thread on 2 cores), the helper thread takes its
 /// time from the backward pass, and measured steps got 5–10% slower.
-fn overlap_pays(settings: &Settings, threads: usize, workers_on_host: usize) -> bool {
+fn overlap_pays(threads: usize, workers_on_host: usize) -> bool {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
-    settings.train.schedule == gantry_config::Schedule::Simultaneous
-        && cores >= workers_on_host.max(1) * (threads + 1)
+    cores >= workers_on_host.max(1) * (threads + 1)
 }
 
 /// Trains on one process (world size 1) and writes the run directory.

@@ -19,9 +19,10 @@ build: libtorch
 run: build
 	target/release/coordinator --workers 4 --run-dir $(RUN_DIR)
 
-# The whole test suite.
+# The whole test suite; --no-fail-fast so that one failing test binary does not hide the
+# results of the ones after it.
 test: libtorch
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 # Side-by-side benchmarks against PyTorch (bench/run.sh; not part of the tests).
 bench: libtorch

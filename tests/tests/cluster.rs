@@ -187,7 +187,11 @@ impl Cluster {
                 command.env_remove(key);
             }
         }
+        // Every HTTP endpoint on a free loopback port, never a default one that another
+        // process on the machine may hold (the caller's `env` can still name one).
         command
+            .env("GANTRY__METRICS__ADDR", "127.0.0.1:0")
+            .env("GANTRY__METRICS__WORKER_ADDR", "127.0.0.1:0")
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(fs::File::create(&stdout).expect("stdout file"))

@@ -139,7 +139,9 @@ fn cpu_overlay_trains_to_completion_as_local_processes() {
 
     let temp = tempfile::tempdir().expect("temp dir");
     let root = temp.path();
-    let (grpc_port, metrics_port) = (free_port(), free_port());
+    // The workers must be told the coordinator's gRPC port (the Service's DNS name resolves to
+    // it), so that one is chosen up front; every other port is left to the kernel.
+    let grpc_port = free_port();
     // The volumes: the RWX PVC and the emptyDirs become directories of the temp dir.
     let toml = config["data"]["gantry.toml"]
         .as_str()
@@ -153,7 +155,7 @@ fn cpu_overlay_trains_to_completion_as_local_processes() {
             root.join("cache").to_str().expect("utf-8"),
         )
         .replace("\"0.0.0.0:7070\"", &format!("\"127.0.0.1:{grpc_port}\""))
-        .replace("\"0.0.0.0:9090\"", &format!("\"127.0.0.1:{metrics_port}\""))
+        .replace("\"0.0.0.0:9090\"", "\"127.0.0.1:0\"")
         .replace("\"0.0.0.0:9091\"", "\"127.0.0.1:0\"");
     let config_path = root.join("gantry.toml");
     std::fs::write(&config_path, &toml).expect("write gantry.toml");
@@ -188,7 +190,7 @@ fn cpu_overlay_trains_to_completion_as_local_processes() {
         let mut env = resolver.env(worker_container);
         env.extend(sizing.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         // Each pod has its own network namespace; here they share one.
-        env.insert("GANTRY__CLUSTER__RING_PORT".into(), free_port().to_string());
+        env.insert("GANTRY__CLUSTER__RING_PORT".into(), "0".into());
         env.insert("GANTRY__METRICS__WORKER_ADDR".into(), "127.0.0.1:0".into());
         env.insert("JOB_COMPLETION_INDEX".into(), index.to_string());
         let log = root.join(format!("worker-{index}.log"));

@@ -119,6 +119,8 @@ fn mutual_tls_admits_only_workers_with_the_jobs_certificates() {
     let common_args = |cmd: &mut Command| {
         cmd.env("GANTRY__CLUSTER__TOKEN", "tls-test-token")
             .env("GANTRY__CLUSTER__RING_PORT", "0")
+            .env("GANTRY__METRICS__ADDR", "127.0.0.1:0")
+            .env("GANTRY__METRICS__WORKER_ADDR", "127.0.0.1:0")
             .args([
                 "--set",
                 "train.steps=6",

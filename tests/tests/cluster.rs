@@ -391,7 +391,7 @@ impl Cluster {
         );
         let ips = s["images_per_second"].as_f64().unwrap_or(0.0);
         assert!(ips.is_finite() && ips > 0.0, "{}", diag());
-        for key in ["d_loss", "g_loss", "d_x", "d_g_z"] {
+        for key in ["d_loss", "g_loss", "d_real", "d_fake"] {
             assert!(
                 s["final"][key].as_f64().is_some_and(f64::is_finite),
                 "final.{key}: {}",
@@ -560,6 +560,62 @@ fn local_groups_of_two_and_four_complete_with_identical_parameters() {
         // No worker outlives its coordinator.
         let pgid = c.procs[coord].pid();
         assert_eq!(group_members(pgid), Vec::new(), "leftover workers");
+    }
+}
+
+#[test]
+fn vae_and_autoregressive_families_train_on_a_local_group_of_two() {
+    let families: [(&str, &[&str], &[&str]); 2] = [
+        ("vae", &[], &["kl", "neg_elbo", "reconstruction"]),
+        (
+            "autoregressive",
+            &[
+                "--set",
+                "autoregressive.channels=8",
+                "--set",
+                "autoregressive.residual_blocks=1",
+            ],
+            &["bits_per_dim", "nll"],
+        ),
+    ];
+    for (family, extra, statistics) in families {
+        let steps = 20;
+        let mut c = Cluster::new();
+        let family_set = format!("model.family={family}");
+        let mut args = vec!["--workers", "2", "--set", &family_set];
+        args.extend(extra);
+        let coord = c.coordinator("coordinator", steps, &args, &[]);
+        c.assert_exit(coord, 0, JOB);
+        let s = c.summary();
+        let diag = || format!("{family}: summary {s:#}\n{}", c.diag());
+        assert_eq!(s["family"].as_str(), Some(family), "{}", diag());
+        assert_eq!(s["world_size"].as_u64(), Some(2), "{}", diag());
+        assert_eq!(s["steps"].as_u64(), Some(steps), "{}", diag());
+        let finals: Vec<&str> = s["final"]
+            .as_object()
+            .map(|o| o.keys().map(String::as_str).collect())
+            .unwrap_or_default();
+        assert_eq!(finals, statistics, "{}", diag());
+        for key in ["heldout_neg_elbo_nats", "heldout_nll_nats", "bits_per_dim"] {
+            let value = s["quality"][key].as_f64().unwrap_or(f64::NAN);
+            assert!(
+                value.is_finite() && value > 0.0,
+                "quality.{key}: {}",
+                diag()
+            );
+        }
+        // Every logged row names the family's statistics.
+        let rows = fs::read_to_string(c.run_dir.join("metrics.jsonl")).unwrap();
+        for line in rows.lines() {
+            let row: Value = serde_json::from_str(line).unwrap();
+            for name in statistics {
+                assert!(row[name].as_f64().is_some_and(f64::is_finite), "{line}");
+            }
+        }
+        assert_eq!(metrics_steps(&c.run_dir).last(), Some(&steps));
+        assert_final_checkpoint(&c, steps);
+        let sample = c.run_dir.join(format!("samples/step-{steps:08}.png"));
+        assert!(sample.is_file(), "{} missing\n{}", sample.display(), diag());
     }
 }
 

@@ -7,6 +7,9 @@ use config::{Config, Environment, File, FileFormat, Value, ValueKind};
 
 use crate::{ConfigError, Settings};
 
+/// `train.batch_size` of a VAE run that does not set one.
+pub const VAE_BATCH_SIZE: usize = 128;
+
 /// Values that override every file and environment layer: the CLI's flags first, then each
 /// `--set section.key=value` in the order given.
 #[derive(Debug, Clone, Default)]
@@ -81,48 +84,64 @@ pub fn load(
     overrides: &Overrides,
 ) -> Result<Settings, ConfigError> {
     let layering = |e: config::ConfigError| ConfigError::Layering(e.to_string());
-    let defaults = Config::try_from(&Settings::default()).map_err(layering)?;
-    let mut builder = Config::builder().add_source(defaults);
-
-    if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        // Parse with toml first: its errors carry line and column, the config crate's do not.
-        toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        builder = builder.add_source(File::from_str(&text, FileFormat::Toml));
-    }
-
+    let text = match file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            // Parse with toml first: its errors carry line and column, the config crate's do not.
+            toml::from_str::<toml::Table>(&text).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                message: e.to_string(),
+            })?;
+            Some(text)
+        }
+        None => None,
+    };
     let env: HashMap<String, String> = env
         .into_iter()
         .filter(|(key, _)| key.starts_with("GANTRY__"))
         .collect();
-    builder = builder.add_source(
-        Environment::with_prefix("GANTRY")
-            .prefix_separator("__")
-            .separator("__")
-            .try_parsing(true)
-            .list_separator(",")
-            .with_list_parse_key("train.betas")
-            .with_list_parse_key("data.mirror")
-            .source(Some(env)),
-    );
-
-    for (key, value) in &overrides.entries {
-        builder = builder
-            .set_override(key.as_str(), to_config_value(value))
-            .map_err(layering)?;
-    }
-
-    let settings: Settings = builder
-        .build()
-        .map_err(layering)?
+    // The user's layers, on top of `base`.
+    let layered = |base: Option<Config>| -> Result<Config, ConfigError> {
+        let mut builder = Config::builder();
+        if let Some(base) = base {
+            builder = builder.add_source(base);
+        }
+        if let Some(text) = &text {
+            builder = builder.add_source(File::from_str(text, FileFormat::Toml));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix("GANTRY")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("train.betas")
+                .with_list_parse_key("vae.betas")
+                .with_list_parse_key("autoregressive.betas")
+                .with_list_parse_key("data.mirror")
+                .source(Some(env.clone())),
+        );
+        for (key, value) in &overrides.entries {
+            builder = builder
+                .set_override(key.as_str(), to_config_value(value))
+                .map_err(layering)?;
+        }
+        builder.build().map_err(layering)
+    };
+    let defaults = Config::try_from(&Settings::default()).map_err(layering)?;
+    let mut settings: Settings = layered(Some(defaults))?
         .try_deserialize()
         .map_err(layering)?;
+    // A family's own default batch where the user named none (the VAE's literature trains
+    // with 128): `train.batch_size`'s default is the GAN's.
+    if settings.model.family == crate::Family::Vae
+        && layered(None)?.get_int("train.batch_size").is_err()
+    {
+        settings.train.batch_size = VAE_BATCH_SIZE;
+    }
     settings.validate()?;
     Ok(settings)
 }

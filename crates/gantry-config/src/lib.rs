@@ -18,7 +18,7 @@ mod layers;
 
 pub use cli::ConfigArgs;
 
-pub use layers::{Overrides, load};
+pub use layers::{Overrides, VAE_BATCH_SIZE, load};
 
 /// Everything that can go wrong while assembling or checking a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +50,10 @@ pub struct Settings {
     pub cluster: Cluster,
     pub metrics: Metrics,
     pub eval: Eval,
+    /// The variational autoencoder's keys (`model.family = "vae"` only).
+    pub vae: VaeSettings,
+    /// The autoregressive model's keys (`model.family = "autoregressive"` only).
+    pub autoregressive: AutoregressiveSettings,
 }
 
 /// Quality evaluation (FID / Inception Score against an MNIST classifier).
@@ -60,6 +64,8 @@ pub struct Eval {
     pub samples: usize,
     /// Also evaluate every this many steps (0 = only at the end).
     pub every: u64,
+    /// Importance samples per held-out image for a VAE's likelihood bound (IWAE).
+    pub importance_samples: usize,
 }
 
 impl Default for Eval {
@@ -67,6 +73,58 @@ impl Default for Eval {
         Self {
             samples: 1000,
             every: 0,
+            importance_samples: 100,
+        }
+    }
+}
+
+/// A variational autoencoder: an encoder to a Gaussian latent, a Bernoulli decoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VaeSettings {
+    /// `mlp` (784→hidden→μ, log σ²) or `conv` (strided convolutions sized like the DCGAN).
+    pub kind: VaeKind,
+    pub latent_dim: usize,
+    /// Width of the MLP's hidden layer.
+    pub hidden: usize,
+    pub lr: f64,
+    pub betas: [f64; 2],
+}
+
+impl Default for VaeSettings {
+    fn default() -> Self {
+        Self {
+            kind: VaeKind::Mlp,
+            latent_dim: 20,
+            hidden: 400,
+            lr: 1e-3,
+            betas: [0.9, 0.999],
+        }
+    }
+}
+
+/// A PixelCNN over pixels in raster order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AutoregressiveSettings {
+    /// Feature maps of every masked layer.
+    pub channels: usize,
+    /// Residual blocks of masked 3×3 type-B convolutions after the 7×7 type-A one.
+    pub residual_blocks: usize,
+    /// `bernoulli` (dynamically binarised pixels) or `softmax` (256-way, 8-bit intensities).
+    pub output: PixelOutput,
+    pub lr: f64,
+    pub betas: [f64; 2],
+}
+
+impl Default for AutoregressiveSettings {
+    fn default() -> Self {
+        Self {
+            channels: 32,
+            residual_blocks: 5,
+            output: PixelOutput::Bernoulli,
+            lr: 1e-3,
+            betas: [0.9, 0.999],
         }
     }
 }
@@ -136,6 +194,10 @@ impl Default for Train {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Model {
+    /// Which generative model is trained: `gan`, `vae` or `autoregressive`. `model.kind`,
+    /// `model.latent_dim`, `model.batch_norm` and the GAN's `train.*` keys are the GAN's;
+    /// the other families have sections of their own (`[vae]`, `[autoregressive]`).
+    pub family: Family,
     pub kind: ModelKind,
     pub latent_dim: usize,
     pub batch_norm: bool,
@@ -144,6 +206,7 @@ pub struct Model {
 impl Default for Model {
     fn default() -> Self {
         Self {
+            family: Family::Gan,
             kind: ModelKind::Mlp,
             latent_dim: 100,
             batch_norm: true,
@@ -399,8 +462,20 @@ string_enum!(
     Precision { Fp32 = "fp32", Bf16 = "bf16" }
 );
 string_enum!(
-    /// The network family.
+    /// The GAN's networks.
     ModelKind { Mlp = "mlp", Dcgan = "dcgan" }
+);
+string_enum!(
+    /// The generative model family a run trains.
+    Family { Gan = "gan", Vae = "vae", Autoregressive = "autoregressive" }
+);
+string_enum!(
+    /// The VAE's encoder and decoder.
+    VaeKind { Mlp = "mlp", Conv = "conv" }
+);
+string_enum!(
+    /// The autoregressive model's per-pixel distribution.
+    PixelOutput { Bernoulli = "bernoulli", Softmax = "softmax" }
 );
 string_enum!(
     /// Which device a worker trains on.
@@ -553,6 +628,7 @@ impl Settings {
         if self.model.latent_dim == 0 {
             return invalid("model.latent_dim", "must be at least 1");
         }
+        self.validate_family()?;
         if self.checkpoint.keep < 2 {
             return invalid(
                 "checkpoint.keep",
@@ -602,6 +678,100 @@ impl Settings {
         }
         if self.run.dir.as_os_str().is_empty() {
             return invalid("run.dir", "must not be empty");
+        }
+        Ok(())
+    }
+
+    /// Keys of one family set while another is trained are errors naming the key: the run
+    /// would silently ignore them. "Set" means changed from its default, so a complete
+    /// `config.toml` (which lists every key) reads back for any family.
+    fn validate_family(&self) -> Result<(), ConfigError> {
+        let family = self.model.family;
+        let defaults = Settings::default();
+        let gan_keys: [(&'static str, bool); 11] = [
+            ("model.kind", self.model.kind != defaults.model.kind),
+            (
+                "model.latent_dim",
+                self.model.latent_dim != defaults.model.latent_dim,
+            ),
+            (
+                "model.batch_norm",
+                self.model.batch_norm != defaults.model.batch_norm,
+            ),
+            ("train.lr_g", self.train.lr_g != defaults.train.lr_g),
+            ("train.lr_d", self.train.lr_d != defaults.train.lr_d),
+            ("train.betas", self.train.betas != defaults.train.betas),
+            ("train.loss", self.train.loss != defaults.train.loss),
+            (
+                "train.schedule",
+                self.train.schedule != defaults.train.schedule,
+            ),
+            (
+                "train.gp_weight",
+                self.train.gp_weight != defaults.train.gp_weight,
+            ),
+            (
+                "train.n_critic",
+                self.train.n_critic != defaults.train.n_critic,
+            ),
+            (
+                "train.ema_decay",
+                self.train.ema_decay != defaults.train.ema_decay,
+            ),
+        ];
+        let sections: [(Family, &'static str, bool); 2] = [
+            (Family::Vae, "vae", self.vae != defaults.vae),
+            (
+                Family::Autoregressive,
+                "autoregressive",
+                self.autoregressive != defaults.autoregressive,
+            ),
+        ];
+        let misplaced = |key: &'static str, owner: Family| ConfigError::Invalid {
+            key,
+            message: format!(
+                "applies to model.family = \"{owner}\" only, and this run trains \"{family}\""
+            ),
+        };
+        if family != Family::Gan
+            && let Some((key, _)) = gan_keys.iter().find(|(_, set)| *set)
+        {
+            return Err(misplaced(key, Family::Gan));
+        }
+        for (owner, section, set) in sections {
+            if set && owner != family {
+                return Err(misplaced(section, owner));
+            }
+        }
+        let invalid = |key, message: String| Err(ConfigError::Invalid { key, message });
+        let v = &self.vae;
+        if v.latent_dim == 0 {
+            return invalid("vae.latent_dim", "must be at least 1".into());
+        }
+        if v.hidden == 0 {
+            return invalid("vae.hidden", "must be at least 1".into());
+        }
+        let a = &self.autoregressive;
+        if a.channels < 2 {
+            return invalid("autoregressive.channels", "must be at least 2".into());
+        }
+        for (key, lr) in [("vae.lr", v.lr), ("autoregressive.lr", a.lr)] {
+            if !(lr.is_finite() && lr > 0.0) {
+                return invalid(key, format!("must be a positive number, got {lr}"));
+            }
+        }
+        for (key, betas) in [("vae.betas", v.betas), ("autoregressive.betas", a.betas)] {
+            if betas.iter().any(|b| !(0.0..1.0).contains(b)) {
+                return invalid(key, format!("each beta must be in [0, 1), got {betas:?}"));
+            }
+        }
+        if family != Family::Gan && self.train.precision != Precision::Fp32 {
+            return invalid(
+                "train.precision",
+                format!(
+                    "bf16 is implemented for the GAN only; model.family = \"{family}\" trains in fp32"
+                ),
+            );
         }
         Ok(())
     }

@@ -245,3 +245,59 @@ fn engine_keys_are_validated_by_name() {
         (10.0, 1, 0.999)
     );
 }
+
+#[test]
+fn the_gan_is_the_default_family_and_its_keys_are_its_own() {
+    let s = load(None, std::iter::empty(), &Overrides::new()).unwrap();
+    assert_eq!(s.model.family, Family::Gan);
+    assert_eq!(s.train.batch_size, 64);
+
+    let mut o = Overrides::new();
+    o.push_assignment("model.family=vae").unwrap();
+    let vae = load(None, std::iter::empty(), &o).unwrap();
+    assert_eq!(
+        vae.train.batch_size, VAE_BATCH_SIZE,
+        "the VAE's own default batch"
+    );
+    o.push_assignment("train.batch_size=32").unwrap();
+    assert_eq!(
+        load(None, std::iter::empty(), &o).unwrap().train.batch_size,
+        32
+    );
+
+    // A GAN key while training a VAE, a VAE key while training a GAN: each named.
+    for (family, key, value, named) in [
+        ("vae", "train.lr_g", "1e-4", "train.lr_g"),
+        ("vae", "train.loss", "hinge", "train.loss"),
+        ("autoregressive", "model.kind", "dcgan", "model.kind"),
+        ("gan", "vae.latent_dim", "8", "vae"),
+        ("vae", "autoregressive.channels", "8", "autoregressive"),
+    ] {
+        let mut o = Overrides::new();
+        o.push_assignment(&format!("model.family={family}"))
+            .unwrap();
+        o.push_assignment(&format!("{key}={value}")).unwrap();
+        let err = load(None, std::iter::empty(), &o).unwrap_err().to_string();
+        assert!(
+            err.contains(named) && err.contains("applies to"),
+            "{key}: {err}"
+        );
+    }
+    let mut o = Overrides::new();
+    o.push_assignment("model.family=diffusion").unwrap();
+    let err = load(None, std::iter::empty(), &o).unwrap_err().to_string();
+    assert!(
+        err.contains("diffusion") && err.contains("model.family"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_complete_config_of_another_family_reads_back() {
+    let mut o = Overrides::new();
+    o.push_assignment("model.family=autoregressive").unwrap();
+    o.push_assignment("autoregressive.channels=16").unwrap();
+    let s = load(None, std::iter::empty(), &o).unwrap();
+    let back = Settings::from_toml(&s.to_toml().unwrap()).unwrap();
+    assert_eq!(back, s);
+}

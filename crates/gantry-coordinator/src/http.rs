@@ -104,10 +104,13 @@ impl CoordinatorRoutes {
             "world_size": status.world_size,
             "workers_alive": status.workers_alive,
             "restarts": status.restarts,
-            "d_loss": finite(lead.d_loss),
-            "g_loss": finite(lead.g_loss),
-            "d_real": finite(lead.d_real),
-            "d_fake": finite(lead.d_fake),
+            // The family's named statistics, in its own order (e.g. d_loss, g_loss, d_real,
+            // d_fake; neg_elbo, reconstruction, kl; nll, bits_per_dim).
+            "statistics": lead
+                .statistics
+                .iter()
+                .map(|(name, value)| json!({ "name": name, "value": finite(*value) }))
+                .collect::<Vec<_>>(),
             "images_per_second": view.ranks.iter().map(|r| r.images_per_second).sum::<f64>(),
             "quality": lead.quality.map(|q| json!({
                 "step": q.step,

@@ -65,12 +65,10 @@ pub struct Member {
     pub state: WorkerState,
     pub step: u64,
     pub collective_seq: u64,
-    pub d_loss: f64,
-    pub g_loss: f64,
+    /// The family's named statistics of the newest logged step (group averages).
+    pub statistics: std::collections::BTreeMap<String, f64>,
     pub images_per_second: f64,
     pub step_seconds: f64,
-    pub d_real: f64,
-    pub d_fake: f64,
     /// host:port of the worker's /metrics (empty if it has none).
     pub metrics_addr: String,
     /// The newest figures from its heartbeats.
@@ -280,12 +278,9 @@ impl Job {
                 state: WorkerState::Starting,
                 step: 0,
                 collective_seq: 0,
-                d_loss: f64::NAN,
-                g_loss: f64::NAN,
+                statistics: Default::default(),
                 images_per_second: 0.0,
                 step_seconds: 0.0,
-                d_real: f64::NAN,
-                d_fake: f64::NAN,
                 metrics_addr: r.metrics_addr.clone(),
                 figures: None,
                 finished: None,
@@ -337,11 +332,12 @@ impl Job {
         member.step = hb.step;
         member.collective_seq = hb.collective_seq;
         member.step_seconds = hb.step_seconds;
-        if hb.d_loss.is_finite() || hb.g_loss.is_finite() {
-            member.d_loss = hb.d_loss;
-            member.g_loss = hb.g_loss;
-            member.d_real = hb.d_x;
-            member.d_fake = hb.d_g_z;
+        if !hb.statistics.is_empty() {
+            member.statistics = hb
+                .statistics
+                .iter()
+                .map(|(name, value)| (name.clone(), *value))
+                .collect();
         }
         member.images_per_second = hb.images_per_second;
         if let Some(figures) = &hb.figures {
@@ -580,10 +576,11 @@ impl Job {
         let lead = state.members.iter().find(|m| m.rank == 0).map(|m| {
             let f = m.figures.clone().unwrap_or_default();
             LeadView {
-                d_loss: m.d_loss,
-                g_loss: m.g_loss,
-                d_real: m.d_real,
-                d_fake: m.d_fake,
+                statistics: m
+                    .statistics
+                    .iter()
+                    .map(|(name, value)| (name.clone(), *value))
+                    .collect(),
                 generator_grad_norm: f.generator_grad_norm,
                 discriminator_grad_norm: f.discriminator_grad_norm,
                 last_checkpoint_seconds: f.last_checkpoint_seconds,
@@ -669,8 +666,14 @@ impl Job {
             world_size: self.spec.world_size,
             workers_alive: alive as u32,
             restarts: state.restarts,
-            d_loss: lead.map_or(f64::NAN, |m| m.d_loss),
-            g_loss: lead.map_or(f64::NAN, |m| m.g_loss),
+            statistics: lead
+                .map(|m| {
+                    m.statistics
+                        .iter()
+                        .map(|(name, value)| (name.clone(), *value))
+                        .collect()
+                })
+                .unwrap_or_default(),
             images_per_second: lead.map_or(0.0, |m| m.images_per_second),
             workers: state
                 .members

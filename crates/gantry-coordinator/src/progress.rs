@@ -34,12 +34,15 @@ impl Reporter {
     }
 
     pub fn show(&mut self, status: &StatusResponse) {
+        let sorted: std::collections::BTreeMap<_, _> = status.statistics.iter().collect();
+        let statistics: String = sorted
+            .iter()
+            .map(|(name, value)| format!(" {name} {value:.3}"))
+            .collect();
         let line = format!(
-            "{} gen {} d_loss {:.3} g_loss {:.3} {:.0} img/s workers {}/{}",
+            "{} gen {}{statistics} {:.0} img/s workers {}/{}",
             status.phase,
             status.generation,
-            status.d_loss,
-            status.g_loss,
             status.images_per_second,
             status.workers_alive,
             status.world_size

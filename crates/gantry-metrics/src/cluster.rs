@@ -44,10 +44,8 @@ pub struct RankView {
 /// What rank 0 reports about the group as a whole (its figures are group averages).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LeadView {
-    pub d_loss: f64,
-    pub g_loss: f64,
-    pub d_real: f64,
-    pub d_fake: f64,
+    /// The family's named statistics (e.g. the GAN's `d_loss`, `g_loss`, `d_real`, `d_fake`).
+    pub statistics: Vec<(String, f64)>,
     pub generator_grad_norm: f64,
     pub discriminator_grad_norm: f64,
     pub last_checkpoint_seconds: f64,
@@ -127,6 +125,7 @@ struct Series {
     discriminator_loss: Gauge,
     d_real: Gauge,
     d_fake: Gauge,
+    statistic: GaugeVec,
     grad_norm: GaugeVec,
     checkpoint_seconds: Gauge,
     checkpoint_bytes: IntGauge,
@@ -231,6 +230,13 @@ impl ClusterMetrics {
                 r,
                 "cluster_discriminator_fake_mean",
                 "Mean D(G(z)) on generated images at the newest logged step (group average).",
+            )?,
+            statistic: gauge_vec(
+                r,
+                "cluster_statistic",
+                "A named statistic of the newest logged step (group average), e.g. d_loss, \
+                 neg_elbo or nll.",
+                &["name"],
             )?,
             grad_norm: gauge_vec(
                 r,
@@ -358,10 +364,17 @@ impl ClusterMetrics {
         }
 
         if let Some(lead) = &view.lead {
-            s.generator_loss.set(lead.g_loss);
-            s.discriminator_loss.set(lead.d_loss);
-            s.d_real.set(lead.d_real);
-            s.d_fake.set(lead.d_fake);
+            for (name, value) in &lead.statistics {
+                s.statistic.with_label_values(&[name.as_str()]).set(*value);
+                // The GAN's statistics also feed the series its dashboards and alerts use.
+                match name.as_str() {
+                    "d_loss" => s.discriminator_loss.set(*value),
+                    "g_loss" => s.generator_loss.set(*value),
+                    "d_real" => s.d_real.set(*value),
+                    "d_fake" => s.d_fake.set(*value),
+                    _ => {}
+                }
+            }
             s.grad_norm
                 .with_label_values(&["generator"])
                 .set(lead.generator_grad_norm);

@@ -71,6 +71,8 @@ pub struct WorkerMetrics {
     discriminator_loss: Gauge,
     d_real: Gauge,
     d_fake: Gauge,
+    /// Every named statistic of the family (`name` label).
+    statistic: GaugeVec,
     grad_norm: GaugeVec,
     step_seconds: Histogram,
     phase_seconds: HistogramVec,
@@ -144,6 +146,14 @@ impl WorkerMetrics {
             "train_discriminator_fake_mean",
             "Mean D(G(z)) on generated images at the newest logged step.",
         )?;
+        let statistic = gauge_vec(
+            r,
+            "train_statistic",
+            "A named statistic of the newest logged step, averaged over the group (the GAN's \
+             d_loss, g_loss, d_real, d_fake; the VAE's neg_elbo, reconstruction, kl; the \
+             autoregressive model's nll, bits_per_dim).",
+            &["name"],
+        )?;
         let grad_norm = gauge_vec(
             r,
             "train_gradient_norm",
@@ -212,6 +222,7 @@ impl WorkerMetrics {
             discriminator_loss,
             d_real,
             d_fake,
+            statistic,
             grad_norm,
             step_seconds,
             phase_seconds,
@@ -267,12 +278,19 @@ impl WorkerMetrics {
         }
     }
 
-    /// The figures of a logged step (group averages).
-    pub fn losses(&self, d_loss: f64, g_loss: f64, d_real: f64, d_fake: f64) {
-        self.discriminator_loss.set(d_loss);
-        self.generator_loss.set(g_loss);
-        self.d_real.set(d_real);
-        self.d_fake.set(d_fake);
+    /// The named statistics of a logged step (group averages). The GAN's also feed the
+    /// dedicated series its dashboards and alerts use.
+    pub fn statistics(&self, statistics: &[(&str, f64)]) {
+        for (name, value) in statistics {
+            self.statistic.with_label_values(&[name]).set(*value);
+            match *name {
+                "d_loss" => self.discriminator_loss.set(*value),
+                "g_loss" => self.generator_loss.set(*value),
+                "d_real" => self.d_real.set(*value),
+                "d_fake" => self.d_fake.set(*value),
+                _ => {}
+            }
+        }
     }
 
     pub fn gradient_norm(&self, network: &str, norm: f64) {
@@ -408,7 +426,13 @@ mod tests {
         m.start(0, 100);
         m.step_done(1, 0.01, 64, true);
         m.step_done(2, 0.02, 64, false);
-        m.losses(1.2, 0.8, 0.6, 0.3);
+        m.statistics(&[
+            ("d_loss", 1.2),
+            ("g_loss", 0.8),
+            ("d_real", 0.6),
+            ("d_fake", 0.3),
+        ]);
+        m.statistics(&[("neg_elbo", 104.5)]);
         m.phases(&[("data", 0.001), ("allreduce", 0.004)]);
         let text = m.render();
         let ours = [("run_id", "run-1"), ("rank", "1"), ("generation", "2")];
@@ -417,6 +441,13 @@ mod tests {
         assert_eq!(value("gantry_train_images_total"), Some(128.0));
         assert_eq!(value("gantry_train_nonfinite_steps_total"), Some(1.0));
         assert_eq!(value("gantry_train_discriminator_fake_mean"), Some(0.3));
+        let named = |name: &str| {
+            let mut labels = ours.to_vec();
+            labels.push(("name", name));
+            crate::testing::sample(&text, "gantry_train_statistic", &labels)
+        };
+        assert_eq!(named("d_fake"), Some(0.3));
+        assert_eq!(named("neg_elbo"), Some(104.5));
         assert_eq!(value("gantry_train_step_duration_seconds_count"), Some(2.0));
         assert_eq!(
             crate::testing::sample(

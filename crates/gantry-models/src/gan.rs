@@ -4,14 +4,15 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use gantry_config::{Loss, ModelKind, Optimizer, Schedule, Settings};
+use gantry_config::{Family, Loss, ModelKind, Optimizer, Schedule, Settings};
 use tch::nn::{ModuleT, VarStore};
 use tch::{Device, Kind, Tensor};
 
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
 use crate::precision::Autocast;
-use crate::{FlatParams, ModelError, dcgan, loss, mlp};
+use crate::task::{Batch, BatchSource, ExternalError, GradReduce, Part, StepOutcome, TrainTask};
+use crate::{FlatParams, ModelError, dcgan, latent, loss, mlp};
 
 /// File names of a saved [`Gan`] (see [`Gan::save`]).
 pub const GENERATOR_FILE: &str = "generator.safetensors";
@@ -133,6 +134,13 @@ pub struct Gan {
     gradients: Tensor,
     /// Times the phases of a step; the caller starts it and takes the result.
     pub clock: PhaseClock,
+    kind: ModelKind,
+    /// Keys the latent and interpolation streams.
+    seed: u64,
+    n_critic: u32,
+    /// Host staging of a batch's latents and interpolation coefficients.
+    host_latents: Vec<f32>,
+    host_alphas: Vec<f32>,
 }
 
 fn build_generator(
@@ -161,7 +169,7 @@ pub fn buffers(vs: &VarStore) -> Vec<Tensor> {
     named.into_iter().map(|(_, t)| t).collect()
 }
 
-fn all_finite(t: &Tensor) -> bool {
+pub(crate) fn all_finite(t: &Tensor) -> bool {
     if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
         // libtorch's isfinite().all() materialises a bool tensor and costs ~5 ns an element
         // on one core; a scan of the host memory costs a tenth of that.
@@ -177,7 +185,12 @@ fn all_finite(t: &Tensor) -> bool {
 /// The flat gradient of `loss` with respect to `params`, written into `out` (a view of
 /// [`Gan::gradients`]), with a non-finite loss folded in (see [`poison_with`]). `keep_graph`
 /// keeps the graph for a second backward pass.
-fn flat_gradient(loss: &Tensor, params: &FlatParams, keep_graph: bool, out: Tensor) -> Tensor {
+pub(crate) fn flat_gradient(
+    loss: &Tensor,
+    params: &FlatParams,
+    keep_graph: bool,
+    out: Tensor,
+) -> Tensor {
     let grads = Tensor::run_backward(&[loss], &params.tensors, keep_graph, false);
     let mut grad = out;
     tch::no_grad(|| params.flatten_grads_into(&grads, &grad));
@@ -218,8 +231,7 @@ impl Gan {
         // Initial weights come from libtorch's global generator: hold it for the whole
         // initialisation, so trainers built concurrently in one process (tests, several
         // ranks as threads) each get exactly the seed's weights.
-        static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
-        let _init = INIT.lock().unwrap_or_else(|e| e.into_inner());
+        let _init = crate::INIT.lock().unwrap_or_else(|e| e.into_inner());
         tch::manual_seed(settings.train.seed as i64);
         let generator_vs = VarStore::new(device);
         let discriminator_vs = VarStore::new(device);
@@ -287,6 +299,11 @@ impl Gan {
             autocast: Autocast::new(t.precision, device),
             gradients,
             clock: PhaseClock::new(device),
+            kind: settings.model.kind,
+            seed: t.seed,
+            n_critic: t.n_critic,
+            host_latents: Vec::new(),
+            host_alphas: Vec::new(),
         })
     }
 
@@ -334,6 +351,35 @@ impl Gan {
     /// Turns host interpolation coefficients into a tensor on the device.
     pub fn coefficients(&self, host: &[f32]) -> Tensor {
         Tensor::from_slice(host).to_device(self.device)
+    }
+
+    /// This rank's step input for `batch`: its images, and the latents (and WGAN-GP
+    /// coefficients) of its rows of the batch's global stream.
+    pub fn step_input(&mut self, batch: Batch) -> StepInput {
+        let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
+        latent::fill(
+            self.seed,
+            batch.stream,
+            self.latent_dim,
+            batch.first_row,
+            rows,
+            &mut self.host_latents,
+        );
+        let alpha = (self.loss == Loss::WganGp).then(|| {
+            latent::interpolation(
+                self.seed,
+                batch.stream,
+                batch.first_row,
+                rows,
+                &mut self.host_alphas,
+            );
+            self.coefficients(&self.host_alphas)
+        });
+        StepInput {
+            real: batch.images,
+            z: self.latents(&self.host_latents),
+            alpha,
+        }
     }
 
     /// Images from the EMA generator (the live one when EMA is off), in inference mode.
@@ -581,15 +627,10 @@ impl Gan {
             Some(ema) => ema.vs.save(dir.join(GENERATOR_EMA_FILE))?,
             None => self.generator_vs.save(dir.join(GENERATOR_EMA_FILE))?,
         }
-        let mut moments: Vec<(String, &Tensor)> = Vec::new();
-        for (net, opt) in [("generator", &self.g_opt), ("discriminator", &self.d_opt)] {
-            if opt.exp_avg.defined() {
-                moments.push((format!("{net}.exp_avg"), &opt.exp_avg));
-                moments.push((format!("{net}.exp_avg_sq"), &opt.exp_avg_sq));
-            }
-        }
-        Tensor::write_safetensors(&moments, dir.join(OPTIMIZER_FILE))?;
-        Ok(())
+        save_moments(
+            &[("generator", &self.g_opt), ("discriminator", &self.d_opt)],
+            &dir.join(OPTIMIZER_FILE),
+        )
     }
 
     /// Loads what [`Gan::save`] wrote, in place (the flat parameter layout is kept), checking
@@ -600,19 +641,241 @@ impl Gan {
         if let Some(ema) = &self.ema {
             load_into(&ema.vs, &dir.join(GENERATOR_EMA_FILE))?;
         }
-        let path = dir.join(OPTIMIZER_FILE);
-        let moments: HashMap<String, Tensor> =
-            Tensor::read_safetensors(&path)?.into_iter().collect();
-        for (net, opt) in [("generator", &self.g_opt), ("discriminator", &self.d_opt)] {
-            if needs_moments(opt) {
-                for (field, dst) in [("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)] {
-                    let name = format!("{net}.{field}");
-                    copy_checked(dst, moments.get(&name), &name, &path)?;
-                }
+        load_moments(
+            &[("generator", &self.g_opt), ("discriminator", &self.d_opt)],
+            &dir.join(OPTIMIZER_FILE),
+        )
+    }
+}
+
+/// How a GAN step hands its gradients to the group. In `simultaneous`, neither gradient is
+/// read before G's sync returns (see [`Gan::train_step`]), so on the last sub-step D's average
+/// may wait: overlapped with G's backward pass in the background where the reducer offers
+/// that, or (by default) joined with G's into one average over [`Gan::gradients`], one
+/// synchronisation of the ranks a step instead of two.
+struct GanSync<'r> {
+    reduce: &'r mut dyn GradReduce,
+    /// [`Gan::gradients`]: D's flat gradient, then G's.
+    joint: Tensor,
+    defer_discriminator: bool,
+    deferred: Option<Tensor>,
+    /// D's average runs in the background.
+    pending: bool,
+}
+
+impl GanSync<'_> {
+    fn sync(&mut self, network: Network, grad: &mut Tensor) -> Result<(), ExternalError> {
+        if self.defer_discriminator && network == Network::Discriminator {
+            if self.reduce.start_average(grad) {
+                self.pending = true;
+            } else {
+                self.deferred = Some(grad.shallow_clone());
+            }
+            return Ok(());
+        }
+        self.finish()?;
+        match self.deferred.take() {
+            Some(d_grad) if spans(&self.joint, &d_grad, grad) => {
+                self.reduce.average(&mut self.joint.shallow_clone())
+            }
+            Some(mut d_grad) => {
+                self.reduce.average(&mut d_grad)?;
+                self.reduce.average(grad)
+            }
+            None => self.reduce.average(grad),
+        }
+    }
+
+    /// Collects a background average (also after an error between the two syncs).
+    fn finish(&mut self) -> Result<(), ExternalError> {
+        if std::mem::take(&mut self.pending) {
+            self.reduce.finish_average()?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether `first` and `second` are, in this order, exactly the two halves of `joint`'s
+/// memory, so averaging `joint` averages both.
+fn spans(joint: &Tensor, first: &Tensor, second: &Tensor) -> bool {
+    let f32_bytes = std::mem::size_of::<f32>();
+    let base = joint.data_ptr() as usize;
+    [joint, first, second]
+        .iter()
+        .all(|t| t.kind() == Kind::Float && t.is_contiguous() && t.device() == joint.device())
+        && first.data_ptr() as usize == base
+        && second.data_ptr() as usize == base + first.numel() * f32_bytes
+        && first.numel() + second.numel() == joint.numel()
+}
+
+impl TrainTask for Gan {
+    fn family(&self) -> Family {
+        Family::Gan
+    }
+
+    fn describe(&self) -> String {
+        format!("{} GAN", self.kind)
+    }
+
+    fn parts(&self) -> Vec<Part<'_>> {
+        vec![
+            Part {
+                name: "generator",
+                params: &self.g_params,
+                vs: &self.generator_vs,
+                optimizer: &self.g_opt,
+            },
+            Part {
+                name: "discriminator",
+                params: &self.d_params,
+                vs: &self.discriminator_vs,
+                optimizer: &self.d_opt,
+            },
+        ]
+    }
+
+    fn phases(&self) -> &'static [Phase] {
+        &[
+            Phase::Data,
+            Phase::DiscriminatorForwardBackward,
+            Phase::GeneratorForwardBackward,
+            Phase::AllReduce,
+            Phase::Optimizer,
+        ]
+    }
+
+    fn batches_per_step(&self) -> u64 {
+        u64::from(self.n_critic)
+    }
+
+    /// `train.n_critic` sub-steps, each on its own batch: the first ones update D only
+    /// ([`Gan::critic_step`]), the last one runs the schedule ([`Gan::train_step`]). A
+    /// skipped (non-finite) sub-step ends the step on every rank alike.
+    fn step(
+        &mut self,
+        data: &mut dyn BatchSource,
+        reduce: &mut dyn GradReduce,
+    ) -> Result<StepOutcome, ModelError> {
+        let n = u64::from(self.n_critic);
+        let simultaneous = self.schedule == Schedule::Simultaneous;
+        let mut latest = None;
+        for i in 0..n {
+            let input = self.step_input(data.batch(i)?);
+            self.clock.lap(Phase::Data);
+            let last = i + 1 == n;
+            let mut sync = GanSync {
+                reduce: &mut *reduce,
+                joint: self.gradients.shallow_clone(),
+                defer_discriminator: simultaneous && last,
+                deferred: None,
+                pending: false,
+            };
+            let result = if last {
+                self.train_step(&input, &mut |network, grad| sync.sync(network, grad))
+            } else {
+                self.critic_step(&input, &mut |network, grad| sync.sync(network, grad))
+            };
+            let finished = sync.finish();
+            let stats = result?;
+            finished?;
+            let applied = stats.applied;
+            latest = Some(stats);
+            if !applied {
+                break;
+            }
+        }
+        let stats = latest.ok_or_else(|| ModelError::Invalid("train.n_critic is 0".into()))?;
+        Ok(StepOutcome {
+            applied: stats.applied,
+            statistics: vec![
+                ("d_loss", stats.d_loss),
+                ("g_loss", stats.g_loss),
+                ("d_real", stats.d_real),
+                ("d_fake", stats.d_fake),
+            ],
+        })
+    }
+
+    fn gradients(&self) -> Vec<(&'static str, Tensor)> {
+        vec![
+            ("generator", self.g_gradient()),
+            ("discriminator", self.d_gradient()),
+        ]
+    }
+
+    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
+        let z = latent::fixed(seed, n, self.latent_dim);
+        z.chunks(500 * self.latent_dim.max(1))
+            .flat_map(|chunk| self.generate_u8(&self.latents(chunk)))
+            .collect()
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        Gan::save(self, dir)
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), ModelError> {
+        Gan::load(self, dir)
+    }
+
+    fn set_optimizer_steps(&mut self, name: &str, steps: u64) -> Result<(), ModelError> {
+        match name {
+            "generator" => self.g_opt.step = steps,
+            "discriminator" => self.d_opt.step = steps,
+            other => {
+                return Err(ModelError::Invalid(format!(
+                    "the GAN has no part `{other}`"
+                )));
             }
         }
         Ok(())
     }
+
+    fn clock(&mut self) -> &mut PhaseClock {
+        &mut self.clock
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn image_shape(&self) -> [i64; 3] {
+        self.image_shape
+    }
+}
+
+/// Writes the optimisers' moment tensors (Adam's; SGD has none) as `<part>.exp_avg` and
+/// `<part>.exp_avg_sq` into one file. Step counts go with the scalar state.
+pub(crate) fn save_moments(
+    optimizers: &[(&str, &FlatOptimizer)],
+    path: &Path,
+) -> Result<(), ModelError> {
+    let mut moments: Vec<(String, &Tensor)> = Vec::new();
+    for (part, opt) in optimizers {
+        if opt.exp_avg.defined() {
+            moments.push((format!("{part}.exp_avg"), &opt.exp_avg));
+            moments.push((format!("{part}.exp_avg_sq"), &opt.exp_avg_sq));
+        }
+    }
+    Tensor::write_safetensors(&moments, path)?;
+    Ok(())
+}
+
+/// Loads what [`save_moments`] wrote, checking every name and shape.
+pub(crate) fn load_moments(
+    optimizers: &[(&str, &FlatOptimizer)],
+    path: &Path,
+) -> Result<(), ModelError> {
+    let moments: HashMap<String, Tensor> = Tensor::read_safetensors(path)?.into_iter().collect();
+    for (part, opt) in optimizers {
+        if needs_moments(opt) {
+            for (field, dst) in [("exp_avg", &opt.exp_avg), ("exp_avg_sq", &opt.exp_avg_sq)] {
+                let name = format!("{part}.{field}");
+                copy_checked(dst, moments.get(&name), &name, path)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn needs_moments(opt: &FlatOptimizer) -> bool {
@@ -643,7 +906,7 @@ fn copy_checked(
 
 /// Copies every variable of `vs` from `path` with `copy_`, so variables that are views into a
 /// flat tensor stay views (tch's `VarStore::load` may re-point them).
-fn load_into(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
+pub(crate) fn load_into(vs: &VarStore, path: &Path) -> Result<(), ModelError> {
     let tensors: HashMap<String, Tensor> = Tensor::read_safetensors(path)?.into_iter().collect();
     for (name, var) in vs.variables() {
         copy_checked(&var, tensors.get(&name), &name, path)?;

@@ -44,6 +44,31 @@ pub fn interpolation(seed: u64, step: u64, first_row: usize, rows: usize, out: &
     }));
 }
 
+/// Separates the autoregressive model's binarisation draws from the other streams.
+const BINARISATION_DOMAIN: u64 = 0x6269_6e61_7269_7365;
+
+/// Fills `out` with rows `[first_row, first_row + rows)` of the `global_rows × per_row`
+/// uniform [0, 1) matrix of `step` (24-bit resolution): the dynamic binarisation of a batch
+/// (pixel = `intensity > u`), or an autoregressive sampler's draws. A pure function of
+/// (seed, step, row), like [`fill`].
+pub fn uniforms(
+    seed: u64,
+    step: u64,
+    per_row: usize,
+    first_row: usize,
+    rows: usize,
+    out: &mut Vec<f32>,
+) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ BINARISATION_DOMAIN);
+    rng.set_stream(step);
+    out.clear();
+    out.reserve(rows * per_row);
+    for row in first_row..first_row + rows {
+        rng.set_word_pos((row as u128) << 20);
+        out.extend((0..per_row).map(|_| (rng.next_u32() >> 8) as f32 / (1u32 << 24) as f32));
+    }
+}
+
 /// A fixed latent batch (the sample grid's), independent of any step.
 pub fn fixed(seed: u64, rows: usize, dim: usize) -> Vec<f32> {
     let mut out = Vec::new();
@@ -54,6 +79,21 @@ pub fn fixed(seed: u64, rows: usize, dim: usize) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uniform_slices_concatenate_and_streams_differ() {
+        let mut whole = Vec::new();
+        uniforms(7, 3, 10, 0, 6, &mut whole);
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        uniforms(7, 3, 10, 0, 4, &mut a);
+        uniforms(7, 3, 10, 4, 2, &mut b);
+        a.extend(b);
+        assert_eq!(a, whole);
+        assert!(whole.iter().all(|u| (0.0..1.0).contains(u)));
+        let mut other = Vec::new();
+        uniforms(7, 4, 10, 0, 6, &mut other);
+        assert_ne!(other, whole);
+    }
 
     #[test]
     fn slices_concatenate_to_the_global_batch() {

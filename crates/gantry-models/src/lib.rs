@@ -21,8 +21,11 @@ pub mod loss;
 pub mod mlp;
 pub mod optim;
 pub mod phases;
+pub mod pixelcnn;
 pub mod precision;
 pub mod runtime;
+pub mod task;
+pub mod vae;
 
 mod flat;
 mod gan;
@@ -33,9 +36,17 @@ pub use gan::{
     OPTIMIZER_FILE, StepInput, StepStats, buffers, ema_decay_at, ema_update,
 };
 
+/// Held while a model draws its initial weights from libtorch's global generator (seeded
+/// with `train.seed` first), so models built concurrently in one process (tests, ranks as
+/// threads) each get exactly their seed's weights, whatever their family.
+pub(crate) static INIT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Errors of the model layer.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
+    /// A failure of what a step calls out to: the collective, the data.
+    #[error(transparent)]
+    External(#[from] task::ExternalError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     #[error("device `cuda` requested, but libtorch sees no CUDA device ({0})")]

@@ -10,7 +10,10 @@ use std::time::Instant;
 
 use tch::Device;
 
-/// The phases of one step.
+/// How many phases there are.
+pub const PHASES: usize = 6;
+
+/// The phases of one step. A family marks the ones it has; the others are charged nothing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
     /// Gathering this rank's real images, latents and coefficients.
@@ -23,15 +26,18 @@ pub enum Phase {
     AllReduce,
     /// Finiteness checks, optimiser updates and the EMA.
     Optimizer,
+    /// A one-network family's forward pass, loss and backward (VAE, autoregressive).
+    ForwardBackward,
 }
 
 impl Phase {
-    pub const ALL: [Phase; 5] = [
+    pub const ALL: [Phase; PHASES] = [
         Phase::Data,
         Phase::DiscriminatorForwardBackward,
         Phase::GeneratorForwardBackward,
         Phase::AllReduce,
         Phase::Optimizer,
+        Phase::ForwardBackward,
     ];
 
     /// The phase's name in metrics (`phase` label).
@@ -42,6 +48,7 @@ impl Phase {
             Phase::GeneratorForwardBackward => "g_forward_backward",
             Phase::AllReduce => "allreduce",
             Phase::Optimizer => "optimizer",
+            Phase::ForwardBackward => "forward_backward",
         }
     }
 
@@ -57,7 +64,7 @@ pub struct PhaseClock {
     running: bool,
     cuda: bool,
     last: Instant,
-    seconds: [f64; 5],
+    seconds: [f64; PHASES],
 }
 
 impl PhaseClock {
@@ -66,7 +73,7 @@ impl PhaseClock {
             running: false,
             cuda: device.is_cuda(),
             last: Instant::now(),
-            seconds: [0.0; 5],
+            seconds: [0.0; PHASES],
         }
     }
 
@@ -78,7 +85,7 @@ impl PhaseClock {
     /// Starts timing a step (or, with `timed == false`, leaves it untimed).
     pub fn start(&mut self, timed: bool) {
         self.running = timed;
-        self.seconds = [0.0; 5];
+        self.seconds = [0.0; PHASES];
         if timed {
             self.sync();
             self.last = Instant::now();
@@ -97,7 +104,7 @@ impl PhaseClock {
     }
 
     /// The timed step's seconds per phase, and stops the clock (`None` if untimed).
-    pub fn take(&mut self) -> Option<[(Phase, f64); 5]> {
+    pub fn take(&mut self) -> Option<[(Phase, f64); PHASES]> {
         if !std::mem::replace(&mut self.running, false) {
             return None;
         }
@@ -127,7 +134,13 @@ mod tests {
         assert!(seconds[0].1 >= 0.02, "{seconds:?}");
         assert_eq!(seconds[4].0, Phase::Optimizer);
         // Phases never marked are charged nothing.
-        assert!(seconds[1..4].iter().all(|(_, s)| *s == 0.0), "{seconds:?}");
+        assert!(
+            seconds[1..4]
+                .iter()
+                .chain(&seconds[5..])
+                .all(|(_, s)| *s == 0.0),
+            "{seconds:?}"
+        );
         assert!(clock.take().is_none(), "take stops the clock");
     }
 

@@ -2,13 +2,13 @@
 //!
 //! ```text
 //! RUN_DIR/checkpoints/step-NNNNNNNN/
-//!   generator.safetensors      generator parameters and BatchNorm buffers
-//!   discriminator.safetensors
-//!   generator_ema.safetensors  the EMA generator under the generator's variable names
-//!   optimizer.safetensors      both optimisers' exp_avg / exp_avg_sq (Adam)
-//!   config.toml                the effective settings
-//!   state.json                 step, seed, data position, counters, fingerprint
-//!   MANIFEST                   "<sha256>  <size>  <file>" per file above; written last
+//!   <the family's tensor files>  GAN: generator, discriminator, generator_ema and
+//!                                optimizer .safetensors; VAE: vae + optimizer;
+//!                                autoregressive: pixelcnn + optimizer
+//!                                (`gantry_models::task::checkpoint_files`)
+//!   config.toml                  the effective settings
+//!   state.json                   step, seed, data position, counters, fingerprint
+//!   MANIFEST                     "<sha256>  <size>  <file>" per file above; written last
 //! ```
 //!
 //! A checkpoint is written into `checkpoints/.tmp-step-NNNNNNNN-<pid>/`, every file fsynced,
@@ -28,7 +28,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use gantry_config::{ConfigArgs, Settings};
-use gantry_models::Gan;
+use gantry_models::task::{TrainTask, checkpoint_files};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -37,26 +37,31 @@ use crate::atomic::sync_dir;
 pub const MANIFEST: &str = "MANIFEST";
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
-/// Every file a complete checkpoint holds besides MANIFEST.
-pub const FILES: &[&str] = &[
-    gantry_models::GENERATOR_FILE,
-    gantry_models::DISCRIMINATOR_FILE,
-    gantry_models::GENERATOR_EMA_FILE,
-    gantry_models::OPTIMIZER_FILE,
-    CONFIG_FILE,
-    STATE_FILE,
-];
-const FORMAT: u32 = 1;
+/// Every file a complete checkpoint of `family` holds besides MANIFEST.
+pub fn files(family: gantry_config::Family) -> Vec<&'static str> {
+    let mut files = checkpoint_files(family).to_vec();
+    files.extend([CONFIG_FILE, STATE_FILE]);
+    files
+}
+/// 2: optimiser step counts by part name (`optimizer_steps`), for every model family.
+pub const FORMAT: u32 = 2;
 
 /// Settings keys whose change alters tensor shapes (or the optimiser state's layout): a
 /// checkpoint cannot be loaded across them.
 pub const SHAPE_KEYS: &[&str] = &[
+    "model.family",
     "model.kind",
     "model.latent_dim",
     "model.batch_norm",
     "data.image_size",
     "data.channels",
     "train.optimizer",
+    "vae.kind",
+    "vae.latent_dim",
+    "vae.hidden",
+    "autoregressive.channels",
+    "autoregressive.residual_blocks",
+    "autoregressive.output",
 ];
 
 /// `state.json`: the scalar state next to the tensors.
@@ -68,9 +73,9 @@ pub struct CheckpointState {
     pub seed: u64,
     /// The next data/latent/interpolation sub-stream index (`step × train.n_critic`).
     pub data_position: u64,
-    /// Adam's `t` of each optimiser (lower than `step` after skipped updates).
-    pub g_optimizer_steps: u64,
-    pub d_optimizer_steps: u64,
+    /// Adam's `t` of each part's optimiser (lower than `step` after skipped updates), by
+    /// part name (`generator`, `discriminator`; `vae`; `pixelcnn`).
+    pub optimizer_steps: std::collections::BTreeMap<String, u64>,
     pub nonfinite_total: u64,
     pub nonfinite_consecutive: u64,
     /// [`Settings::fingerprint`] of the run that wrote it.
@@ -119,7 +124,7 @@ fn step_name(step: u64) -> String {
 /// the newest `keep` complete ones. Returns the final directory.
 pub fn write(
     checkpoints: &Path,
-    gan: &Gan,
+    task: &dyn TrainTask,
     settings: &Settings,
     state: &CheckpointState,
     keep: usize,
@@ -134,14 +139,14 @@ pub fn write(
     }
     fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let result = (|| -> Result<()> {
-        gan.save(&tmp).context("writing tensors")?;
+        task.save(&tmp).context("writing tensors")?;
         fs::write(tmp.join(CONFIG_FILE), settings.to_toml()?)?;
         fs::write(
             tmp.join(STATE_FILE),
             serde_json::to_string_pretty(state)? + "\n",
         )?;
         let mut manifest = String::new();
-        for file in FILES {
+        for file in files(settings.model.family) {
             let path = tmp.join(file);
             File::open(&path)?
                 .sync_all()
@@ -218,7 +223,14 @@ pub fn verify(dir: &Path) -> std::result::Result<(), String> {
         }
         listed.push(file);
     }
-    if let Some(missing) = FILES.iter().find(|f| !listed.contains(f)) {
+    // The listed config.toml has been verified: it names the family, and so the files.
+    let config = dir.join(CONFIG_FILE);
+    let family = fs::read_to_string(&config)
+        .ok()
+        .and_then(|text| toml::from_str::<Settings>(&text).ok())
+        .map(|s| s.model.family)
+        .ok_or_else(|| format!("{}: unreadable (checkpoint incomplete)", config.display()))?;
+    if let Some(missing) = files(family).iter().find(|f| !listed.contains(f)) {
         return Err(format!(
             "{}: does not list {missing}",
             manifest_path.display()

@@ -467,7 +467,7 @@ impl StepObserver for ClusterObserver {
                 .shared
                 .figures
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some((*figures, self.step_seconds));
+                .unwrap_or_else(|e| e.into_inner()) = Some((figures.clone(), self.step_seconds));
         }
         loop {
             if let Some(reason) = self.shared.abort_reason() {
@@ -512,6 +512,7 @@ async fn heartbeat_loop(
             .figures
             .lock()
             .unwrap_or_else(|e| e.into_inner())
+            .clone()
             .map_or((None, 0.0), |(f, s)| (Some(f), s));
         let request = HeartbeatRequest {
             worker_id: worker_id.clone(),
@@ -525,11 +526,12 @@ async fn heartbeat_loop(
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
                 .map_or(0, AbortHandle::sequence),
-            d_loss: figures.map_or(f64::NAN, |f| f.stats.d_loss),
-            g_loss: figures.map_or(f64::NAN, |f| f.stats.g_loss),
-            d_x: figures.map_or(f64::NAN, |f| f.stats.d_real),
-            d_g_z: figures.map_or(f64::NAN, |f| f.stats.d_fake),
-            images_per_second: figures.map_or(0.0, |f| f.images_per_second),
+            images_per_second: figures.as_ref().map_or(0.0, |f| f.images_per_second),
+            statistics: figures
+                .iter()
+                .flat_map(|f| &f.statistics)
+                .map(|(name, value)| ((*name).to_owned(), *value))
+                .collect(),
             step_seconds,
             figures: shared.metrics.as_ref().map(|m| worker_figures(&m.report())),
         };

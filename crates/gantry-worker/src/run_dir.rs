@@ -8,6 +8,7 @@
 //! checkpoints/       see [`crate::checkpoint`]
 //! ```
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
@@ -16,29 +17,18 @@ use anyhow::{Context, Result};
 use gantry_config::Settings;
 use serde::{Deserialize, Serialize};
 
-/// One line of `metrics.jsonl`.
+/// One line of `metrics.jsonl`: the step, the family's named statistics (e.g. `d_loss`,
+/// `g_loss`, `d_real`, `d_fake` for the GAN; `neg_elbo`, `reconstruction`, `kl` for the VAE;
+/// `nll`, `bits_per_dim` for the autoregressive model) and the throughput.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MetricsRow {
     pub step: u64,
-    pub d_loss: f64,
-    pub g_loss: f64,
-    /// Mean D(x) over the real batch.
-    pub d_x: f64,
-    /// Mean D(G(z)) over the fake batch.
-    pub d_g_z: f64,
+    #[serde(flatten)]
+    pub statistics: BTreeMap<String, f64>,
     /// Images per second (all ranks) since the previous row.
     pub images_per_second: f64,
     /// Seconds since training started.
     pub wall_seconds: f64,
-}
-
-/// Final losses and D outputs.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct FinalFigures {
-    pub d_loss: f64,
-    pub g_loss: f64,
-    pub d_x: f64,
-    pub d_g_z: f64,
 }
 
 /// `summary.json`: what a run achieved.
@@ -55,8 +45,11 @@ pub struct Summary {
     pub train_seconds: f64,
     pub device: String,
     pub threads: usize,
+    /// `model.family`.
+    pub family: String,
+    /// The named statistics of the last logged step.
     #[serde(rename = "final")]
-    pub final_figures: FinalFigures,
+    pub final_figures: BTreeMap<String, f64>,
     /// The last sample grid, relative to the run directory.
     pub last_sample: Option<String>,
     /// Sample quality of the final (EMA) generator, when evaluated.
@@ -79,6 +72,15 @@ pub struct QualityReport {
     pub class_histogram: [u32; 10],
     pub samples: usize,
     pub classifier_accuracy: f64,
+    /// Families with a likelihood: negative ELBO per held-out image, in nats.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_neg_elbo_nats: Option<f64>,
+    /// Negative log-likelihood per held-out image, in nats (exact, or an importance-weighted
+    /// bound with `eval.importance_samples` for the VAE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub heldout_nll_nats: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bits_per_dim: Option<f64>,
 }
 
 /// An open run directory.

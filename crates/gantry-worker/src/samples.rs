@@ -73,8 +73,18 @@ pub fn write_grid(
     images: &[u8],
     shape: [usize; 3],
 ) -> Result<std::path::PathBuf> {
+    write_named_grid(dir, &format!("step-{step:08}.png"), images, shape)
+}
+
+/// Writes an 8-wide grid of `images` as `dir/name` (atomically) and returns its path.
+pub fn write_named_grid(
+    dir: &Path,
+    name: &str,
+    images: &[u8],
+    shape: [usize; 3],
+) -> Result<std::path::PathBuf> {
     let png = grid_png(images, shape, 8)?;
-    let path = dir.join(format!("step-{step:08}.png"));
+    let path = dir.join(name);
     crate::atomic::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }

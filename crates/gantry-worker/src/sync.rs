@@ -6,7 +6,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use gantry_collective::{Collective, ReduceOp, RingConfig};
 use gantry_config::Settings;
-use gantry_models::{FlatParams, Gan};
+use gantry_models::FlatParams;
+use gantry_models::task::{ExternalError, GradReduce, TrainTask};
 use tch::{Device, Kind, Tensor};
 
 /// The ring settings of `collective.*` for one rank; the caller sets the session id.
@@ -34,6 +35,10 @@ pub struct Group {
     staging: Vec<f32>,
     /// Gradient all-reduce traffic since the last [`Group::take_traffic`].
     traffic: Traffic,
+    /// Whether [`GradReduce::start_average`] may average in the background.
+    overlap: bool,
+    /// The background average in flight, if any (it holds the collective meanwhile).
+    pending: Option<PendingAverage>,
 }
 
 /// What the all-reduce thread hands back: the collective, the result, its seconds.
@@ -43,15 +48,15 @@ type AverageOutcome = (
     f64,
 );
 
-/// An average running on a helper thread (see [`Group::start_average`]).
-pub struct PendingAverage<'scope> {
-    handle: std::thread::ScopedJoinHandle<'scope, AverageOutcome>,
+/// An average running on a helper thread (see [`GradReduce::start_average`]).
+pub struct PendingAverage {
+    handle: std::thread::JoinHandle<AverageOutcome>,
     /// The tensor whose memory the thread works on.
     _keep_alive: Tensor,
     bytes: u64,
 }
 
-impl std::fmt::Debug for PendingAverage<'_> {
+impl std::fmt::Debug for PendingAverage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PendingAverage")
             .field("bytes", &self.bytes)
@@ -103,6 +108,8 @@ impl Group {
             bucket_elems: usize::MAX,
             staging: Vec::new(),
             traffic: Traffic::default(),
+            overlap: false,
+            pending: None,
         }
     }
 
@@ -115,6 +122,8 @@ impl Group {
             bucket_elems,
             staging: Vec::new(),
             traffic: Traffic::default(),
+            overlap: false,
+            pending: None,
         }
     }
 
@@ -147,56 +156,9 @@ impl Group {
         Ok(())
     }
 
-    /// Starts averaging `flat` on a helper thread of `scope` and returns at once, or `None`
-    /// when that cannot be done (a world of one, or not a contiguous f32 CPU tensor: use
-    /// [`Group::average`]). Until [`Group::finish_average`] the group has no collective, and
-    /// nothing may touch `flat`'s memory.
-    pub fn start_average<'scope>(
-        &mut self,
-        scope: &'scope std::thread::Scope<'scope, '_>,
-        flat: &Tensor,
-    ) -> Option<PendingAverage<'scope>> {
-        let host_f32 = flat.device() == Device::Cpu
-            && flat.kind() == Kind::Float
-            && flat.is_contiguous()
-            && flat.dim() == 1;
-        if !host_f32 || self.collective.is_none() {
-            return None;
-        }
-        let mut collective = self.collective.take()?;
-        let bucket = self.bucket_elems.max(1);
-        let memory = HostF32 {
-            ptr: flat.data_ptr().cast::<f32>(),
-            len: flat.numel(),
-        };
-        let handle = scope.spawn(move || {
-            let started = std::time::Instant::now();
-            // SAFETY: `PendingAverage` keeps the tensor alive until this thread is joined,
-            // and the caller promised not to touch its memory meanwhile.
-            let all = unsafe { memory.into_slice() };
-            let result = all
-                .chunks_mut(bucket)
-                .try_for_each(|chunk| collective.all_reduce_f32(chunk, ReduceOp::Average));
-            (collective, result, started.elapsed().as_secs_f64())
-        });
-        Some(PendingAverage {
-            handle,
-            _keep_alive: flat.shallow_clone(),
-            bytes: (flat.numel() * std::mem::size_of::<f32>()) as u64,
-        })
-    }
-
-    /// Waits for [`Group::start_average`]'s averaging and takes the collective back.
-    pub fn finish_average(&mut self, pending: PendingAverage<'_>) -> Result<()> {
-        let (collective, result, seconds) = pending
-            .handle
-            .join()
-            .map_err(|_| anyhow::anyhow!("the all-reduce thread panicked"))?;
-        self.collective = Some(collective);
-        result.context("all-reduce")?;
-        self.traffic.bytes += pending.bytes;
-        self.traffic.seconds += seconds;
-        Ok(())
+    /// Lets [`GradReduce::start_average`] average in the background (or not).
+    pub fn set_overlap(&mut self, overlap: bool) {
+        self.overlap = overlap;
     }
 
     /// The gradient all-reduce traffic since the previous call.
@@ -234,15 +196,13 @@ impl Group {
 
     /// Before step 1: every rank checks that it built the same networks as rank 0 (names,
     /// shapes, dtypes), then takes rank 0's parameters and buffers, so all ranks start equal.
-    pub fn synchronise_start(&mut self, gan: &mut Gan) -> Result<()> {
+    pub fn synchronise_start(&mut self, task: &dyn TrainTask) -> Result<()> {
         if self.world == 1 {
             return Ok(());
         }
-        for (label, params) in [
-            ("generator", &gan.g_params),
-            ("discriminator", &gan.d_params),
-        ] {
-            let ours = signature_text(params);
+        for part in task.parts() {
+            let label = part.name;
+            let ours = signature_text(part.params);
             let mut theirs = ours.clone().into_bytes();
             self.broadcast_bytes(&mut theirs)?;
             let theirs = String::from_utf8_lossy(&theirs).into_owned();
@@ -258,24 +218,24 @@ impl Group {
                 bail!("{label} differs between ranks: {first}");
             }
         }
-        self.broadcast_state(gan)
+        self.broadcast_state(task)
     }
 
     /// Copies rank 0's parameters and non-trainable buffers (BatchNorm running statistics)
     /// to every rank. Gradients are averaged every step, so parameters stay equal; running
     /// statistics are computed from each rank's own batches and would drift apart, so the
     /// group adopts rank 0's wherever a state is observed (checkpoints, samples, the end).
-    pub fn broadcast_state(&mut self, gan: &mut Gan) -> Result<()> {
+    pub fn broadcast_state(&mut self, task: &dyn TrainTask) -> Result<()> {
         if self.world == 1 {
             return Ok(());
         }
-        let mut g = gan.g_params.flat.shallow_clone();
-        let mut d = gan.d_params.flat.shallow_clone();
+        let parts = task.parts();
         tch::no_grad(|| -> Result<()> {
-            self.broadcast(&mut g)?;
-            self.broadcast(&mut d)?;
-            for vs in [&gan.generator_vs, &gan.discriminator_vs] {
-                for mut buffer in gantry_models::buffers(vs) {
+            for part in &parts {
+                self.broadcast(&mut part.params.flat.shallow_clone())?;
+            }
+            for part in &parts {
+                for mut buffer in gantry_models::buffers(part.vs) {
                     let mut flat = buffer.reshape([-1]).to_kind(Kind::Float);
                     self.broadcast(&mut flat)?;
                     buffer.copy_(&flat.view(buffer.size().as_slice()).to_kind(buffer.kind()));
@@ -287,7 +247,7 @@ impl Group {
 
     /// Compares a checksum of every rank's parameters; a mismatch names the ranks that
     /// disagree with rank 0.
-    pub fn verify_identical(&mut self, gan: &Gan, step: u64) -> Result<()> {
+    pub fn verify_identical(&mut self, task: &dyn TrainTask, step: u64) -> Result<()> {
         if self.world == 1 {
             return Ok(());
         }
@@ -298,20 +258,22 @@ impl Group {
                 (&t * &t).sum(None).double_value(&[]),
             )
         };
-        let (g_sum, g_sq) = checksum(&gan.g_params.flat);
-        let (d_sum, d_sq) = checksum(&gan.d_params.flat);
+        let ours: Vec<f32> = task
+            .parts()
+            .iter()
+            .flat_map(|part| {
+                let (sum, sq) = checksum(&part.params.flat);
+                [sum as f32, sq as f32]
+            })
+            .collect();
+        let k = ours.len();
         // Each rank writes its figures into its own slot; a sum gathers everyone's.
-        let mut table = vec![0f32; self.world * 4];
-        table[self.rank * 4..][..4].copy_from_slice(&[
-            g_sum as f32,
-            g_sq as f32,
-            d_sum as f32,
-            d_sq as f32,
-        ]);
+        let mut table = vec![0f32; self.world * k];
+        table[self.rank * k..][..k].copy_from_slice(&ours);
         self.sum_host(&mut table)?;
-        let reference = &table[..4];
+        let reference = &table[..k];
         let divergent: Vec<usize> = (1..self.world)
-            .filter(|r| table[r * 4..][..4] != *reference)
+            .filter(|r| table[r * k..][..k] != *reference)
             .collect();
         if !divergent.is_empty() {
             bail!(
@@ -319,11 +281,80 @@ impl Group {
                  (checksums {:?} vs {reference:?})",
                 divergent
                     .iter()
-                    .map(|r| &table[r * 4..][..4])
+                    .map(|r| &table[r * k..][..k])
                     .collect::<Vec<_>>()
             );
         }
         Ok(())
+    }
+}
+
+impl GradReduce for Group {
+    fn average(&mut self, flat: &mut Tensor) -> Result<(), ExternalError> {
+        Group::average(self, flat).map_err(Into::into)
+    }
+
+    /// On a helper thread, where background averaging is on, the group has a collective
+    /// and `flat` is a contiguous f32 CPU tensor. Until [`GradReduce::finish_average`] the
+    /// group has no collective.
+    fn start_average(&mut self, flat: &Tensor) -> bool {
+        let host_f32 = flat.device() == Device::Cpu
+            && flat.kind() == Kind::Float
+            && flat.is_contiguous()
+            && flat.dim() == 1;
+        if !self.overlap || !host_f32 || self.pending.is_some() {
+            return false;
+        }
+        let Some(mut collective) = self.collective.take() else {
+            return false;
+        };
+        let bucket = self.bucket_elems.max(1);
+        let memory = HostF32 {
+            ptr: flat.data_ptr().cast::<f32>(),
+            len: flat.numel(),
+        };
+        let handle = std::thread::spawn(move || {
+            let started = std::time::Instant::now();
+            // SAFETY: `PendingAverage` keeps the tensor alive until this thread is joined
+            // (in `finish_average`, or when the group is dropped), and the caller promised
+            // not to touch its memory meanwhile.
+            let all = unsafe { memory.into_slice() };
+            let result = all
+                .chunks_mut(bucket)
+                .try_for_each(|chunk| collective.all_reduce_f32(chunk, ReduceOp::Average));
+            (collective, result, started.elapsed().as_secs_f64())
+        });
+        self.pending = Some(PendingAverage {
+            handle,
+            _keep_alive: flat.shallow_clone(),
+            bytes: (flat.numel() * std::mem::size_of::<f32>()) as u64,
+        });
+        true
+    }
+
+    fn finish_average(&mut self) -> Result<(), ExternalError> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(());
+        };
+        let (collective, result, seconds) = pending
+            .handle
+            .join()
+            .map_err(|_| anyhow::anyhow!("the all-reduce thread panicked"))?;
+        self.collective = Some(collective);
+        result.context("all-reduce")?;
+        self.traffic.bytes += pending.bytes;
+        self.traffic.seconds += seconds;
+        Ok(())
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        // The helper thread writes into a tensor the pending average keeps alive: join it
+        // before that tensor can go.
+        if let Some(pending) = self.pending.take() {
+            let _ = pending.handle.join();
+        }
     }
 }
 

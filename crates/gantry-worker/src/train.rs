@@ -8,18 +8,25 @@ use gantry_config::{Dataset as DatasetChoice, Settings};
 use gantry_data::Dataset;
 use gantry_data::sampler::GlobalSampler;
 use gantry_metrics::WorkerMetrics;
-use gantry_models::phases::Phase;
-use gantry_models::{Gan, HostStats, Network, StepInput, latent, runtime};
+use gantry_models::runtime;
+use gantry_models::task::{Batch, BatchSource, ExternalError, StepOutcome, TrainTask};
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointDir, CheckpointState};
 use crate::progress::Progress;
-use crate::run_dir::{FinalFigures, MetricsRow, QualityReport, RunDir, Summary};
+use crate::run_dir::{MetricsRow, QualityReport, RunDir, Summary};
 use crate::samples;
 use crate::sync::Group;
 
-/// Rows of the fixed latent batch behind every sample grid (8 × 8).
+/// Images of every sample grid (8 × 8).
 const GRID_IMAGES: usize = 64;
+
+/// Images a family with a likelihood never trains on: the last ones of the training set
+/// (for the embedded MNIST-10k, the evaluator's 1,000 held-out digits), at most a tenth.
+const HELDOUT_IMAGES: usize = 1000;
+
+/// Named statistics of a step, averaged over the group (e.g. `d_loss` for the GAN).
+pub type Statistics = Vec<(&'static str, f64)>;
 
 /// Loads the configured training set.
 pub fn load_dataset(settings: &Settings) -> Result<Dataset> {
@@ -79,35 +86,43 @@ pub struct NoObserver;
 impl StepObserver for NoObserver {}
 
 /// Figures of one logging step, averaged over the group.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoggedStep {
-    pub stats: HostStats,
+    pub statistics: Statistics,
     pub images_per_second: f64,
+}
+
+impl LoggedStep {
+    /// The statistic called `name`, if the family has one.
+    pub fn statistic(&self, name: &str) -> Option<f64> {
+        self.statistics
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| *v)
+    }
 }
 
 /// One rank's training state.
 #[derive(Debug)]
 pub struct Trainer {
     settings: Settings,
+    /// The images trained on.
     dataset: Dataset,
-    pub gan: Gan,
+    /// Images held out for the likelihood (families that have one).
+    heldout: Option<Dataset>,
+    /// What is trained: the family behind the seam.
+    pub task: Box<dyn TrainTask>,
     sampler: GlobalSampler,
     pub group: Group,
     /// Only rank 0 writes the run directory.
     run: Option<RunDir>,
-    grid_z: Tensor,
     grid_shape: [usize; 3],
     device: Device,
     threads: usize,
-    /// In `simultaneous`, average D's gradient on a helper thread while G's backward pass
-    /// runs (see [`Trainer::step_with`]); other schedules ignore it.
-    overlap_allreduce: bool,
     started: Instant,
     /// Steps completed so far.
     pub step: u64,
     pixels: Vec<f32>,
-    latents: Vec<f32>,
-    alphas: Vec<f32>,
     /// Steps whose update was skipped for a non-finite loss or gradient, in all and in a row.
     pub nonfinite_total: u64,
     pub nonfinite_consecutive: u64,
@@ -146,11 +161,20 @@ impl Trainer {
         let threads = runtime::set_threads(settings.train.threads, workers_on_host);
         let device = runtime::resolve_device(settings.run.device, device_ordinal)?;
         let dataset = load_dataset(settings)?;
+        let (dataset, heldout) = match settings.model.family {
+            gantry_config::Family::Gan => (dataset, None),
+            _ => {
+                let held = HELDOUT_IMAGES.min(dataset.len() / 10);
+                let (train, heldout) = dataset.split(dataset.len() - held);
+                (train, Some(heldout))
+            }
+        };
         let (c, h, w) = dataset.image_shape();
-        let mut gan = Gan::new(settings, [c as i64, h as i64, w as i64], device)?;
+        let task = gantry_models::task::build(settings, [c as i64, h as i64, w as i64], device)?;
         let mut group = group;
+        group.set_overlap(overlap_pays(threads, workers_on_host));
         group
-            .synchronise_start(&mut gan)
+            .synchronise_start(task.as_ref())
             .context("synchronising initial weights")?;
         let global_batch = settings.train.batch_size * group.world;
         let sampler = GlobalSampler::new(settings.train.seed, dataset.len(), global_batch)?;
@@ -159,28 +183,20 @@ impl Trainer {
             (0, Some(c)) => Some(RunDir::resume(&settings.run.dir, settings, c.step())?),
             _ => None,
         };
-        let grid_z = gan.latents(&latent::fixed(
-            settings.train.seed,
-            GRID_IMAGES,
-            gan.latent_dim(),
-        ));
         let mut trainer = Self {
             settings: settings.clone(),
             dataset,
-            gan,
+            heldout,
+            task,
             sampler,
             group,
             run,
-            grid_z,
             grid_shape: [c, h, w],
             device,
             threads,
-            overlap_allreduce: overlap_pays(threads, workers_on_host),
             started,
             step: 0,
             pixels: Vec::new(),
-            latents: Vec::new(),
-            alphas: Vec::new(),
             nonfinite_total: 0,
             nonfinite_consecutive: 0,
             last_checkpoint: None,
@@ -200,11 +216,14 @@ impl Trainer {
             eprintln!("warning: resuming {}: {warning}", checkpoint.path.display());
         }
         let state = &checkpoint.state;
-        self.gan
+        self.task
             .load(&checkpoint.path)
             .with_context(|| format!("loading checkpoint {}", checkpoint.path.display()))?;
-        self.gan.g_opt.step = state.g_optimizer_steps;
-        self.gan.d_opt.step = state.d_optimizer_steps;
+        for (part, steps) in &state.optimizer_steps {
+            self.task
+                .set_optimizer_steps(part, *steps)
+                .with_context(|| format!("resuming {}", checkpoint.path.display()))?;
+        }
         self.step = state.step;
         self.nonfinite_total = state.nonfinite_total;
         self.nonfinite_consecutive = state.nonfinite_consecutive;
@@ -222,12 +241,16 @@ impl Trainer {
     /// The scalar state a checkpoint of the current step records.
     pub fn checkpoint_state(&self) -> CheckpointState {
         CheckpointState {
-            format: 1,
+            format: checkpoint::FORMAT,
             step: self.step,
             seed: self.settings.train.seed,
-            data_position: self.step * u64::from(self.settings.train.n_critic),
-            g_optimizer_steps: self.gan.g_opt.step,
-            d_optimizer_steps: self.gan.d_opt.step,
+            data_position: self.step * self.task.batches_per_step(),
+            optimizer_steps: self
+                .task
+                .optimizer_steps()
+                .into_iter()
+                .map(|(part, steps)| (part.to_owned(), steps))
+                .collect(),
             nonfinite_total: self.nonfinite_total,
             nonfinite_consecutive: self.nonfinite_consecutive,
             fingerprint: self.settings.fingerprint(),
@@ -240,12 +263,12 @@ impl Trainer {
     /// the same step (BatchNorm statistics are taken from rank 0 first); only rank 0 writes.
     pub fn write_checkpoint(&mut self) -> Result<Option<PathBuf>> {
         let started = Instant::now();
-        self.group.broadcast_state(&mut self.gan)?;
+        self.group.broadcast_state(self.task.as_ref())?;
         self.last_checkpoint = Some(self.step);
         let written = match &self.run {
             Some(run) => Some(checkpoint::write(
                 &run.root().join("checkpoints"),
-                &self.gan,
+                self.task.as_ref(),
                 &self.settings,
                 &self.checkpoint_state(),
                 self.settings.checkpoint.keep,
@@ -263,10 +286,11 @@ impl Trainer {
         &self.settings
     }
 
-    /// Forces D's gradient averaging to overlap G's backward pass (in `simultaneous`) or
-    /// not, whatever the core count suggests (tests; experiments on other machines).
+    /// Forces background gradient averaging (the GAN's D average overlapped with G's
+    /// backward pass) on or off, whatever the core count suggests (tests; experiments on
+    /// other machines).
     pub fn set_overlap_allreduce(&mut self, overlap: bool) {
-        self.overlap_allreduce = overlap;
+        self.group.set_overlap(overlap);
     }
 
     /// Keeps `metrics` up to date from now on.
@@ -278,170 +302,75 @@ impl Trainer {
         self.settings.train.batch_size * self.group.world
     }
 
-    /// Runs step `self.step + 1`: `train.n_critic` sub-steps, each on this rank's slice of
-    /// its own global batch, with gradient averaging across the group. Counts the step as
-    /// non-finite when an update was skipped (`stats.applied == false`).
+    /// Runs step `self.step + 1`: the task's step on this rank's batches, with gradient
+    /// averaging across the group. Counts the step as non-finite when its updates were
+    /// skipped (`applied == false`).
     ///
     /// With metrics installed, also records the step's duration, its phases, the all-reduce
     /// traffic and, on logging steps, the gradient norms.
-    pub fn step_once(&mut self) -> Result<gantry_models::StepStats> {
+    pub fn step_once(&mut self) -> Result<StepOutcome> {
         let Some(metrics) = self.metrics.clone() else {
-            return self.step_with(&mut |_, _| {});
+            return self.step_plain();
         };
         let started = Instant::now();
         let next = self.step + 1;
         let logging =
             next.is_multiple_of(self.settings.train.log_every) || next == self.settings.train.steps;
         // Timing phases on a GPU costs synchronisations: sample the logging steps only.
-        let timed = logging || !self.gan.clock.needs_sync();
-        self.gan.clock.start(timed);
-        let mut norms = [None, None];
-        let stats = self.step_with(&mut |network, grad| {
-            if logging {
-                let slot = match network {
-                    Network::Generator => 0,
-                    Network::Discriminator => 1,
-                };
-                norms[slot] = Some(tch::no_grad(|| grad.norm().double_value(&[])));
-            }
-        })?;
-        if let Some(phases) = self.gan.clock.take() {
-            metrics.phases(&phases.map(|(phase, seconds)| (phase.name(), seconds)));
+        let timed = logging || !self.task.clock().needs_sync();
+        self.task.clock().start(timed);
+        let outcome = self.step_plain()?;
+        if let Some(phases) = self.task.clock().take() {
+            let used = self.task.phases();
+            let named: Vec<(&str, f64)> = phases
+                .iter()
+                .filter(|(phase, _)| used.contains(phase))
+                .map(|(phase, seconds)| (phase.name(), *seconds))
+                .collect();
+            metrics.phases(&named);
         }
-        for (network, norm) in ["generator", "discriminator"].into_iter().zip(norms) {
-            if let Some(norm) = norm {
-                metrics.gradient_norm(network, norm);
+        if logging {
+            for (part, gradient) in self.task.gradients() {
+                let norm = tch::no_grad(|| gradient.norm().double_value(&[]));
+                metrics.gradient_norm(part, norm);
             }
         }
         let traffic = self.group.take_traffic();
         metrics.allreduce(traffic.bytes, traffic.seconds);
-        let images =
-            (self.settings.train.batch_size as u64) * u64::from(self.settings.train.n_critic);
+        let images = (self.settings.train.batch_size as u64) * self.task.batches_per_step();
         metrics.step_done(
             self.step,
             started.elapsed().as_secs_f64(),
             images,
-            stats.applied,
+            outcome.applied,
         );
-        Ok(stats)
+        Ok(outcome)
     }
 
-    /// [`Self::step_once`], showing `tap` each network's group-averaged flat gradient just
-    /// before its optimiser step (for gradient statistics and for checking equivalences).
-    pub fn step_with(
-        &mut self,
-        tap: &mut dyn FnMut(Network, &Tensor),
-    ) -> Result<gantry_models::StepStats> {
-        let n_critic = u64::from(self.settings.train.n_critic);
-        // Step s (0-based) consumes sub-streams s·n_critic + i of the data, latent and
-        // interpolation streams; the last sub-step also updates G. With n_critic = 1 this is
-        // global batch s and latent stream s, as before.
-        let first = self.step * n_critic;
-        let mut stats = None;
-        // In `simultaneous` neither gradient is read before G's sync returns (see
-        // `Gan::train_step`), so D's averaging may wait: overlapped with G's backward pass on
-        // a helper thread, or (by default) joined with G's into one all-reduce over
-        // `Gan::gradients`: one synchronisation of the ranks a step instead of two.
-        // Elsewhere each gradient is read right after its sync.
-        let simultaneous = self.settings.train.schedule == gantry_config::Schedule::Simultaneous;
-        let overlap = self.overlap_allreduce;
-        for i in 0..n_critic {
-            let input = self.sub_step_input(first + i)?;
-            let last = i + 1 == n_critic;
-            let joint = self.gan.gradients().shallow_clone();
-            let (group, gan) = (&mut self.group, &mut self.gan);
-            let sub = std::thread::scope(|scope| {
-                let mut pending = None;
-                let mut deferred: Option<Tensor> = None;
-                let mut sync = |network, grad: &mut Tensor| {
-                    let defer = simultaneous && last && network == Network::Discriminator;
-                    if defer
-                        && overlap
-                        && let Some(started) = group.start_average(scope, grad)
-                    {
-                        pending = Some((started, grad.shallow_clone()));
-                        return anyhow::Ok(());
-                    }
-                    if defer {
-                        deferred = Some(grad.shallow_clone());
-                        return anyhow::Ok(());
-                    }
-                    if let Some((started, d_grad)) = pending.take() {
-                        group.finish_average(started)?;
-                        tap(Network::Discriminator, &d_grad);
-                    }
-                    match deferred.take() {
-                        Some(d_grad) if spans(&joint, &d_grad, grad) => {
-                            group.average(&mut joint.shallow_clone())?;
-                            tap(Network::Discriminator, &d_grad);
-                        }
-                        Some(mut d_grad) => {
-                            group.average(&mut d_grad)?;
-                            tap(Network::Discriminator, &d_grad);
-                            group.average(grad)?;
-                        }
-                        None => group.average(grad)?,
-                    }
-                    tap(network, grad);
-                    anyhow::Ok(())
-                };
-                let sub = if last {
-                    gan.train_step(&input, &mut sync)
-                } else {
-                    gan.critic_step(&input, &mut sync)
-                };
-                // An error between the two calls leaves D's average running: collect it.
-                if let Some((started, _)) = pending.take() {
-                    group.finish_average(started)?;
-                }
-                sub
-            })?;
-            let applied = sub.applied;
-            stats = Some(sub);
-            if !applied {
-                // The decision is the same on every rank (taken on averaged gradients), so
-                // every rank leaves the step here together.
-                break;
-            }
-        }
-        let stats = stats.context("train.n_critic is 0")?;
-        if stats.applied {
+    /// [`Self::step_once`] without metrics. Afterwards, [`TrainTask::gradients`] shows each
+    /// part's group-averaged gradient of the step (for checking equivalences).
+    pub fn step_plain(&mut self) -> Result<StepOutcome> {
+        let t = &self.settings.train;
+        let mut source = RankBatches {
+            dataset: &self.dataset,
+            sampler: &mut self.sampler,
+            rank: self.group.rank,
+            world: self.group.world,
+            local: t.batch_size,
+            first_stream: self.step * self.task.batches_per_step(),
+            pixels: &mut self.pixels,
+            device: self.device,
+            shape: self.grid_shape,
+        };
+        let outcome = self.task.step(&mut source, &mut self.group)?;
+        if outcome.applied {
             self.nonfinite_consecutive = 0;
         } else {
             self.nonfinite_total += 1;
             self.nonfinite_consecutive += 1;
         }
         self.step += 1;
-        Ok(stats)
-    }
-
-    /// This rank's real images, latents and interpolation coefficients of sub-stream `index`.
-    fn sub_step_input(&mut self, index: u64) -> Result<StepInput> {
-        let t = &self.settings.train;
-        let (rank, world, local) = (self.group.rank, self.group.world, t.batch_size);
-        let indices = self.sampler.indices(index, rank, world)?;
-        self.dataset.batch_f32(&indices, &mut self.pixels);
-        latent::fill(
-            t.seed,
-            index,
-            self.gan.latent_dim(),
-            rank * local,
-            local,
-            &mut self.latents,
-        );
-        let alpha = if t.loss == gantry_config::Loss::WganGp {
-            latent::interpolation(t.seed, index, rank * local, local, &mut self.alphas);
-            Some(self.gan.coefficients(&self.alphas))
-        } else {
-            None
-        };
-        let input = StepInput {
-            real: self.gan.images(&self.pixels),
-            z: self.gan.latents(&self.latents),
-            alpha,
-        };
-        self.gan.clock.lap(Phase::Data);
-        Ok(input)
+        Ok(outcome)
     }
 
     /// Writes the sample grid for the current step (rank 0 only) and returns its path.
@@ -449,8 +378,23 @@ impl Trainer {
         let Some(run) = &self.run else {
             return Ok(None);
         };
-        let images = self.gan.generate_u8(&self.grid_z);
-        samples::write_grid(&run.samples_dir(), self.step, &images, self.grid_shape).map(Some)
+        let images = self.task.sample_u8(GRID_IMAGES, self.settings.train.seed);
+        let written = samples::write_grid(&run.samples_dir(), self.step, &images, self.grid_shape)?;
+        // A family that reconstructs also shows held-out originals beside their
+        // reconstructions (original, reconstruction, … in each row of the grid).
+        if let Some(heldout) = &self.heldout {
+            let pixels = heldout.image_size();
+            let originals = &heldout.images()[..(GRID_IMAGES / 2).min(heldout.len()) * pixels];
+            if let Some(pairs) = self.task.reconstruct_u8(originals) {
+                samples::write_named_grid(
+                    &run.samples_dir(),
+                    &format!("reconstruction-{:08}.png", self.step),
+                    &pairs,
+                    self.grid_shape,
+                )?;
+            }
+        }
+        Ok(Some(written))
     }
 
     /// Trains until `train.steps`, logging, sampling and reporting to `observer`.
@@ -474,7 +418,7 @@ impl Trainer {
                 total,
                 self.group.world,
                 self.settings.train.batch_size,
-                self.settings.model.kind,
+                self.task.describe(),
                 self.device,
                 self.threads,
                 self.settings.data.dataset,
@@ -487,7 +431,7 @@ impl Trainer {
         } else {
             None
         };
-        let mut last: Option<HostStats> = None;
+        let mut last: Option<Statistics> = None;
         let train_started = Instant::now();
         let (mut window_start, mut window_steps) = (Instant::now(), 0u64);
 
@@ -511,29 +455,25 @@ impl Trainer {
             window_steps += 1;
 
             let logged = if step.is_multiple_of(log_every) || step == total {
-                let host = self.group_mean(&stats.to_host())?;
+                let statistics = self.group_mean(stats.to_host())?;
                 let images_per_second =
                     (window_steps * global_batch) as f64 / window_start.elapsed().as_secs_f64();
                 (window_start, window_steps) = (Instant::now(), 0);
-                last = Some(host);
+                last = Some(statistics.clone());
                 Some(LoggedStep {
-                    stats: host,
+                    statistics,
                     images_per_second,
                 })
             } else {
                 None
             };
             if let (Some(metrics), Some(logged)) = (&self.metrics, logged.as_ref()) {
-                let s = &logged.stats;
-                metrics.losses(s.d_loss, s.g_loss, s.d_real, s.d_fake);
+                metrics.statistics(&logged.statistics);
             }
             if let (Some(run), Some(logged)) = (self.run.as_mut(), logged.as_ref()) {
                 run.append_metrics(&MetricsRow {
                     step,
-                    d_loss: logged.stats.d_loss,
-                    g_loss: logged.stats.g_loss,
-                    d_x: logged.stats.d_real,
-                    d_g_z: logged.stats.d_fake,
+                    statistics: named(&logged.statistics),
                     images_per_second: logged.images_per_second,
                     wall_seconds: train_started.elapsed().as_secs_f64(),
                 })?;
@@ -542,12 +482,12 @@ impl Trainer {
                 progress.update(step, logged.as_ref().map(describe));
             }
             if verify_every > 0 && step.is_multiple_of(verify_every) {
-                self.group.verify_identical(&self.gan, step)?;
+                self.group.verify_identical(self.task.as_ref(), step)?;
             }
             let sample_due =
                 (sample_every > 0 && step.is_multiple_of(sample_every)) || step == total;
             if sample_due {
-                self.group.broadcast_state(&mut self.gan)?;
+                self.group.broadcast_state(self.task.as_ref())?;
                 if let Some(path) = self.write_samples()? {
                     last_sample = Some(path);
                 }
@@ -573,7 +513,7 @@ impl Trainer {
             }
         }
         progress.finish();
-        self.group.verify_identical(&self.gan, self.step)?;
+        self.group.verify_identical(self.task.as_ref(), self.step)?;
 
         let train_seconds = train_started.elapsed().as_secs_f64();
         let host = last.context("no step was run")?;
@@ -587,12 +527,8 @@ impl Trainer {
             train_seconds,
             device: format!("{:?}", self.device),
             threads: self.threads,
-            final_figures: FinalFigures {
-                d_loss: host.d_loss,
-                g_loss: host.g_loss,
-                d_x: host.d_real,
-                d_g_z: host.d_fake,
-            },
+            family: self.settings.model.family.to_string(),
+            final_figures: named(&host),
             last_sample: last_sample.as_ref().and_then(|p| {
                 p.strip_prefix(&self.settings.run.dir)
                     .ok()
@@ -608,70 +544,85 @@ impl Trainer {
         if let Some(run) = &self.run {
             run.write_summary(&summary)?;
             progress.println(&format!(
-                "done: {} steps in {:.1} s, {:.0} images/s, d_loss {:.4}, g_loss {:.4}; summary in {}",
+                "done: {} steps in {:.1} s, {:.0} images/s, {}; summary in {}",
                 summary.steps,
                 train_seconds,
                 summary.images_per_second,
-                host.d_loss,
-                host.g_loss,
+                host.iter()
+                    .map(|(name, value)| format!("{name} {value:.4}"))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 run.root().join("summary.json").display()
             ));
         }
         Ok(summary)
     }
 
-    /// Scores `eval.samples` images of the current (EMA) generator with gantry-eval's MNIST
-    /// classifier (rank 0 only; trained once and cached). With `baseline`, also scores the
-    /// untrained generator of the same seed for `fid_initial`. `None` when evaluation is off
-    /// or the images are not 28×28 grey digits.
+    /// Evaluates the model (rank 0 only): `eval.samples` samples (EMA weights where the
+    /// family has them; 0 = none) scored with gantry-eval's MNIST classifier (trained once and
+    /// cached) when the images are 28×28 grey digits, and for families with a likelihood the
+    /// held-out negative ELBO, NLL and bits/dim (always: one pass over the held-out images). With `baseline`, also scores the untrained model of
+    /// the same seed for `fid_initial`. `None` when there is nothing to evaluate.
     pub fn evaluate(&self, baseline: bool) -> Result<Option<QualityReport>> {
+        if self.group.rank != 0 {
+            return Ok(None);
+        }
         let n = self.settings.eval.samples;
-        if self.group.rank != 0 || n < 2 {
+        let digits = self.grid_shape == [1, 28, 28] && n >= 2;
+        let likelihood = match &self.heldout {
+            Some(heldout) => self
+                .task
+                .likelihood(heldout.images(), &self.settings)
+                .transpose()
+                .context("held-out likelihood")?,
+            _ => None,
+        };
+        if !digits && likelihood.is_none() {
             return Ok(None);
         }
-        if self.grid_shape != [1, 28, 28] {
-            return Ok(None);
+        let mut report = QualityReport {
+            fid: f64::NAN,
+            fid_initial: f64::NAN,
+            inception_score: f64::NAN,
+            classes_covered: 0,
+            class_histogram: [0; 10],
+            samples: 0,
+            classifier_accuracy: f64::NAN,
+            heldout_neg_elbo_nats: likelihood.map(|l| l.neg_elbo_nats),
+            heldout_nll_nats: likelihood.map(|l| l.nll_nats),
+            bits_per_dim: likelihood.map(|l| l.bits_per_dim),
+        };
+        if digits {
+            let evaluator =
+                gantry_eval::Evaluator::load_or_train(&gantry_eval::default_cache_dir())
+                    .context("preparing the evaluation classifier")?;
+            let seed = self.settings.train.seed.wrapping_add(1);
+            let quality = evaluator
+                .score(&self.task.sample_u8(n, seed), n)
+                .context("scoring samples")?;
+            if baseline {
+                // The untrained model is a pure function of the seed: rebuild it.
+                let initial = gantry_models::task::build(
+                    &self.settings,
+                    self.task.image_shape(),
+                    self.device,
+                )?;
+                report.fid_initial = evaluator
+                    .score(&initial.sample_u8(n, seed), n)
+                    .context("scoring the untrained model")?
+                    .fid;
+            }
+            report.fid = quality.fid;
+            report.inception_score = quality.inception_score;
+            report.classes_covered = quality.classes_covered;
+            report.class_histogram = quality.class_histogram;
+            report.samples = n;
+            report.classifier_accuracy = evaluator.classifier_accuracy();
         }
-        let evaluator = gantry_eval::Evaluator::load_or_train(&gantry_eval::default_cache_dir())
-            .context("preparing the evaluation classifier")?;
-        let z = latent::fixed(
-            self.settings.train.seed.wrapping_add(1),
-            n,
-            self.gan.latent_dim(),
-        );
-        let sample = |gan: &Gan| -> Vec<u8> {
-            let dim = gan.latent_dim();
-            z.chunks(500 * dim)
-                .flat_map(|chunk| gan.generate_u8(&gan.latents(chunk)))
-                .collect()
-        };
-        let quality = evaluator
-            .score(&sample(&self.gan), n)
-            .context("scoring samples")?;
-        let fid_initial = if baseline {
-            // The untrained generator is a pure function of the seed: rebuild it.
-            let shape = self.gan.image_shape();
-            let initial = Gan::new(&self.settings, shape, self.device)?;
-            evaluator
-                .score(&sample(&initial), n)
-                .context("scoring the untrained generator")?
-                .fid
-        } else {
-            f64::NAN
-        };
-        let report = QualityReport {
-            fid: quality.fid,
-            fid_initial,
-            inception_score: quality.inception_score,
-            classes_covered: quality.classes_covered,
-            class_histogram: quality.class_histogram,
-            samples: n,
-            classifier_accuracy: evaluator.classifier_accuracy(),
-        };
         if let Some(run) = &self.run {
             run.append_quality(self.step, &report)?;
         }
-        if let Some(metrics) = &self.metrics {
+        if let (Some(metrics), true) = (&self.metrics, digits) {
             metrics.quality(gantry_metrics::Quality {
                 step: self.step,
                 fid: report.fid,
@@ -682,35 +633,59 @@ impl Trainer {
         Ok(Some(report))
     }
 
-    /// Averages a step's figures over the group, so logs describe the global batch.
-    fn group_mean(&mut self, host: &HostStats) -> Result<HostStats> {
+    /// Averages a step's statistics over the group, so logs describe the global batch.
+    fn group_mean(&mut self, mut statistics: Statistics) -> Result<Statistics> {
         if self.group.world == 1 {
-            return Ok(*host);
+            return Ok(statistics);
         }
-        let mut values = [host.d_loss, host.g_loss, host.d_real, host.d_fake].map(|v| v as f32);
+        let mut values: Vec<f32> = statistics.iter().map(|(_, v)| *v as f32).collect();
         self.group.sum_host(&mut values)?;
         let n = self.group.world as f64;
-        let [d_loss, g_loss, d_real, d_fake] = values.map(|v| f64::from(v) / n);
-        Ok(HostStats {
-            d_loss,
-            g_loss,
-            d_real,
-            d_fake,
+        for ((_, value), sum) in statistics.iter_mut().zip(values) {
+            *value = f64::from(sum) / n;
+        }
+        Ok(statistics)
+    }
+}
+
+/// This rank's rows of the global batches of one step, read from the training set.
+struct RankBatches<'a> {
+    dataset: &'a Dataset,
+    sampler: &'a mut GlobalSampler,
+    rank: usize,
+    world: usize,
+    /// Rows per rank.
+    local: usize,
+    /// The data stream of the step's first batch.
+    first_stream: u64,
+    pixels: &'a mut Vec<f32>,
+    device: Device,
+    shape: [usize; 3],
+}
+
+impl BatchSource for RankBatches<'_> {
+    fn batch(&mut self, i: u64) -> Result<Batch, ExternalError> {
+        let stream = self.first_stream + i;
+        let indices = self.sampler.indices(stream, self.rank, self.world)?;
+        self.dataset.batch_f32(&indices, self.pixels);
+        let [c, h, w] = self.shape.map(|d| d as i64);
+        let images = Tensor::from_slice(self.pixels)
+            .view([-1, c, h, w])
+            .to_device(self.device);
+        Ok(Batch {
+            stream,
+            first_row: self.rank * self.local,
+            images,
         })
     }
 }
 
-/// Whether `first` and `second` are, in this order, exactly the two halves of `joint`'s
-/// memory, so averaging `joint` averages both.
-fn spans(joint: &Tensor, first: &Tensor, second: &Tensor) -> bool {
-    let f32_bytes = std::mem::size_of::<f32>();
-    let base = joint.data_ptr() as usize;
-    [joint, first, second]
+/// Statistics as the JSON object of `metrics.jsonl` rows and `summary.json`'s `final`.
+fn named(statistics: &Statistics) -> std::collections::BTreeMap<String, f64> {
+    statistics
         .iter()
-        .all(|t| t.kind() == tch::Kind::Float && t.is_contiguous() && t.device() == joint.device())
-        && first.data_ptr() as usize == base
-        && second.data_ptr() as usize == base + first.numel() * f32_bytes
-        && first.numel() + second.numel() == joint.numel()
+        .map(|(name, value)| ((*name).to_owned(), *value))
+        .collect()
 }
 
 /// Whether averaging D's gradient on a helper thread, overlapped with G's backward pass,
@@ -734,9 +709,11 @@ pub fn run_standalone_from(settings: &Settings, resume: Option<&CheckpointDir>) 
 }
 
 fn describe(logged: &LoggedStep) -> String {
-    let s = &logged.stats;
-    format!(
-        "d_loss {:.3} g_loss {:.3} D(x) {:.2} D(G(z)) {:.2} {:.0} img/s",
-        s.d_loss, s.g_loss, s.d_real, s.d_fake, logged.images_per_second
-    )
+    let mut line: Vec<String> = logged
+        .statistics
+        .iter()
+        .map(|(name, value)| format!("{name} {value:.3}"))
+        .collect();
+    line.push(format!("{:.0} img/s", logged.images_per_second));
+    line.join(" ")
 }

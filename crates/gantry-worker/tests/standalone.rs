@@ -34,16 +34,22 @@ fn short_run_writes_every_artifact() {
         vec![10, 20, 30, 40]
     );
     for row in &rows {
+        let s = |name: &str| row.statistics.get(name).copied().unwrap_or(f64::NAN);
+        assert_eq!(
+            row.statistics.keys().collect::<Vec<_>>(),
+            ["d_fake", "d_loss", "d_real", "g_loss"],
+            "the GAN's named statistics"
+        );
         for value in [
-            row.d_loss,
-            row.g_loss,
+            s("d_loss"),
+            s("g_loss"),
             row.images_per_second,
             row.wall_seconds,
         ] {
             assert!(value.is_finite() && value >= 0.0, "{row:?}");
         }
         assert!(
-            (0.0..=1.0).contains(&row.d_x) && (0.0..=1.0).contains(&row.d_g_z),
+            (0.0..=1.0).contains(&s("d_real")) && (0.0..=1.0).contains(&s("d_fake")),
             "{row:?}"
         );
     }
@@ -71,7 +77,12 @@ fn short_run_writes_every_artifact() {
     assert_eq!(summary.steps, 40);
     assert_eq!(summary.world_size, 1);
     assert!(summary.images_per_second > 0.0);
-    assert!(summary.final_figures.d_loss.is_finite() && summary.final_figures.g_loss.is_finite());
+    assert_eq!(summary.family, "gan");
+    assert!(
+        ["d_loss", "g_loss"]
+            .iter()
+            .all(|k| summary.final_figures[*k].is_finite())
+    );
     assert_eq!(
         summary.last_sample.as_deref(),
         Some("samples/step-00000040.png")

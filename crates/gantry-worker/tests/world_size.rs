@@ -17,7 +17,6 @@ use std::thread;
 
 use gantry_collective::RingCollective;
 use gantry_config::{Optimizer, Settings};
-use gantry_models::Network;
 use gantry_worker::sync::{Group, ring_config};
 use gantry_worker::train::Trainer;
 
@@ -90,20 +89,23 @@ fn train_rank(
     let before = trainer.group.sequence();
     for step in 0..steps as usize {
         if let Some(teacher) = teacher {
-            load_flat(&trainer.gan.g_params.flat, &teacher[step].generator);
-            load_flat(&trainer.gan.d_params.flat, &teacher[step].discriminator);
+            load_flat(&flat(&trainer, "generator"), &teacher[step].generator);
+            load_flat(
+                &flat(&trainer, "discriminator"),
+                &teacher[step].discriminator,
+            );
         }
         let (generator, discriminator) = (
-            to_vec(&trainer.gan.g_params.flat),
-            to_vec(&trainer.gan.d_params.flat),
+            to_vec(&flat(&trainer, "generator")),
+            to_vec(&flat(&trainer, "discriminator")),
         );
-        let (mut d_grad, mut g_grad) = (Vec::new(), Vec::new());
-        trainer
-            .step_with(&mut |network, grad| match network {
-                Network::Discriminator => d_grad = to_vec(grad),
-                Network::Generator => g_grad = to_vec(grad),
-            })
-            .unwrap();
+        trainer.step_plain().unwrap();
+        let gradient = |part: &str| {
+            let gradients = trainer.task.gradients();
+            let (_, g) = gradients.iter().find(|(name, _)| *name == part).unwrap();
+            to_vec(g)
+        };
+        let (d_grad, g_grad) = (gradient("discriminator"), gradient("generator"));
         records.push(StepRecord {
             generator,
             discriminator,
@@ -112,13 +114,23 @@ fn train_rank(
         });
     }
     let operations = trainer.group.sequence() - before;
-    trainer.group.verify_identical(&trainer.gan, steps).unwrap();
+    trainer
+        .group
+        .verify_identical(trainer.task.as_ref(), steps)
+        .unwrap();
     Outcome {
         operations,
         steps: records,
-        generator: to_vec(&trainer.gan.g_params.flat),
-        discriminator: to_vec(&trainer.gan.d_params.flat),
+        generator: to_vec(&flat(&trainer, "generator")),
+        discriminator: to_vec(&flat(&trainer, "discriminator")),
     }
+}
+
+/// The flat parameters of the task's part `name`.
+fn flat(trainer: &Trainer, name: &str) -> tch::Tensor {
+    let parts = trainer.task.parts();
+    let part = parts.iter().find(|p| p.name == name).unwrap();
+    part.params.flat.shallow_clone()
 }
 
 /// How a group run is set up.

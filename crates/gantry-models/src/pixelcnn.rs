@@ -1,0 +1,428 @@
+//! An autoregressive model (`model.family = "autoregressive"`): a PixelCNN over grey pixels
+//! in raster order, p(x) = Π p(x_i | x_<i).
+//!
+//! A masked 7×7 convolution of type A (a pixel sees only the pixels before it), then
+//! `autoregressive.residual_blocks` residual blocks `h + conv1×1(ReLU(maskB3×3(ReLU(h))))`
+//! (type B: a pixel also sees its own features), then ReLU → 1×1 → ReLU → 1×1 to one Bernoulli
+//! logit per pixel (`output = "bernoulli"`, on binarised digits) or 256 logits
+//! (`output = "softmax"`, on 8-bit intensities). Every layer has `autoregressive.channels`
+//! maps and PyTorch's default initialisation, so `bench/torch_pixelcnn.py` builds the same
+//! network.
+//!
+//! Binarisation is dynamic: each training pixel is drawn afresh from Bernoulli(intensity) with
+//! [`latent::uniforms`] of its (seed, stream, row), so the step stays world-size invariant and
+//! exactly resumable; held-out digits are binarised once, with a fixed seed. Sampling runs the
+//! network once per pixel for the whole batch, on the rows above and at the pixel only (the
+//! masks make a pixel's logits independent of every later row, so this changes nothing).
+
+use std::path::Path;
+
+use gantry_config::{Family, PixelOutput, Settings};
+use tch::nn::{self, VarStore};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::gan::{all_finite, flat_gradient, load_into, load_moments, save_moments};
+use crate::optim::FlatOptimizer;
+use crate::phases::{Phase, PhaseClock};
+use crate::task::{BatchSource, GradReduce, Likelihood, Part, StepOutcome, TrainTask};
+use crate::vae::torch_default;
+use crate::{FlatParams, ModelError, OPTIMIZER_FILE, latent};
+
+/// The network's tensors in a checkpoint.
+pub const PIXELCNN_FILE: &str = "pixelcnn.safetensors";
+
+/// The fixed binarisation of held-out images (one draw, never re-drawn).
+pub const HELDOUT_BINARISATION_SEED: u64 = 0x6865_6c64;
+
+/// A convolution whose kernel is multiplied by a fixed causal mask at every use.
+#[derive(Debug)]
+struct MaskedConv {
+    weight: Tensor,
+    bias: Tensor,
+    mask: Tensor,
+    padding: i64,
+}
+
+impl MaskedConv {
+    /// `include_centre`: type B (the pixel's own features) rather than type A.
+    fn new(path: nn::Path<'_>, inputs: i64, outputs: i64, size: i64, include_centre: bool) -> Self {
+        let init = torch_default(inputs * size * size);
+        let weight = path.var("weight", &[outputs, inputs, size, size], init);
+        let bias = path.var("bias", &[outputs], init);
+        let centre = size / 2;
+        let mut mask = vec![0f32; (size * size) as usize];
+        for row in 0..size {
+            for col in 0..size {
+                let before = row < centre || (row == centre && col < centre);
+                let at = row == centre && col == centre;
+                if before || (include_centre && at) {
+                    mask[(row * size + col) as usize] = 1.0;
+                }
+            }
+        }
+        let mask = Tensor::from_slice(&mask)
+            .view([1, 1, size, size])
+            .to_device(weight.device());
+        Self {
+            weight,
+            bias,
+            mask,
+            padding: size / 2,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Tensor {
+        x.conv2d(
+            &(&self.weight * &self.mask),
+            Some(&self.bias),
+            [1, 1],
+            [self.padding, self.padding],
+            [1, 1],
+            1,
+        )
+    }
+}
+
+fn pointwise(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::Conv2D {
+    let init = torch_default(inputs);
+    let config = nn::ConvConfig {
+        ws_init: init,
+        bs_init: init,
+        ..Default::default()
+    };
+    nn::conv2d(path, inputs, outputs, 1, config)
+}
+
+#[derive(Debug)]
+struct Block {
+    masked: MaskedConv,
+    mix: nn::Conv2D,
+}
+
+/// The PixelCNN being trained.
+#[derive(Debug)]
+pub struct PixelCnn {
+    device: Device,
+    pub vs: VarStore,
+    input: MaskedConv,
+    blocks: Vec<Block>,
+    head: nn::Conv2D,
+    out: nn::Conv2D,
+    pub params: FlatParams,
+    pub optimizer: FlatOptimizer,
+    gradient: Tensor,
+    output: PixelOutput,
+    channels: i64,
+    image_shape: [i64; 3],
+    seed: u64,
+    host_draws: Vec<f32>,
+    pub clock: PhaseClock,
+}
+
+impl PixelCnn {
+    pub fn new(
+        settings: &Settings,
+        image_shape: [i64; 3],
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let a = &settings.autoregressive;
+        if image_shape[0] != 1 {
+            return Err(ModelError::Invalid(format!(
+                "model.family = \"autoregressive\" models grey images (data.channels = 1), got {} channels",
+                image_shape[0]
+            )));
+        }
+        let c = a.channels as i64;
+        let _init = crate::INIT.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(settings.train.seed as i64);
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let input = MaskedConv::new(&root / "input", 1, c, 7, false);
+        let blocks = (0..a.residual_blocks)
+            .map(|i| Block {
+                masked: MaskedConv::new(&root / format!("block{i}_masked"), c, c, 3, true),
+                mix: pointwise(&root / format!("block{i}_mix"), c, c),
+            })
+            .collect();
+        let head = pointwise(&root / "head", c, c);
+        let logits = match a.output {
+            PixelOutput::Bernoulli => 1,
+            PixelOutput::Softmax => 256,
+        };
+        let out = pointwise(&root / "out", c, logits);
+        let params = FlatParams::new(&vs);
+        let optimizer = FlatOptimizer::new(settings.train.optimizer, a.lr, a.betas, &params.flat);
+        let gradient = params.flat.zeros_like();
+        Ok(Self {
+            device,
+            vs,
+            input,
+            blocks,
+            head,
+            out,
+            params,
+            optimizer,
+            gradient,
+            output: a.output,
+            channels: c,
+            image_shape,
+            seed: settings.train.seed,
+            host_draws: Vec::new(),
+            clock: PhaseClock::new(device),
+        })
+    }
+
+    /// Logits for every pixel of `x` (N×1×H×W network inputs in [0, 1]): N×1×H×W
+    /// (Bernoulli) or N×256×H×W (softmax).
+    pub fn logits(&self, x: &Tensor) -> Tensor {
+        self.output_head(&self.features(x))
+    }
+
+    /// The masked layers' features (N×C×H×W).
+    fn features(&self, x: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        let mut h = self.input.forward(x);
+        for block in &self.blocks {
+            h = &h + block.mix.forward(&block.masked.forward(&h.relu()).relu());
+        }
+        h
+    }
+
+    /// Per-pixel logits of features: 1×1 layers, so any crop of `h` gives its own pixels'.
+    fn output_head(&self, h: &Tensor) -> Tensor {
+        use tch::nn::Module;
+        self.out.forward(&self.head.forward(&h.relu()).relu())
+    }
+
+    /// Per-image negative log-likelihood in nats of `targets` (binary pixels as 0/1 floats,
+    /// or 8-bit intensities as integer classes), from the logits of `inputs`.
+    fn nll(&self, inputs: &Tensor, targets: &Tensor) -> Tensor {
+        let n = inputs.size()[0];
+        let logits = self.logits(inputs);
+        let per_pixel = match self.output {
+            PixelOutput::Bernoulli => logits.binary_cross_entropy_with_logits::<Tensor>(
+                targets,
+                None,
+                None,
+                Reduction::None,
+            ),
+            PixelOutput::Softmax => logits.cross_entropy_loss::<Tensor>(
+                &targets.to_kind(Kind::Int64).squeeze_dim(1),
+                None,
+                Reduction::None,
+                -100,
+                0.0,
+            ),
+        };
+        per_pixel
+            .view([n, -1])
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+    }
+
+    /// (network input, target) of 8-bit-scale intensities `v` (N×1×H×W floats in [0, 255]);
+    /// Bernoulli pixels are `v / 255 > u` for the uniform draws `u`.
+    fn inputs_and_targets(&self, v: &Tensor, draws: Option<&Tensor>) -> (Tensor, Tensor) {
+        match (self.output, draws) {
+            (PixelOutput::Bernoulli, Some(u)) => {
+                let binary = (v / 255.0).gt_tensor(u).to_kind(Kind::Float);
+                (binary.shallow_clone(), binary)
+            }
+            _ => (v / 255.0, v.round()),
+        }
+    }
+
+    fn draws(&mut self, seed: u64, stream: u64, first_row: usize, rows: usize) -> Tensor {
+        let [c, h, w] = self.image_shape;
+        latent::uniforms(
+            seed,
+            stream,
+            (c * h * w) as usize,
+            first_row,
+            rows,
+            &mut self.host_draws,
+        );
+        Tensor::from_slice(&self.host_draws)
+            .view([rows as i64, c, h, w])
+            .to_device(self.device)
+    }
+}
+
+impl TrainTask for PixelCnn {
+    fn family(&self) -> Family {
+        Family::Autoregressive
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "PixelCNN ({} maps, {} residual blocks, {})",
+            self.channels,
+            self.blocks.len(),
+            self.output
+        )
+    }
+
+    fn parts(&self) -> Vec<Part<'_>> {
+        vec![Part {
+            name: "pixelcnn",
+            params: &self.params,
+            vs: &self.vs,
+            optimizer: &self.optimizer,
+        }]
+    }
+
+    fn step(
+        &mut self,
+        data: &mut dyn BatchSource,
+        reduce: &mut dyn GradReduce,
+    ) -> Result<StepOutcome, ModelError> {
+        let batch = data.batch(0)?;
+        let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
+        // [-1, 1] back to the 8-bit scale the images came from.
+        let v = (&batch.images + 1.0) * 127.5;
+        let draws = (self.output == PixelOutput::Bernoulli)
+            .then(|| self.draws(self.seed, batch.stream, batch.first_row, rows));
+        let (inputs, targets) = self.inputs_and_targets(&v, draws.as_ref());
+        self.clock.lap(Phase::Data);
+        let nll = self.nll(&inputs, &targets).mean(Kind::Float);
+        let mut grad = flat_gradient(&nll, &self.params, false, self.gradient.shallow_clone());
+        self.clock.lap(Phase::ForwardBackward);
+        reduce.average(&mut grad)?;
+        self.clock.lap(Phase::AllReduce);
+        let applied = all_finite(&grad);
+        if applied {
+            self.optimizer.step(&self.params.flat, &grad);
+        }
+        self.clock.lap(Phase::Optimizer);
+        let pixels = self.image_shape.iter().product::<i64>() as f64;
+        Ok(StepOutcome {
+            applied,
+            statistics: tch::no_grad(|| {
+                let nll = nll.detach();
+                let bits = &nll / (pixels * std::f64::consts::LN_2);
+                vec![("nll", nll), ("bits_per_dim", bits)]
+            }),
+        })
+    }
+
+    fn gradients(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("pixelcnn", self.gradient.shallow_clone())]
+    }
+
+    /// Pixel by pixel in raster order, the whole batch at once; the draws of row r are
+    /// [`latent::uniforms`]`(seed, 0, pixels, r, 1)`.
+    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
+        let [_, h, w] = self.image_shape;
+        let pixels = (h * w) as usize;
+        let mut out = Vec::with_capacity(n * pixels);
+        let mut host = Vec::new();
+        for first in (0..n).step_by(500) {
+            let rows = 500.min(n - first);
+            latent::uniforms(seed, 0, pixels, first, rows, &mut host);
+            let u = Tensor::from_slice(&host).view([rows as i64, 1, h, w]);
+            let x = Tensor::zeros([rows as i64, 1, h, w], (Kind::Float, self.device));
+            tch::no_grad(|| {
+                for i in 0..h {
+                    for j in 0..w {
+                        // One pass per pixel; rows after i do not affect its logits, so
+                        // they are left out of the pass, and the 1×1 output layers run on
+                        // the pixel alone.
+                        let h = self.features(&x.narrow(2, 0, i + 1));
+                        let at = self.output_head(&h.narrow(2, i, 1).narrow(3, j, 1));
+                        let draw = u.narrow(2, i, 1).narrow(3, j, 1).to_device(self.device);
+                        let value = match self.output {
+                            PixelOutput::Bernoulli => {
+                                at.sigmoid().gt_tensor(&draw).to_kind(Kind::Float)
+                            }
+                            PixelOutput::Softmax => {
+                                // Inverse-CDF draw from the 256-way softmax.
+                                let cdf = at.softmax(1, Kind::Float).cumsum(1, Kind::Float);
+                                let class = cdf
+                                    .lt_tensor(&draw)
+                                    .sum_dim_intlist([1i64].as_slice(), true, Kind::Float)
+                                    .clamp_max(255.0);
+                                class / 255.0
+                            }
+                        };
+                        x.narrow(2, i, 1).narrow(3, j, 1).copy_(&value);
+                    }
+                }
+            });
+            let bytes = (x * 255.0).round().clamp(0.0, 255.0).to_kind(Kind::Uint8);
+            out.extend(
+                Vec::<u8>::try_from(bytes.to_device(Device::Cpu).reshape([-1])).unwrap_or_default(),
+            );
+        }
+        out
+    }
+
+    fn likelihood(
+        &self,
+        images: &[u8],
+        _settings: &Settings,
+    ) -> Option<Result<Likelihood, ModelError>> {
+        let [c, h, w] = self.image_shape;
+        let pixels = (c * h * w) as usize;
+        let n = images.len() / pixels;
+        let mut host = Vec::new();
+        let mut total = 0.0;
+        tch::no_grad(|| {
+            for first in (0..n).step_by(250) {
+                let rows = 250.min(n - first);
+                let v = Tensor::from_slice(&images[first * pixels..][..rows * pixels])
+                    .to_device(self.device)
+                    .to_kind(Kind::Float)
+                    .view([rows as i64, c, h, w]);
+                let draws = (self.output == PixelOutput::Bernoulli).then(|| {
+                    latent::uniforms(HELDOUT_BINARISATION_SEED, 0, pixels, first, rows, &mut host);
+                    Tensor::from_slice(&host)
+                        .view([rows as i64, c, h, w])
+                        .to_device(self.device)
+                });
+                let (inputs, targets) = self.inputs_and_targets(&v, draws.as_ref());
+                total += self
+                    .nll(&inputs, &targets)
+                    .sum(Kind::Double)
+                    .double_value(&[]);
+            }
+        });
+        let nll = total / n.max(1) as f64;
+        Some(Ok(Likelihood {
+            neg_elbo_nats: nll,
+            nll_nats: nll,
+            bits_per_dim: nll / (pixels as f64 * std::f64::consts::LN_2),
+            images: n,
+        }))
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        self.vs.save(dir.join(PIXELCNN_FILE))?;
+        save_moments(&[("pixelcnn", &self.optimizer)], &dir.join(OPTIMIZER_FILE))
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), ModelError> {
+        load_into(&self.vs, &dir.join(PIXELCNN_FILE))?;
+        load_moments(&[("pixelcnn", &self.optimizer)], &dir.join(OPTIMIZER_FILE))
+    }
+
+    fn set_optimizer_steps(&mut self, name: &str, steps: u64) -> Result<(), ModelError> {
+        if name != "pixelcnn" {
+            return Err(ModelError::Invalid(format!(
+                "the PixelCNN has no part `{name}`"
+            )));
+        }
+        self.optimizer.step = steps;
+        Ok(())
+    }
+
+    fn clock(&mut self) -> &mut PhaseClock {
+        &mut self.clock
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn image_shape(&self) -> [i64; 3] {
+        self.image_shape
+    }
+}

@@ -1,0 +1,235 @@
+//! The training-task seam: one trait, [`TrainTask`], that the worker's loop drives without
+//! knowing which generative family it trains.
+//!
+//! A task owns its networks (each a [`Part`]: a `VarStore` whose trainable parameters are views
+//! of one flat tensor, and that tensor's optimiser), and runs one data-parallel step given the
+//! rank's batches ([`BatchSource`]) and a way to average gradients across ranks
+//! ([`GradReduce`]). How many batches a step takes, when gradients are averaged and in how
+//! many operations, which updates a non-finite value skips: all of that is the family's
+//! business (the GAN's critic steps and its one all-reduce a step live in [`crate::Gan`]). What
+//! comes back is named scalar statistics, so metrics, heartbeats and the status page need no
+//! knowledge of what "d_loss" or "elbo" means.
+//!
+//! The hidden contracts every implementation keeps, and the worker's tests check:
+//! - everything a step consumes is a pure function of (seed, stream index, global row): the
+//!   batch, latents, binarisation draws. So a resumed run replays exactly, and n ranks × b/n
+//!   rows compute the gradient of 1 rank × b;
+//! - every rank calls `GradReduce` the same number of times in the same order, whatever
+//!   happens (a non-finite value is decided on *averaged* gradients, identical everywhere);
+//! - `save` then `load` restores the complete state but the optimisers' step counts, which
+//!   the caller keeps in `state.json` ([`TrainTask::optimizer_steps`]).
+
+use std::path::Path;
+
+use gantry_config::{Family, Settings};
+use tch::nn::VarStore;
+use tch::{Device, Tensor};
+
+use crate::optim::FlatOptimizer;
+use crate::phases::{Phase, PhaseClock};
+use crate::{FlatParams, ModelError};
+
+/// A failure outside the model (a collective, the data), carried through a step.
+pub type ExternalError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Averages gradients across the data-parallel group.
+pub trait GradReduce {
+    /// Averages `flat` (contiguous, 1-D, f32) across the ranks, in place.
+    fn average(&mut self, flat: &mut Tensor) -> Result<(), ExternalError>;
+
+    /// Starts averaging `flat` in the background where that pays (a core to spare) and the
+    /// backend can; `false` when nothing was started (then call [`GradReduce::average`]).
+    /// Until [`GradReduce::finish_average`] returns, nothing may touch `flat`'s memory.
+    fn start_average(&mut self, _flat: &Tensor) -> bool {
+        false
+    }
+
+    /// Waits for the average [`GradReduce::start_average`] started (no-op if none).
+    fn finish_average(&mut self) -> Result<(), ExternalError> {
+        Ok(())
+    }
+}
+
+/// The reduction of a world of one: nothing to average with.
+#[derive(Debug, Default)]
+pub struct Alone;
+
+impl GradReduce for Alone {
+    fn average(&mut self, _flat: &mut Tensor) -> Result<(), ExternalError> {
+        Ok(())
+    }
+}
+
+/// One batch of this rank: its rows of a global batch.
+#[derive(Debug)]
+pub struct Batch {
+    /// The data stream's index: step `s` (0-based) of a task taking `k` batches a step reads
+    /// streams `s·k .. s·k + k`. Latents and other draws of the batch are keyed by it.
+    pub stream: u64,
+    /// The global row of this rank's first image.
+    pub first_row: usize,
+    /// This rank's images, NCHW in [-1, 1], on the task's device.
+    pub images: Tensor,
+}
+
+/// Where a step gets its batches from.
+pub trait BatchSource {
+    /// Batch `i` (0-based) of the current step.
+    fn batch(&mut self, i: u64) -> Result<Batch, ExternalError>;
+}
+
+/// One network of a task, as the group sees it.
+#[derive(Debug)]
+pub struct Part<'a> {
+    /// Its name in checkpoints, metrics (`network` label) and messages.
+    pub name: &'static str,
+    pub params: &'a FlatParams,
+    /// Parameters and buffers (BatchNorm statistics), for broadcasting state.
+    pub vs: &'a VarStore,
+    pub optimizer: &'a FlatOptimizer,
+}
+
+/// Named scalar statistics of a step, on the device until read.
+#[derive(Debug)]
+pub struct StepOutcome {
+    /// In the family's order, e.g. `d_loss, g_loss, d_real, d_fake` for the GAN.
+    pub statistics: Vec<(&'static str, Tensor)>,
+    /// False when a non-finite loss or averaged gradient made the step skip its updates.
+    pub applied: bool,
+}
+
+/// Host values of [`StepOutcome::statistics`].
+pub type Statistics = Vec<(&'static str, f64)>;
+
+impl StepOutcome {
+    /// Reads the statistics (a device synchronisation on a GPU: call on logging steps).
+    pub fn to_host(&self) -> Statistics {
+        self.statistics
+            .iter()
+            .map(|(name, value)| (*name, value.double_value(&[])))
+            .collect()
+    }
+}
+
+/// Held-out likelihood of a family that has one, in nats per image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Likelihood {
+    /// Negative ELBO (VAE); equal to the NLL where the likelihood is exact.
+    pub neg_elbo_nats: f64,
+    /// Negative log-likelihood: an importance-weighted bound (VAE) or exact (autoregressive).
+    pub nll_nats: f64,
+    /// `nll_nats / (pixels · ln 2)`.
+    pub bits_per_dim: f64,
+    pub images: usize,
+}
+
+/// A generative model being trained: the seam between the worker's loop and a family.
+pub trait TrainTask: std::fmt::Debug + Send {
+    fn family(&self) -> Family;
+
+    /// What is trained, for the start-up line (e.g. "mlp GAN").
+    fn describe(&self) -> String;
+
+    /// The networks, in a fixed order that every rank shares.
+    fn parts(&self) -> Vec<Part<'_>>;
+
+    /// The phases its steps mark (see [`PhaseClock`]), for metrics.
+    fn phases(&self) -> &'static [Phase] {
+        &[
+            Phase::Data,
+            Phase::ForwardBackward,
+            Phase::AllReduce,
+            Phase::Optimizer,
+        ]
+    }
+
+    /// Batches one step reads (the GAN's `train.n_critic`; 1 elsewhere).
+    fn batches_per_step(&self) -> u64 {
+        1
+    }
+
+    /// One data-parallel step (see the module docs for the contracts).
+    fn step(
+        &mut self,
+        data: &mut dyn BatchSource,
+        reduce: &mut dyn GradReduce,
+    ) -> Result<StepOutcome, ModelError>;
+
+    /// Each part's group-averaged flat gradient of the latest step, by part name.
+    fn gradients(&self) -> Vec<(&'static str, Tensor)>;
+
+    /// `n` samples as 8-bit pixels, NCHW, a pure function of `seed` (EMA weights where the
+    /// family has them).
+    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8>;
+
+    /// Side by side: `images` (8-bit, NCHW) and the model's reconstructions of them, for
+    /// families that reconstruct (the VAE).
+    fn reconstruct_u8(&self, _images: &[u8]) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// Held-out likelihood of `images` (8-bit, NCHW), for families that have one.
+    fn likelihood(
+        &self,
+        _images: &[u8],
+        _settings: &Settings,
+    ) -> Option<Result<Likelihood, ModelError>> {
+        None
+    }
+
+    /// Writes the complete state but the optimisers' step counts into `dir`.
+    fn save(&self, dir: &Path) -> Result<(), ModelError>;
+
+    /// Loads what `save` wrote, in place, checking every name and shape.
+    fn load(&mut self, dir: &Path) -> Result<(), ModelError>;
+
+    /// Each part's optimiser step count, by part name.
+    fn optimizer_steps(&self) -> Vec<(&'static str, u64)> {
+        self.parts()
+            .iter()
+            .map(|p| (p.name, p.optimizer.step))
+            .collect()
+    }
+
+    /// Restores the step count of part `name`'s optimiser.
+    fn set_optimizer_steps(&mut self, name: &str, steps: u64) -> Result<(), ModelError>;
+
+    /// The phase clock the caller starts and reads.
+    fn clock(&mut self) -> &mut PhaseClock;
+
+    fn device(&self) -> Device;
+
+    /// `[channels, height, width]` of the images it models.
+    fn image_shape(&self) -> [i64; 3];
+}
+
+/// The tensor files a task of `family` saves into a checkpoint directory.
+pub fn checkpoint_files(family: Family) -> &'static [&'static str] {
+    match family {
+        Family::Gan => &[
+            crate::GENERATOR_FILE,
+            crate::DISCRIMINATOR_FILE,
+            crate::GENERATOR_EMA_FILE,
+            crate::OPTIMIZER_FILE,
+        ],
+        Family::Vae => &[crate::vae::VAE_FILE, crate::OPTIMIZER_FILE],
+        Family::Autoregressive => &[crate::pixelcnn::PIXELCNN_FILE, crate::OPTIMIZER_FILE],
+    }
+}
+
+/// Builds the task `settings.model.family` names, with weights drawn from `train.seed`.
+pub fn build(
+    settings: &Settings,
+    image_shape: [i64; 3],
+    device: Device,
+) -> Result<Box<dyn TrainTask>, ModelError> {
+    Ok(match settings.model.family {
+        Family::Gan => Box::new(crate::Gan::new(settings, image_shape, device)?),
+        Family::Vae => Box::new(crate::vae::Vae::new(settings, image_shape, device)?),
+        Family::Autoregressive => Box::new(crate::pixelcnn::PixelCnn::new(
+            settings,
+            image_shape,
+            device,
+        )?),
+    })
+}

@@ -1,0 +1,446 @@
+//! A variational autoencoder (`model.family = "vae"`): an encoder maps an image to a Gaussian
+//! posterior q(z|x) = N(μ, σ²), a decoder maps z to per-pixel Bernoulli logits, and training
+//! minimises the negative ELBO, E_q[−log p(x|z)] + KL(q(z|x) ‖ N(0, I)), in nats per image.
+//!
+//! - `vae.kind = "mlp"`: the classic PyTorch example, pixels → hidden (ReLU) → μ, log σ²;
+//!   z → hidden (ReLU) → pixel logits.
+//! - `vae.kind = "conv"`: two stride-2 4×4 convolutions (32, 64 maps, ReLU) → μ, log σ², and
+//!   the mirror image with transposed convolutions; image sides divisible by 4.
+//!
+//! Pixel intensities in [0, 1] are the Bernoulli targets (summed binary cross-entropy), the KL
+//! term is analytic, and the reparameterisation noise ε of row r of stream s is
+//! [`crate::latent::fill`]'s row r of stream s: a pure function of (seed, s, r), so the step is
+//! world-size invariant and resumes exactly. Every layer is initialised as PyTorch's default
+//! (weights and biases U(±1/√fan_in)), so `bench/torch_vae.py` builds the same network.
+
+use std::path::Path;
+
+use gantry_config::{Family, Settings, VaeKind};
+use tch::nn::{self, Module, VarStore};
+use tch::{Device, Kind, Reduction, Tensor};
+
+use crate::gan::{all_finite, flat_gradient, load_into, load_moments, save_moments};
+use crate::optim::FlatOptimizer;
+use crate::phases::{Phase, PhaseClock};
+use crate::task::{BatchSource, GradReduce, Likelihood, Part, StepOutcome, TrainTask};
+use crate::{FlatParams, ModelError, OPTIMIZER_FILE, latent};
+
+/// The encoder and decoder's tensors in a checkpoint.
+pub const VAE_FILE: &str = "vae.safetensors";
+
+/// Separates the evaluation's importance samples from the training noise.
+const IMPORTANCE_SEED: u64 = 0x6977_6165;
+
+/// PyTorch's default initialisation of a layer with `fan_in` inputs.
+pub(crate) fn torch_default(fan_in: i64) -> nn::Init {
+    let bound = 1.0 / (fan_in.max(1) as f64).sqrt();
+    nn::Init::Uniform {
+        lo: -bound,
+        up: bound,
+    }
+}
+
+fn linear(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::Linear {
+    let init = torch_default(inputs);
+    nn::linear(
+        path,
+        inputs,
+        outputs,
+        nn::LinearConfig {
+            ws_init: init,
+            bs_init: Some(init),
+            bias: true,
+        },
+    )
+}
+
+fn conv(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::Conv2D {
+    let init = torch_default(inputs * 16);
+    let config = nn::ConvConfig {
+        stride: 2,
+        padding: 1,
+        ws_init: init,
+        bs_init: init,
+        ..Default::default()
+    };
+    nn::conv2d(path, inputs, outputs, 4, config)
+}
+
+fn deconv(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::ConvTranspose2D {
+    // PyTorch takes a transposed convolution's fan-in from its weight's second dimension.
+    let init = torch_default(outputs * 16);
+    let config = nn::ConvTransposeConfig {
+        stride: 2,
+        padding: 1,
+        ws_init: init,
+        bs_init: init,
+        ..Default::default()
+    };
+    nn::conv_transpose2d(path, inputs, outputs, 4, config)
+}
+
+/// The encoder and decoder of either kind (built once; the size difference is irrelevant).
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Networks {
+    Mlp {
+        hidden: nn::Linear,
+        mu: nn::Linear,
+        log_var: nn::Linear,
+        expand: nn::Linear,
+        out: nn::Linear,
+    },
+    Conv {
+        down1: nn::Conv2D,
+        down2: nn::Conv2D,
+        mu: nn::Linear,
+        log_var: nn::Linear,
+        expand: nn::Linear,
+        up1: nn::ConvTranspose2D,
+        up2: nn::ConvTranspose2D,
+    },
+}
+
+/// The variational autoencoder being trained.
+#[derive(Debug)]
+pub struct Vae {
+    device: Device,
+    pub vs: VarStore,
+    networks: Networks,
+    pub params: FlatParams,
+    pub optimizer: FlatOptimizer,
+    /// The latest step's (averaged) flat gradient.
+    gradient: Tensor,
+    kind: VaeKind,
+    latent_dim: usize,
+    image_shape: [i64; 3],
+    seed: u64,
+    host_noise: Vec<f32>,
+    pub clock: PhaseClock,
+}
+
+impl Vae {
+    pub fn new(
+        settings: &Settings,
+        image_shape: [i64; 3],
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let v = &settings.vae;
+        let [c, h, w] = image_shape;
+        let pixels = c * h * w;
+        let latent = v.latent_dim as i64;
+        let hidden = v.hidden as i64;
+        let _init = crate::INIT.lock().unwrap_or_else(|e| e.into_inner());
+        tch::manual_seed(settings.train.seed as i64);
+        let vs = VarStore::new(device);
+        let root = vs.root();
+        let networks = match v.kind {
+            VaeKind::Mlp => Networks::Mlp {
+                hidden: linear(&root / "enc_hidden", pixels, hidden),
+                mu: linear(&root / "enc_mu", hidden, latent),
+                log_var: linear(&root / "enc_log_var", hidden, latent),
+                expand: linear(&root / "dec_hidden", latent, hidden),
+                out: linear(&root / "dec_out", hidden, pixels),
+            },
+            VaeKind::Conv => {
+                if h % 4 != 0 || w % 4 != 0 {
+                    return Err(ModelError::Invalid(format!(
+                        "vae.kind = \"conv\" needs image sides divisible by 4 (data.image_size), got {h}×{w}"
+                    )));
+                }
+                let flat = 64 * (h / 4) * (w / 4);
+                Networks::Conv {
+                    down1: conv(&root / "enc_conv1", c, 32),
+                    down2: conv(&root / "enc_conv2", 32, 64),
+                    mu: linear(&root / "enc_mu", flat, latent),
+                    log_var: linear(&root / "enc_log_var", flat, latent),
+                    expand: linear(&root / "dec_expand", latent, flat),
+                    up1: deconv(&root / "dec_deconv1", 64, 32),
+                    up2: deconv(&root / "dec_deconv2", 32, c),
+                }
+            }
+        };
+        let params = FlatParams::new(&vs);
+        let t = &settings.train;
+        let optimizer = FlatOptimizer::new(t.optimizer, v.lr, v.betas, &params.flat);
+        let gradient = params.flat.zeros_like();
+        Ok(Self {
+            device,
+            vs,
+            networks,
+            params,
+            optimizer,
+            gradient,
+            kind: v.kind,
+            latent_dim: v.latent_dim,
+            image_shape,
+            seed: t.seed,
+            host_noise: Vec::new(),
+            clock: PhaseClock::new(device),
+        })
+    }
+
+    /// μ and log σ² of q(z|x) for intensities `x` (NCHW in [0, 1]).
+    pub fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
+        let n = x.size()[0];
+        match &self.networks {
+            Networks::Mlp {
+                hidden,
+                mu,
+                log_var,
+                ..
+            } => {
+                let h = hidden.forward(&x.view([n, -1])).relu();
+                (mu.forward(&h), log_var.forward(&h))
+            }
+            Networks::Conv {
+                down1,
+                down2,
+                mu,
+                log_var,
+                ..
+            } => {
+                let h = down2.forward(&down1.forward(x).relu()).relu().view([n, -1]);
+                (mu.forward(&h), log_var.forward(&h))
+            }
+        }
+    }
+
+    /// Per-pixel Bernoulli logits of p(x|z), NCHW.
+    pub fn decode(&self, z: &Tensor) -> Tensor {
+        let n = z.size()[0];
+        let [c, h, w] = self.image_shape;
+        match &self.networks {
+            Networks::Mlp { expand, out, .. } => {
+                out.forward(&expand.forward(z).relu()).view([n, c, h, w])
+            }
+            Networks::Conv {
+                expand, up1, up2, ..
+            } => {
+                let h0 = expand.forward(z).relu().view([n, 64, h / 4, w / 4]);
+                up2.forward(&up1.forward(&h0).relu())
+            }
+        }
+    }
+
+    /// Per-image −log p(x|z) (summed Bernoulli cross-entropy) and KL(q ‖ N(0, I)), in nats,
+    /// for intensities `x` and noise `eps` (`n × latent`).
+    fn terms(&self, x: &Tensor, eps: &Tensor) -> (Tensor, Tensor) {
+        let (mu, log_var) = self.encode(x);
+        let z = &mu + (&log_var * 0.5).exp() * eps;
+        let reconstruction = self.reconstruction_nats(x, &self.decode(&z));
+        let kl = ((&log_var + 1.0) - mu.square() - log_var.exp()).sum_dim_intlist(
+            [1i64].as_slice(),
+            false,
+            Kind::Float,
+        ) * -0.5;
+        (reconstruction, kl)
+    }
+
+    fn reconstruction_nats(&self, x: &Tensor, logits: &Tensor) -> Tensor {
+        let n = x.size()[0];
+        logits
+            .binary_cross_entropy_with_logits::<Tensor>(x, None, None, Reduction::None)
+            .view([n, -1])
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
+    }
+
+    /// Host 8-bit pixels as intensities in [0, 1] on the device.
+    fn intensities(&self, images: &[u8]) -> Tensor {
+        let [c, h, w] = self.image_shape;
+        Tensor::from_slice(images)
+            .to_device(self.device)
+            .to_kind(Kind::Float)
+            .view([-1, c, h, w])
+            / 255.0
+    }
+
+    fn to_u8(probabilities: &Tensor) -> Vec<u8> {
+        let bytes = (probabilities * 255.0)
+            .round()
+            .clamp(0.0, 255.0)
+            .to_kind(Kind::Uint8);
+        Vec::<u8>::try_from(bytes.to_device(Device::Cpu).reshape([-1])).unwrap_or_default()
+    }
+
+    /// Held-out negative ELBO (with the posterior mean's noise drawn from `IMPORTANCE_SEED`)
+    /// and the importance-weighted bound on −log p(x) with `k` samples, nats per image.
+    fn heldout(&self, images: &[u8], k: usize) -> Likelihood {
+        let pixels: i64 = self.image_shape.iter().product();
+        let n = images.len() / pixels as usize;
+        let dim = self.latent_dim;
+        let (mut elbo_sum, mut nll_sum) = (0.0, 0.0);
+        let chunk_rows = (20_000 / k.max(1)).clamp(1, 500);
+        tch::no_grad(|| {
+            for first in (0..n).step_by(chunk_rows) {
+                let rows = chunk_rows.min(n - first);
+                let x =
+                    self.intensities(&images[first * pixels as usize..][..rows * pixels as usize]);
+                let (mu, log_var) = self.encode(&x);
+                let std = (&log_var * 0.5).exp();
+                // k noise draws per image: stream j of the evaluation seed, rows = images.
+                let mut log_weights = Vec::with_capacity(k);
+                let mut noise = Vec::new();
+                for j in 0..k.max(1) {
+                    latent::fill(IMPORTANCE_SEED, j as u64, dim, first, rows, &mut noise);
+                    let eps = Tensor::from_slice(&noise)
+                        .view([rows as i64, dim as i64])
+                        .to_device(self.device);
+                    let z = &mu + &std * &eps;
+                    let log_px_z = -self.reconstruction_nats(&x, &self.decode(&z));
+                    let sum1 = |t: Tensor| t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
+                    // log N(z; 0, I) − log N(z; μ, σ²); the 2π terms cancel.
+                    let log_pz = sum1(z.square()) * -0.5;
+                    let log_qz = sum1(eps.square() + &log_var) * -0.5;
+                    if j == 0 {
+                        let kl = sum1((&log_var + 1.0) - mu.square() - log_var.exp()) * -0.5;
+                        elbo_sum += (-&log_px_z + kl).sum(Kind::Double).double_value(&[]);
+                    }
+                    log_weights.push(log_px_z + log_pz - log_qz);
+                }
+                let stacked = Tensor::stack(&log_weights, 1);
+                let log_px = stacked.logsumexp([1i64].as_slice(), false) - (k.max(1) as f64).ln();
+                nll_sum -= log_px.sum(Kind::Double).double_value(&[]);
+            }
+        });
+        let nll = nll_sum / n.max(1) as f64;
+        Likelihood {
+            neg_elbo_nats: elbo_sum / n.max(1) as f64,
+            nll_nats: nll,
+            bits_per_dim: nll / (pixels as f64 * std::f64::consts::LN_2),
+            images: n,
+        }
+    }
+}
+
+impl TrainTask for Vae {
+    fn family(&self) -> Family {
+        Family::Vae
+    }
+
+    fn describe(&self) -> String {
+        format!("{} VAE (latent {})", self.kind, self.latent_dim)
+    }
+
+    fn parts(&self) -> Vec<Part<'_>> {
+        vec![Part {
+            name: "vae",
+            params: &self.params,
+            vs: &self.vs,
+            optimizer: &self.optimizer,
+        }]
+    }
+
+    fn step(
+        &mut self,
+        data: &mut dyn BatchSource,
+        reduce: &mut dyn GradReduce,
+    ) -> Result<StepOutcome, ModelError> {
+        let batch = data.batch(0)?;
+        let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
+        let x = (&batch.images + 1.0) * 0.5;
+        latent::fill(
+            self.seed,
+            batch.stream,
+            self.latent_dim,
+            batch.first_row,
+            rows,
+            &mut self.host_noise,
+        );
+        let eps = Tensor::from_slice(&self.host_noise)
+            .view([rows as i64, self.latent_dim as i64])
+            .to_device(self.device);
+        self.clock.lap(Phase::Data);
+        let (reconstruction, kl) = self.terms(&x, &eps);
+        let loss = (&reconstruction + &kl).mean(Kind::Float);
+        let mut grad = flat_gradient(&loss, &self.params, false, self.gradient.shallow_clone());
+        self.clock.lap(Phase::ForwardBackward);
+        reduce.average(&mut grad)?;
+        self.clock.lap(Phase::AllReduce);
+        let applied = all_finite(&grad);
+        if applied {
+            self.optimizer.step(&self.params.flat, &grad);
+        }
+        self.clock.lap(Phase::Optimizer);
+        Ok(StepOutcome {
+            applied,
+            statistics: tch::no_grad(|| {
+                vec![
+                    ("neg_elbo", loss.detach()),
+                    ("reconstruction", reconstruction.mean(Kind::Float)),
+                    ("kl", kl.mean(Kind::Float)),
+                ]
+            }),
+        })
+    }
+
+    fn gradients(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("vae", self.gradient.shallow_clone())]
+    }
+
+    /// Decoder means of z drawn from the prior with [`latent::fixed`]`(seed, n)`.
+    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
+        let z = latent::fixed(seed, n, self.latent_dim);
+        z.chunks(500 * self.latent_dim.max(1))
+            .flat_map(|chunk| {
+                let rows = (chunk.len() / self.latent_dim.max(1)) as i64;
+                let z = Tensor::from_slice(chunk)
+                    .view([rows, self.latent_dim as i64])
+                    .to_device(self.device);
+                Self::to_u8(&tch::no_grad(|| self.decode(&z).sigmoid()))
+            })
+            .collect()
+    }
+
+    /// Original, reconstruction (from the posterior mean), original, … image by image.
+    fn reconstruct_u8(&self, images: &[u8]) -> Option<Vec<u8>> {
+        let pixels = self.image_shape.iter().product::<i64>() as usize;
+        let x = self.intensities(images);
+        let again = Self::to_u8(&tch::no_grad(|| self.decode(&self.encode(&x).0).sigmoid()));
+        Some(
+            images
+                .chunks(pixels)
+                .zip(again.chunks(pixels))
+                .flat_map(|(a, b)| a.iter().chain(b).copied())
+                .collect(),
+        )
+    }
+
+    fn likelihood(
+        &self,
+        images: &[u8],
+        settings: &Settings,
+    ) -> Option<Result<Likelihood, ModelError>> {
+        Some(Ok(self.heldout(images, settings.eval.importance_samples)))
+    }
+
+    fn save(&self, dir: &Path) -> Result<(), ModelError> {
+        self.vs.save(dir.join(VAE_FILE))?;
+        save_moments(&[("vae", &self.optimizer)], &dir.join(OPTIMIZER_FILE))
+    }
+
+    fn load(&mut self, dir: &Path) -> Result<(), ModelError> {
+        load_into(&self.vs, &dir.join(VAE_FILE))?;
+        load_moments(&[("vae", &self.optimizer)], &dir.join(OPTIMIZER_FILE))
+    }
+
+    fn set_optimizer_steps(&mut self, name: &str, steps: u64) -> Result<(), ModelError> {
+        if name != "vae" {
+            return Err(ModelError::Invalid(format!("the VAE has no part `{name}`")));
+        }
+        self.optimizer.step = steps;
+        Ok(())
+    }
+
+    fn clock(&mut self) -> &mut PhaseClock {
+        &mut self.clock
+    }
+
+    fn device(&self) -> Device {
+        self.device
+    }
+
+    fn image_shape(&self) -> [i64; 3] {
+        self.image_shape
+    }
+}

@@ -460,3 +460,30 @@ fn binary_names_a_directory_that_is_not_a_checkpoint() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("config.toml"), "{stderr}");
 }
+
+#[test]
+fn binary_samples_a_vae_checkpoint() {
+    use gantry_models::task::TrainTask;
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = gantry_config::Settings::default();
+    settings.model.family = gantry_config::Family::Vae;
+    settings.train.seed = 7;
+    std::fs::write(dir.path().join("config.toml"), settings.to_toml().unwrap()).unwrap();
+    let vae = gantry_models::vae::Vae::new(&settings, [1, 28, 28], tch::Device::Cpu).unwrap();
+    vae.save(dir.path()).unwrap();
+    let args = [
+        "--checkpoint".as_ref(),
+        dir.path().as_os_str(),
+        "--samples".as_ref(),
+        "200".as_ref(),
+        "--seed".as_ref(),
+        "3".as_ref(),
+    ];
+    let q = quality_of(&json_of(&run_bin(&args)));
+    let expected = evaluator().score(&vae.sample_u8(200, 3), 200).unwrap();
+    assert_eq!(q.class_histogram, expected.class_histogram);
+    assert!(
+        (q.fid - expected.fid).abs() <= 1e-4 * expected.fid,
+        "{q:?} vs {expected:?}"
+    );
+}

@@ -1,5 +1,5 @@
-//! `gantry-eval`: scores digits from an IDX file or from a generator checkpoint, and prints one
-//! JSON object on stdout (logs go to stderr).
+//! `gantry-eval`: scores digits from an IDX file or from a checkpoint of any model family,
+//! and prints one JSON object on stdout (logs go to stderr).
 
 use std::path::{Path, PathBuf};
 
@@ -135,7 +135,8 @@ fn read_images(path: &Path) -> Result<(Vec<u8>, usize)> {
     Ok((idx.pixels, idx.len))
 }
 
-/// Samples `n` digits from the checkpoint's generator (EMA weights if present), on the CPU.
+/// Samples `n` digits from the checkpoint's model (a GAN's EMA generator if present), on
+/// the CPU, with `TrainTask::sample_u8`'s images for the seed.
 fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<u8>> {
     let config = dir.join("config.toml");
     if !config.is_file() {
@@ -147,6 +148,15 @@ fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<u8>> {
     }
     let mut settings = gantry_config::load(Some(&config), std::iter::empty(), &Overrides::new())
         .with_context(|| format!("{}: invalid configuration", config.display()))?;
+    if settings.model.family != gantry_config::Family::Gan {
+        // The other families sample from their complete saved state (no EMA to choose).
+        let mut task = gantry_models::task::build(&settings, [1, 28, 28], Device::Cpu)
+            .with_context(|| format!("{}: building the model", config.display()))?;
+        task.load(dir)
+            .with_context(|| format!("{}: loading the model", dir.display()))?;
+        tracing::info!(family = %settings.model.family, samples = n, seed, "sampling the model");
+        return Ok(task.sample_u8(n, seed));
+    }
     // The weights file chosen below (EMA or live) is loaded into the generator itself, so the
     // Gan must sample from that generator rather than keep an EMA copy of its own.
     settings.train.ema_decay = 0.0;

@@ -1,0 +1,208 @@
+#!/usr/bin/env python3
+"""The PyTorch twin of Gantry's PixelCNN, for side-by-side benchmarks of speed and likelihood.
+
+The same model as crates/gantry-models/src/pixelcnn.rs with `output = "bernoulli"`: with C =
+--channels (32) and R = --residual-blocks (5), a masked 7x7 convolution of type A, 1-C, padding
+3 (the mask is 1 at the kernel positions strictly before the centre in raster order, 0 at and
+after it); R residual blocks h = h + conv1x1(ReLU(maskB3x3(ReLU(h)))), type B also keeping the
+centre, padding 1, the 1x1 "mix" C-C; then ReLU, 1x1 C-C ("head"), ReLU, 1x1 C-1 ("out"), one
+Bernoulli logit per pixel. Every convolution has a bias, and weights and biases start
+U(+-1/sqrt(fan_in)) with fan_in = in_channels * k * k, which is nn.Conv2d's default, so plain
+nn.Conv2d layers with the mask multiplied into the weight at every forward are the twin.
+Matched as well: the loss (per image, summed binary cross-entropy with logits, averaged over the
+batch, in nats), the optimiser (Adam, lr 1e-3, betas 0.9/0.999, eps 1e-8), the batch (64) and
+steps (2000), the data (the embedded MNIST-10k, trained on the first 9,000 digits only, drawn as
+an endless stream of per-epoch permutations, a batch may straddle two epochs; the last 1,000
+held out) and the binarisation: dynamic for training, each pixel x = (intensity > u) with
+intensity = uint8 / 255 and u ~ U[0, 1) drawn afresh every step, the binary image being both
+the network's input and its target; the held-out digits binarised once, with a fixed seed, and
+scored exactly (-log p(x), the summed cross-entropy) in nats per image and bits per dimension.
+
+What cannot be matched bit for bit is the randomness: Gantry draws its data order and its
+binarisation uniforms from ChaCha streams keyed by (seed, step, row), so its step is independent
+of the world size; here the permutations come from a torch.Generator seeded with --seed, the
+training uniforms from another (--seed + 1), the held-out binarisation from a third seeded 0
+(Gantry's has its own fixed seed), and the initial weights from torch's global generator seeded
+with --seed. Same distributions, different draws: the held-out digits are binarised
+differently too, so held-out NLLs agree to within the binarisation's noise, not exactly. Gantry
+also skips an update whose gradient is not finite; this twin does not (it never happens in
+practice at these settings).
+
+Single process, CPU, --threads intra-op threads (default 1). Only the training loop is timed.
+Prints one JSON object: images/s over the training loop and the held-out likelihood.
+"""
+
+import argparse
+import gzip
+import json
+import math
+import os
+import struct
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# The first this many digits are the training set; the rest (the last 1,000) are held out.
+TRAIN_IMAGES = 9000
+# The held-out digits' one fixed binarisation.
+HELDOUT_BINARISATION_SEED = 0
+# Held-out images per forward pass.
+EVAL_CHUNK = 250
+
+
+def load_digits(path):
+    """The IDX image file at `path` (gzip) as an N x rows x cols uint8 tensor."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    magic, n, rows, cols = struct.unpack(">IIII", data[:16])
+    assert magic == 2051, f"{path}: not an IDX image file"
+    pixels = torch.frombuffer(bytearray(data[16 : 16 + n * rows * cols]), dtype=torch.uint8)
+    return pixels.view(n, rows, cols)
+
+
+class EpochStream:
+    """Gantry's sampler order: an endless stream of positions cut into epochs, each epoch a
+    fresh permutation of range(n); `take(k)` returns the next k example indices."""
+
+    def __init__(self, n, generator):
+        self.n, self.generator = n, generator
+        self.order, self.cursor = torch.randperm(n, generator=generator), 0
+
+    def take(self, k):
+        parts = []
+        while k > 0:
+            if self.cursor == self.n:
+                self.order, self.cursor = torch.randperm(self.n, generator=self.generator), 0
+            m = min(k, self.n - self.cursor)
+            parts.append(self.order[self.cursor : self.cursor + m])
+            self.cursor += m
+            k -= m
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class MaskedConv2d(nn.Conv2d):
+    """A square convolution whose kernel is multiplied by a fixed causal mask at every use;
+    `include_centre` makes it type B (the pixel's own features) rather than type A."""
+
+    def __init__(self, inputs, outputs, size, include_centre):
+        super().__init__(inputs, outputs, size, padding=size // 2)
+        centre = size // 2
+        mask = torch.zeros(size, size)
+        mask[:centre, :] = 1.0
+        mask[centre, :centre] = 1.0
+        if include_centre:
+            mask[centre, centre] = 1.0
+        self.register_buffer("mask", mask.view(1, 1, size, size))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+
+
+class Block(nn.Module):
+    def __init__(self, channels):
+        super().__init__()
+        self.masked = MaskedConv2d(channels, channels, 3, include_centre=True)
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, h):
+        return h + self.mix(F.relu(self.masked(F.relu(h))))
+
+
+class PixelCnn(nn.Module):
+    def __init__(self, channels=32, residual_blocks=5):
+        super().__init__()
+        self.input = MaskedConv2d(1, channels, 7, include_centre=False)
+        self.blocks = nn.ModuleList(Block(channels) for _ in range(residual_blocks))
+        self.head = nn.Conv2d(channels, channels, 1)
+        self.out = nn.Conv2d(channels, 1, 1)
+
+    def forward(self, x):
+        """Bernoulli logits (N x 1 x H x W) of every pixel of binary images x."""
+        h = self.input(x)
+        for block in self.blocks:
+            h = block(h)
+        return self.out(F.relu(self.head(F.relu(h))))
+
+
+def nll_nats(model, x):
+    """Per-image -log p(x) in nats of binary images x (0/1 floats)."""
+    per_pixel = F.binary_cross_entropy_with_logits(model(x), x, reduction="none")
+    return per_pixel.flatten(1).sum(1)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--channels", type=int, default=32)
+    parser.add_argument("--residual-blocks", type=int, default=5)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument(
+        "--data", default=os.path.join(REPO, "data/mnist-10k/mnist-10k-images-idx3-ubyte.gz")
+    )
+    args = parser.parse_args()
+    for name in ("channels", "batch_size", "steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.residual_blocks < 0:
+        parser.error("--residual-blocks must be at least 0")
+
+    torch.set_num_threads(args.threads)
+    digits = load_digits(args.data)
+    assert len(digits) > TRAIN_IMAGES, f"{args.data}: {len(digits)} images, need > {TRAIN_IMAGES}"
+    intensities = digits.unsqueeze(1).float() / 255.0  # N x 1 x H x W in [0, 1]
+    train, held = intensities[:TRAIN_IMAGES], intensities[TRAIN_IMAGES:]
+    pixels = train[0].numel()
+
+    torch.manual_seed(args.seed)
+    model = PixelCnn(args.channels, args.residual_blocks)
+    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    stream = EpochStream(len(train), torch.Generator().manual_seed(args.seed))
+    binarisation = torch.Generator().manual_seed(args.seed + 1)
+
+    started = time.perf_counter()
+    for _ in range(args.steps):
+        v = train[stream.take(args.batch_size)]
+        x = (v > torch.rand(v.shape, generator=binarisation)).float()
+        loss = nll_nats(model, x).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    seconds = time.perf_counter() - started
+
+    model.eval()
+    fixed = torch.Generator().manual_seed(HELDOUT_BINARISATION_SEED)
+    held_binary = (held > torch.rand(held.shape, generator=fixed)).float()
+    total = 0.0
+    with torch.inference_mode():
+        for first in range(0, len(held_binary), EVAL_CHUNK):
+            chunk = held_binary[first : first + EVAL_CHUNK]
+            total += nll_nats(model, chunk).double().sum().item()
+    nll = total / len(held_binary)
+    print(
+        json.dumps(
+            {
+                "model": "pixelcnn",
+                "channels": args.channels,
+                "residual_blocks": args.residual_blocks,
+                "steps": args.steps,
+                "batch_size": args.batch_size,
+                "threads": torch.get_num_threads(),
+                "train_seconds": seconds,
+                "images_per_second": args.steps * args.batch_size / seconds,
+                "heldout_nll_nats": nll,
+                "bits_per_dim": nll / (pixels * math.log(2.0)),
+            }
+        ),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

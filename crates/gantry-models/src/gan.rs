@@ -169,7 +169,7 @@ pub fn buffers(vs: &VarStore) -> Vec<Tensor> {
     named.into_iter().map(|(_, t)| t).collect()
 }
 
-pub(crate) fn all_finite(t: &Tensor) -> bool {
+fn all_finite(t: &Tensor) -> bool {
     if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
         // libtorch's isfinite().all() materialises a bool tensor and costs ~5 ns an element
         // on one core; a scan of the host memory costs a tenth of that.
@@ -185,17 +185,37 @@ pub(crate) fn all_finite(t: &Tensor) -> bool {
 /// The flat gradient of `loss` with respect to `params`, written into `out` (a view of
 /// [`Gan::gradients`]), with a non-finite loss folded in (see [`poison_with`]). `keep_graph`
 /// keeps the graph for a second backward pass.
-pub(crate) fn flat_gradient(
-    loss: &Tensor,
-    params: &FlatParams,
-    keep_graph: bool,
-    out: Tensor,
-) -> Tensor {
+fn flat_gradient(loss: &Tensor, params: &FlatParams, keep_graph: bool, out: Tensor) -> Tensor {
     let grads = Tensor::run_backward(&[loss], &params.tensors, keep_graph, false);
     let mut grad = out;
     tch::no_grad(|| params.flatten_grads_into(&grads, &grad));
     poison_with(&mut grad, loss);
     grad
+}
+
+/// One network's data-parallel update from `loss`, for the families with a single part: its
+/// flat gradient written into `gradient` (a non-finite loss folded in), averaged across the
+/// ranks, and applied only if every averaged element is finite (the same decision on every
+/// rank). Marks the forward/backward, all-reduce and optimiser phases; returns whether the
+/// update was applied.
+pub(crate) fn averaged_update(
+    loss: &Tensor,
+    params: &FlatParams,
+    optimizer: &mut FlatOptimizer,
+    gradient: &Tensor,
+    clock: &mut PhaseClock,
+    reduce: &mut dyn GradReduce,
+) -> Result<bool, ModelError> {
+    let mut grad = flat_gradient(loss, params, false, gradient.shallow_clone());
+    clock.lap(Phase::ForwardBackward);
+    reduce.average(&mut grad)?;
+    clock.lap(Phase::AllReduce);
+    let applied = all_finite(&grad);
+    if applied {
+        optimizer.step(&params.flat, &grad);
+    }
+    clock.lap(Phase::Optimizer);
+    Ok(applied)
 }
 
 /// Adds `0 · loss` to every gradient element: zero when the (local) loss is finite, NaN when

@@ -21,7 +21,7 @@ use gantry_config::{Family, PixelOutput, Settings};
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::gan::{all_finite, flat_gradient, load_into, load_moments, save_moments};
+use crate::gan::{averaged_update, load_into, load_moments, save_moments};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
 use crate::task::{BatchSource, GradReduce, Likelihood, Part, StepOutcome, TrainTask};
@@ -284,15 +284,14 @@ impl TrainTask for PixelCnn {
         let (inputs, targets) = self.inputs_and_targets(&v, draws.as_ref());
         self.clock.lap(Phase::Data);
         let nll = self.nll(&inputs, &targets).mean(Kind::Float);
-        let mut grad = flat_gradient(&nll, &self.params, false, self.gradient.shallow_clone());
-        self.clock.lap(Phase::ForwardBackward);
-        reduce.average(&mut grad)?;
-        self.clock.lap(Phase::AllReduce);
-        let applied = all_finite(&grad);
-        if applied {
-            self.optimizer.step(&self.params.flat, &grad);
-        }
-        self.clock.lap(Phase::Optimizer);
+        let applied = averaged_update(
+            &nll,
+            &self.params,
+            &mut self.optimizer,
+            &self.gradient,
+            &mut self.clock,
+            reduce,
+        )?;
         let pixels = self.image_shape.iter().product::<i64>() as f64;
         Ok(StepOutcome {
             applied,

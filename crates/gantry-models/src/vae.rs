@@ -19,7 +19,7 @@ use gantry_config::{Family, Settings, VaeKind};
 use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Reduction, Tensor};
 
-use crate::gan::{all_finite, flat_gradient, load_into, load_moments, save_moments};
+use crate::gan::{averaged_update, load_into, load_moments, save_moments};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
 use crate::task::{BatchSource, GradReduce, Likelihood, Part, StepOutcome, TrainTask};
@@ -353,15 +353,14 @@ impl TrainTask for Vae {
         self.clock.lap(Phase::Data);
         let (reconstruction, kl) = self.terms(&x, &eps);
         let loss = (&reconstruction + &kl).mean(Kind::Float);
-        let mut grad = flat_gradient(&loss, &self.params, false, self.gradient.shallow_clone());
-        self.clock.lap(Phase::ForwardBackward);
-        reduce.average(&mut grad)?;
-        self.clock.lap(Phase::AllReduce);
-        let applied = all_finite(&grad);
-        if applied {
-            self.optimizer.step(&self.params.flat, &grad);
-        }
-        self.clock.lap(Phase::Optimizer);
+        let applied = averaged_update(
+            &loss,
+            &self.params,
+            &mut self.optimizer,
+            &self.gradient,
+            &mut self.clock,
+            reduce,
+        )?;
         Ok(StepOutcome {
             applied,
             statistics: tch::no_grad(|| {

@@ -16,6 +16,7 @@ mod common;
 
 use std::fs;
 use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -564,7 +565,7 @@ fn local_groups_of_two_and_four_complete_with_identical_parameters() {
 }
 
 #[test]
-fn vae_and_autoregressive_families_train_on_a_local_group_of_two() {
+fn vae_and_autoregressive_families_train_on_a_local_group_of_two_and_restart_from_a_checkpoint() {
     let families: [(&str, &[&str], &[&str]); 2] = [
         ("vae", &[], &["kl", "neg_elbo", "reconstruction"]),
         (
@@ -579,18 +580,28 @@ fn vae_and_autoregressive_families_train_on_a_local_group_of_two() {
         ),
     ];
     for (family, extra, statistics) in families {
-        let steps = 20;
+        let steps = 60;
         let mut c = Cluster::new();
         let family_set = format!("model.family={family}");
         let mut args = vec!["--workers", "2", "--set", &family_set];
         args.extend(extra);
         let coord = c.coordinator("coordinator", steps, &args, &[]);
+        let victim = c.local_worker_pid(coord, "local-g0-w1");
+        // Past the step-20 checkpoint: the group restarts from a checkpoint of its family.
+        let at = c.wait_step(25);
+        assert!(kill(victim, libc::SIGKILL), "kill -9 {victim}");
         c.assert_exit(coord, 0, JOB);
+        let stderr = c.stderr(coord);
+        assert!(
+            coordinator_line(&stderr, "restart 1 of 2"),
+            "{family}: the coordinator restarts the group: {stderr}"
+        );
         let s = c.summary();
         let diag = || format!("{family}: summary {s:#}\n{}", c.diag());
         assert_eq!(s["family"].as_str(), Some(family), "{}", diag());
         assert_eq!(s["world_size"].as_u64(), Some(2), "{}", diag());
         assert_eq!(s["steps"].as_u64(), Some(steps), "{}", diag());
+        assert_eq!(s["restarts"].as_u64(), Some(1), "{}", diag());
         let finals: Vec<&str> = s["final"]
             .as_object()
             .map(|o| o.keys().map(String::as_str).collect())
@@ -612,8 +623,22 @@ fn vae_and_autoregressive_families_train_on_a_local_group_of_two() {
                 assert!(row[name].as_f64().is_some_and(f64::is_finite), "{line}");
             }
         }
-        assert_eq!(metrics_steps(&c.run_dir).last(), Some(&steps));
-        assert_final_checkpoint(&c, steps);
+        assert_metrics_complete(&c, steps);
+        let checkpoints = assert_final_checkpoint(&c, steps);
+        // The kill came after step `at` ≥ 25: the restart resumed from a checkpoint of the
+        // run (step 20, or a later one if training outran the kill).
+        let resumed = (20..steps).step_by(20).find(|k| {
+            let padded = format!("step-{k:08}");
+            c.all_logs()
+                .lines()
+                .any(|l| l.to_ascii_lowercase().contains("resum") && l.contains(&padded))
+        });
+        assert!(
+            resumed.is_some() || skip_resume("the family's restart"),
+            "{family}: killed after step {at}, no worker resumed from a checkpoint \
+             (checkpoints {checkpoints:?})\n{}",
+            diag()
+        );
         let sample = c.run_dir.join(format!("samples/step-{steps:08}.png"));
         assert!(sample.is_file(), "{} missing\n{}", sample.display(), diag());
     }
@@ -684,8 +709,12 @@ fn always_crashing_workers_exhaust_max_restarts_and_leave_no_process() {
         "the final error names the rank and worker: {last}"
     );
     assert!(
-        last.contains("exit status 1"),
-        "the final error names the exit status: {last}"
+        last.contains("exit status 75"),
+        "the final error names the exit status (retryable: a download failed): {last}"
+    );
+    assert!(
+        last.contains("it reported") && last.contains("mirror"),
+        "the final error carries the worker's own account: {last}"
     );
     // Three generations of workers were started (g0, g1, g2), each failed loading its data
     // (the cause is in its log), and none is left.
@@ -693,6 +722,33 @@ fn always_crashing_workers_exhaust_max_restarts_and_leave_no_process() {
     assert!(logs.contains("local-g2-w0"), "{logs}");
     assert_eq!(logs.matches("loading data set").count(), 3, "{logs}");
     assert_eq!(group_members(pgid), Vec::new(), "leftover workers");
+}
+
+#[test]
+fn a_fatal_worker_error_reaches_the_coordinator_and_is_not_retried() {
+    let mut c = Cluster::new();
+    let empty = c.root.join("no-images-here");
+    fs::create_dir_all(&empty).expect("empty data set directory");
+    let dataset = format!("data.dataset=folder:{}", empty.display());
+    let coord = c.coordinator(
+        "coordinator",
+        20,
+        &["--workers", "2", "--set", &dataset],
+        &[],
+    );
+    let code = c.exit_code(coord, JOB);
+    let stderr = c.stderr(coord);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        coordinator_line(&stderr, "job failed after 0 restart(s)"),
+        "a configuration error is not retried: {stderr}"
+    );
+    let last = stderr.rfind("job failed").map_or("", |at| &stderr[at..]);
+    assert!(
+        last.contains("no-images-here"),
+        "the coordinator prints the worker's root cause: {last}"
+    );
+    assert!(stderr.contains("not retryable"), "{stderr}");
 }
 
 #[test]
@@ -969,4 +1025,267 @@ fn malformed_configuration_is_refused_before_binding() {
             "{args:?}: no worker was started"
         );
     }
+}
+
+#[test]
+fn an_old_run_directory_is_refused_and_a_resume_needs_a_checkpoint() {
+    let mut c = Cluster::new();
+    fs::create_dir_all(&c.run_dir).unwrap();
+    let rows = "{\"step\":5}\n{\"step\":10}\n";
+    fs::write(c.run_dir.join("metrics.jsonl"), rows).unwrap();
+    fs::write(c.run_dir.join("config.toml"), "").unwrap();
+    // A fresh job into a run directory that holds a run: refused, nothing touched.
+    let old = c.run_dir.join("checkpoints/step-00000010");
+    fs::create_dir_all(&old).unwrap();
+    fs::write(old.join("MANIFEST"), "").unwrap();
+    let fresh = c.coordinator("coordinator-fresh", 20, &["--workers", "2"], &[]);
+    c.assert_exit(fresh, 1, START);
+    let err = c.stderr(fresh);
+    assert!(
+        err.contains("already holds a run (metrics.jsonl with 2 rows, a checkpoint of step 10)")
+            && err.contains("--overwrite"),
+        "{err}"
+    );
+    assert_eq!(
+        fs::read_to_string(c.run_dir.join("metrics.jsonl")).unwrap(),
+        rows
+    );
+    assert!(old.join("MANIFEST").is_file(), "the old checkpoint is kept");
+    assert!(!c.run_dir.join("logs").exists(), "no worker was started");
+
+    // --resume where there is no checkpoint: refused, instead of starting at step 0.
+    fs::remove_dir_all(c.run_dir.join("checkpoints")).unwrap();
+    let run_dir = c.run_dir.display().to_string();
+    let resume = c.spawn(
+        "coordinator-resume",
+        "coordinator",
+        &[
+            "--resume".to_owned(),
+            run_dir,
+            "--workers".into(),
+            "2".into(),
+        ],
+        &[],
+    );
+    c.assert_exit(resume, 1, START);
+    let err = c.stderr(resume);
+    assert!(err.contains("no checkpoint in"), "{err}");
+    assert_eq!(
+        fs::read_to_string(c.run_dir.join("metrics.jsonl")).unwrap(),
+        rows
+    );
+
+    // --overwrite replaces the old run, as asked.
+    let replace = c.coordinator(
+        "coordinator-overwrite",
+        10,
+        &["--workers", "1", "--overwrite"],
+        &[],
+    );
+    c.assert_exit(replace, 0, JOB);
+    assert_eq!(metrics_steps(&c.run_dir).last(), Some(&10));
+    assert_ne!(
+        fs::read_to_string(c.run_dir.join("metrics.jsonl")).unwrap(),
+        rows
+    );
+}
+
+/// Runs `coordinator <args>` (an operator's command) to completion: (exit code, stdout, stderr).
+fn operate(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(binary_path("coordinator"))
+        .args(args)
+        .env_remove("GANTRY__CLUSTER__OPERATOR_TOKEN")
+        .output()
+        .expect("coordinator runs");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_operator_cli_drives_a_live_job_and_wrong_tokens_are_refused() {
+    let steps = 100_000;
+    let mut c = Cluster::new();
+    let token = "join-token-for-the-operator-test";
+    let coord = c.coordinator(
+        "coordinator",
+        steps,
+        &["--workers", "2"],
+        &[("GANTRY__CLUSTER__TOKEN", token)],
+    );
+    let url = c.grpc_url(coord);
+    c.wait_step(10);
+    let token_file = c.run_dir.join("operator-token");
+    let file = token_file.display().to_string();
+    let status = |json: bool| -> Value {
+        let mut args = vec!["status", "--addr", &url, "--token-file", &file];
+        if json {
+            args.push("--json");
+        }
+        let (code, out, err) = operate(&args);
+        assert_eq!(code, 0, "status: {err}");
+        if json {
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+        } else {
+            Value::String(out)
+        }
+    };
+    // The generated operator token is readable by its owner only.
+    let mode = fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "operator-token mode {mode:o}");
+
+    let table = status(false);
+    let table = table.as_str().unwrap();
+    assert!(
+        table.contains("local-g0-w0") && table.contains("local-g0-w1"),
+        "{table}"
+    );
+    let s = status(true);
+    assert_eq!(s["workers"].as_array().map(Vec::len), Some(2), "{s}");
+    assert_eq!(s["phase"], "training", "{s}");
+
+    // Wrong tokens: a stranger's, and the workers' join token (workers cannot steer the job).
+    for (args, expected) in [
+        (
+            vec!["stop", "--addr", &url, "--token", "not-the-token"],
+            "Unauthenticated",
+        ),
+        (
+            vec!["stop", "--addr", &url, "--token", token],
+            "PermissionDenied",
+        ),
+        (
+            vec!["status", "--addr", &url, "--token", token],
+            "PermissionDenied",
+        ),
+    ] {
+        let (code, _, err) = operate(&args);
+        assert_ne!(code, 0, "{args:?} was accepted");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+
+    // pause holds every rank.
+    let (code, out, err) = operate(&["pause", "--addr", &url, "--token-file", &file]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("paused"), "{out}");
+    let held = c.wait_until("every rank to pause", START, |_| {
+        let s = status(true);
+        let workers = s["workers"].as_array()?.clone();
+        workers
+            .iter()
+            .all(|w| w["state"] == "paused")
+            .then(|| workers.iter().filter_map(|w| w["step"].as_u64()).max())
+            .flatten()
+    });
+    assert!(status(true)["paused"].as_bool().unwrap_or(false));
+    std::thread::sleep(Duration::from_secs(3));
+    let s = status(true);
+    let steps_now: Vec<u64> = s["workers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|w| w["step"].as_u64())
+        .collect();
+    assert!(
+        steps_now.iter().all(|&step| step == held),
+        "paused at {held}, 3 s later at {steps_now:?}"
+    );
+
+    // resume continues.
+    let (code, _, err) = operate(&["resume", "--addr", &url, "--token-file", &file]);
+    assert_eq!(code, 0, "{err}");
+    c.wait_until("training to continue", START, |c| {
+        (c.metrics_step() > held + 5).then_some(())
+    });
+
+    // checkpoint writes a complete checkpoint at the announced step.
+    let (code, out, err) = operate(&[
+        "checkpoint",
+        "--addr",
+        &url,
+        "--token-file",
+        &file,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let at = serde_json::from_str::<Value>(&out).unwrap()["at_step"]
+        .as_u64()
+        .unwrap();
+    assert!(at > held, "checkpoint at {at}");
+    c.wait_until(&format!("the checkpoint of step {at}"), START, |c| {
+        verify_checkpoints(&c.run_dir).contains(&at).then_some(())
+    });
+
+    // stop ends the job with a checkpoint at the announced step and exit 0.
+    let (code, out, err) = operate(&["stop", "--addr", &url, "--token-file", &file]);
+    assert_eq!(code, 0, "{err}");
+    let stop_at: u64 = out
+        .trim()
+        .rsplit(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no step in {out:?}"));
+    c.assert_exit(coord, 0, JOB);
+    assert!(
+        verify_checkpoints(&c.run_dir).contains(&stop_at),
+        "no complete checkpoint of step {stop_at}\n{}",
+        c.diag()
+    );
+}
+
+#[test]
+fn a_terminal_ctrl_c_checkpoints_and_stops_the_whole_job_cleanly() {
+    let mut c = Cluster::new();
+    let coord = c.coordinator("coordinator", 100_000, &["--workers", "2"], &[]);
+    let pgid = c.procs[coord].pid();
+    // Both local workers are up and training.
+    c.local_worker_pid(coord, "local-g0-w1");
+    c.wait_step(25);
+    // What a terminal does on Ctrl-C: SIGINT to every process of the foreground group.
+    assert!(kill(-pgid, libc::SIGINT), "kill -INT -{pgid}");
+    c.assert_exit(coord, 75, JOB);
+    let stderr = c.stderr(coord);
+    let at: u64 = stderr
+        .lines()
+        .find_map(|l| l.split("stop at step ").nth(1))
+        .and_then(|rest| rest.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no stop step announced: {stderr}"));
+    assert!(
+        coordinator_line(&stderr, "stopped by signal after a checkpoint"),
+        "{stderr}"
+    );
+    assert!(
+        verify_checkpoints(&c.run_dir).contains(&at),
+        "no complete checkpoint of the announced step {at}\n{}",
+        c.diag()
+    );
+    assert!(!stderr.contains("job failed"), "{stderr}");
+    assert_eq!(group_members(pgid), Vec::new(), "leftover workers");
+
+    // A signal during the rendezvous ends the job at once, not at the rendezvous timeout.
+    let waiting = c.coordinator(
+        "coordinator-waiting",
+        20,
+        &[
+            "--expect-workers",
+            "2",
+            "--listen",
+            "127.0.0.1:0",
+            "--overwrite",
+        ],
+        &[(
+            "GANTRY__CLUSTER__TOKEN",
+            "token-for-a-rendezvous-nobody-joins",
+        )],
+    );
+    c.grpc_url(waiting);
+    c.procs[waiting].signal(libc::SIGTERM);
+    c.assert_exit(waiting, 143, Duration::from_secs(20));
+    assert!(
+        c.stderr(waiting).contains("during the rendezvous"),
+        "{}",
+        c.stderr(waiting)
+    );
 }

@@ -23,7 +23,10 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::shm::{self, SharedRegion, WaitError};
-use crate::wire::{ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, OpKind, VERSION};
+use crate::wire::{
+    ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, NONCE_LEN, OpKind, PROOF_LEN, Side,
+    VERSION, proof, proven,
+};
 use crate::{Collective, CollectiveError, Peer, ReduceOp};
 
 /// Default size of the pieces the ring pipelines. Small enough that the
@@ -57,6 +60,12 @@ pub struct RingConfig {
     /// Identifies one job; a rank from another job (a stale process, a
     /// mistyped address) is refused at the handshake.
     pub session_id: u64,
+    /// The ring secret (a coordinator hands out a fresh one per generation in its
+    /// authenticated Join reply). Each handshake proves that both neighbours hold it
+    /// (HMAC-SHA256 over both identities and both nonces), so a connection from anyone
+    /// else, however well it imitates a rank, is dropped. Empty: the proof is computed with
+    /// an empty key, which anyone can, so only the session id separates jobs.
+    pub secret: Vec<u8>,
     /// `SO_SNDBUF`/`SO_RCVBUF` to request, or `None` for kernel autotuning.
     pub socket_buffer_bytes: Option<usize>,
     /// All-reduce through shared memory when every rank is on this machine and can map the
@@ -77,6 +86,7 @@ impl RingConfig {
             timeout: DEFAULT_TIMEOUT,
             chunk_bytes: DEFAULT_CHUNK_BYTES,
             session_id: 0,
+            secret: Vec::new(),
             socket_buffer_bytes: Some(DEFAULT_SOCKET_BUFFER_BYTES),
             shared_memory: false,
             shared_memory_slot_bytes: shm::DEFAULT_SLOT_BYTES,
@@ -212,6 +222,9 @@ pub struct RingCollective {
     seq: u64,
     /// Set by the first failed operation; later calls fail fast with it.
     poisoned: Option<String>,
+    /// Connections to the ring port dropped at the handshake (not a rank of this group, or
+    /// no proof of the ring secret).
+    strangers: u64,
     /// Receive buffer for the reduce-scatter phase, kept across calls.
     scratch: Vec<f32>,
     /// Every rank's listen address, to name peers in errors.
@@ -266,17 +279,31 @@ impl RingCollective {
             session_id: config.session_id,
         };
 
-        // Order matters: connect and say hello first (the kernel completes the
-        // TCP handshake from the listen backlog), then accept from the left,
-        // and only then wait for the right's answer. Every rank doing the same
-        // never waits in a cycle.
+        // The two halves run at once: this thread dials the right neighbour and completes
+        // that handshake (hello, its answer and proof, our proof) while another accepts the
+        // left one. Each acceptor answers as soon as it is dialled and each dialer proves
+        // itself as soon as it is answered, so no rank waits in a cycle. (The acceptor thread
+        // ends by itself at the deadline if this side fails first.)
+        let acceptor = {
+            let config = config.clone();
+            thread::Builder::new()
+                .name("ring-accept".into())
+                .spawn(move || accept_left(&listener, left_peer, me, &config, deadline))
+                .map_err(|e| io_err(left_peer, "accept", e))?
+        };
         let mut right = connect_with_retry(right_peer, &config, deadline)?;
-        write_all_until(&mut right, &me.encode(), right_peer, deadline)?;
-        let left = accept_left(&listener, left_peer, me, &config, deadline)?;
+        let my_nonce: [u8; NONCE_LEN] = rand::random();
+        let mut hello = me.encode().to_vec();
+        hello.extend_from_slice(&my_nonce);
+        write_all_until(&mut right, &hello, right_peer, deadline)?;
 
-        let mut ack = [0u8; ACK_LEN];
-        read_exact_until(&mut right, &mut ack, right_peer, deadline)?;
-        let Some(ack) = Ack::decode(&ack) else {
+        let mut answer = [0u8; ACK_LEN + NONCE_LEN + PROOF_LEN];
+        read_exact_until(&mut right, &mut answer, right_peer, deadline)?;
+        let (ack, rest) = answer.split_at(ACK_LEN);
+        let (their_nonce, their_proof) = rest.split_at(NONCE_LEN);
+        let their_nonce: [u8; NONCE_LEN] = their_nonce.try_into().unwrap_or_default();
+        let their_proof: [u8; PROOF_LEN] = their_proof.try_into().unwrap_or_default();
+        let Some(ack) = Ack::decode(ack.try_into().unwrap_or(&[0u8; ACK_LEN])) else {
             return Err(CollectiveError::Handshake {
                 peer: right_peer,
                 reason: "answer is not a Gantry collective handshake".into(),
@@ -306,6 +333,26 @@ impl RingCollective {
                 ),
             });
         }
+        let nonces = (&my_nonce, &their_nonce);
+        if !proven(
+            &their_proof,
+            &config.secret,
+            Side::Acceptor,
+            &me,
+            &ack.me,
+            nonces,
+        ) {
+            return Err(CollectiveError::Handshake {
+                peer: right_peer,
+                reason: "it does not hold this group's ring secret".into(),
+            });
+        }
+        let mine = proof(&config.secret, Side::Dialer, &me, &ack.me, nonces);
+        write_all_until(&mut right, &mine, right_peer, deadline)?;
+        let (left, strangers) = acceptor.join().map_err(|_| CollectiveError::Handshake {
+            peer: left_peer,
+            reason: "the accepting thread panicked".into(),
+        })??;
 
         for s in [&right, &left] {
             set_op_timeouts(s, config.timeout, right_peer)?;
@@ -331,6 +378,7 @@ impl RingCollective {
             abort,
             seq: 0,
             poisoned: None,
+            strangers,
             scratch: Vec::new(),
             peers: config.peers.clone(),
             shm: None,
@@ -397,10 +445,17 @@ impl RingCollective {
             abort: AbortHandle::new(Vec::new()),
             seq: 0,
             poisoned: None,
+            strangers: 0,
             scratch: Vec::new(),
             peers: config.peers.clone(),
             shm: None,
         })
+    }
+
+    /// Connections to this rank's ring port that were dropped while it waited for its left
+    /// neighbour: not a rank of this group, or without proof of the ring secret.
+    pub fn strangers_refused(&self) -> u64 {
+        self.strangers
     }
 
     /// A handle that can abort this collective from another thread.
@@ -1003,61 +1058,140 @@ fn connect_with_retry(
     }
 }
 
+/// Accepts connections until the left neighbour has proven itself, or the deadline. Each
+/// connection's handshake runs on a thread of its own, so a stranger, silent or slow, costs
+/// nothing but that thread; strangers are dropped and counted, never fatal. Returns the
+/// neighbour's stream and the number of strangers.
 fn accept_left(
     listener: &TcpListener,
     left_peer: Peer,
     me: Hello,
     config: &RingConfig,
     deadline: Instant,
-) -> Result<TcpStream, CollectiveError> {
+) -> Result<(TcpStream, u64), CollectiveError> {
     // Non-blocking accept polled against the deadline: std has no accept
     // timeout, and a left neighbour that never comes must not hang us.
     listener
         .set_nonblocking(true)
         .map_err(|e| io_err(left_peer, "accept", e))?;
-    let (mut stream, addr) = loop {
+    let (proven_tx, proven_rx) = std::sync::mpsc::channel();
+    let mut strangers = 0u64;
+    let mut pending = 0usize;
+    // The newest refusal of a connection that said it was our left neighbour: if the real
+    // one never comes, that is the likelier story than "nobody came" (a neighbour of another
+    // session, or without the secret).
+    let mut claimed: Option<CollectiveError> = None;
+    loop {
         match listener.accept() {
-            Ok(pair) => break pair,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                if Instant::now() >= deadline {
-                    return Err(CollectiveError::AcceptTimeout {
-                        peer: left_peer,
-                        timeout: config.timeout,
-                    });
+            Ok((stream, addr)) => {
+                let tx = proven_tx.clone();
+                let config = config.clone();
+                pending += 1;
+                let spawned =
+                    thread::Builder::new()
+                        .name("ring-handshake".into())
+                        .spawn(move || {
+                            let who = Peer {
+                                rank: left_peer.rank,
+                                addr,
+                            };
+                            let _ = tx.send(prove_left(stream, who, me, &config, deadline));
+                        });
+                if spawned.is_err() {
+                    pending -= 1;
+                    strangers += 1;
                 }
-                thread::sleep(Duration::from_millis(2));
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(io_err(left_peer, "accept", e)),
         }
-    };
-    // Whoever connected, until its hello says otherwise it is the address it
-    // came from, claiming to be the left neighbour.
-    let mut who = Peer {
-        rank: left_peer.rank,
-        addr,
-    };
+        while let Ok(outcome) = proven_rx.try_recv() {
+            pending -= 1;
+            match outcome {
+                Ok(stream) => return Ok((stream, strangers)),
+                Err(Refusal {
+                    error,
+                    claimed_left,
+                }) => {
+                    strangers += 1;
+                    tracing::warn!(rank = me.rank, %error, "dropped a connection to the ring port");
+                    if claimed_left {
+                        claimed = Some(error);
+                    }
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(claimed.unwrap_or(CollectiveError::AcceptTimeout {
+                peer: left_peer,
+                timeout: config.timeout,
+            }));
+        }
+        thread::sleep(Duration::from_millis(if pending > 0 { 1 } else { 2 }));
+    }
+}
+
+/// Why a connection to the ring port was dropped.
+#[derive(Debug)]
+struct Refusal {
+    error: CollectiveError,
+    /// It introduced itself as our left neighbour (by rank), rather than being garbage.
+    claimed_left: bool,
+}
+
+/// The acceptor's half of one handshake: the connection must say it is our left neighbour of
+/// this session and prove it holds the ring secret.
+fn prove_left(
+    stream: TcpStream,
+    who: Peer,
+    me: Hello,
+    config: &RingConfig,
+    deadline: Instant,
+) -> Result<TcpStream, Refusal> {
+    let mut claimed_left = false;
+    handshake_left(stream, who, me, config, deadline, &mut claimed_left).map_err(|error| Refusal {
+        error,
+        claimed_left,
+    })
+}
+
+fn handshake_left(
+    mut stream: TcpStream,
+    mut who: Peer,
+    me: Hello,
+    config: &RingConfig,
+    deadline: Instant,
+    claimed_left: &mut bool,
+) -> Result<TcpStream, CollectiveError> {
     stream
         .set_nonblocking(false)
         .map_err(|e| io_err(who, "accept", e))?;
     configure_stream(&stream, config, who)?;
-    let mut raw = [0u8; HELLO_LEN];
+    let mut raw = [0u8; HELLO_LEN + NONCE_LEN];
     read_exact_until(&mut stream, &mut raw, who, deadline)?;
-    let Some(hello) = Hello::decode(&raw) else {
+    let (hello, their_nonce) = raw.split_at(HELLO_LEN);
+    let Some(hello) = Hello::decode(hello.try_into().unwrap_or(&[0u8; HELLO_LEN])) else {
         return Err(CollectiveError::Handshake {
             peer: who,
             reason: "the connection is not from a Gantry collective rank".into(),
         });
     };
+    let their_nonce: [u8; NONCE_LEN] = their_nonce.try_into().unwrap_or_default();
     who.rank = hello.rank as usize;
     let expected = Hello {
-        rank: left_peer.rank as u32,
+        rank: left_peer_rank(&me, config),
         ..me
     };
+    *claimed_left = hello.rank == expected.rank;
     let accepted = hello == expected;
-    let ack = Ack { accepted, me };
-    // Best effort: the refused side learns why, but we fail regardless.
-    let sent = write_all_until(&mut stream, &ack.encode(), who, deadline);
+    let my_nonce: [u8; NONCE_LEN] = rand::random();
+    let nonces = (&their_nonce, &my_nonce);
+    let mut answer = Ack { accepted, me }.encode().to_vec();
+    answer.extend_from_slice(&my_nonce);
+    answer.extend_from_slice(&proof(&config.secret, Side::Acceptor, &hello, &me, nonces));
+    // Best effort when refusing: the refused side learns why, but we fail regardless.
+    let sent = write_all_until(&mut stream, &answer, who, deadline);
     if !accepted {
         return Err(CollectiveError::Handshake {
             peer: who,
@@ -1069,7 +1203,20 @@ fn accept_left(
         });
     }
     sent?;
+    let mut theirs = [0u8; PROOF_LEN];
+    read_exact_until(&mut stream, &mut theirs, who, deadline)?;
+    if !proven(&theirs, &config.secret, Side::Dialer, &hello, &me, nonces) {
+        return Err(CollectiveError::Handshake {
+            peer: who,
+            reason: "it claims to be our left neighbour but cannot prove the ring secret".into(),
+        });
+    }
     Ok(stream)
+}
+
+fn left_peer_rank(me: &Hello, config: &RingConfig) -> u32 {
+    let n = config.world_size;
+    ((me.rank as usize + n - 1) % n) as u32
 }
 
 fn read_exact_until(

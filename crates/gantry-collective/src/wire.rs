@@ -5,8 +5,79 @@
 
 /// "GNTRYCOL": rejects connections from unrelated programs early.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"GNTRYCOL");
-/// Bumped whenever any message layout or the data order changes.
-pub(crate) const VERSION: u32 = 1;
+/// Bumped whenever any message layout or the data order changes (2: the handshake proves
+/// the ring secret).
+pub(crate) const VERSION: u32 = 2;
+
+/// Random bytes each side of a handshake contributes, so that no proof can be replayed.
+pub(crate) const NONCE_LEN: usize = 16;
+/// An HMAC-SHA256 proof.
+pub(crate) const PROOF_LEN: usize = 32;
+
+/// Which side of a handshake a proof comes from (the two proofs of one handshake differ, so
+/// neither can be reflected back as the other).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    /// The rank that dialled its right neighbour.
+    Dialer,
+    /// The rank that accepted its left neighbour.
+    Acceptor,
+}
+
+/// HMAC-SHA256 under the ring secret of everything both sides said in the handshake: who each
+/// claims to be and both nonces. Only a holder of the secret (handed out in the authenticated
+/// Join reply) can compute it.
+fn keyed(
+    secret: &[u8],
+    side: Side,
+    dialer: &Hello,
+    acceptor: &Hello,
+    nonces: (&[u8; NONCE_LEN], &[u8; NONCE_LEN]),
+) -> hmac::Hmac<sha2::Sha256> {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    let label: &[u8] = match side {
+        Side::Dialer => b"gantry ring dialer",
+        Side::Acceptor => b"gantry ring acceptor",
+    };
+    mac.update(label);
+    mac.update(&dialer.encode());
+    mac.update(&acceptor.encode());
+    mac.update(nonces.0);
+    mac.update(nonces.1);
+    mac
+}
+
+/// The proof `side` sends (see [`keyed`]).
+pub(crate) fn proof(
+    secret: &[u8],
+    side: Side,
+    dialer: &Hello,
+    acceptor: &Hello,
+    nonces: (&[u8; NONCE_LEN], &[u8; NONCE_LEN]),
+) -> [u8; PROOF_LEN] {
+    use hmac::Mac;
+    keyed(secret, side, dialer, acceptor, nonces)
+        .finalize()
+        .into_bytes()
+        .into()
+}
+
+/// Whether `presented` is `side`'s proof, compared in constant time.
+pub(crate) fn proven(
+    presented: &[u8; PROOF_LEN],
+    secret: &[u8],
+    side: Side,
+    dialer: &Hello,
+    acceptor: &Hello,
+    nonces: (&[u8; NONCE_LEN], &[u8; NONCE_LEN]),
+) -> bool {
+    use hmac::Mac;
+    keyed(secret, side, dialer, acceptor, nonces)
+        .verify_slice(presented)
+        .is_ok()
+}
 
 /// Sent by the connecting rank right after connecting.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -284,6 +284,86 @@ fn wrong_session_is_refused_naming_the_peer() {
 }
 
 #[test]
+fn strangers_at_the_ring_port_are_dropped_and_the_ring_still_forms() {
+    use std::io::Write;
+    let secret = b"the ring secret of this generation".to_vec();
+    let (mut listeners, addrs) = loopback_listeners(2);
+    let rank1_listener = listeners.pop().unwrap();
+    let rank0_listener = listeners.pop().unwrap();
+    let config = |rank: usize, secret: &[u8]| {
+        let mut c = RingConfig::new(rank, 2, addrs.clone());
+        c.timeout = Duration::from_secs(5);
+        c.session_id = 7;
+        c.secret = secret.to_vec();
+        c
+    };
+    let (tx, rx) = mpsc::channel();
+    {
+        let (tx, c) = (tx.clone(), config(0, &secret));
+        thread::spawn(move || {
+            let mut ring = RingCollective::from_listener(rank0_listener, c).unwrap();
+            let mut buf = vec![1.0f32; 8];
+            ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
+            let _ = tx.send((0, buf, ring.strangers_refused()));
+        });
+    }
+    // Before the real rank 1: garbage, a silent connection, and an impostor that knows the
+    // session id (it is no secret) but not the ring secret, claiming to be rank 1.
+    let mut garbage = std::net::TcpStream::connect(addrs[0]).unwrap();
+    garbage
+        .write_all(b"GET / HTTP/1.1\r\n\r\n-----------------------------------------")
+        .unwrap();
+    let _silent = std::net::TcpStream::connect(addrs[0]).unwrap();
+    let impostor_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut impostor = config(1, b"a guess");
+    impostor.peers[1] = impostor_listener.local_addr().unwrap();
+    impostor.timeout = Duration::from_secs(1);
+    let refused = RingCollective::from_listener(impostor_listener, impostor).map(|_| ());
+    assert!(refused.is_err(), "the impostor joined");
+    {
+        let (tx, c) = (tx.clone(), config(1, &secret));
+        thread::spawn(move || {
+            let mut ring = RingCollective::from_listener(rank1_listener, c).unwrap();
+            let mut buf = vec![2.0f32; 8];
+            ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
+            let _ = tx.send((1, buf, ring.strangers_refused()));
+        });
+    }
+    let mut strangers = [0u64; 2];
+    for _ in 0..2 {
+        let (rank, buf, refused) = rx.recv_timeout(Duration::from_secs(30)).expect("hung");
+        assert_eq!(buf, vec![3.0f32; 8], "rank {rank}");
+        strangers[rank] = refused;
+    }
+    // Garbage and the impostor were refused before rank 1 arrived (the silent one may still
+    // be waiting out its handshake).
+    assert!(
+        strangers[0] >= 2,
+        "rank 0 refused {} strangers",
+        strangers[0]
+    );
+    assert_eq!(strangers[1], 0);
+}
+
+#[test]
+fn ranks_with_different_ring_secrets_never_form_a_ring() {
+    let results = run_ranks(
+        2,
+        |rank, c| {
+            c.secret = vec![rank as u8; 32];
+            c.timeout = Duration::from_secs(2);
+        },
+        |_, ring| ring.map(|_| ()).unwrap_err(),
+    );
+    for (rank, err) in results.iter().enumerate() {
+        assert!(
+            err.to_string().contains("ring secret"),
+            "rank {rank}: {err}"
+        );
+    }
+}
+
+#[test]
 fn mismatched_lengths_fail_on_every_rank() {
     let lens = [10usize, 10, 12];
     let results = run_ranks(

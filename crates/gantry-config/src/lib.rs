@@ -349,8 +349,13 @@ pub struct Cluster {
     pub backend: Backend,
     /// The coordinator's gRPC listen address.
     pub listen: String,
-    /// Join token every RPC must carry; empty = generated per job (local workers only).
+    /// Join token every worker RPC must carry; empty = generated per job (local workers only).
     pub token: String,
+    /// Operator token the `Status` and `Control` RPCs (`coordinator status|pause|resume|
+    /// checkpoint|stop`) must carry instead, so that a worker (which holds only the join
+    /// token) cannot stop or steer the job; empty = generated per job and written to
+    /// `RUN_DIR/operator-token` (readable by its owner only).
+    pub operator_token: String,
     /// Seconds between worker heartbeats.
     pub heartbeat_interval: f64,
     /// A worker silent for this many seconds is declared failed.
@@ -378,6 +383,7 @@ impl Default for Cluster {
             backend: Backend::Auto,
             listen: "0.0.0.0:7070".into(),
             token: String::new(),
+            operator_token: String::new(),
             heartbeat_interval: 1.0,
             heartbeat_timeout: 10.0,
             max_restarts: 3,
@@ -786,11 +792,13 @@ impl Settings {
     }
 
     /// The configuration as TOML, as written to `RUN_DIR/config.toml`.
-    /// The join token is left out: run directories and the configuration handed to workers
-    /// must not leak it; each process takes it from its own environment or file.
+    /// The join and operator tokens are left out: run directories and the configuration
+    /// handed to workers must not leak them; each process takes them from its own environment
+    /// or file.
     pub fn to_toml(&self) -> Result<String, ConfigError> {
         let mut shown = self.clone();
         shown.cluster.token.clear();
+        shown.cluster.operator_token.clear();
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Serialise(e.to_string()))
     }
 

@@ -42,7 +42,7 @@ impl Routes for CoordinatorRoutes {
                 "text/html; charset=utf-8",
                 STATUS_PAGE.replace(
                     "/*INITIAL_STATUS*/null",
-                    &self.status_json().to_string().replace("</", "<\\/"),
+                    &script_safe_json(&self.status_json()),
                 ),
             )),
             "/samples/latest.png" => {
@@ -158,9 +158,36 @@ fn newest_sample(run_dir: &Path) -> Option<(u64, PathBuf)> {
         .max_by_key(|(step, _)| *step)
 }
 
+/// `value` as JSON that can stand inside an inline `<script>`: `<`, `>` and `&` (which could
+/// open `</script>` or `<!--`) and the JavaScript line terminators U+2028/U+2029 are written
+/// as `\uXXXX` escapes, which every JSON and JavaScript parser reads back unchanged.
+fn script_safe_json(value: &serde_json::Value) -> String {
+    let mut out = String::new();
+    for c in value.to_string().chars() {
+        match c {
+            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+                out.push_str(&format!("\\u{:04x}", c as u32));
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn inline_status_json_cannot_leave_its_script() {
+        let hostile = serde_json::json!({"worker_id": "<!--<script></script>&\u{2028}"});
+        let safe = script_safe_json(&hostile);
+        for needle in ["<", ">", "&", "\u{2028}"] {
+            assert!(!safe.contains(needle), "{needle:?} in {safe}");
+        }
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back, hostile, "the escapes read back as the same value");
+    }
 
     #[test]
     fn the_newest_sample_is_the_highest_step() {

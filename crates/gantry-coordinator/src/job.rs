@@ -74,6 +74,8 @@ pub struct Member {
     /// The newest figures from its heartbeats.
     pub figures: Option<WorkerFigures>,
     pub finished: Option<Result<(), String>>,
+    /// The session credential handed out in this member's Join reply.
+    credential: String,
 }
 
 /// Why a generation ended badly.
@@ -81,6 +83,18 @@ pub struct Member {
 pub struct Failure {
     pub rank: Option<u32>,
     pub reason: String,
+    /// Whether a restart of the group could get past it. A worker's own non-retryable
+    /// report (a bad configuration, a full disk) ends the job: retrying cannot help.
+    pub retryable: bool,
+}
+
+/// Who a worker RPC claims to come from.
+#[derive(Debug, Clone, Copy)]
+struct Speaker<'a> {
+    worker_id: &'a str,
+    rank: u32,
+    generation: u64,
+    credential: &'a str,
 }
 
 type PendingJoin = (JoinRequest, oneshot::Sender<Result<JoinResponse, Status>>);
@@ -175,15 +189,7 @@ impl Job {
         request: JoinRequest,
     ) -> Result<oneshot::Receiver<Result<JoinResponse, Status>>, ClusterError> {
         let spec = &self.spec;
-        if request.worker_id.is_empty() {
-            return Err(ClusterError::InvalidArgument("worker_id is empty".into()));
-        }
-        if request.ring_addr.parse::<std::net::SocketAddr>().is_err() {
-            return Err(ClusterError::InvalidArgument(format!(
-                "ring_addr {:?} is not HOST:PORT with a numeric host",
-                request.ring_addr
-            )));
-        }
+        crate::admit::check(&request)?;
         if request.version != spec.version {
             return Err(ClusterError::Mismatch {
                 field: "version",
@@ -239,7 +245,13 @@ impl Job {
     /// Assigns ranks in join order and answers every pending Join.
     fn form_group(&self, state: &mut State) {
         let now = Instant::now();
-        let pending = std::mem::take(&mut state.pending);
+        let mut pending = std::mem::take(&mut state.pending);
+        // The coordinator's own local workers take the rank their id names (local-g0-w1 is
+        // rank 1, whichever joined first); other workers keep their join order, after them.
+        let generation = state.generation;
+        pending.sort_by_key(|(r, _)| {
+            crate::spawn::local_worker_index(generation, &r.worker_id).unwrap_or(usize::MAX)
+        });
         let peers: Vec<String> = pending.iter().map(|(r, _)| r.ring_addr.clone()).collect();
         // `auto` means NCCL when every worker trains on a GPU, the CPU ring otherwise.
         let all_cuda = pending.iter().all(|(r, _)| r.device.starts_with("cuda"));
@@ -249,6 +261,8 @@ impl Job {
             _ if all_cuda => "nccl",
             _ => "ring",
         };
+        // Fresh per generation: a rank of an earlier one cannot join this ring.
+        let ring_secret: [u8; 32] = rand::random();
         let nccl_id = if backend == "nccl" {
             // NCCL's bootstrap root runs in the process that creates the id: this one,
             // which outlives every generation.
@@ -259,7 +273,11 @@ impl Job {
                     for (_, tx) in pending {
                         let _ = tx.send(Err(Status::failed_precondition(reason.clone())));
                     }
-                    state.failure = Some(Failure { rank: None, reason });
+                    state.failure = Some(Failure {
+                        rank: None,
+                        reason,
+                        retryable: false,
+                    });
                     return;
                 }
             }
@@ -284,12 +302,13 @@ impl Job {
                 metrics_addr: r.metrics_addr.clone(),
                 figures: None,
                 finished: None,
+                credential: crate::auth::generate_token(),
             })
             .collect();
         state.phase = Phase::Training;
         state.phase_since = now;
         state.last_progress = (0, now);
-        for (rank, (_, tx)) in pending.into_iter().enumerate() {
+        for ((rank, (_, tx)), member) in pending.into_iter().enumerate().zip(&state.members) {
             let _ = tx.send(Ok(JoinResponse {
                 rank: rank as u32,
                 world_size: self.spec.world_size,
@@ -301,32 +320,67 @@ impl Job {
                 backend: backend.to_owned(),
                 resume: state.resume,
                 workers_on_host: self.spec.workers_on_host,
+                session_credential: member.credential.clone(),
+                ring_secret: ring_secret.to_vec(),
             }));
         }
     }
 
+    /// The member a worker RPC speaks for, once it has proven to be that member: the worker
+    /// id, rank and generation must be those of one Join reply, and the session credential
+    /// the one that reply handed out.
     fn member_mut<'a>(
         state: &'a mut State,
-        worker_id: &str,
-        generation: u64,
+        speaker: Speaker<'_>,
     ) -> Result<&'a mut Member, ClusterError> {
-        if generation != state.generation {
+        use subtle::ConstantTimeEq;
+        let current = state.generation;
+        if speaker.generation > current {
+            return Err(ClusterError::InvalidArgument(format!(
+                "generation {} does not exist; the job is at generation {current}",
+                speaker.generation
+            )));
+        }
+        if speaker.generation < current {
             return Err(ClusterError::StaleGeneration {
-                stale: generation,
-                current: state.generation,
+                stale: speaker.generation,
+                current,
             });
         }
-        state
+        let member = state
             .members
             .iter_mut()
-            .find(|m| m.worker_id == worker_id)
-            .ok_or_else(|| ClusterError::UnknownWorker(worker_id.to_owned()))
+            .find(|m| m.worker_id == speaker.worker_id)
+            .ok_or_else(|| ClusterError::UnknownWorker(speaker.worker_id.to_owned()))?;
+        let presented = speaker.credential.as_bytes();
+        let proven = presented.len() == member.credential.len()
+            && bool::from(presented.ct_eq(member.credential.as_bytes()));
+        if !proven {
+            return Err(ClusterError::PermissionDenied(format!(
+                "the session credential is not worker {:?}'s",
+                speaker.worker_id
+            )));
+        }
+        if speaker.rank != member.rank {
+            return Err(ClusterError::PermissionDenied(format!(
+                "worker {:?} is rank {}, not rank {}",
+                speaker.worker_id, member.rank, speaker.rank
+            )));
+        }
+        Ok(member)
     }
 
     pub fn heartbeat(&self, hb: &HeartbeatRequest) -> Result<HeartbeatResponse, ClusterError> {
         let mut state = self.lock();
-        let generation = hb.generation;
-        let member = Self::member_mut(&mut state, &hb.worker_id, generation)?;
+        let member = Self::member_mut(
+            &mut state,
+            Speaker {
+                worker_id: &hb.worker_id,
+                rank: hb.rank,
+                generation: hb.generation,
+                credential: &hb.session_credential,
+            },
+        )?;
         member.last_seen = Instant::now();
         member.state = WorkerState::try_from(hb.state).unwrap_or(WorkerState::Unspecified);
         member.step = hb.step;
@@ -369,7 +423,15 @@ impl Job {
 
     pub fn finish(&self, request: &FinishRequest) -> Result<(), ClusterError> {
         let mut state = self.lock();
-        let member = Self::member_mut(&mut state, &request.worker_id, request.generation)?;
+        let member = Self::member_mut(
+            &mut state,
+            Speaker {
+                worker_id: &request.worker_id,
+                rank: request.rank,
+                generation: request.generation,
+                credential: &request.session_credential,
+            },
+        )?;
         member.last_seen = Instant::now();
         member.step = member.step.max(request.step);
         member.finished = Some(if request.ok {
@@ -383,15 +445,24 @@ impl Job {
         if request.rank == 0 && request.ok && !request.summary_json.is_empty() {
             state.summary_json = Some(request.summary_json.clone());
         }
-        if !request.ok && state.reported.is_none() {
+        if !request.ok {
             let failure = Failure {
                 rank: Some(request.rank),
                 reason: format!(
                     "rank {} ({}) failed: {}",
                     request.rank, request.worker_id, request.error
                 ),
+                retryable: request.retryable,
             };
-            state.reported = Some((Instant::now(), failure));
+            if !failure.retryable {
+                // The root cause, by the worker's own account: it outranks the echoes (a
+                // peer that lost this rank, this rank's own exit status) already recorded.
+                if state.failure.as_ref().is_none_or(|f| f.retryable) {
+                    state.failure = Some(failure);
+                }
+            } else if state.reported.is_none() {
+                state.reported = Some((Instant::now(), failure));
+            }
         }
         let all_ok = !state.members.is_empty()
             && state
@@ -429,6 +500,7 @@ impl Job {
                         .collect();
                     return Some(Failure {
                         rank: None,
+                        retryable: true,
                         reason: format!(
                             "rendezvous timed out after {:.0} s: {} of {} workers joined: [{}]",
                             waited.as_secs_f64(),
@@ -446,6 +518,7 @@ impl Job {
                     if silent > spec.heartbeat_timeout {
                         return Some(Failure {
                             rank: Some(m.rank),
+                            retryable: true,
                             reason: format!(
                                 "rank {} ({} on {}) missed heartbeats for {:.1} s (last step {})",
                                 m.rank,
@@ -462,6 +535,7 @@ impl Job {
                     let laggard = state.members.iter().min_by_key(|m| m.collective_seq)?;
                     return Some(Failure {
                         rank: Some(laggard.rank),
+                        retryable: true,
                         reason: format!(
                             "no progress for {:.0} s; rank {} ({}) lags in collectives (sequence {} vs max {})",
                             stalled.as_secs_f64(),
@@ -483,10 +557,20 @@ impl Job {
         }
     }
 
-    /// Records a failure found outside the RPCs (a local worker process that exited).
-    pub fn report_failure(&self, failure: Failure) {
+    /// Records a failure found outside the RPCs (a local worker process that exited). What
+    /// that worker reported in its Finish, if anything, is the cause and is told with it.
+    pub fn report_failure(&self, mut failure: Failure) {
         let mut state = self.lock();
         if state.failure.is_none() && matches!(state.phase, Phase::Rendezvous | Phase::Training) {
+            let said = state
+                .members
+                .iter()
+                .find(|m| Some(m.rank) == failure.rank)
+                .and_then(|m| m.finished.clone())
+                .and_then(Result::err);
+            if let Some(error) = said {
+                failure.reason = format!("{}; it reported: {error}", failure.reason);
+            }
             state.failure = Some(failure);
         }
     }
@@ -516,11 +600,11 @@ impl Job {
 
     /// Asks every rank to stop (after a checkpoint) at the same step, a little ahead of the
     /// fastest one so that the command reaches all of them first.
-    pub fn request_stop(&self) -> Option<u64> {
+    pub fn request_stop(&self) -> u64 {
         let mut state = self.lock();
         let at = self.common_future_step(&state);
         state.stop_at = Some(at);
-        Some(at)
+        at
     }
 
     pub fn request_checkpoint(&self) -> u64 {
@@ -581,8 +665,11 @@ impl Job {
                     .iter()
                     .map(|(name, value)| (name.clone(), *value))
                     .collect(),
-                generator_grad_norm: f.generator_grad_norm,
-                discriminator_grad_norm: f.discriminator_grad_norm,
+                gradient_norms: f
+                    .gradient_norms
+                    .iter()
+                    .map(|(part, norm)| (part.clone(), *norm))
+                    .collect(),
                 last_checkpoint_seconds: f.last_checkpoint_seconds,
                 last_checkpoint_bytes: f.last_checkpoint_bytes,
                 quality: f.quality.map(|q| gantry_metrics::Quality {
@@ -666,6 +753,7 @@ impl Job {
             world_size: self.spec.world_size,
             workers_alive: alive as u32,
             restarts: state.restarts,
+            paused: state.paused,
             statistics: lead
                 .map(|m| {
                     m.statistics
@@ -752,6 +840,98 @@ mod tests {
         }
     }
 
+    /// Joins `ids` in order and returns their Join replies (the group forms with the last).
+    fn form(job: &Job, ids: &[&str]) -> Vec<JoinResponse> {
+        let pending: Vec<_> = ids
+            .iter()
+            .map(|id| job.join(join_request(id)).unwrap())
+            .collect();
+        pending
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().unwrap())
+            .collect()
+    }
+
+    /// A heartbeat as the worker `id` that got `reply` sends it.
+    fn beat(reply: &JoinResponse, id: &str) -> HeartbeatRequest {
+        HeartbeatRequest {
+            worker_id: id.into(),
+            generation: reply.generation,
+            rank: reply.rank,
+            session_credential: reply.session_credential.clone(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn only_the_member_itself_can_heartbeat_or_finish_for_it() {
+        let job = Job::new(spec(2), false);
+        let replies = form(&job, &["a", "b"]);
+        let (a, b) = (&replies[0], &replies[1]);
+        assert_ne!(a.session_credential, b.session_credential);
+        assert!(a.session_credential.len() >= 32);
+        job.heartbeat(&beat(a, "a")).unwrap();
+
+        // Holding the join token (every request here does) is not enough.
+        let mut forged = beat(a, "a");
+        forged.session_credential = "guess".into();
+        let err = job.heartbeat(&forged).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        // Rank 1's credential does not speak for rank 0, nor rank 0's for another rank.
+        let mut borrowed = beat(b, "a");
+        borrowed.rank = 0;
+        assert_eq!(
+            job.heartbeat(&borrowed).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        let mut other_rank = beat(a, "a");
+        other_rank.rank = 1;
+        let err = job.heartbeat(&other_rank).unwrap_err();
+        assert!(err.to_string().contains("is rank 0, not rank 1"), "{err}");
+        // A forged Finish(ok) for every rank neither ends the job nor sets its summary.
+        for (reply, id) in [(a, "a"), (b, "b")] {
+            let forged = FinishRequest {
+                worker_id: id.into(),
+                rank: reply.rank,
+                generation: reply.generation,
+                ok: true,
+                summary_json: "{\"evil\": true}".into(),
+                session_credential: "forged".into(),
+                ..Default::default()
+            };
+            assert_eq!(
+                job.finish(&forged).unwrap_err().code(),
+                tonic::Code::PermissionDenied
+            );
+        }
+        assert_eq!(job.phase(), Phase::Training);
+        assert_eq!(job.summary_json(), None);
+        // A generation that never existed is named as such, not as one that is over.
+        let mut future = beat(a, "a");
+        future.generation = 99;
+        let err = job.heartbeat(&future).unwrap_err();
+        assert!(
+            err.to_string().contains("generation 99 does not exist"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn local_workers_take_the_rank_their_id_names() {
+        let job = Job::new(spec(3), false);
+        let ids = ["local-g0-w2", "external", "local-g0-w0"];
+        let replies = form(&job, &ids);
+        let ranks: Vec<u32> = replies.iter().map(|r| r.rank).collect();
+        assert_eq!(
+            ranks,
+            [1, 2, 0],
+            "w0 is rank 0, w2 rank 1 of the local ones, then others"
+        );
+        // Only the current generation's ids count.
+        assert_eq!(crate::spawn::local_worker_index(0, "local-g1-w0"), None);
+        assert_eq!(crate::spawn::local_worker_index(1, "local-g1-w3"), Some(3));
+    }
+
     #[test]
     fn group_forms_when_all_joined_and_ranks_follow_join_order() {
         let job = Job::new(spec(2), false);
@@ -802,12 +982,10 @@ mod tests {
     #[test]
     fn silent_rank_fails_the_generation_and_old_generations_are_aborted() {
         let job = Job::new(spec(1), false);
-        let _a = job.join(join_request("a")).unwrap();
+        let a = form(&job, &["a"]);
         let hb = HeartbeatRequest {
-            worker_id: "a".into(),
-            generation: 0,
             step: 5,
-            ..Default::default()
+            ..beat(&a[0], "a")
         };
         assert!(job.heartbeat(&hb).is_ok());
         assert!(job.check_health(Instant::now()).is_none());
@@ -839,12 +1017,13 @@ mod tests {
     #[test]
     fn a_rank_reported_failure_waits_for_the_root_cause() {
         let job = Job::new(spec(2), false);
-        let _a = job.join(join_request("a")).unwrap();
-        let _b = job.join(join_request("b")).unwrap();
+        let replies = form(&job, &["a", "b"]);
         let finish = FinishRequest {
             worker_id: "a".into(),
             rank: 0,
+            session_credential: replies[0].session_credential.clone(),
             ok: false,
+            retryable: true,
             error: "peer disconnected".into(),
             ..Default::default()
         };
@@ -856,30 +1035,59 @@ mod tests {
         job.report_failure(Failure {
             rank: Some(1),
             reason: "rank 1 killed by signal 9".into(),
+            retryable: true,
         });
         assert_eq!(job.check_health(Instant::now()).unwrap().rank, Some(1));
     }
 
     #[test]
+    fn a_non_retryable_report_is_the_root_cause_and_ends_the_restarts() {
+        let job = Job::new(spec(2), false);
+        let replies = form(&job, &["a", "b"]);
+        // Rank 1's process exit (the echo: its peer vanished) is noticed first...
+        job.report_failure(Failure {
+            rank: Some(1),
+            reason: "rank 1 (b) exit status 75".into(),
+            retryable: true,
+        });
+        // ...then rank 0's own account of why it stopped arrives.
+        let fatal = FinishRequest {
+            worker_id: "a".into(),
+            rank: 0,
+            session_credential: replies[0].session_credential.clone(),
+            ok: false,
+            retryable: false,
+            error: "writing checkpoint: No space left on device (os error 28)".into(),
+            ..Default::default()
+        };
+        job.finish(&fatal).unwrap();
+        let failure = job.check_health(Instant::now()).unwrap();
+        assert_eq!(failure.rank, Some(0));
+        assert!(!failure.retryable);
+        assert!(
+            failure.reason.contains("No space left on device"),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[test]
     fn stop_is_scheduled_ahead_of_the_fastest_rank() {
         let job = Job::new(spec(2), false);
-        let _a = job.join(join_request("a")).unwrap();
-        let _b = job.join(join_request("b")).unwrap();
-        for (id, step) in [("a", 10), ("b", 11)] {
+        let replies = form(&job, &["a", "b"]);
+        for (reply, id, step) in [(&replies[0], "a", 10), (&replies[1], "b", 11)] {
             let hb = HeartbeatRequest {
-                worker_id: id.into(),
                 step,
                 step_seconds: 0.05,
-                ..Default::default()
+                ..beat(reply, id)
             };
             job.heartbeat(&hb).unwrap();
         }
-        let at = job.request_stop().unwrap();
+        let at = job.request_stop();
         assert!(at > 11, "stop at {at}");
         let hb = HeartbeatRequest {
-            worker_id: "a".into(),
             step: 10,
-            ..Default::default()
+            ..beat(&replies[0], "a")
         };
         let reply = job.heartbeat(&hb).unwrap();
         assert_eq!((reply.command, reply.at_step), (Command::Stop as i32, at));
@@ -888,22 +1096,20 @@ mod tests {
     #[test]
     fn cluster_totals_accumulate_increments_across_generations() {
         let job = Job::new(spec(2), false);
-        let _a = job.join(join_request("a")).unwrap();
-        let _b = job.join(join_request("b")).unwrap();
-        let beat = |id: &str, generation: u64, images: u64, nonfinite: u64| HeartbeatRequest {
-            worker_id: id.into(),
-            generation,
-            figures: Some(WorkerFigures {
-                images_total: images,
-                nonfinite_total: nonfinite,
-                allreduce_bytes_total: images * 10,
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        job.heartbeat(&beat("a", 0, 64, 1)).unwrap();
-        job.heartbeat(&beat("b", 0, 64, 1)).unwrap();
-        job.heartbeat(&beat("a", 0, 128, 1)).unwrap();
+        let first = form(&job, &["a", "b"]);
+        let counted =
+            |reply: &JoinResponse, id: &str, images: u64, nonfinite: u64| HeartbeatRequest {
+                figures: Some(WorkerFigures {
+                    images_total: images,
+                    nonfinite_total: nonfinite,
+                    allreduce_bytes_total: images * 10,
+                    ..Default::default()
+                }),
+                ..beat(reply, id)
+            };
+        job.heartbeat(&counted(&first[0], "a", 64, 1)).unwrap();
+        job.heartbeat(&counted(&first[1], "b", 64, 1)).unwrap();
+        job.heartbeat(&counted(&first[0], "a", 128, 1)).unwrap();
         let view = job.cluster_view(0);
         assert_eq!(view.totals.images, 192);
         // Skipped steps are the group's: counted once (rank 0), not once per rank.
@@ -913,9 +1119,8 @@ mod tests {
 
         // A new generation's processes count from zero again; the totals keep growing.
         assert!(job.next_generation());
-        let _a2 = job.join(join_request("a2")).unwrap();
-        let _b2 = job.join(join_request("b2")).unwrap();
-        job.heartbeat(&beat("a2", 1, 64, 0)).unwrap();
+        let second = form(&job, &["a2", "b2"]);
+        job.heartbeat(&counted(&second[0], "a2", 64, 0)).unwrap();
         let view = job.cluster_view(3);
         assert_eq!(view.totals.images, 256);
         assert_eq!(view.restarts, 1);

@@ -6,15 +6,16 @@
 //! whole group from the newest checkpoint after a failure (up to `cluster.max_restarts`), and
 //! writes `summary.json` when the job is done.
 
+mod admit;
 mod auth;
 mod http;
 mod job;
+mod operate;
 mod progress;
 mod service;
 mod spawn;
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -30,13 +31,31 @@ use crate::auth::TokenCheck;
 use crate::job::{Failure, Job, JobSpec, Phase};
 use crate::spawn::LocalWorkers;
 
-/// Exit code of a job stopped by a signal before it finished (resumable).
-const EXIT_STOPPED: i32 = 75;
+/// Exit codes (the README's table).
+mod exit {
+    /// The job finished (all steps, or an operator's `stop`): summary.json is written.
+    pub const DONE: i32 = 0;
+    /// The job failed, or the command line or configuration was refused.
+    pub const FAILED: i32 = 1;
+    /// SIGINT (Ctrl-C) stopped the job after a checkpoint: continue it with --resume.
+    pub const STOPPED: i32 = 75;
+    /// SIGTERM (an orchestrator) stopped the job after a checkpoint: continue it with
+    /// --resume (128 + 15, what a shell reports for a process killed by SIGTERM).
+    pub const TERMINATED: i32 = 143;
+}
 
 /// The Gantry coordinator.
 #[derive(Debug, Parser)]
-#[command(name = "coordinator", version, about)]
+#[command(
+    name = "coordinator",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    /// An operator's command to a running job (instead of running one).
+    #[command(subcommand)]
+    operate: Option<operate::Operate>,
     /// Start this many local worker processes (one per GPU when there are enough GPUs).
     #[arg(long, conflicts_with = "expect_workers", value_parser = clap::value_parser!(u32).range(1..))]
     workers: Option<u32>,
@@ -53,6 +72,15 @@ struct Cli {
     /// Continue the run in this directory from its newest complete checkpoint.
     #[arg(long, value_name = "RUN_DIR")]
     resume: Option<PathBuf>,
+    /// Start afresh even where the run directory holds an earlier run, replacing its metrics
+    /// and checkpoints (without it, such a directory is refused).
+    #[arg(long, conflicts_with = "resume")]
+    overwrite: bool,
+    /// Continue from the newest checkpoint when the run directory has one, start afresh when
+    /// it has none: for a coordinator that its orchestrator restarts (a Kubernetes
+    /// Deployment), whose run directory is its own.
+    #[arg(long, conflicts_with_all = ["resume", "overwrite"])]
+    resume_if_present: bool,
     /// The worker binary to start (default: `worker` beside this binary).
     #[arg(long, value_name = "PATH")]
     worker_bin: Option<PathBuf>,
@@ -65,7 +93,7 @@ fn main() {
         Ok(code) => code,
         Err(error) => {
             eprintln!("coordinator: error: {error:#}");
-            1
+            exit::FAILED
         }
     };
     std::process::exit(code);
@@ -73,6 +101,9 @@ fn main() {
 
 fn run() -> Result<i32> {
     let cli = Cli::parse();
+    if let Some(command) = &cli.operate {
+        return operate::run(command);
+    }
     let (world, local) = match (cli.workers, cli.expect_workers) {
         (Some(n), None) => (n, true),
         (None, Some(n)) => (n, false),
@@ -80,7 +111,7 @@ fn run() -> Result<i32> {
             "pass --workers N (start local workers) or --expect-workers N (wait for external ones)"
         ),
     };
-    let settings = load_settings(&cli)?;
+    let (settings, resume) = load_settings(&cli)?;
     let token = match (settings.cluster.token.is_empty(), local) {
         (false, _) => settings.cluster.token.clone(),
         (true, true) => auth::generate_token(),
@@ -102,7 +133,6 @@ fn run() -> Result<i32> {
         (None, true) => Some(spawn::default_worker_binary()?),
         (None, false) => None,
     };
-    let resume = cli.resume.is_some();
     let metrics_addr = match (&cli.metrics_addr, local) {
         (Some(addr), _) => addr.clone(),
         (None, true) => "127.0.0.1:0".to_owned(),
@@ -127,8 +157,9 @@ fn run() -> Result<i32> {
 }
 
 /// The configuration: the usual layers, with `--resume RUN_DIR` reusing that run's
-/// `config.toml` as the file layer unless `--config` names another.
-fn load_settings(cli: &Cli) -> Result<Settings> {
+/// `config.toml` as the file layer unless `--config` names another; and whether the job
+/// continues from a checkpoint.
+fn load_settings(cli: &Cli) -> Result<(Settings, bool)> {
     let mut args = cli.config.clone();
     if let Some(run_dir) = &cli.resume {
         if args.config.is_none() {
@@ -144,10 +175,24 @@ fn load_settings(cli: &Cli) -> Result<Settings> {
         args.run_dir = Some(run_dir.clone());
     }
     let mut settings = args.load()?;
+    // Before anything is started: a new run never silently replaces an old one, and a resume
+    // never silently starts at step 0.
+    let dir = &settings.run.dir;
+    let resume = if cli.resume.is_some() {
+        gantry_store::run_dir::ensure_resumable(dir)?;
+        true
+    } else if cli.resume_if_present {
+        !gantry_store::run_dir::checkpoint_steps(dir)?.is_empty()
+    } else {
+        if !cli.overwrite {
+            gantry_store::run_dir::ensure_fresh(dir)?;
+        }
+        false
+    };
     fs::create_dir_all(&settings.run.dir)
         .with_context(|| format!("creating run directory {}", settings.run.dir.display()))?;
     settings.run.dir = settings.run.dir.canonicalize()?;
-    Ok(settings)
+    Ok((settings, resume))
 }
 
 /// How this coordinator runs its job, as resolved from the command line.
@@ -191,7 +236,17 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         max_restarts: cluster.max_restarts,
     };
     let job = Arc::new(Job::new(spec, resume));
-    let check = TokenCheck::new(&token);
+    let operator_token = operator_token(&settings)?;
+    auth::distinct(&token, &operator_token)?;
+    for (key, configured) in [
+        ("cluster.token", &settings.cluster.token),
+        ("cluster.operator_token", &settings.cluster.operator_token),
+    ] {
+        if let Some(warning) = auth::weakness(key, configured).filter(|_| !configured.is_empty()) {
+            eprintln!("coordinator: warning: {warning}");
+        }
+    }
+    let check = TokenCheck::new(&token, &operator_token);
     let auth_failures = check.failures.clone();
 
     let listener = tokio::net::TcpListener::bind(listen)
@@ -264,8 +319,8 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = interrupt.recv() => stopped_by = stop(&job, stopped_by, 130),
-            _ = terminate.recv() => stopped_by = stop(&job, stopped_by, 143),
+            _ = interrupt.recv() => stopped_by = stop(&job, stopped_by, exit::STOPPED),
+            _ = terminate.recv() => stopped_by = stop(&job, stopped_by, exit::TERMINATED),
         }
         if let Some(w) = workers.as_mut() {
             let members = job.member_ids();
@@ -281,12 +336,29 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
                     job.report_failure(Failure {
                         rank,
                         reason: format!("{who} {}", spawn::describe_exit(status)),
+                        // A worker exits 1 for what no retry can fix; its Finish says so
+                        // first when it could still send one.
+                        retryable: status.code() != Some(1),
                     });
                 }
             }
         }
         progress.show(&job.status());
 
+        if let (Some(code), Phase::Rendezvous) = (stopped_by, job.phase()) {
+            // No group, no step, nothing to checkpoint: waiting out the rendezvous would only
+            // make the signal look ignored.
+            if let Some(w) = workers.as_mut() {
+                w.stop_all(Duration::from_secs(3));
+            }
+            progress.finish();
+            eprintln!(
+                "coordinator: stopped by signal during the rendezvous of generation {} (no step \
+                 was run in it)",
+                job.generation()
+            );
+            return Ok(code);
+        }
         match job.phase() {
             Phase::Done => break,
             Phase::Failed => {
@@ -308,6 +380,10 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
                 failure.reason
             ));
             if stopped_by.is_some() {
+                return fail(&mut workers, Some(failure), job.restarts());
+            }
+            if !failure.retryable {
+                progress.println("coordinator: not retryable: the job ends without a restart");
                 return fail(&mut workers, Some(failure), job.restarts());
             }
             if !job.next_generation() {
@@ -338,13 +414,43 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
                 "coordinator: stopped by signal after a checkpoint; continue with --resume {}",
                 settings.run.dir.display()
             );
-            Ok(if code == 130 { EXIT_STOPPED } else { code })
+            Ok(code)
         }
         None => {
             eprintln!("coordinator: done; summary in {}", path.display());
-            Ok(0)
+            Ok(exit::DONE)
         }
     }
+}
+
+/// The name of the file, in the run directory, that holds a generated operator token.
+const OPERATOR_TOKEN_FILE: &str = "operator-token";
+
+/// `cluster.operator_token`, or a fresh one written to `RUN_DIR/operator-token` with mode
+/// 0600 (created so, never widened) for the operator's commands to read.
+fn operator_token(settings: &Settings) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    if !settings.cluster.operator_token.is_empty() {
+        return Ok(settings.cluster.operator_token.clone());
+    }
+    let token = auth::generate_token();
+    let path = settings.run.dir.join(OPERATOR_TOKEN_FILE);
+    gantry_store::atomic::write_with(&path, |tmp| -> Result<()> {
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(tmp)
+            .with_context(|| format!("creating {}", tmp.display()))?;
+        file.write_all(token.as_bytes())?;
+        Ok(())
+    })?;
+    eprintln!(
+        "coordinator: operator token in {} (for `coordinator status|pause|resume|checkpoint|stop --token-file`)",
+        path.display()
+    );
+    Ok(token)
 }
 
 /// `reason`, plus the exit status of each local worker it names (when not already stated):
@@ -362,7 +468,7 @@ fn with_exit_statuses(mut reason: String, exits: &[(String, std::process::ExitSt
 fn stop(job: &Job, already: Option<i32>, code: i32) -> Option<i32> {
     if already.is_none() {
         let at = job.request_stop();
-        eprintln!("coordinator: signal received; workers checkpoint and stop at step {at:?}");
+        eprintln!("coordinator: signal received; workers checkpoint and stop at step {at}");
     }
     Some(code)
 }
@@ -377,7 +483,7 @@ fn fail(
     }
     let reason = failure.map_or_else(|| "unknown failure".to_owned(), |f| f.reason);
     eprintln!("coordinator: job failed after {restarts} restart(s): {reason}");
-    Ok(1)
+    Ok(exit::FAILED)
 }
 
 /// Rank 0's summary plus what only the coordinator knows, written atomically.
@@ -389,12 +495,6 @@ fn write_summary(path: &Path, rank0: &str, job: &Job) -> Result<()> {
         object.insert("run_id".into(), job.spec.run_id.clone().into());
     }
     let text = serde_json::to_string_pretty(&summary)? + "\n";
-    let dir = path.parent().context("summary path has no parent")?;
-    let tmp = dir.join(".summary.json.tmp");
-    let mut file = File::create(&tmp)?;
-    file.write_all(text.as_bytes())?;
-    file.sync_all()?;
-    fs::rename(&tmp, path)?;
-    File::open(dir)?.sync_all()?;
+    gantry_store::atomic::write(path, text.as_bytes())?;
     Ok(())
 }

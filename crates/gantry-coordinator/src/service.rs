@@ -10,6 +10,7 @@ use gantry_proto::v1::{
 };
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Role, require};
 use crate::job::Job;
 
 #[derive(Debug, Clone)]
@@ -20,6 +21,7 @@ pub struct Service {
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn join(&self, request: Request<JoinRequest>) -> Result<Response<JoinResponse>, Status> {
+        require(&request, Role::Worker)?;
         let assignment = self.job.join(request.into_inner())?;
         match assignment.await {
             Ok(result) => result.map(Response::new),
@@ -32,6 +34,7 @@ impl Coordinator for Service {
         &self,
         request: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        require(&request, Role::Worker)?;
         Ok(Response::new(self.job.heartbeat(request.get_ref())?))
     }
 
@@ -39,14 +42,16 @@ impl Coordinator for Service {
         &self,
         request: Request<FinishRequest>,
     ) -> Result<Response<FinishResponse>, Status> {
+        require(&request, Role::Worker)?;
         self.job.finish(request.get_ref())?;
         Ok(Response::new(FinishResponse {}))
     }
 
     async fn status(
         &self,
-        _request: Request<StatusRequest>,
+        request: Request<StatusRequest>,
     ) -> Result<Response<StatusResponse>, Status> {
+        require(&request, Role::Operator)?;
         Ok(Response::new(self.job.status()))
     }
 
@@ -54,6 +59,7 @@ impl Coordinator for Service {
         &self,
         request: Request<ControlRequest>,
     ) -> Result<Response<ControlResponse>, Status> {
+        require(&request, Role::Operator)?;
         let at_step = match Command::try_from(request.get_ref().command) {
             Ok(Command::Pause) => {
                 self.job.set_paused(true);
@@ -64,7 +70,7 @@ impl Coordinator for Service {
                 0
             }
             Ok(Command::Checkpoint) => self.job.request_checkpoint(),
-            Ok(Command::Stop) => self.job.request_stop().unwrap_or(0),
+            Ok(Command::Stop) => self.job.request_stop(),
             _ => {
                 return Err(ClusterError::InvalidArgument(
                     "control takes PAUSE, RESUME, CHECKPOINT or STOP".into(),

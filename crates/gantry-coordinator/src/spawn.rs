@@ -47,7 +47,7 @@ impl LocalWorkers {
             .with_context(|| format!("creating {}", self.log_dir.display()))?;
         let use_gpus = !self.force_cpu && self.gpus >= self.count;
         for i in 0..self.count {
-            let id = format!("local-g{generation}-w{i}");
+            let id = local_worker_id(generation, i);
             let log_path = self.log_dir.join(format!("worker-{i}.log"));
             let log = OpenOptions::new()
                 .create(true)
@@ -57,7 +57,7 @@ impl LocalWorkers {
             let mut command = Command::new(&self.binary);
             command
                 .args(["--coordinator", &self.coordinator_url, "--worker-id", &id])
-                .args(["--advertise-host", "127.0.0.1"])
+                .args(["--advertise-host", "127.0.0.1", "--supervised"])
                 .env("GANTRY__CLUSTER__TOKEN", &self.token)
                 .env("GANTRY__CLUSTER__RING_PORT", "0")
                 .env("GANTRY__METRICS__WORKER_ADDR", "127.0.0.1:0")
@@ -138,4 +138,16 @@ pub fn describe_exit(status: ExitStatus) -> String {
         (None, Some(sig)) => format!("killed by signal {sig}"),
         _ => status.to_string(),
     }
+}
+
+/// The id of the `index`-th local worker of `generation`: `local-g<generation>-w<index>`.
+pub fn local_worker_id(generation: u64, index: usize) -> String {
+    format!("local-g{generation}-w{index}")
+}
+
+/// The index of a local worker of `generation` from its id, if it is one.
+pub fn local_worker_index(generation: u64, id: &str) -> Option<usize> {
+    id.strip_prefix(&format!("local-g{generation}-w"))?
+        .parse()
+        .ok()
 }

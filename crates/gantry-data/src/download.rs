@@ -384,13 +384,7 @@ fn remove_if_exists(path: &Path) -> Result<(), DataError> {
 
 /// Makes a rename in `dir` durable.
 fn sync_dir(dir: &Path) -> Result<(), DataError> {
-    #[cfg(unix)]
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| DataError::io(dir.display(), e))?;
-    #[cfg(not(unix))]
-    let _ = dir;
-    Ok(())
+    gantry_store::atomic::sync_dir(dir).map_err(|e| DataError::io(dir.display(), e))
 }
 
 #[cfg(test)]

@@ -144,6 +144,12 @@ fn list_files(files: &[(std::path::PathBuf, String)]) -> String {
 }
 
 impl DataError {
+    /// A network failure (an HTTP error, every mirror unreachable) that a later attempt may
+    /// not meet; everything else (bad files, bad settings) fails the same way every time.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Http { .. } | Self::AllMirrorsFailed { .. })
+    }
+
     pub(crate) fn io(path: impl std::fmt::Display, source: io::Error) -> Self {
         DataError::Io {
             path: path.to_string(),

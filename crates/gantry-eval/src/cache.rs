@@ -11,14 +11,15 @@
 //! so a reader sees whole files, and a manifest that ends up describing the other writer's
 //! weights fails its digest and costs one retraining, never a wrong classifier.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tch::nn::VarStore;
+
+use gantry_store::atomic::write_with;
 
 use crate::EvalError;
 
@@ -124,17 +125,20 @@ impl Entry {
     ) -> Result<(), EvalError> {
         let dir = self.weights.parent().unwrap_or(Path::new("."));
         fs::create_dir_all(dir).map_err(|e| EvalError::io(dir, e))?;
-        let weights_tmp = write_atomically(&self.weights, |tmp| {
+        let mut written = Vec::new();
+        write_with(&self.weights, |tmp| -> Result<(), EvalError> {
             vs.save(tmp).map_err(|e| EvalError::CacheWrite {
                 path: tmp.to_owned(),
                 reason: e.to_string(),
-            })
+            })?;
+            written = fs::read(tmp).map_err(|e| EvalError::io(tmp, e))?;
+            Ok(())
         })?;
         let manifest = Manifest {
             version: CLASSIFIER_VERSION.to_owned(),
             data_sha256: data_sha256.to_owned(),
             // Hash what was written, not a re-serialisation: that is what a later load reads.
-            weights_sha256: sha256_hex(&weights_tmp),
+            weights_sha256: sha256_hex(&written),
             held_out_accuracy,
             train_seconds,
         };
@@ -142,54 +146,11 @@ impl Entry {
             path: self.manifest.clone(),
             reason: e.to_string(),
         })?;
-        write_atomically(&self.manifest, |tmp| {
-            fs::write(tmp, json.as_bytes()).map_err(|e| EvalError::io(tmp, e))
-        })?;
+        gantry_store::atomic::write(&self.manifest, json.as_bytes())?;
         Ok(())
     }
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
-}
-
-/// Makes temporary names unique within a process (threads), the pid across processes.
-static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
-
-/// Has `write` fill a temporary file next to `path`, fsyncs it, renames it to `path` and
-/// fsyncs the directory, so `path` is always either absent, the old file or the whole new one.
-/// Returns the bytes that were written.
-fn write_atomically(
-    path: &Path,
-    write: impl FnOnce(&Path) -> Result<(), EvalError>,
-) -> Result<Vec<u8>, EvalError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let ext = path
-        .extension()
-        .map(|e| e.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    // The temporary keeps the extension: VarStore::save picks the format from it.
-    let n = TMP_COUNTER.fetch_add(1, Ordering::Relaxed);
-    let tmp = dir.join(format!(".{name}.{}.{n}.tmp.{ext}", std::process::id()));
-    let result = (|| -> Result<Vec<u8>, EvalError> {
-        write(&tmp)?;
-        let file = File::open(&tmp).map_err(|e| EvalError::io(&tmp, e))?;
-        file.sync_all().map_err(|e| EvalError::io(&tmp, e))?;
-        let bytes = fs::read(&tmp).map_err(|e| EvalError::io(&tmp, e))?;
-        fs::rename(&tmp, path).map_err(|e| EvalError::io(path, e))?;
-        Ok(bytes)
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp); // best effort: the error being returned matters more
-    }
-    let bytes = result?;
-    // Makes the rename itself durable; without it a crash can resurrect the old entry.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|e| EvalError::io(dir, e))?;
-    Ok(bytes)
 }

@@ -53,6 +53,8 @@ pub enum EvalError {
     },
     #[error(transparent)]
     Data(#[from] DataError),
+    #[error(transparent)]
+    Store(#[from] gantry_store::StoreError),
     #[error("libtorch: {0}")]
     Torch(#[from] tch::TchError),
     /// Images (or other inputs) of the wrong size or shape.

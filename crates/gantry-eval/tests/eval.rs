@@ -389,6 +389,21 @@ fn binary_rejects_images_that_are_not_28_by_28() {
     assert!(stderr.contains(&path.display().to_string()), "{stderr}");
 }
 
+/// Writes the MANIFEST of every file in `dir`, as the checkpoint writer does last.
+fn seal(dir: &std::path::Path) {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n != gantry_store::checkpoint::MANIFEST)
+        .collect();
+    names.sort();
+    let manifest: String = names
+        .iter()
+        .map(|n| gantry_store::checkpoint::manifest_line(dir, n).unwrap())
+        .collect();
+    std::fs::write(dir.join(gantry_store::checkpoint::MANIFEST), manifest).unwrap();
+}
+
 /// A generator with weights drawn from `seed`, as a checkpoint writer would save it.
 fn generator(seed: u64) -> gantry_models::Gan {
     let mut settings = gantry_config::Settings::default();
@@ -416,6 +431,7 @@ fn binary_samples_a_checkpoint_preferring_ema_weights() {
         .generator_vs
         .save(dir.path().join("generator.safetensors"))
         .unwrap();
+    seal(dir.path());
     let args = [
         "--checkpoint".as_ref(),
         dir.path().as_os_str(),
@@ -439,6 +455,15 @@ fn binary_samples_a_checkpoint_preferring_ema_weights() {
     ema.generator_vs
         .save(dir.path().join("generator_ema.safetensors"))
         .unwrap();
+    // Unlisted weights are not trusted, even well-formed ones.
+    let out = run_bin(&args);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("does not list generator_ema.safetensors"),
+        "{stderr}"
+    );
+    seal(dir.path());
     let q = quality_of(&json_of(&run_bin(&args)));
     let expected = expected_for(&ema, 300, 5);
     assert!(
@@ -449,6 +474,20 @@ fn binary_samples_a_checkpoint_preferring_ema_weights() {
     assert!(
         (q.fid - other.fid).abs() > 1e-3 * other.fid,
         "EMA weights were not used"
+    );
+
+    // Weight bytes overwritten after the MANIFEST was written: refused, naming the file.
+    let weights = dir.path().join("generator_ema.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x5a;
+    std::fs::write(&weights, bytes).unwrap();
+    let out = run_bin(&args);
+    assert!(!out.status.success(), "a damaged checkpoint was scored");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("generator_ema.safetensors") && stderr.contains("SHA-256"),
+        "{stderr}"
     );
 }
 
@@ -471,6 +510,7 @@ fn binary_samples_a_vae_checkpoint() {
     std::fs::write(dir.path().join("config.toml"), settings.to_toml().unwrap()).unwrap();
     let vae = gantry_models::vae::Vae::new(&settings, [1, 28, 28], tch::Device::Cpu).unwrap();
     vae.save(dir.path()).unwrap();
+    seal(dir.path());
     let args = [
         "--checkpoint".as_ref(),
         dir.path().as_os_str(),

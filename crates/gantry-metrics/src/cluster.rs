@@ -46,8 +46,8 @@ pub struct RankView {
 pub struct LeadView {
     /// The family's named statistics (e.g. the GAN's `d_loss`, `g_loss`, `d_real`, `d_fake`).
     pub statistics: Vec<(String, f64)>,
-    pub generator_grad_norm: f64,
-    pub discriminator_grad_norm: f64,
+    /// L2 norms of the averaged gradients, by part.
+    pub gradient_norms: Vec<(String, f64)>,
     pub last_checkpoint_seconds: f64,
     pub last_checkpoint_bytes: u64,
     pub quality: Option<Quality>,
@@ -375,12 +375,9 @@ impl ClusterMetrics {
                     _ => {}
                 }
             }
-            s.grad_norm
-                .with_label_values(&["generator"])
-                .set(lead.generator_grad_norm);
-            s.grad_norm
-                .with_label_values(&["discriminator"])
-                .set(lead.discriminator_grad_norm);
+            for (part, norm) in &lead.gradient_norms {
+                s.grad_norm.with_label_values(&[part.as_str()]).set(*norm);
+            }
             s.checkpoint_seconds.set(lead.last_checkpoint_seconds);
             s.checkpoint_bytes.set(lead.last_checkpoint_bytes as i64);
             if let Some(q) = lead.quality {
@@ -520,6 +517,31 @@ mod tests {
         assert_eq!(
             value(&text, "gantry_cluster_quality_classes_covered", &[]),
             10.0
+        );
+    }
+
+    #[test]
+    fn gradient_norms_are_labelled_by_the_family_s_parts() {
+        let m = ClusterMetrics::new("r").unwrap();
+        let mut v = view();
+        v.lead = Some(LeadView {
+            gradient_norms: vec![("vae".into(), 1.5)],
+            ..LeadView::default()
+        });
+        m.refresh(&v).unwrap();
+        let text = m.render();
+        assert_eq!(
+            value(&text, "gantry_cluster_gradient_norm", &[("network", "vae")]),
+            1.5
+        );
+        assert!(
+            crate::testing::sample(
+                &text,
+                "gantry_cluster_gradient_norm",
+                &[("network", "generator")]
+            )
+            .is_none(),
+            "no GAN series for a VAE"
         );
     }
 

@@ -5,7 +5,7 @@
 //! HTTP server renders them; the cluster heartbeat reads [`WorkerMetrics::report`] from them,
 //! so the coordinator's cluster view and the worker's `/metrics` never disagree.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use prometheus::core::Collector;
@@ -42,8 +42,8 @@ pub struct WorkerReport {
     pub nonfinite_total: u64,
     pub allreduce_bytes_total: u64,
     pub allreduce_seconds_total: f64,
-    pub generator_grad_norm: f64,
-    pub discriminator_grad_norm: f64,
+    /// L2 norms of the averaged gradients at the newest logged step, by part.
+    pub gradient_norms: Vec<(String, f64)>,
     /// Mean seconds per step in each phase over the steps since the previous report (the
     /// previous report's figures when no step was timed since).
     pub phase_seconds: Vec<(String, f64)>,
@@ -74,6 +74,9 @@ pub struct WorkerMetrics {
     /// Every named statistic of the family (`name` label).
     statistic: GaugeVec,
     grad_norm: GaugeVec,
+    /// The newest norm of each part (the parts are the family's: no series before its first
+    /// logged step).
+    gradient_norms: Arc<Mutex<BTreeMap<String, f64>>>,
     step_seconds: Histogram,
     phase_seconds: HistogramVec,
     allreduce_bytes: IntCounter,
@@ -224,6 +227,7 @@ impl WorkerMetrics {
             d_fake,
             statistic,
             grad_norm,
+            gradient_norms: Arc::default(),
             step_seconds,
             phase_seconds,
             allreduce_bytes,
@@ -238,9 +242,6 @@ impl WorkerMetrics {
             quality_registered: Arc::default(),
             reported_phases: Arc::default(),
         };
-        for network in ["generator", "discriminator"] {
-            metrics.grad_norm.with_label_values(&[network]).set(0.0);
-        }
         Ok(metrics)
     }
 
@@ -295,6 +296,10 @@ impl WorkerMetrics {
 
     pub fn gradient_norm(&self, network: &str, norm: f64) {
         self.grad_norm.with_label_values(&[network]).set(norm);
+        self.gradient_norms
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(network.to_owned(), norm);
     }
 
     /// All-reduce traffic since the previous call.
@@ -394,8 +399,13 @@ impl WorkerMetrics {
             nonfinite_total: self.nonfinite.get(),
             allreduce_bytes_total: self.allreduce_bytes.get(),
             allreduce_seconds_total: self.allreduce_seconds.get(),
-            generator_grad_norm: self.grad_norm.with_label_values(&["generator"]).get(),
-            discriminator_grad_norm: self.grad_norm.with_label_values(&["discriminator"]).get(),
+            gradient_norms: self
+                .gradient_norms
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|(part, norm)| (part.clone(), *norm))
+                .collect(),
             phase_seconds,
             checkpoints_total: self.checkpoint_seconds.get_sample_count(),
             last_checkpoint_seconds: *self
@@ -479,6 +489,27 @@ mod tests {
         );
         assert!(text.contains("gantry_quality_classes_covered{"));
         assert_eq!(m.report().quality.map(|q| q.fid), Some(100.0));
+    }
+
+    #[test]
+    fn the_report_carries_each_part_s_newest_gradient_norm() {
+        let m = WorkerMetrics::new(&identity()).unwrap();
+        assert!(m.report().gradient_norms.is_empty(), "none before a step");
+        m.gradient_norm("pixelcnn", 3.0);
+        m.gradient_norm("pixelcnn", 2.5);
+        assert_eq!(
+            m.report().gradient_norms,
+            vec![("pixelcnn".to_owned(), 2.5)]
+        );
+        let text = m.render();
+        assert_eq!(
+            crate::testing::sample(
+                &text,
+                "gantry_train_gradient_norm",
+                &[("network", "pixelcnn")]
+            ),
+            Some(2.5)
+        );
     }
 
     #[test]

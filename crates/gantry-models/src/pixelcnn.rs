@@ -425,3 +425,39 @@ impl TrainTask for PixelCnn {
         self.image_shape
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A pixel's logit depends on the pixels before it in raster order and on nothing else.
+    #[test]
+    fn every_logit_sees_only_earlier_pixels() {
+        let mut settings = Settings::default();
+        settings.autoregressive.channels = 4;
+        settings.autoregressive.residual_blocks = 2;
+        let model = PixelCnn::new(&settings, [1, 10, 10], Device::Cpu).unwrap();
+        let (h, w) = (10i64, 10i64);
+        for (i, j) in [(0, 0), (0, 5), (4, 0), (4, 7), (9, 9)] {
+            let x = Tensor::rand([1, 1, h, w], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+            let logit = model.logits(&x).get(0).get(0).get(i).get(j);
+            let grad = Tensor::run_backward(&[logit], &[&x], false, false)
+                .pop()
+                .unwrap()
+                .abs()
+                .view([-1]);
+            let grad = Vec::<f32>::try_from(grad).unwrap();
+            let at = (i * w + j) as usize;
+            assert!(
+                grad[at..].iter().all(|g| *g == 0.0),
+                "pixel ({i}, {j}) sees itself or a later pixel"
+            );
+            if at > 0 {
+                assert!(
+                    grad[..at].iter().any(|g| *g != 0.0),
+                    "pixel ({i}, {j}) sees none of the earlier pixels"
+                );
+            }
+        }
+    }
+}

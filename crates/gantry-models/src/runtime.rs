@@ -16,6 +16,28 @@ fn libtorch_lib_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("GANTRY_LIBTORCH_LIB")))
 }
 
+/// Keeps freed host memory in the process instead of returning it to the kernel at every
+/// free, for a process that allocates the same large tensors step after step.
+///
+/// glibc serves a large allocation with its own `mmap` and unmaps it on free, and trims the
+/// heap top whenever enough of it is free; libtorch's CPU tensors (a batch's activations,
+/// several MiB each) then cost fresh, zero-filled pages, a page fault per 4 KiB, on every
+/// step. Measured on the PixelCNN (40 steps of 64 and a 64-image sample grid, one thread):
+/// 5.0 to 6.0 million page faults and 59 to 63 s of CPU with glibc's defaults, 77 thousand and
+/// 43 to 49 s with these settings. What is kept is bounded: allocations above 32 MiB still
+/// get their own mapping, and at most 256 MiB of free heap top is kept. Call before the first
+/// tensor is created; other allocators (jemalloc through `LD_PRELOAD`) ignore it.
+pub fn tune_host_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; it is called before other threads
+    // allocate (at the start of main).
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}
+
 /// What loading CUDA support found, kept for `--list-devices` and logs.
 #[derive(Debug, Clone)]
 pub enum CudaSupport {

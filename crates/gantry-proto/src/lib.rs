@@ -11,8 +11,34 @@ pub mod tls;
 
 use tonic::{Code, Status};
 
-/// Metadata key of the join token (`authorization: Bearer <token>`).
+/// Metadata key of the join and operator tokens (`authorization: Bearer <token>`).
 pub const AUTHORIZATION: &str = "authorization";
+
+/// A client interceptor that adds `authorization: Bearer <token>` to every request.
+#[derive(Debug, Clone)]
+pub struct BearerToken(tonic::metadata::MetadataValue<tonic::metadata::Ascii>);
+
+impl BearerToken {
+    pub fn new(token: &str) -> Result<Self, ClusterError> {
+        format!("Bearer {token}").parse().map(Self).map_err(|_| {
+            ClusterError::InvalidArgument(
+                "the token is not valid gRPC metadata (printable ASCII only)".into(),
+            )
+        })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        request.metadata_mut().insert(AUTHORIZATION, self.0.clone());
+        Ok(request)
+    }
+}
+
+/// A coordinator client that presents its [`BearerToken`] on every call.
+pub type AuthorizedClient = v1::coordinator_client::CoordinatorClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, BearerToken>,
+>;
 
 /// Why the coordinator refused a request.
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +61,10 @@ pub enum ClusterError {
     UnknownWorker(String),
     #[error("the job is shutting down")]
     ShuttingDown,
+    /// Authenticated, but not allowed: a worker's session credential that does not match its
+    /// (worker, rank, generation), or a worker's token on an operator's command.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
 }
 
 impl ClusterError {
@@ -47,6 +77,7 @@ impl ClusterError {
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::UnknownWorker(_) => Code::NotFound,
             Self::ShuttingDown => Code::Unavailable,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
 }
@@ -90,6 +121,10 @@ mod tests {
             (
                 ClusterError::InvalidArgument("x".into()),
                 Code::InvalidArgument,
+            ),
+            (
+                ClusterError::PermissionDenied("x".into()),
+                Code::PermissionDenied,
             ),
         ];
         for (error, code) in cases {

@@ -22,7 +22,7 @@
 //! determine the rest of the run exactly.
 
 use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -30,11 +30,10 @@ use clap::Args;
 use gantry_config::{ConfigArgs, Settings};
 use gantry_models::task::{TrainTask, checkpoint_files};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
-use crate::atomic::sync_dir;
+use gantry_store::atomic::sync_dir;
 
-pub const MANIFEST: &str = "MANIFEST";
+pub use gantry_store::checkpoint::MANIFEST;
 pub const STATE_FILE: &str = "state.json";
 pub const CONFIG_FILE: &str = "config.toml";
 /// Every file a complete checkpoint of `family` holds besides MANIFEST.
@@ -116,10 +115,6 @@ pub fn size_on_disk(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
-fn step_name(step: u64) -> String {
-    format!("step-{step:08}")
-}
-
 /// Writes the checkpoint of `step` into `checkpoints/` (see the module docs), then keeps only
 /// the newest `keep` complete ones. Returns the final directory.
 pub fn write(
@@ -131,7 +126,7 @@ pub fn write(
 ) -> Result<PathBuf> {
     fs::create_dir_all(checkpoints)
         .with_context(|| format!("creating {}", checkpoints.display()))?;
-    let name = step_name(state.step);
+    let name = gantry_store::run_dir::checkpoint_name(state.step);
     let tmp = checkpoints.join(format!(".tmp-{name}-{}", std::process::id()));
     let target = checkpoints.join(&name);
     if tmp.exists() {
@@ -151,8 +146,7 @@ pub fn write(
             File::open(&path)?
                 .sync_all()
                 .with_context(|| format!("fsync {}", path.display()))?;
-            let (digest, size) = hash_file(&path)?;
-            manifest.push_str(&format!("{digest}  {size}  {file}\n"));
+            manifest.push_str(&gantry_store::checkpoint::manifest_line(&tmp, file)?);
         }
         let mut f = File::create(tmp.join(MANIFEST))?;
         f.write_all(manifest.as_bytes())?;
@@ -176,53 +170,10 @@ pub fn write(
     Ok(target)
 }
 
-fn hash_file(path: &Path) -> Result<(String, u64)> {
-    let mut file = File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-        size += n as u64;
-    }
-    Ok((hex::encode(hasher.finalize()), size))
-}
-
 /// Checks that `dir` is complete; the error says which file is wrong and how.
 pub fn verify(dir: &Path) -> std::result::Result<(), String> {
     let manifest_path = dir.join(MANIFEST);
-    let text = fs::read_to_string(&manifest_path)
-        .map_err(|e| format!("{}: {e} (checkpoint incomplete)", manifest_path.display()))?;
-    let mut listed = Vec::new();
-    for line in text.lines() {
-        let parts: Vec<&str> = line.splitn(3, "  ").collect();
-        let [digest, size, file] = parts[..] else {
-            return Err(format!(
-                "{}: malformed line {line:?}",
-                manifest_path.display()
-            ));
-        };
-        let path = dir.join(file);
-        let (actual, actual_size) =
-            hash_file(&path).map_err(|e| format!("{}: {e:#}", path.display()))?;
-        if actual_size.to_string() != size {
-            return Err(format!(
-                "{}: size {actual_size}, MANIFEST says {size}",
-                path.display()
-            ));
-        }
-        if actual != digest {
-            return Err(format!(
-                "{}: SHA-256 {actual}, MANIFEST says {digest}",
-                path.display()
-            ));
-        }
-        listed.push(file);
-    }
+    let listed = gantry_store::checkpoint::verify_manifest(dir).map_err(|e| e.to_string())?;
     // The listed config.toml has been verified: it names the family, and so the files.
     let config = dir.join(CONFIG_FILE);
     let family = fs::read_to_string(&config)
@@ -230,7 +181,10 @@ pub fn verify(dir: &Path) -> std::result::Result<(), String> {
         .and_then(|text| toml::from_str::<Settings>(&text).ok())
         .map(|s| s.model.family)
         .ok_or_else(|| format!("{}: unreadable (checkpoint incomplete)", config.display()))?;
-    if let Some(missing) = files(family).iter().find(|f| !listed.contains(f)) {
+    if let Some(missing) = files(family)
+        .iter()
+        .find(|f| !listed.iter().any(|l| l == *f))
+    {
         return Err(format!(
             "{}: does not list {missing}",
             manifest_path.display()
@@ -399,13 +353,18 @@ fn leaves(settings: &Settings) -> Result<Vec<(String, serde_json::Value)>> {
     Ok(out)
 }
 
-/// The `--resume PATH` flag, for any binary that runs a [`crate::train::Trainer`].
+/// The `--resume PATH` and `--overwrite` flags, for any binary that runs a
+/// [`crate::train::Trainer`].
 #[derive(Debug, Clone, Default, Args)]
 pub struct ResumeArgs {
     /// Continue from a checkpoint: a checkpoint directory, or a run directory (its newest
     /// complete checkpoint). Without --config, the checkpoint's config.toml is the base layer.
     #[arg(long, value_name = "PATH")]
     pub resume: Option<PathBuf>,
+    /// Start afresh even where the run directory holds an earlier run, replacing its metrics
+    /// and checkpoints (without it, such a directory is refused).
+    #[arg(long, conflicts_with = "resume")]
+    pub overwrite: bool,
 }
 
 impl ResumeArgs {
@@ -419,6 +378,15 @@ impl ResumeArgs {
             Some(checkpoint) => Ok(Some(checkpoint)),
             None => bail!("--resume {}: no complete checkpoint found", path.display()),
         }
+    }
+
+    /// Refuses a fresh run (no `--resume`) into a run directory that holds an earlier run,
+    /// unless `--overwrite` was given.
+    pub fn ensure_fresh(&self, run_dir: &Path) -> Result<()> {
+        if self.resume.is_none() && !self.overwrite {
+            gantry_store::run_dir::ensure_fresh(run_dir)?;
+        }
+        Ok(())
     }
 
     /// Settings for a resumed run: the usual layers, with the checkpoint's `config.toml` in

@@ -16,14 +16,12 @@ use anyhow::{Context, Result, anyhow, bail};
 use gantry_collective::{AbortHandle, RingCollective};
 use gantry_config::{DeviceChoice, Settings};
 use gantry_models::runtime;
-use gantry_proto::AUTHORIZATION;
 use gantry_proto::v1::coordinator_client::CoordinatorClient;
 use gantry_proto::v1::{
     Command, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerFigures, WorkerState,
 };
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Code, Request, Status};
+use tonic::{Code, Status};
 
 use crate::sync::Group;
 use crate::train::{Directive, LoggedStep, StepObserver, Trainer};
@@ -42,6 +40,10 @@ pub struct ClusterOptions {
     pub device: Option<DeviceChoice>,
     /// Send our configuration's fingerprint, so the coordinator refuses a different job.
     pub check_config: bool,
+    /// Started by a local coordinator, in its process group: a terminal's Ctrl-C reaches this
+    /// process too, and is left to the coordinator, which stops the whole group at one step
+    /// after a checkpoint. SIGTERM still stops this worker.
+    pub supervised: bool,
 }
 
 /// State shared between the training thread and the gRPC tasks.
@@ -82,27 +84,11 @@ impl Shared {
     }
 }
 
-/// Adds the join token to every request.
-#[derive(Debug, Clone)]
-struct AddToken(MetadataValue<tonic::metadata::Ascii>);
-
-impl tonic::service::Interceptor for AddToken {
-    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
-        request.metadata_mut().insert(AUTHORIZATION, self.0.clone());
-        Ok(request)
-    }
-}
-
-type Client = CoordinatorClient<tonic::service::interceptor::InterceptedService<Channel, AddToken>>;
+type Client = gantry_proto::AuthorizedClient;
 
 fn client(channel: Channel, token: &str) -> Result<Client> {
-    let header = format!("Bearer {token}")
-        .parse()
-        .context("join token is not valid metadata")?;
-    Ok(CoordinatorClient::with_interceptor(
-        channel,
-        AddToken(header),
-    ))
+    let token = gantry_proto::BearerToken::new(token).context("the join token")?;
+    Ok(CoordinatorClient::with_interceptor(channel, token))
 }
 
 /// Runs this worker in cluster mode and returns the process exit code.
@@ -159,8 +145,19 @@ fn run_inner(
         _ => "cpu".to_owned(),
     };
 
-    let ring_listener = TcpListener::bind(("0.0.0.0", local.cluster.ring_port))
-        .with_context(|| format!("binding the ring port {}", local.cluster.ring_port))
+    // Bound to the advertised address when it is one (the only address neighbours dial);
+    // every interface only when the advertised host is a name.
+    let ring_ip: std::net::IpAddr = options
+        .advertise_host
+        .parse()
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let ring_listener = TcpListener::bind((ring_ip, local.cluster.ring_port))
+        .with_context(|| {
+            format!(
+                "binding the ring port {ring_ip}:{}",
+                local.cluster.ring_port
+            )
+        })
         .map_err(fatal)?;
     let ring_addr = format!(
         "{}:{}",
@@ -233,12 +230,19 @@ fn run_inner(
         ring_addr,
         metrics_addr,
     };
+    let joining = join_with_retry(
+        &mut client,
+        join,
+        Duration::from_secs_f64(local.cluster.rendezvous_timeout),
+    );
     let assignment = rt
-        .block_on(join_with_retry(
-            &mut client,
-            join,
-            Duration::from_secs_f64(local.cluster.rendezvous_timeout),
-        ))
+        .block_on(async {
+            tokio::select! {
+                joined = joining => Ok(joined),
+                why = stop_signal(options.supervised) => Err(why),
+            }
+        })
+        .map_err(|why| Failure::Retryable(anyhow!("{why} while waiting to join")))?
         .map_err(|status| {
             let error = anyhow!("join refused: {} ({:?})", status.message(), status.code());
             if retryable(&status) {
@@ -280,21 +284,29 @@ fn run_inner(
         ..Shared::default()
     });
     shared.set_state(WorkerState::Starting);
+    let member = Membership {
+        worker_id: options.worker_id.clone(),
+        rank: assignment.rank,
+        generation: assignment.generation,
+        credential: assignment.session_credential.clone(),
+    };
     let heartbeat = rt.spawn(heartbeat_loop(
         client.clone(),
         shared.clone(),
-        options.worker_id.clone(),
-        assignment.generation,
-        assignment.rank,
+        member.clone(),
         Duration::from_secs_f64(settings.cluster.heartbeat_interval),
         Duration::from_secs_f64(settings.cluster.heartbeat_timeout),
     ));
-    let signals = rt.spawn(watch_signals(shared.clone()));
+    let signals = rt.spawn(watch_signals(shared.clone(), options.supervised));
 
     let outcome = train(&settings, &assignment, ring_listener, &shared, metrics);
     heartbeat.abort();
     signals.abort();
 
+    // Judged before reporting, so that the coordinator knows whether restarting can help.
+    let retryable = outcome.as_ref().err().is_some_and(|e| {
+        shared.abort_reason().is_some() || is_collective_error(e) || is_transient_data_error(e)
+    });
     let (ok, error, summary_json, step) = match &outcome {
         Ok((summary, step)) => (true, String::new(), summary.clone(), *step),
         Err(e) => (
@@ -305,10 +317,12 @@ fn run_inner(
         ),
     };
     let finish = FinishRequest {
-        worker_id: options.worker_id.clone(),
-        generation: assignment.generation,
-        rank: assignment.rank,
+        worker_id: member.worker_id,
+        generation: member.generation,
+        rank: member.rank,
+        session_credential: member.credential,
         ok,
+        retryable,
         error,
         summary_json,
         step,
@@ -325,14 +339,18 @@ fn run_inner(
     }
     match outcome {
         Ok(_) => Ok(()),
-        Err(e) => Err(
-            if shared.abort_reason().is_some() || is_collective_error(&e) {
-                Failure::Retryable(e)
-            } else {
-                Failure::Fatal(e)
-            },
-        ),
+        Err(e) if retryable => Err(Failure::Retryable(e)),
+        Err(e) => Err(Failure::Fatal(e)),
     }
+}
+
+/// A data set download that failed on the network: another generation may get through.
+fn is_transient_data_error(error: &anyhow::Error) -> bool {
+    error.chain().any(|cause| {
+        cause
+            .downcast_ref::<gantry_data::DataError>()
+            .is_some_and(gantry_data::DataError::is_transient)
+    })
 }
 
 fn is_collective_error(error: &anyhow::Error) -> bool {
@@ -380,6 +398,7 @@ fn train(
             let mut config = crate::sync::ring_config(settings, rank, world, peers);
             // Distinct per job and generation, so a straggler of an old group is refused.
             config.session_id = session_id(&assignment.run_id, assignment.generation);
+            config.secret = assignment.ring_secret.clone();
             let ring =
                 RingCollective::from_listener(ring_listener, config).context("forming the ring")?;
             *shared.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle());
@@ -495,12 +514,20 @@ impl StepObserver for ClusterObserver {
     }
 }
 
+/// Who this worker is in its generation, as every Heartbeat and Finish must prove.
+#[derive(Debug, Clone)]
+struct Membership {
+    worker_id: String,
+    rank: u32,
+    generation: u64,
+    /// From the Join reply; never logged.
+    credential: String,
+}
+
 async fn heartbeat_loop(
     mut client: Client,
     shared: Arc<Shared>,
-    worker_id: String,
-    generation: u64,
-    rank: u32,
+    member: Membership,
     interval: Duration,
     timeout: Duration,
 ) {
@@ -515,9 +542,10 @@ async fn heartbeat_loop(
             .clone()
             .map_or((None, 0.0), |(f, s)| (Some(f), s));
         let request = HeartbeatRequest {
-            worker_id: worker_id.clone(),
-            generation,
-            rank,
+            worker_id: member.worker_id.clone(),
+            generation: member.generation,
+            rank: member.rank,
+            session_credential: member.credential.clone(),
             state: i32::try_from(shared.state.load(Ordering::Relaxed)).unwrap_or(0),
             step: shared.step.load(Ordering::Relaxed),
             collective_seq: shared
@@ -556,7 +584,12 @@ async fn heartbeat_loop(
                     status.message()
                 ));
             }
-            Ok(Err(status)) if status.code() == Code::Unauthenticated => {
+            Ok(Err(status))
+                if matches!(
+                    status.code(),
+                    Code::Unauthenticated | Code::PermissionDenied
+                ) =>
+            {
                 shared.abort(format!("refused by the coordinator: {}", status.message()));
             }
             _ if last_ok.elapsed() > timeout => {
@@ -577,8 +610,7 @@ fn worker_figures(report: &gantry_metrics::WorkerReport) -> WorkerFigures {
         allreduce_bytes_total: report.allreduce_bytes_total,
         allreduce_seconds_total: report.allreduce_seconds_total,
         checkpoints_total: report.checkpoints_total,
-        generator_grad_norm: report.generator_grad_norm,
-        discriminator_grad_norm: report.discriminator_grad_norm,
+        gradient_norms: report.gradient_norms.iter().cloned().collect(),
         phase_seconds: report.phase_seconds.iter().cloned().collect(),
         last_checkpoint_seconds: report.last_checkpoint_seconds,
         last_checkpoint_bytes: report.last_checkpoint_bytes,
@@ -591,16 +623,28 @@ fn worker_figures(report: &gantry_metrics::WorkerReport) -> WorkerFigures {
     }
 }
 
-async fn watch_signals(shared: Arc<Shared>) {
+async fn watch_signals(shared: Arc<Shared>, supervised: bool) {
+    let why = stop_signal(supervised).await;
+    shared.abort(why.to_owned());
+}
+
+/// Resolves at the first signal that stops this worker: SIGTERM, or SIGINT unless
+/// `supervised` (then SIGINT is received and ignored: the default action would kill the
+/// process). Never resolves if the handlers cannot be installed.
+async fn stop_signal(supervised: bool) -> &'static str {
     use tokio::signal::unix::{SignalKind, signal};
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
-        return;
+        return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => shared.abort("terminated (SIGTERM)".into()),
-        _ = int.recv() => shared.abort("interrupted (SIGINT)".into()),
+    loop {
+        tokio::select! {
+            _ = term.recv() => return "terminated (SIGTERM)",
+            _ = int.recv() => if !supervised {
+                return "interrupted (SIGINT)";
+            },
+        }
     }
 }

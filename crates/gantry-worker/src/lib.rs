@@ -10,7 +10,6 @@
 //! - [`samples`]: the 8×8 sample grid as PNG.
 //! - [`progress`]: a progress bar on a terminal, plain log lines elsewhere.
 
-pub mod atomic;
 pub mod checkpoint;
 pub mod cluster;
 pub mod progress;

@@ -101,7 +101,7 @@ fn prepare(root: &Path, settings: &Settings) -> Result<()> {
     }
     let config = settings.to_toml()?;
     let path = root.join("config.toml");
-    crate::atomic::write(&path, config.as_bytes())
+    gantry_store::atomic::write(&path, config.as_bytes())
         .with_context(|| format!("writing {}", path.display()))
 }
 
@@ -143,7 +143,7 @@ impl RunDir {
                 kept.push('\n');
             }
         }
-        crate::atomic::write(&metrics_path, kept.as_bytes())
+        gantry_store::atomic::write(&metrics_path, kept.as_bytes())
             .with_context(|| format!("rewriting {}", metrics_path.display()))?;
         let metrics = OpenOptions::new()
             .append(true)
@@ -189,7 +189,7 @@ impl RunDir {
         let path = self.root.join("summary.json");
         let mut text = serde_json::to_string_pretty(summary)?;
         text.push('\n');
-        crate::atomic::write(&path, text.as_bytes())
+        gantry_store::atomic::write(&path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))
     }
 }

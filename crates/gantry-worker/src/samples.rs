@@ -85,7 +85,8 @@ pub fn write_named_grid(
 ) -> Result<std::path::PathBuf> {
     let png = grid_png(images, shape, 8)?;
     let path = dir.join(name);
-    crate::atomic::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+    gantry_store::atomic::write(&path, &png)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 

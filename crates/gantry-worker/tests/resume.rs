@@ -281,38 +281,64 @@ fn shape_changes_are_refused_by_key_and_others_allowed() {
 #[test]
 fn non_finite_steps_are_skipped_then_the_run_stops_with_a_checkpoint() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = tempfile::tempdir().unwrap();
-    let mut s = settings(dir.path(), 100);
     // Adam moves every weight by ~lr: 1e30 weights overflow the next forward pass to inf.
-    s.train.lr_d = 1e30;
-    s.train.lr_g = 1e30;
-    s.train.max_nonfinite = 3;
-    let checkpoint = None;
-    let mut trainer = Trainer::with_resume(&s, Group::solo(), 1, 0, checkpoint).unwrap();
-    let err = trainer.run(&mut NoObserver).unwrap_err().to_string();
-    assert!(
-        err.contains("non-finite") && err.contains("max_nonfinite"),
-        "{err}"
-    );
-    assert_eq!(trainer.nonfinite_consecutive, 3);
-    assert!(trainer.nonfinite_total >= 3);
-    let applied_steps = trainer.step - trainer.nonfinite_total;
-    assert!(applied_steps >= 1, "the first step(s) were finite");
-    assert_eq!(
-        trainer.task.parts()[1].optimizer.step,
-        applied_steps,
-        "skipped steps did not touch Adam"
-    );
-    let found = resume_from(dir.path()).unwrap().unwrap();
-    assert_eq!(found.step(), trainer.step);
-    assert_eq!(found.state.nonfinite_consecutive, 3);
-    verify(&found.path).unwrap();
-    let g = Tensor::read_safetensors(found.path.join("generator.safetensors")).unwrap();
-    assert!(
-        g.iter()
-            .all(|(_, t)| bool::try_from(t.isfinite().all()).unwrap()),
-        "last good state is finite"
-    );
+    type Overflow = fn(&mut Settings);
+    let families: [(Family, Overflow); 3] = [
+        (Family::Gan, |s| {
+            s.train.lr_d = 1e30;
+            s.train.lr_g = 1e30;
+        }),
+        (Family::Vae, |s| s.vae.lr = 1e30),
+        (Family::Autoregressive, |s| {
+            s.autoregressive.channels = 8;
+            s.autoregressive.residual_blocks = 1;
+            s.autoregressive.lr = 1e30;
+        }),
+    ];
+    for (family, overflow) in families {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = settings(dir.path(), 100);
+        s.model.family = family;
+        overflow(&mut s);
+        s.train.max_nonfinite = 3;
+        let mut trainer = Trainer::with_resume(&s, Group::solo(), 1, 0, None).unwrap();
+        let err = trainer.run(&mut NoObserver).unwrap_err().to_string();
+        assert!(
+            err.contains("non-finite") && err.contains("max_nonfinite"),
+            "{family}: {err}"
+        );
+        assert_eq!(trainer.nonfinite_consecutive, 3, "{family}");
+        assert!(trainer.nonfinite_total >= 3, "{family}");
+        let applied_steps = trainer.step - trainer.nonfinite_total;
+        assert!(
+            applied_steps >= 1,
+            "{family}: the first step(s) were finite"
+        );
+        for part in trainer.task.parts() {
+            assert_eq!(
+                part.optimizer.step, applied_steps,
+                "{family}: skipped steps did not touch {}'s Adam",
+                part.name
+            );
+        }
+        let found = resume_from(dir.path()).unwrap().unwrap();
+        assert_eq!(found.step(), trainer.step, "{family}");
+        assert_eq!(found.state.nonfinite_consecutive, 3, "{family}");
+        verify(&found.path).unwrap();
+        // Every weight file of the stop checkpoint holds the last good, finite state.
+        for file in gantry_models::task::checkpoint_files(family) {
+            if *file == gantry_models::OPTIMIZER_FILE {
+                continue;
+            }
+            let weights = Tensor::read_safetensors(found.path.join(file)).unwrap();
+            assert!(
+                weights
+                    .iter()
+                    .all(|(_, t)| bool::try_from(t.isfinite().all()).unwrap()),
+                "{family}: {file} is not finite"
+            );
+        }
+    }
 }
 
 #[test]
@@ -373,4 +399,45 @@ fn sigkill_during_checkpointing_never_leaves_an_accepted_torn_checkpoint() {
             );
         }
     }
+}
+
+#[test]
+fn a_fresh_run_refuses_a_directory_holding_a_run_unless_told_to_overwrite() {
+    let dir = tempfile::tempdir().unwrap();
+    let rows = "{\"step\":5}\n{\"step\":10}\n";
+    fs::write(dir.path().join("metrics.jsonl"), rows).unwrap();
+    let old = dir.path().join("checkpoints/step-00000010");
+    fs::create_dir_all(&old).unwrap();
+    fs::write(old.join("MANIFEST"), "").unwrap();
+    let worker = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["--standalone", "--device", "cpu", "--steps", "2"])
+            .args(["--batch-size", "8", "--set", "samples.every=0"])
+            .args(["--set", "eval.samples=0", "--set", "train.threads=1"])
+            .args(["--set", "metrics.worker_addr=127.0.0.1:0"])
+            .arg("--run-dir")
+            .arg(dir.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let refused = worker(&[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("already holds a run (metrics.jsonl with 2 rows, a checkpoint of step 10)"),
+        "{stderr}"
+    );
+    // Nothing was touched.
+    assert_eq!(
+        fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap(),
+        rows
+    );
+    assert!(old.join("MANIFEST").is_file());
+
+    let replaced = worker(&["--overwrite"]);
+    let stderr = String::from_utf8_lossy(&replaced.stderr);
+    assert!(replaced.status.success(), "{stderr}");
+    let steps: Vec<u64> = metrics(dir.path()).iter().map(|r| r.step).collect();
+    assert_eq!(steps, [2], "the new run's rows replace the old ones");
 }

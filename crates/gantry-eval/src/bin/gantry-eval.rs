@@ -51,6 +51,7 @@ struct Report {
 }
 
 fn main() -> std::process::ExitCode {
+    gantry_models::runtime::tune_host_allocator();
     match run() {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -146,10 +147,24 @@ fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<u8>> {
             dir.display()
         );
     }
+    // Score only what the training run wrote: every file the MANIFEST lists must match it,
+    // and the files read below must be among them.
+    let listed = gantry_store::checkpoint::verify_manifest(dir)
+        .with_context(|| format!("{} is not a complete, intact checkpoint", dir.display()))?;
+    let vouch = |name: &str| -> Result<()> {
+        if !listed.iter().any(|l| l == name) {
+            bail!("{}: the MANIFEST does not list {name}", dir.display());
+        }
+        Ok(())
+    };
+    vouch("config.toml")?;
     let mut settings = gantry_config::load(Some(&config), std::iter::empty(), &Overrides::new())
         .with_context(|| format!("{}: invalid configuration", config.display()))?;
     if settings.model.family != gantry_config::Family::Gan {
         // The other families sample from their complete saved state (no EMA to choose).
+        for file in gantry_models::task::checkpoint_files(settings.model.family) {
+            vouch(file)?;
+        }
         let mut task = gantry_models::task::build(&settings, [1, 28, 28], Device::Cpu)
             .with_context(|| format!("{}: building the model", config.display()))?;
         task.load(dir)
@@ -170,6 +185,7 @@ fn generate(dir: &Path, n: usize, seed: u64) -> Result<Vec<u8>> {
                 dir.display()
             )
         })?;
+    vouch(&weights.file_name().unwrap_or_default().to_string_lossy())?;
     let mut gan = Gan::new(&settings, [1, 28, 28], Device::Cpu)
         .with_context(|| format!("{}: building the generator", config.display()))?;
     gan.generator_vs

@@ -42,6 +42,10 @@ struct Cli {
     /// Workers sharing this machine's cores (splits libtorch's threads when train.threads = 0).
     #[arg(long, default_value_t = 1)]
     workers_on_host: usize,
+    /// Set by a local coordinator for the workers it starts: SIGINT (a terminal's Ctrl-C,
+    /// which reaches the whole process group) is left to the coordinator.
+    #[arg(long, hide = true, requires = "coordinator")]
+    supervised: bool,
     /// Print the devices libtorch sees and exit.
     #[arg(long)]
     list_devices: bool,
@@ -52,6 +56,7 @@ struct Cli {
 }
 
 fn main() -> Result<()> {
+    runtime::tune_host_allocator();
     let cli = Cli::parse();
     if cli.list_devices {
         println!("{}", runtime::describe_devices());
@@ -71,6 +76,7 @@ fn main() -> Result<()> {
             advertise_host: cli.advertise_host.clone(),
             device: cli.config.device,
             check_config: cli.config.config.is_some(),
+            supervised: cli.supervised,
         };
         std::process::exit(cluster::run(&options, &settings));
     }
@@ -86,8 +92,11 @@ fn main() -> Result<()> {
                 peers.len()
             );
         }
+        cli.resume.ensure_fresh(&settings.run.dir)?;
         let mut ring = gantry_worker::sync::ring_config(&settings, rank, world, peers);
         ring.session_id = u64::from_str_radix(&settings.fingerprint()[..16], 16).unwrap_or(0);
+        // Without a coordinator to hand out a ring secret, the join token (when set) is it.
+        ring.secret = settings.cluster.token.as_bytes().to_vec();
         let collective = RingCollective::connect(ring).context("joining the ring")?;
         let group = Group::new(Box::new(collective), settings.collective.bucket_mb);
         let mut trainer = Trainer::new(&settings, group, cli.workers_on_host, 0)?;
@@ -100,6 +109,7 @@ fn main() -> Result<()> {
             "no mode given: pass --standalone, or --rank/--world-size/--peers for a static group"
         );
     }
+    cli.resume.ensure_fresh(&settings.run.dir)?;
     let checkpoint = cli.resume.checkpoint()?;
     let settings = match &checkpoint {
         Some(_) => ResumeArgs::settings(&cli.config, checkpoint.as_ref())?,

@@ -984,8 +984,10 @@ fn killed_coordinator_is_noticed_and_a_resumed_one_finishes_the_job() {
 #[test]
 fn malformed_configuration_is_refused_before_binding() {
     let mut c = Cluster::new();
-    let cases: [(&[&str], &str); 4] = [
+    let cases: [(&[&str], &str); 5] = [
         (&["--workers", "0"], "--workers"),
+        // What once started 272 processes on two cores within a minute.
+        (&["--workers", "100000"], "--oversubscribe"),
         (
             &["--workers", "2", "--set", "cluster.heartbeat_timeout=0"],
             "cluster.heartbeat_timeout",
@@ -1109,10 +1111,11 @@ fn the_operator_cli_drives_a_live_job_and_wrong_tokens_are_refused() {
     let steps = 100_000;
     let mut c = Cluster::new();
     let token = "join-token-for-the-operator-test";
+    // No checkpoint is pruned while the test reads them.
     let coord = c.coordinator(
         "coordinator",
         steps,
-        &["--workers", "2"],
+        &["--workers", "2", "--set", "checkpoint.keep=100000"],
         &[("GANTRY__CLUSTER__TOKEN", token)],
     );
     let url = c.grpc_url(coord);

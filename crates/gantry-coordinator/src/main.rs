@@ -81,6 +81,10 @@ struct Cli {
     /// Deployment), whose run directory is its own.
     #[arg(long, conflicts_with_all = ["resume", "overwrite"])]
     resume_if_present: bool,
+    /// Start more local workers than this host can hold (by default at most 8 per core, and
+    /// 512 MiB of available memory each).
+    #[arg(long, requires = "workers")]
+    oversubscribe: bool,
     /// The worker binary to start (default: `worker` beside this binary).
     #[arg(long, value_name = "PATH")]
     worker_bin: Option<PathBuf>,
@@ -111,6 +115,9 @@ fn run() -> Result<i32> {
             "pass --workers N (start local workers) or --expect-workers N (wait for external ones)"
         ),
     };
+    if local && !cli.oversubscribe {
+        spawn::check_host_fits(world)?;
+    }
     let (settings, resume) = load_settings(&cli)?;
     let token = match (settings.cluster.token.is_empty(), local) {
         (false, _) => settings.cluster.token.clone(),

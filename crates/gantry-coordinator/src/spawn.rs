@@ -151,3 +151,43 @@ pub fn local_worker_index(generation: u64, id: &str) -> Option<usize> {
         .parse()
         .ok()
 }
+
+/// Local workers one core may carry (they share it: `train.threads = 0` splits the cores).
+pub const WORKERS_PER_CORE: usize = 8;
+/// Host memory each local worker needs at the least (libtorch, the data set, the models).
+pub const WORKER_MEMORY_BYTES: u64 = 512 << 20;
+
+/// Refuses `--workers N` that this host cannot run (the cores, and the memory the kernel says
+/// is available), before anything is started; `--oversubscribe` skips the check.
+pub fn check_host_fits(workers: u32) -> Result<()> {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let most = cores * WORKERS_PER_CORE;
+    if workers as usize > most {
+        anyhow::bail!(
+            "--workers {workers} is more than this host can run: {cores} core(s), at most \
+             {most} local workers ({WORKERS_PER_CORE} per core); pass --oversubscribe to start \
+             them anyway"
+        );
+    }
+    if let Some(available) = available_memory_bytes() {
+        let needed = u64::from(workers) * WORKER_MEMORY_BYTES;
+        if needed > available {
+            anyhow::bail!(
+                "--workers {workers} needs about {} MiB of memory ({} MiB each), this host has \
+                 {} MiB available; pass --oversubscribe to start them anyway",
+                needed >> 20,
+                WORKER_MEMORY_BYTES >> 20,
+                available >> 20
+            );
+        }
+    }
+    Ok(())
+}
+
+/// `MemAvailable` of /proc/meminfo (Linux), in bytes.
+fn available_memory_bytes() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

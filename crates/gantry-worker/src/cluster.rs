@@ -122,6 +122,18 @@ enum Failure {
     Fatal(anyhow::Error),
 }
 
+/// The coordinator's URL as an endpoint: `http://HOST:PORT` or `https://HOST:PORT`, named in
+/// the error when it is anything else (tonic would only say "transport error" at the first
+/// call).
+fn coordinator_endpoint(url: &str) -> Result<Endpoint> {
+    let uri: tonic::codegen::http::Uri = url.parse().ok().filter(|u: &tonic::codegen::http::Uri| {
+        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+    }).with_context(|| {
+        format!("--coordinator {url:?} is not a URL like http://HOST:7070 (http or https, a host and a port)")
+    })?;
+    Endpoint::from_shared(uri.to_string()).with_context(|| format!("coordinator address {url:?}"))
+}
+
 /// Status codes after which joining again (a new generation, a restarted coordinator) can work.
 fn retryable(status: &Status) -> bool {
     matches!(
@@ -168,9 +180,7 @@ fn run_inner(
             .port()
     );
 
-    let mut endpoint = Endpoint::from_shared(options.coordinator.clone())
-        .with_context(|| format!("coordinator address {:?}", options.coordinator))
-        .map_err(fatal)?;
+    let mut endpoint = coordinator_endpoint(&options.coordinator).map_err(fatal)?;
     let c = &local.cluster;
     if let Some(tls) =
         gantry_proto::tls::client_config(&c.tls_cert, &c.tls_key, &c.tls_ca, &c.tls_domain)
@@ -189,31 +199,16 @@ fn run_inner(
     let mut client = client(channel, &local.cluster.token).map_err(fatal)?;
 
     // Probes and /metrics for orchestrators: alive from here on, ready once the group has
-    // formed, series once the rank is known. Several workers sharing a host (and a default
-    // port) is normal outside Kubernetes, so a taken port costs only this endpoint, never the
-    // training.
-    let ready = gantry_metrics::Readiness::default();
-    let routes = gantry_metrics::WorkerRoutes::default();
-    let metrics_addr = match rt.block_on(gantry_metrics::serve(
+    // formed, series once the rank is known.
+    let endpoint = crate::endpoint::Endpoint::start(
+        rt,
         &local.metrics.worker_addr,
-        ready.clone(),
-        Arc::new(routes.clone()),
-    )) {
-        Ok(addr) => {
-            eprintln!(
-                "worker {}: metrics on http://{addr}/metrics",
-                options.worker_id
-            );
-            format!("{}:{}", options.advertise_host, addr.port())
-        }
-        Err(e) => {
-            eprintln!(
-                "worker {}: warning: no metrics endpoint: {e}",
-                options.worker_id
-            );
-            String::new()
-        }
-    };
+        &format!("worker {}", options.worker_id),
+    );
+    let metrics_addr = endpoint
+        .addr
+        .map(|addr| format!("{}:{}", options.advertise_host, addr.port()))
+        .unwrap_or_default();
     let join = JoinRequest {
         worker_id: options.worker_id.clone(),
         host: hostname::get()
@@ -277,8 +272,8 @@ fn run_inner(
     })
     .context("creating the worker's metrics")
     .map_err(fatal)?;
-    routes.install(metrics.clone());
-    ready.set(true);
+    endpoint.install(metrics.clone());
+    endpoint.ready.set(true);
     let shared = Arc::new(Shared {
         metrics: Some(metrics.clone()),
         ..Shared::default()

@@ -8,10 +8,12 @@
 //! - [`checkpoint`]: crash-safe checkpoints, and finding the one to resume from.
 //! - [`run_dir`]: the files a run leaves behind, written atomically.
 //! - [`samples`]: the 8×8 sample grid as PNG.
+//! - [`endpoint`]: the HTTP endpoint of probes and `/metrics`.
 //! - [`progress`]: a progress bar on a terminal, plain log lines elsewhere.
 
 pub mod checkpoint;
 pub mod cluster;
+pub mod endpoint;
 pub mod progress;
 pub mod run_dir;
 pub mod samples;

@@ -105,3 +105,22 @@ fn generated_images_stay_in_the_tanh_range() {
         "range [{min}, {max}]"
     );
 }
+
+#[test]
+fn a_malformed_coordinator_url_is_named_before_any_connection() {
+    for url in ["not-a-url", "ftp://host:7070", "http://"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+            .args(["--coordinator", url, "--device", "cpu"])
+            .env("GANTRY__CLUSTER__TOKEN", "a-token-long-enough-for-the-test")
+            .env("GANTRY__METRICS__WORKER_ADDR", "127.0.0.1:0")
+            .env("GANTRY__CLUSTER__RING_PORT", "0")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+        assert!(
+            stderr.contains(&format!("--coordinator {url:?} is not a URL")),
+            "{url}: {stderr}"
+        );
+    }
+}

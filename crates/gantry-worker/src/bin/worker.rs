@@ -1,16 +1,16 @@
 //! `worker`: trains a GAN on one device, alone or as one rank of a data-parallel group.
 
 use std::net::{SocketAddr, ToSocketAddrs};
-use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gantry_collective::RingCollective;
 use gantry_config::{ConfigArgs, Settings};
-use gantry_metrics::{Identity, Readiness, WorkerMetrics, WorkerRoutes};
+use gantry_metrics::{Identity, WorkerMetrics};
 use gantry_models::runtime;
 use gantry_worker::checkpoint::ResumeArgs;
 use gantry_worker::cluster::{self, ClusterOptions};
+use gantry_worker::endpoint::Endpoint;
 use gantry_worker::sync::Group;
 use gantry_worker::train::{NoObserver, Trainer};
 
@@ -141,18 +141,9 @@ fn serve_metrics(settings: &Settings, trainer: &mut Trainer) -> Result<tokio::ru
         generation: 0,
     })?;
     trainer.set_metrics(metrics.clone());
-    let routes = WorkerRoutes::default();
-    routes.install(metrics);
-    let ready = Readiness::default();
-    ready.set(true);
-    match runtime.block_on(gantry_metrics::serve(
-        &settings.metrics.worker_addr,
-        ready,
-        Arc::new(routes),
-    )) {
-        Ok(addr) => eprintln!("worker: metrics on http://{addr}/metrics"),
-        Err(e) => eprintln!("worker: warning: no metrics endpoint: {e}"),
-    }
+    let endpoint = Endpoint::start(&runtime, &settings.metrics.worker_addr, "worker");
+    endpoint.install(metrics);
+    endpoint.ready.set(true);
     Ok(runtime)
 }
 

@@ -1,6 +1,7 @@
 # The entry point everyone shares: `make run` and `make test` are the README's two commands.
 CARGO ?= cargo
-RUN_DIR ?= runs/quickstart
+# A new directory per run: a run directory that holds a run is never reused silently.
+RUN_DIR ?= runs/quickstart-$(shell date +%Y%m%d-%H%M%S)
 BINARIES := coordinator worker gantry-eval
 
 .PHONY: all libtorch build run test lint fmt bench clean

@@ -169,7 +169,7 @@ pub fn check_host_fits(workers: u32) -> Result<()> {
              them anyway"
         );
     }
-    if let Some(available) = available_memory_bytes() {
+    if let Some(available) = gantry_store::host::available_memory_bytes() {
         let needed = u64::from(workers) * WORKER_MEMORY_BYTES;
         if needed > available {
             anyhow::bail!(
@@ -182,12 +182,4 @@ pub fn check_host_fits(workers: u32) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// `MemAvailable` of /proc/meminfo (Linux), in bytes.
-fn available_memory_bytes() -> Option<u64> {
-    let text = fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }

@@ -6,6 +6,8 @@
 //!   downloader all write through it.
 //! - [`checkpoint`]: a checkpoint directory's MANIFEST (SHA-256 and size of every file),
 //!   verified before any checkpoint is read, by the worker and by `gantry-eval`.
+//! - [`host`]: the memory the host has available (`/proc/meminfo`), for checks of sizes
+//!   before anything big is allocated or started.
 //! - [`run_dir`]: what a run directory already holds, so that a new run never silently
 //!   replaces an old one and a resume without a checkpoint is refused up front.
 //!
@@ -14,6 +16,7 @@
 
 pub mod atomic;
 pub mod checkpoint;
+pub mod host;
 pub mod run_dir;
 
 use std::path::{Path, PathBuf};

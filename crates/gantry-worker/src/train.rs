@@ -170,6 +170,7 @@ impl Trainer {
             }
         };
         let (c, h, w) = dataset.image_shape();
+        check_batch_fits(settings.train.batch_size, (c, h, w))?;
         let task = gantry_models::task::build(settings, [c as i64, h as i64, w as i64], device)?;
         let mut group = group;
         group.set_overlap(overlap_pays(threads, workers_on_host));
@@ -716,4 +717,26 @@ fn describe(logged: &LoggedStep) -> String {
         .collect();
     line.push(format!("{:.0} img/s", logged.images_per_second));
     line.join(" ")
+}
+
+/// Refuses a `train.batch_size` whose images alone, as floats, would take more than half of
+/// the host's available memory (the activations of a step need several times more): a clear
+/// error instead of an allocation failure that aborts the process.
+fn check_batch_fits(batch_size: usize, (c, h, w): (usize, usize, usize)) -> Result<()> {
+    let Some(available) = gantry_store::host::available_memory_bytes() else {
+        return Ok(());
+    };
+    let bytes = (batch_size as u64)
+        .saturating_mul((c * h * w) as u64)
+        .saturating_mul(size_of::<f32>() as u64);
+    if bytes > available / 2 {
+        bail!(
+            "train.batch_size = {batch_size}: one batch of {c}×{h}×{w} images takes {} MiB as \
+             floats, more than half of the {} MiB this host has available; choose a smaller \
+             train.batch_size",
+            bytes >> 20,
+            available >> 20
+        );
+    }
+    Ok(())
 }

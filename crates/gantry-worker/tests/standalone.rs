@@ -124,3 +124,22 @@ fn a_malformed_coordinator_url_is_named_before_any_connection() {
         );
     }
 }
+
+#[test]
+fn a_batch_larger_than_the_host_is_a_clear_error_not_an_abort() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_worker"))
+        .args(["--standalone", "--device", "cpu", "--steps", "1"])
+        .args(["--batch-size", "100000000"])
+        .args(["--set", "metrics.worker_addr=127.0.0.1:0"])
+        .arg("--run-dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("train.batch_size = 100000000") && stderr.contains("available"),
+        "{stderr}"
+    );
+}

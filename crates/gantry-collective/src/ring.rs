@@ -1076,7 +1076,6 @@ fn accept_left(
         .map_err(|e| io_err(left_peer, "accept", e))?;
     let (proven_tx, proven_rx) = std::sync::mpsc::channel();
     let mut strangers = 0u64;
-    let mut pending = 0usize;
     // The newest refusal of a connection that said it was our left neighbour: if the real
     // one never comes, that is the likelier story than "nobody came" (a neighbour of another
     // session, or without the secret).
@@ -1086,7 +1085,6 @@ fn accept_left(
             Ok((stream, addr)) => {
                 let tx = proven_tx.clone();
                 let config = config.clone();
-                pending += 1;
                 let spawned =
                     thread::Builder::new()
                         .name("ring-handshake".into())
@@ -1098,7 +1096,6 @@ fn accept_left(
                             let _ = tx.send(prove_left(stream, who, me, &config, deadline));
                         });
                 if spawned.is_err() {
-                    pending -= 1;
                     strangers += 1;
                 }
             }
@@ -1107,7 +1104,6 @@ fn accept_left(
             Err(e) => return Err(io_err(left_peer, "accept", e)),
         }
         while let Ok(outcome) = proven_rx.try_recv() {
-            pending -= 1;
             match outcome {
                 Ok(stream) => return Ok((stream, strangers)),
                 Err(Refusal {
@@ -1128,7 +1124,7 @@ fn accept_left(
                 timeout: config.timeout,
             }));
         }
-        thread::sleep(Duration::from_millis(if pending > 0 { 1 } else { 2 }));
+        thread::sleep(Duration::from_millis(2));
     }
 }
 
@@ -1178,11 +1174,12 @@ fn handshake_left(
         });
     };
     let their_nonce: [u8; NONCE_LEN] = their_nonce.try_into().unwrap_or_default();
-    who.rank = hello.rank as usize;
+    // `who` names the left neighbour until the hello says who it really is.
     let expected = Hello {
-        rank: left_peer_rank(&me, config),
+        rank: who.rank as u32,
         ..me
     };
+    who.rank = hello.rank as usize;
     *claimed_left = hello.rank == expected.rank;
     let accepted = hello == expected;
     let my_nonce: [u8; NONCE_LEN] = rand::random();
@@ -1212,11 +1209,6 @@ fn handshake_left(
         });
     }
     Ok(stream)
-}
-
-fn left_peer_rank(me: &Hello, config: &RingConfig) -> u32 {
-    let n = config.world_size;
-    ((me.rank as usize + n - 1) % n) as u32
 }
 
 fn read_exact_until(

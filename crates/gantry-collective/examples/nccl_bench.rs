@@ -2,7 +2,7 @@
 //! bandwidth, one rank (scripts/gpu-bench.sh runs it). Needs libnccl.so on the loader path
 //! and a CUDA GPU; prints one line per size: `nccl <MiB> <algbw GB/s> <median ms> <ok>`.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use cudarc::driver::{CudaContext, DevicePtrMut};
 use gantry_collective::ReduceOp;
@@ -23,7 +23,8 @@ fn main() {
         }
     }
     let id = NcclId::new().expect("ncclGetUniqueId");
-    let mut nccl = NcclCollective::new(0, 1, id.as_bytes(), 0).expect("ncclCommInitRank");
+    let mut nccl = NcclCollective::new(0, 1, id.as_bytes(), 0, Duration::from_secs(60))
+        .expect("ncclCommInitRankConfig");
     let ctx = CudaContext::new(0).expect("CUDA context");
     let stream = ctx.new_stream().expect("stream");
     for mib in [1usize, 4, 16, 64, 256] {

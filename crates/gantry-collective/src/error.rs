@@ -17,19 +17,25 @@ impl fmt::Display for Peer {
 }
 
 /// Every failure of this crate.
+///
+/// Variants that wrap an [`io::Error`] expose it through [`std::error::Error::source`] and
+/// leave it out of their own message (the Rust API guidelines' convention), so a report
+/// that walks the chain, like anyhow's `{:#}`, names the I/O error once. Printing only the
+/// top-level message (`{}`) therefore omits the I/O detail; code that keeps just one
+/// string should walk the chain instead.
 #[derive(Debug, thiserror::Error)]
 pub enum CollectiveError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
 
-    #[error("could not bind listen address {addr}: {source}")]
+    #[error("could not bind listen address {addr}")]
     Bind {
         addr: SocketAddr,
         #[source]
         source: io::Error,
     },
 
-    #[error("could not connect to {peer} within {timeout:?}: {source}")]
+    #[error("could not connect to {peer} within {timeout:?}")]
     ConnectTimeout {
         peer: Peer,
         timeout: Duration,
@@ -50,7 +56,7 @@ pub enum CollectiveError {
         timeout: Duration,
     },
 
-    #[error("{peer} disconnected during {op}: {source}")]
+    #[error("{peer} disconnected during {op}")]
     PeerDisconnected {
         peer: Peer,
         op: &'static str,
@@ -58,7 +64,7 @@ pub enum CollectiveError {
         source: io::Error,
     },
 
-    #[error("I/O error with {peer} during {op}: {source}")]
+    #[error("I/O error with {peer} during {op}")]
     Io {
         peer: Peer,
         op: &'static str,
@@ -93,9 +99,31 @@ pub enum CollectiveError {
 
     #[error("CUDA call {call} failed: {detail}")]
     Cuda { call: &'static str, detail: String },
+
+    /// An NCCL operation (or the communicator's creation) did not complete within
+    /// the collective's timeout; the communicator has been aborted. NCCL does not say which
+    /// rank is missing: the coordinator's view of every rank's sequence does.
+    #[error(
+        "NCCL {op} did not complete within {timeout:?} (a rank is missing or stuck); \
+         the communicator was aborted"
+    )]
+    NcclTimeout { op: &'static str, timeout: Duration },
 }
 
 impl CollectiveError {
+    /// This error's message followed by those of its sources, `: `-separated, for the
+    /// places that keep a single string (the poisoned message, log fields).
+    pub(crate) fn chain_text(&self) -> String {
+        let mut text = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(cause) = source {
+            text.push_str(": ");
+            text.push_str(&cause.to_string());
+            source = cause.source();
+        }
+        text
+    }
+
     /// Classifies a socket error so callers can tell a silent peer (timeout)
     /// from a dead one (reset/EOF).
     pub(crate) fn from_io(peer: Peer, op: &'static str, timeout: Duration, e: io::Error) -> Self {
@@ -117,5 +145,36 @@ impl CollectiveError {
                 source: e,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer() -> Peer {
+        Peer {
+            rank: 1,
+            addr: "127.0.0.1:7000".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn io_detail_is_in_the_chain_not_in_the_message() {
+        let reset = || io::Error::from(io::ErrorKind::ConnectionReset);
+        let text = reset().to_string();
+        let err = CollectiveError::from_io(peer(), "all-reduce", Duration::from_secs(1), reset());
+        assert!(
+            matches!(err, CollectiveError::PeerDisconnected { .. }),
+            "{err}"
+        );
+        let message = err.to_string();
+        assert_eq!(
+            message,
+            "rank 1 (127.0.0.1:7000) disconnected during all-reduce"
+        );
+        let chain = err.chain_text();
+        assert_eq!(chain.matches(&text).count(), 1, "{chain}");
+        assert!(chain.starts_with(&message), "{chain}");
     }
 }

@@ -19,24 +19,41 @@
 //! * [`nccl::NcclCollective`] (GPU): NCCL through `cudarc`, loaded at run time,
 //!   so building needs neither CUDA nor NCCL. When the libraries or a GPU are
 //!   missing, construction returns [`CollectiveError::NcclUnavailable`] or
-//!   [`CollectiveError::NoCudaDevice`] instead of panicking.
+//!   [`CollectiveError::NoCudaDevice`] instead of panicking. The communicator is
+//!   created non-blocking (`ncclCommInitRankConfig` with `blocking = 0`): the
+//!   calling thread polls its creation and every operation to completion, so each
+//!   is bounded by the collective's timeout and can be aborted.
 //!
 //! The seam deliberately uses plain host slices, not tensors: the worker copies
 //! gradients into a flat buffer (or, with NCCL, hands device pointers to the
 //! `unsafe` device API), which keeps this crate free of `tch` and gRPC.
 //!
+//! # Aborts and progress, on every backend
+//!
+//! An operation holds its collective by `&mut`, so another thread cannot reach it.
+//! [`Collective::abort_handle`] returns an [`AbortHandle`] to take first: from any
+//! thread it reads [`AbortHandle::sequence`] (completed operations, for the
+//! coordinator's hang detection) and requests [`AbortHandle::abort`], after which the
+//! operation in progress and every later one fail with [`CollectiveError::Aborted`].
+//! The ring wakes at once (the handle shuts its sockets down); NCCL notices at its next
+//! poll (about a millisecond) and calls `ncclCommAbort` on the thread that runs the
+//! operation, as NCCL requires. A timeout ([`RingConfig::timeout`], the `timeout`
+//! of [`nccl::NcclCollective::new`]) bounds every wait for a peer either way.
+//!
 //! After any error a collective is unusable (every later call fails fast):
 //! peers may be mid-operation with a different view of the byte stream, so the
 //! only safe recovery is to rebuild the group.
 
+mod abort;
 mod error;
 pub mod nccl;
 mod ring;
 mod shm;
 mod wire;
 
+pub use abort::AbortHandle;
 pub use error::{CollectiveError, Peer};
-pub use ring::{AbortHandle, RingCollective, RingConfig};
+pub use ring::{RingCollective, RingConfig};
 
 /// How [`Collective::all_reduce_f32`] combines the ranks' buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,17 +92,26 @@ pub trait Collective: Send {
     fn broadcast_bytes(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<(), CollectiveError>;
     /// Returns once every rank has entered the barrier.
     fn barrier(&mut self) -> Result<(), CollectiveError>;
-    /// Drops the connections so peers blocked on this rank fail fast. The
-    /// collective is unusable afterwards.
+    /// Aborts the collective from the thread that owns it: drops the connections (the
+    /// ring) or calls `ncclCommAbort` (NCCL) so peers blocked on this rank fail fast, and
+    /// marks [`Self::abort_handle`] aborted. The collective is unusable afterwards.
     fn abort(&mut self);
+    /// A handle on this collective for other threads: its progress sequence, and an abort
+    /// that also interrupts an operation in progress (see [`AbortHandle`]). Take it before
+    /// the collective is moved to the code that runs its operations.
+    fn abort_handle(&self) -> AbortHandle;
     /// Number of completed collective operations, for hang detection: a rank
-    /// whose sequence stops advancing while others' does is stuck.
-    fn sequence(&self) -> u64;
+    /// whose sequence stops advancing while others' does is stuck. Always equal to
+    /// the handle's [`AbortHandle::sequence`].
+    fn sequence(&self) -> u64 {
+        self.abort_handle().sequence()
+    }
     /// In-place all-reduce of `len` f32s of GPU memory at `ptr`, enqueued on
     /// the legacy default stream (libtorch's default), so it runs after the
     /// kernels that produced the buffer and before those that read it.
     /// Returns `Ok(false)` when the backend has no device path; the caller
-    /// then stages the buffer through host memory.
+    /// then stages the buffer through host memory. A backend may return only
+    /// once the reduction has completed (NCCL does, to bound and abort it).
     ///
     /// # Safety
     /// `ptr` must address at least `len` f32s on the backend's device, and
@@ -96,6 +122,21 @@ pub trait Collective: Send {
         _ptr: u64,
         _len: usize,
         _op: ReduceOp,
+    ) -> Result<bool, CollectiveError> {
+        Ok(false)
+    }
+    /// Overwrites `len` f32s of GPU memory at `ptr` on every rank with `root`'s,
+    /// on the legacy default stream, like [`Self::all_reduce_device_f32`]; lengths
+    /// must match. `Ok(false)` when the backend has no device path: the caller then
+    /// stages the buffer through host memory and calls [`Self::broadcast_f32`].
+    ///
+    /// # Safety
+    /// As for [`Self::all_reduce_device_f32`].
+    unsafe fn broadcast_device_f32(
+        &mut self,
+        _ptr: u64,
+        _len: usize,
+        _root: usize,
     ) -> Result<bool, CollectiveError> {
         Ok(false)
     }

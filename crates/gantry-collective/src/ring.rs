@@ -15,13 +15,13 @@
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, mpsc};
+use std::sync::{Mutex, PoisonError, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockRef, Socket, Type};
 
+use crate::abort::AbortHandle;
 use crate::shm::{self, SharedRegion, WaitError};
 use crate::wire::{
     ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, NONCE_LEN, OpKind, PROOF_LEN, Side,
@@ -130,57 +130,6 @@ impl RingConfig {
             ));
         }
         Ok(())
-    }
-}
-
-/// Aborts a [`RingCollective`] from another thread (a watchdog, a signal
-/// handler thread, the coordinator client): the socket shutdown wakes any
-/// blocked read or write on this rank at once, and its neighbours see the
-/// connection close, which then travels round the ring.
-#[derive(Debug, Clone)]
-pub struct AbortHandle {
-    inner: Arc<AbortInner>,
-}
-
-#[derive(Debug)]
-struct AbortInner {
-    aborted: AtomicBool,
-    /// Mirror of the collective's sequence, readable while an operation
-    /// holds the collective (`&mut`), for watchdogs.
-    seq: AtomicU64,
-    // Clones of the collective's sockets: `shutdown` acts on the shared
-    // socket, not on the descriptor, so it reaches the collective's copies.
-    streams: Vec<TcpStream>,
-}
-
-impl AbortHandle {
-    fn new(streams: Vec<TcpStream>) -> Self {
-        AbortHandle {
-            inner: Arc::new(AbortInner {
-                aborted: AtomicBool::new(false),
-                seq: AtomicU64::new(0),
-                streams,
-            }),
-        }
-    }
-
-    /// Marks the collective aborted and shuts its connections down.
-    pub fn abort(&self) {
-        self.inner.aborted.store(true, Ordering::SeqCst);
-        for s in &self.inner.streams {
-            let _ = s.shutdown(Shutdown::Both);
-        }
-    }
-
-    pub fn is_aborted(&self) -> bool {
-        self.inner.aborted.load(Ordering::SeqCst)
-    }
-
-    /// The collective's [`Collective::sequence`], readable from another
-    /// thread while an operation is running: a watchdog that sees it stall
-    /// on one rank while others advance can call [`Self::abort`].
-    pub fn sequence(&self) -> u64 {
-        self.inner.seq.load(Ordering::SeqCst)
     }
 }
 
@@ -357,7 +306,10 @@ impl RingCollective {
         for s in [&right, &left] {
             set_op_timeouts(s, config.timeout, right_peer)?;
         }
-        let abort = AbortHandle::new(vec![
+        // The handle keeps clones of both sockets: shutting them down from another thread
+        // wakes this rank's blocked reads and writes, and tells both neighbours.
+        let abort = AbortHandle::new();
+        abort.shut_down_on_abort(vec![
             right
                 .try_clone()
                 .map_err(|e| io_err(right_peer, "setup", e))?,
@@ -431,7 +383,7 @@ impl RingCollective {
         }
         self.shm = outcome?;
         self.seq = 0;
-        self.abort.inner.seq.store(0, Ordering::SeqCst);
+        self.abort.set_sequence(0);
         Ok(())
     }
 
@@ -442,7 +394,7 @@ impl RingCollective {
             timeout: config.timeout,
             chunk_elems: config.chunk_bytes / size_of::<f32>(),
             links: None,
-            abort: AbortHandle::new(Vec::new()),
+            abort: AbortHandle::new(),
             seq: 0,
             poisoned: None,
             strangers: 0,
@@ -456,11 +408,6 @@ impl RingCollective {
     /// neighbour: not a rank of this group, or without proof of the ring secret.
     pub fn strangers_refused(&self) -> u64 {
         self.strangers
-    }
-
-    /// A handle that can abort this collective from another thread.
-    pub fn abort_handle(&self) -> AbortHandle {
-        self.abort.clone()
     }
 
     /// Runs one operation; on failure poisons the collective and shuts the
@@ -478,7 +425,7 @@ impl RingCollective {
         match f(self) {
             Ok(v) => {
                 self.seq += 1;
-                self.abort.inner.seq.store(self.seq, Ordering::SeqCst);
+                self.abort.set_sequence(self.seq);
                 Ok(v)
             }
             Err(e) => {
@@ -487,7 +434,7 @@ impl RingCollective {
                 } else {
                     e
                 };
-                self.poisoned = Some(e.to_string());
+                self.poisoned = Some(e.chain_text());
                 if let Some(region) = &self.shm {
                     region.mark_failed();
                 }
@@ -855,8 +802,8 @@ impl Collective for RingCollective {
         self.poisoned.get_or_insert_with(|| "aborted".into());
     }
 
-    fn sequence(&self) -> u64 {
-        self.seq
+    fn abort_handle(&self) -> AbortHandle {
+        self.abort.clone()
     }
 }
 
@@ -1111,7 +1058,11 @@ fn accept_left(
                     claimed_left,
                 }) => {
                     strangers += 1;
-                    tracing::warn!(rank = me.rank, %error, "dropped a connection to the ring port");
+                    tracing::warn!(
+                        rank = me.rank,
+                        error = %error.chain_text(),
+                        "dropped a connection to the ring port"
+                    );
                     if claimed_left {
                         claimed = Some(error);
                     }

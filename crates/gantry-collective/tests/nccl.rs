@@ -5,7 +5,11 @@
 use gantry_collective::nccl::{
     DeviceDType, NCCL_ID_BYTES, NcclCollective, NcclId, cuda_device_count, nccl_library_present,
 };
-use gantry_collective::{Collective, CollectiveError, ReduceOp};
+use std::time::{Duration, Instant};
+
+use gantry_collective::{AbortHandle, Collective, CollectiveError, ReduceOp};
+
+const TIMEOUT: Duration = Duration::from_secs(60);
 
 fn gpu_count() -> usize {
     cuda_device_count().unwrap_or(0)
@@ -40,7 +44,7 @@ fn nccl_collective_without_gpu_is_a_clear_error() {
         println!("skipped: a CUDA device is present");
         return;
     }
-    let err = NcclCollective::new(0, 1, &[0u8; NCCL_ID_BYTES], 0).unwrap_err();
+    let err = NcclCollective::new(0, 1, &[0u8; NCCL_ID_BYTES], 0, TIMEOUT).unwrap_err();
     assert!(
         matches!(
             err,
@@ -53,8 +57,60 @@ fn nccl_collective_without_gpu_is_a_clear_error() {
 
 #[test]
 fn nccl_rejects_bad_rank_before_touching_libraries() {
-    let err = NcclCollective::new(1, 1, &[0u8; NCCL_ID_BYTES], 0).unwrap_err();
+    let err = NcclCollective::new(1, 1, &[0u8; NCCL_ID_BYTES], 0, TIMEOUT).unwrap_err();
     assert!(matches!(err, CollectiveError::InvalidArgument(_)), "{err}");
+}
+
+#[test]
+fn nccl_rejects_a_zero_timeout_before_touching_libraries() {
+    let err = NcclCollective::new(0, 1, &[0u8; NCCL_ID_BYTES], 0, Duration::ZERO).unwrap_err();
+    assert!(matches!(err, CollectiveError::InvalidArgument(_)), "{err}");
+}
+
+#[test]
+fn nccl_creation_with_an_aborted_handle_fails_as_aborted() {
+    let handle = AbortHandle::new();
+    handle.abort();
+    let err = NcclCollective::with_abort_handle(0, 1, &[0u8; NCCL_ID_BYTES], 0, TIMEOUT, handle)
+        .unwrap_err();
+    assert!(matches!(err, CollectiveError::Aborted), "{err}");
+}
+
+#[test]
+fn nccl_init_with_a_missing_rank_times_out() {
+    if !nccl_library_present() || gpu_count() == 0 {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    // World 2, rank 1 never joins: the non-blocking creation is polled until the timeout,
+    // then aborted.
+    let id = NcclId::new().unwrap();
+    let started = Instant::now();
+    let err = NcclCollective::new(0, 2, id.as_bytes(), 0, Duration::from_secs(2)).unwrap_err();
+    assert!(matches!(err, CollectiveError::NcclTimeout { .. }), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "returned after {:?}",
+        started.elapsed()
+    );
+}
+
+#[test]
+fn nccl_abort_through_the_handle_fails_the_next_operation() {
+    if !nccl_library_present() || gpu_count() == 0 {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let id = NcclId::new().unwrap();
+    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0, TIMEOUT).unwrap();
+    let handle = c.abort_handle();
+    c.barrier().unwrap();
+    assert_eq!(handle.sequence(), 1);
+    std::thread::spawn(move || handle.abort()).join().unwrap();
+    let err = c.all_reduce_f32(&mut [1.0; 16], ReduceOp::Sum).unwrap_err();
+    assert!(matches!(err, CollectiveError::Aborted), "{err}");
+    assert_eq!(c.sequence(), 1, "an aborted operation does not count");
+    assert!(c.abort_handle().is_aborted());
 }
 
 #[test]
@@ -64,7 +120,7 @@ fn nccl_world_one_host_ops() {
         return;
     }
     let id = NcclId::new().unwrap();
-    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0).unwrap();
+    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0, TIMEOUT).unwrap();
     let mut buf: Vec<f32> = (0..1001).map(|i| i as f32).collect();
     let orig = buf.clone();
     c.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
@@ -76,6 +132,7 @@ fn nccl_world_one_host_ops() {
     assert_eq!(bytes, b"gantry");
     c.barrier().unwrap();
     assert_eq!(c.sequence(), 4);
+    assert_eq!(c.abort_handle().sequence(), 4);
 }
 
 #[test]
@@ -86,7 +143,7 @@ fn nccl_world_one_device_all_reduce() {
         return;
     }
     let id = NcclId::new().unwrap();
-    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0).unwrap();
+    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0, TIMEOUT).unwrap();
     let ctx = CudaContext::new(0).unwrap();
     let stream = ctx.new_stream().unwrap();
     let host: Vec<f32> = (0..4096).map(|i| (i % 17) as f32).collect();
@@ -107,4 +164,28 @@ fn nccl_world_one_device_all_reduce() {
     }
     let back = stream.clone_dtoh(&dev).unwrap();
     assert_eq!(back, host);
+}
+
+#[test]
+fn nccl_world_one_device_broadcast_through_the_trait() {
+    use cudarc::driver::{CudaContext, DevicePtrMut};
+    if !nccl_library_present() || gpu_count() == 0 {
+        println!("skipped: no CUDA device");
+        return;
+    }
+    let id = NcclId::new().unwrap();
+    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0, TIMEOUT).unwrap();
+    let ctx = CudaContext::new(0).unwrap();
+    // The trait's device path uses the legacy default stream.
+    let stream = ctx.default_stream();
+    let host: Vec<f32> = (0..4096).map(|i| (i % 13) as f32).collect();
+    let mut dev = stream.clone_htod(&host).unwrap();
+    {
+        let (ptr, _sync) = dev.device_ptr_mut(&stream);
+        // SAFETY: `dev` holds 4096 f32s on device 0, used only on the default stream.
+        let done = unsafe { c.broadcast_device_f32(ptr, host.len(), 0) }.unwrap();
+        assert!(done, "NCCL has a device broadcast");
+    }
+    assert_eq!(stream.clone_dtoh(&dev).unwrap(), host);
+    assert_eq!(c.sequence(), 1);
 }

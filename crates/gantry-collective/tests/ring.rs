@@ -428,3 +428,39 @@ fn peer_aborted_mid_all_reduce_fails_every_survivor() {
         )
     });
 }
+
+#[test]
+fn abort_handle_unblocks_a_rank_whose_neighbour_never_sends() {
+    common::check_abort_handle_unblocks_a_rank_whose_neighbour_never_sends(false);
+}
+
+#[test]
+fn a_dropped_peer_names_its_io_error_once_in_a_report() {
+    let results = run_ranks(
+        2,
+        |_, _| {},
+        |rank, ring| {
+            let mut ring = ring.unwrap();
+            let mut buf = [1.0; 4096];
+            ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap();
+            if rank == 1 {
+                drop(ring);
+                return None;
+            }
+            Some(ring.all_reduce_f32(&mut buf, ReduceOp::Sum).unwrap_err())
+        },
+    );
+    let err = results.into_iter().next().flatten().unwrap();
+    assert!(
+        matches!(err, CollectiveError::PeerDisconnected { .. }),
+        "{err}"
+    );
+    let io_text = std::error::Error::source(&err)
+        .expect("a disconnect carries its I/O error")
+        .to_string();
+    let message = err.to_string();
+    assert!(!message.contains(&io_text), "{message}");
+    let report = format!("{:#}", anyhow::Error::new(err));
+    assert_eq!(report.matches(&io_text).count(), 1, "{report}");
+    assert!(report.starts_with(&message), "{report}");
+}

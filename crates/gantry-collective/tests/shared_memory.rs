@@ -268,3 +268,8 @@ fn interleaved_shared_memory_and_tcp_operations_never_fail_spuriously() {
     );
     assert_eq!(results, vec![3.0; 3]);
 }
+
+#[test]
+fn abort_handle_unblocks_a_rank_whose_neighbour_never_sends() {
+    common::check_abort_handle_unblocks_a_rank_whose_neighbour_never_sends(true);
+}

@@ -61,7 +61,7 @@ impl CoordinatorRoutes {
             .job
             .cluster_view(self.auth_failures.load(Ordering::Relaxed));
         if let Err(e) = self.metrics.refresh(&view) {
-            eprintln!("coordinator: warning: refreshing metrics: {e}");
+            tracing::warn!("coordinator: warning: refreshing metrics: {e}");
         }
         self.metrics.render()
     }

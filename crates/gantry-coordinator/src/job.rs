@@ -1,18 +1,36 @@
 //! The job's state machine: rendezvous, training, failure detection, recovery.
 //!
-//! All state sits behind one mutex; RPC handlers and the supervision loop take it for short,
-//! non-blocking critical sections. A generation is one attempt of the whole group: a failure
-//! ends it, and the next generation re-forms the group from the newest checkpoint.
+//! A generation is one attempt of the whole group. [`Generation`] is its phase, carrying the
+//! data only that phase has; what outlives a generation (its number, the restarts, the
+//! operator's pause and stop, the accumulated totals) sits beside it in [`State`]. RPC
+//! handlers and the supervisor take the one mutex for short, non-blocking critical sections.
+//!
+//! ```text
+//!  Rendezvous ──all joined──▶ Training ──every rank finished──▶ Done
+//!      │  │                      │
+//!      │  │ timeout, a worker    │ a silent rank, a stall, a worker exit,
+//!      │  │ exit, no NCCL id     │ a worker's own report
+//!      │  ▼                      ▼
+//!      │  └──────────────▶ Recovering ──recover()──▶ Rendezvous of the next generation
+//!      │                                        └──▶ Failed (not retryable, a stop was
+//!      │                                             requested, or no restart left)
+//!      └──stop──▶ Stopped (no group formed: nothing to checkpoint)
+//! ```
+//!
+//! RPCs and the supervisor's observations move the state; [`Job::poll`] tells the supervisor
+//! what to act on ([`Event`]). A failed generation stays `Recovering` (heartbeats are told to
+//! abort, joins to wait) until the supervisor has stopped its processes and called
+//! [`Job::recover`], which decides between a restart and the end of the job.
 
-use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use gantry_config::Backend;
 use gantry_metrics::{ClusterTotals, ClusterView, LeadView, RankView};
 use gantry_proto::ClusterError;
 use gantry_proto::v1::{
-    Command, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse,
-    StatusResponse, WorkerFigures, WorkerState, WorkerStatus,
+    CollectiveBackend, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinRequest,
+    JoinResponse, StatusResponse, WorkerCommand, WorkerFigures, WorkerState, WorkerStatus,
 };
 use tokio::sync::oneshot;
 use tonic::Status;
@@ -26,7 +44,8 @@ pub struct JobSpec {
     pub fingerprint: String,
     pub world_size: u32,
     pub total_steps: u64,
-    pub backend: String,
+    /// The configured backend; `auto` is resolved when the group forms.
+    pub backend: Backend,
     pub workers_on_host: u32,
     pub heartbeat_interval: Duration,
     pub heartbeat_timeout: Duration,
@@ -36,21 +55,27 @@ pub struct JobSpec {
     pub max_restarts: u32,
 }
 
+/// The name of a generation's phase, as the status page, `Status` and
+/// `gantry_job_phase{phase}` show it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub enum JobPhase {
     Rendezvous,
     Training,
+    Recovering,
     Done,
+    Stopped,
     Failed,
 }
 
-impl Phase {
+impl JobPhase {
     pub fn as_str(self) -> &'static str {
         match self {
-            Phase::Rendezvous => "rendezvous",
-            Phase::Training => "training",
-            Phase::Done => "done",
-            Phase::Failed => "failed",
+            JobPhase::Rendezvous => "rendezvous",
+            JobPhase::Training => "training",
+            JobPhase::Recovering => "recovering",
+            JobPhase::Done => "done",
+            JobPhase::Stopped => "stopped",
+            JobPhase::Failed => "failed",
         }
     }
 }
@@ -88,6 +113,64 @@ pub struct Failure {
     pub retryable: bool,
 }
 
+/// What the supervisor has to act on, from [`Job::poll`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The generation failed and the job is recovering: stop its processes, then call
+    /// [`Job::recover`].
+    GenerationFailed(Failure),
+    /// Every rank finished; rank 0's summary.
+    Done { summary_json: String },
+    /// A stop arrived before any group formed: no step ran, nothing is checkpointed.
+    Stopped { reason: String },
+    /// The job failed for good.
+    Failed(Failure),
+}
+
+/// What [`Job::recover`] decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Recovery {
+    /// The next generation's rendezvous is open; it resumes from the newest checkpoint.
+    Restart {
+        /// Why the previous generation failed.
+        failure: Failure,
+        generation: u64,
+        restart: u32,
+    },
+    /// The job has failed (it is now [`JobPhase::Failed`]).
+    GiveUp { failure: Failure, why: GiveUp },
+}
+
+/// Why a failed generation is not followed by another.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    /// The failure says retrying cannot help.
+    NotRetryable,
+    /// A stop (a signal, an operator) was requested: the job ends rather than restarts.
+    Stopping,
+    /// `cluster.max_restarts` restarts were spent.
+    RestartsSpent,
+}
+
+impl GiveUp {
+    pub fn explain(self) -> &'static str {
+        match self {
+            GiveUp::NotRetryable => "not retryable: the job ends without a restart",
+            GiveUp::Stopping => "a stop was requested: the job ends without a restart",
+            GiveUp::RestartsSpent => "no restart left (cluster.max_restarts)",
+        }
+    }
+}
+
+/// What [`Job::request_stop`] arranged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopPlan {
+    /// Every rank checkpoints after this step, then stops.
+    AtStep(u64),
+    /// No group is training: the job ends without a step to checkpoint.
+    Now,
+}
+
 /// Who a worker RPC claims to come from.
 #[derive(Debug, Clone, Copy)]
 struct Speaker<'a> {
@@ -99,24 +182,114 @@ struct Speaker<'a> {
 
 type PendingJoin = (JoinRequest, oneshot::Sender<Result<JoinResponse, Status>>);
 
+/// Waiting for the whole group to join.
+#[derive(Debug)]
+struct Rendezvous {
+    /// When it opened: the rendezvous timeout counts from here.
+    since: Instant,
+    /// Joins answered once the group is complete (dropping one cancels that Join).
+    pending: Vec<PendingJoin>,
+}
+
+/// The group trains.
+#[derive(Debug)]
+struct Training {
+    members: Vec<Member>,
+    /// The highest step any rank has reported and when it first did: the stall clock.
+    progress: (u64, Instant),
+    /// An operator's checkpoint request: every rank checkpoints after this step.
+    checkpoint_at: Option<u64>,
+    /// A stop request: every rank checkpoints after this step and stops.
+    stop_at: Option<u64>,
+    /// Rank 0's summary, from its successful Finish.
+    summary_json: Option<String>,
+    /// A failure a worker reported about itself. Often it is the echo of another rank's
+    /// death (its peer vanished mid all-reduce), so it waits briefly for the root cause.
+    reported: Option<(Instant, Failure)>,
+}
+
+/// One generation's phase and the data only that phase has.
+#[derive(Debug)]
+enum Generation {
+    Rendezvous(Rendezvous),
+    Training(Training),
+    /// Failed; its processes are being stopped. The members stay to be told to abort, and to
+    /// report (their Finish may still name the root cause).
+    Recovering {
+        members: Vec<Member>,
+        failure: Failure,
+    },
+    Done {
+        members: Vec<Member>,
+        summary_json: String,
+    },
+    Stopped {
+        reason: String,
+    },
+    Failed {
+        members: Vec<Member>,
+        failure: Failure,
+    },
+}
+
+impl Generation {
+    fn phase(&self) -> JobPhase {
+        match self {
+            Generation::Rendezvous(_) => JobPhase::Rendezvous,
+            Generation::Training(_) => JobPhase::Training,
+            Generation::Recovering { .. } => JobPhase::Recovering,
+            Generation::Done { .. } => JobPhase::Done,
+            Generation::Stopped { .. } => JobPhase::Stopped,
+            Generation::Failed { .. } => JobPhase::Failed,
+        }
+    }
+
+    fn members(&self) -> &[Member] {
+        match self {
+            Generation::Training(t) => &t.members,
+            Generation::Recovering { members, .. }
+            | Generation::Done { members, .. }
+            | Generation::Failed { members, .. } => members,
+            Generation::Rendezvous(_) | Generation::Stopped { .. } => &[],
+        }
+    }
+
+    fn members_mut(&mut self) -> &mut [Member] {
+        match self {
+            Generation::Training(t) => &mut t.members,
+            Generation::Recovering { members, .. }
+            | Generation::Done { members, .. }
+            | Generation::Failed { members, .. } => members,
+            Generation::Rendezvous(_) | Generation::Stopped { .. } => &mut [],
+        }
+    }
+
+    /// Moves a live generation (rendezvous or training) to `Recovering` with `failure`;
+    /// pending joins are cancelled. Does nothing in any other phase.
+    fn fail(&mut self, failure: Failure) {
+        let members = match self {
+            Generation::Rendezvous(_) => Vec::new(),
+            Generation::Training(t) => std::mem::take(&mut t.members),
+            _ => return,
+        };
+        *self = Generation::Recovering { members, failure };
+    }
+}
+
+/// The job-wide state; the current generation is one field of it.
 #[derive(Debug)]
 struct State {
+    /// The current generation's number (0 for the first).
     generation: u64,
-    phase: Phase,
-    phase_since: Instant,
+    current: Generation,
     restarts: u32,
+    /// Whether the next group resumes from the newest checkpoint (every group after the
+    /// first, and the first of a `--resume`).
     resume: bool,
-    pending: Vec<PendingJoin>,
-    members: Vec<Member>,
-    last_progress: (u64, Instant),
-    stop_at: Option<u64>,
-    checkpoint_at: Option<u64>,
+    /// The operator's pause: holds across generations until a resume.
     paused: bool,
-    summary_json: Option<String>,
-    failure: Option<Failure>,
-    /// A failure a worker reported about itself. Often it is the echo of another rank's death
-    /// (its peer vanished mid all-reduce), so it waits briefly for the root cause to show.
-    reported: Option<(Instant, Failure)>,
+    /// A stop was requested: a failure from here on ends the job instead of restarting it.
+    stop_requested: bool,
     /// The workers' counters, accumulated over every generation.
     totals: ClusterTotals,
 }
@@ -134,24 +307,18 @@ pub struct Job {
 
 impl Job {
     pub fn new(spec: JobSpec, resume: bool) -> Self {
-        let now = Instant::now();
         Self {
             spec,
             state: Mutex::new(State {
                 generation: 0,
-                phase: Phase::Rendezvous,
-                phase_since: now,
+                current: Generation::Rendezvous(Rendezvous {
+                    since: Instant::now(),
+                    pending: Vec::new(),
+                }),
                 restarts: 0,
                 resume,
-                pending: Vec::new(),
-                members: Vec::new(),
-                last_progress: (0, now),
-                stop_at: None,
-                checkpoint_at: None,
                 paused: false,
-                summary_json: None,
-                failure: None,
-                reported: None,
+                stop_requested: false,
                 totals: ClusterTotals::default(),
             }),
         }
@@ -166,20 +333,13 @@ impl Job {
         self.lock().generation
     }
 
-    pub fn phase(&self) -> Phase {
-        self.lock().phase
+    #[cfg(test)]
+    pub fn phase(&self) -> JobPhase {
+        self.lock().current.phase()
     }
 
     pub fn restarts(&self) -> u32 {
         self.lock().restarts
-    }
-
-    pub fn summary_json(&self) -> Option<String> {
-        self.lock().summary_json.clone()
-    }
-
-    pub fn failure(&self) -> Option<Failure> {
-        self.lock().failure.clone()
     }
 
     /// Registers a worker for the current generation. The returned receiver yields its
@@ -212,17 +372,21 @@ impl Job {
             });
         }
         let mut state = self.lock();
-        match state.phase {
-            Phase::Rendezvous => {}
-            Phase::Done | Phase::Failed => return Err(ClusterError::ShuttingDown),
-            Phase::Training => {
+        let generation = state.generation;
+        let rendezvous = match &mut state.current {
+            Generation::Rendezvous(r) => r,
+            Generation::Training(_) => {
                 return Err(ClusterError::WorldFull {
                     world_size: spec.world_size,
-                    generation: state.generation,
+                    generation,
                 });
             }
-        }
-        if state
+            Generation::Recovering { .. } => return Err(ClusterError::Recovering { generation }),
+            Generation::Done { .. } | Generation::Stopped { .. } | Generation::Failed { .. } => {
+                return Err(ClusterError::ShuttingDown);
+            }
+        };
+        if rendezvous
             .pending
             .iter()
             .any(|(r, _)| r.worker_id == request.worker_id)
@@ -233,37 +397,43 @@ impl Job {
             )));
         }
         // A worker that gave up waiting (its Join call dropped) frees its place.
-        state.pending.retain(|(_, tx)| !tx.is_closed());
+        rendezvous.pending.retain(|(_, tx)| !tx.is_closed());
         let (tx, rx) = oneshot::channel();
-        state.pending.push((request, tx));
-        if state.pending.len() == spec.world_size as usize {
-            self.form_group(&mut state);
+        rendezvous.pending.push((request, tx));
+        if rendezvous.pending.len() == spec.world_size as usize {
+            let pending = std::mem::take(&mut rendezvous.pending);
+            let resume = state.resume;
+            state.current = self.form_group(pending, generation, resume);
         }
         Ok(rx)
     }
 
-    /// Assigns ranks in join order and answers every pending Join.
-    fn form_group(&self, state: &mut State) {
+    /// Assigns ranks, answers every pending Join, and returns the generation that follows:
+    /// training, or recovering when the group cannot be set up.
+    fn form_group(
+        &self,
+        mut pending: Vec<PendingJoin>,
+        generation: u64,
+        resume: bool,
+    ) -> Generation {
         let now = Instant::now();
-        let mut pending = std::mem::take(&mut state.pending);
         // The coordinator's own local workers take the rank their id names (local-g0-w1 is
         // rank 1, whichever joined first); other workers keep their join order, after them.
-        let generation = state.generation;
         pending.sort_by_key(|(r, _)| {
             crate::spawn::local_worker_index(generation, &r.worker_id).unwrap_or(usize::MAX)
         });
         let peers: Vec<String> = pending.iter().map(|(r, _)| r.ring_addr.clone()).collect();
         // `auto` means NCCL when every worker trains on a GPU, the CPU ring otherwise.
         let all_cuda = pending.iter().all(|(r, _)| r.device.starts_with("cuda"));
-        let backend = match self.spec.backend.as_str() {
-            "ring" => "ring",
-            "nccl" => "nccl",
-            _ if all_cuda => "nccl",
-            _ => "ring",
+        let backend = match self.spec.backend {
+            Backend::Ring => CollectiveBackend::Ring,
+            Backend::Nccl => CollectiveBackend::Nccl,
+            Backend::Auto if all_cuda => CollectiveBackend::Nccl,
+            Backend::Auto => CollectiveBackend::Ring,
         };
         // Fresh per generation: a rank of an earlier one cannot join this ring.
         let ring_secret: [u8; 32] = rand::random();
-        let nccl_id = if backend == "nccl" {
+        let nccl_id = if backend == CollectiveBackend::Nccl {
             // NCCL's bootstrap root runs in the process that creates the id: this one,
             // which outlives every generation.
             match gantry_collective::nccl::NcclId::new() {
@@ -273,18 +443,20 @@ impl Job {
                     for (_, tx) in pending {
                         let _ = tx.send(Err(Status::failed_precondition(reason.clone())));
                     }
-                    state.failure = Some(Failure {
-                        rank: None,
-                        reason,
-                        retryable: false,
-                    });
-                    return;
+                    return Generation::Recovering {
+                        members: Vec::new(),
+                        failure: Failure {
+                            rank: None,
+                            reason,
+                            retryable: false,
+                        },
+                    };
                 }
             }
         } else {
             Vec::new()
         };
-        state.members = pending
+        let members: Vec<Member> = pending
             .iter()
             .enumerate()
             .map(|(rank, (r, _))| Member {
@@ -305,25 +477,30 @@ impl Job {
                 credential: crate::auth::generate_token(),
             })
             .collect();
-        state.phase = Phase::Training;
-        state.phase_since = now;
-        state.last_progress = (0, now);
-        for ((rank, (_, tx)), member) in pending.into_iter().enumerate().zip(&state.members) {
+        for ((_, tx), member) in pending.into_iter().zip(&members) {
             let _ = tx.send(Ok(JoinResponse {
-                rank: rank as u32,
+                rank: member.rank,
                 world_size: self.spec.world_size,
                 run_id: self.spec.run_id.clone(),
-                generation: state.generation,
+                generation,
                 config_toml: self.spec.settings_toml.clone(),
                 ring_peers: peers.clone(),
                 nccl_id: nccl_id.clone(),
-                backend: backend.to_owned(),
-                resume: state.resume,
+                backend: backend as i32,
+                resume,
                 workers_on_host: self.spec.workers_on_host,
                 session_credential: member.credential.clone(),
                 ring_secret: ring_secret.to_vec(),
             }));
         }
+        Generation::Training(Training {
+            members,
+            progress: (0, now),
+            checkpoint_at: None,
+            stop_at: None,
+            summary_json: None,
+            reported: None,
+        })
     }
 
     /// The member a worker RPC speaks for, once it has proven to be that member: the worker
@@ -348,7 +525,8 @@ impl Job {
             });
         }
         let member = state
-            .members
+            .current
+            .members_mut()
             .iter_mut()
             .find(|m| m.worker_id == speaker.worker_id)
             .ok_or_else(|| ClusterError::UnknownWorker(speaker.worker_id.to_owned()))?;
@@ -371,9 +549,10 @@ impl Job {
     }
 
     pub fn heartbeat(&self, hb: &HeartbeatRequest) -> Result<HeartbeatResponse, ClusterError> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let member = Self::member_mut(
-            &mut state,
+            state,
             Speaker {
                 worker_id: &hb.worker_id,
                 rank: hb.rank,
@@ -394,26 +573,29 @@ impl Job {
                 .collect();
         }
         member.images_per_second = hb.images_per_second;
-        if let Some(figures) = &hb.figures {
+        let increase = hb.figures.as_ref().map(|figures| {
             let increase = figures_increase(member.figures.as_ref(), figures, member.rank == 0);
             member.figures = Some(figures.clone());
-            let totals = &mut state.totals;
-            totals.images += increase.images;
-            totals.nonfinite_steps += increase.nonfinite_steps;
-            totals.allreduce_bytes += increase.allreduce_bytes;
-            totals.allreduce_seconds += increase.allreduce_seconds;
-            totals.checkpoints += increase.checkpoints;
+            increase
+        });
+        if let Some(increase) = increase {
+            accumulate(&mut state.totals, &increase);
         }
-        let step = hb.step;
-        if step > state.last_progress.0 {
-            state.last_progress = (step, Instant::now());
-        }
-        let (command, at_step) = match (state.phase, state.stop_at, state.checkpoint_at) {
-            (Phase::Failed, _, _) => (Command::Abort, 0),
-            (_, Some(at), _) => (Command::Stop, at),
-            (_, None, Some(at)) if step < at => (Command::Checkpoint, at),
-            _ if state.paused => (Command::Pause, 0),
-            _ => (Command::Continue, 0),
+        let paused = state.paused;
+        let (command, at_step) = match &mut state.current {
+            Generation::Training(t) => {
+                if hb.step > t.progress.0 {
+                    t.progress = (hb.step, Instant::now());
+                }
+                match (t.stop_at, t.checkpoint_at) {
+                    (Some(at), _) => (WorkerCommand::Stop, at),
+                    (None, Some(at)) if hb.step < at => (WorkerCommand::Checkpoint, at),
+                    _ if paused => (WorkerCommand::Pause, 0),
+                    _ => (WorkerCommand::Continue, 0),
+                }
+            }
+            Generation::Recovering { .. } | Generation::Failed { .. } => (WorkerCommand::Abort, 0),
+            _ => (WorkerCommand::Continue, 0),
         };
         Ok(HeartbeatResponse {
             command: command as i32,
@@ -422,9 +604,10 @@ impl Job {
     }
 
     pub fn finish(&self, request: &FinishRequest) -> Result<(), ClusterError> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let member = Self::member_mut(
-            &mut state,
+            state,
             Speaker {
                 worker_id: &request.worker_id,
                 rank: request.rank,
@@ -442,186 +625,302 @@ impl Job {
         if request.ok {
             member.state = WorkerState::Done;
         }
-        if request.rank == 0 && request.ok && !request.summary_json.is_empty() {
-            state.summary_json = Some(request.summary_json.clone());
-        }
-        if !request.ok {
-            let failure = Failure {
-                rank: Some(request.rank),
-                reason: format!(
-                    "rank {} ({}) failed: {}",
-                    request.rank, request.worker_id, request.error
-                ),
-                retryable: request.retryable,
-            };
-            if !failure.retryable {
-                // The root cause, by the worker's own account: it outranks the echoes (a
-                // peer that lost this rank, this rank's own exit status) already recorded.
-                if state.failure.as_ref().is_none_or(|f| f.retryable) {
-                    state.failure = Some(failure);
+        let failure = (!request.ok).then(|| Failure {
+            rank: Some(request.rank),
+            reason: format!(
+                "rank {} ({}) failed: {}",
+                request.rank, request.worker_id, request.error
+            ),
+            retryable: request.retryable,
+        });
+        match &mut state.current {
+            Generation::Training(t) => {
+                if request.rank == 0 && request.ok && !request.summary_json.is_empty() {
+                    t.summary_json = Some(request.summary_json.clone());
                 }
-            } else if state.reported.is_none() {
-                state.reported = Some((Instant::now(), failure));
+                match failure {
+                    // The root cause, by the worker's own account: no need to wait for one.
+                    Some(failure) if !failure.retryable => state.current.fail(failure),
+                    Some(failure) => {
+                        t.reported.get_or_insert((Instant::now(), failure));
+                    }
+                    None => {
+                        if t.members.iter().all(|m| matches!(m.finished, Some(Ok(())))) {
+                            state.current = finished(t);
+                        }
+                    }
+                }
             }
-        }
-        let all_ok = !state.members.is_empty()
-            && state
-                .members
-                .iter()
-                .all(|m| matches!(m.finished, Some(Ok(()))));
-        if all_ok && state.phase == Phase::Training {
-            state.phase = Phase::Done;
-            state.phase_since = Instant::now();
+            Generation::Recovering {
+                failure: recorded, ..
+            } => {
+                // A non-retryable account outranks the echoes already recorded (a peer that
+                // lost this rank, this rank's own exit status).
+                if let Some(failure) = failure
+                    && !failure.retryable
+                    && recorded.retryable
+                {
+                    *recorded = failure;
+                }
+            }
+            _ => {}
         }
         Ok(())
     }
 
-    /// The supervision loop's check: the first problem of the current generation, if any.
-    pub fn check_health(&self, now: Instant) -> Option<Failure> {
-        let state = self.lock();
-        if let Some(failure) = &state.failure {
-            return Some(failure.clone());
+    /// What the supervisor has to act on now, if anything. Also where a training group's
+    /// silence, stall or reported failure, and a rendezvous' timeout, are noticed: the
+    /// generation is then `Recovering` and stays so until [`Job::recover`].
+    pub fn poll(&self, now: Instant) -> Option<Event> {
+        let mut state = self.lock();
+        let paused = state.paused;
+        let found = match &state.current {
+            Generation::Rendezvous(r) => self.rendezvous_overdue(r, now),
+            Generation::Training(t) => self.training_failure(t, now, paused),
+            Generation::Recovering { failure, .. } => {
+                return Some(Event::GenerationFailed(failure.clone()));
+            }
+            Generation::Done { summary_json, .. } => {
+                return Some(Event::Done {
+                    summary_json: summary_json.clone(),
+                });
+            }
+            Generation::Stopped { reason } => {
+                return Some(Event::Stopped {
+                    reason: reason.clone(),
+                });
+            }
+            Generation::Failed { failure, .. } => return Some(Event::Failed(failure.clone())),
+        };
+        let failure = found?;
+        state.current.fail(failure.clone());
+        Some(Event::GenerationFailed(failure))
+    }
+
+    fn rendezvous_overdue(&self, rendezvous: &Rendezvous, now: Instant) -> Option<Failure> {
+        let waited = now.duration_since(rendezvous.since);
+        if waited <= self.spec.rendezvous_timeout {
+            return None;
         }
-        if let Some((at, failure)) = &state.reported
+        let joined: Vec<String> = rendezvous
+            .pending
+            .iter()
+            .filter(|(_, tx)| !tx.is_closed())
+            .map(|(r, _)| format!("{} ({})", r.worker_id, r.ring_addr))
+            .collect();
+        Some(Failure {
+            rank: None,
+            retryable: true,
+            reason: format!(
+                "rendezvous timed out after {:.0} s: {} of {} workers joined: [{}]",
+                waited.as_secs_f64(),
+                joined.len(),
+                self.spec.world_size,
+                joined.join(", ")
+            ),
+        })
+    }
+
+    /// The first problem of a training group: a reported failure whose grace is over, a
+    /// silent rank, or no progress anywhere while every rank still heartbeats.
+    fn training_failure(&self, training: &Training, now: Instant, paused: bool) -> Option<Failure> {
+        if let Some((at, failure)) = &training.reported
             && now.duration_since(*at) > REPORT_GRACE
         {
             return Some(failure.clone());
         }
         let spec = &self.spec;
-        match state.phase {
-            Phase::Rendezvous => {
-                let waited = now.duration_since(state.phase_since);
-                if waited > spec.rendezvous_timeout {
-                    let joined: Vec<String> = state
-                        .pending
-                        .iter()
-                        .filter(|(_, tx)| !tx.is_closed())
-                        .map(|(r, _)| format!("{} ({})", r.worker_id, r.ring_addr))
-                        .collect();
-                    return Some(Failure {
-                        rank: None,
-                        retryable: true,
-                        reason: format!(
-                            "rendezvous timed out after {:.0} s: {} of {} workers joined: [{}]",
-                            waited.as_secs_f64(),
-                            joined.len(),
-                            spec.world_size,
-                            joined.join(", ")
-                        ),
-                    });
-                }
-                None
+        for m in training.members.iter().filter(|m| m.finished.is_none()) {
+            let silent = now.duration_since(m.last_seen);
+            if silent > spec.heartbeat_timeout {
+                return Some(Failure {
+                    rank: Some(m.rank),
+                    retryable: true,
+                    reason: format!(
+                        "rank {} ({} on {}) missed heartbeats for {:.1} s (last step {})",
+                        m.rank,
+                        m.worker_id,
+                        m.host,
+                        silent.as_secs_f64(),
+                        m.step
+                    ),
+                });
             }
-            Phase::Training => {
-                for m in state.members.iter().filter(|m| m.finished.is_none()) {
-                    let silent = now.duration_since(m.last_seen);
-                    if silent > spec.heartbeat_timeout {
-                        return Some(Failure {
-                            rank: Some(m.rank),
-                            retryable: true,
-                            reason: format!(
-                                "rank {} ({} on {}) missed heartbeats for {:.1} s (last step {})",
-                                m.rank,
-                                m.worker_id,
-                                m.host,
-                                silent.as_secs_f64(),
-                                m.step
-                            ),
-                        });
-                    }
-                }
-                let stalled = now.duration_since(state.last_progress.1);
-                if !state.paused && stalled > spec.stall_timeout {
-                    let laggard = state.members.iter().min_by_key(|m| m.collective_seq)?;
-                    return Some(Failure {
-                        rank: Some(laggard.rank),
-                        retryable: true,
-                        reason: format!(
-                            "no progress for {:.0} s; rank {} ({}) lags in collectives (sequence {} vs max {})",
-                            stalled.as_secs_f64(),
-                            laggard.rank,
-                            laggard.worker_id,
-                            laggard.collective_seq,
-                            state
-                                .members
-                                .iter()
-                                .map(|m| m.collective_seq)
-                                .max()
-                                .unwrap_or(0)
-                        ),
-                    });
-                }
-                None
-            }
-            Phase::Done | Phase::Failed => None,
         }
+        let stalled = now.duration_since(training.progress.1);
+        if paused || stalled <= spec.stall_timeout {
+            return None;
+        }
+        let laggard = training.members.iter().min_by_key(|m| m.collective_seq)?;
+        let most = training.members.iter().map(|m| m.collective_seq).max();
+        Some(Failure {
+            rank: Some(laggard.rank),
+            retryable: true,
+            reason: format!(
+                "no progress for {:.0} s; rank {} ({}) lags in collectives (sequence {} vs max {})",
+                stalled.as_secs_f64(),
+                laggard.rank,
+                laggard.worker_id,
+                laggard.collective_seq,
+                most.unwrap_or(0)
+            ),
+        })
     }
 
-    /// Records a failure found outside the RPCs (a local worker process that exited). What
-    /// that worker reported in its Finish, if anything, is the cause and is told with it.
-    pub fn report_failure(&self, mut failure: Failure) {
+    /// A local worker process that exited unsuccessfully, `how` (e.g. "exit status 75").
+    /// It fails the generation when it belongs to it: a member of the training group, or a
+    /// worker started for the rendezvous. What that worker reported in its Finish, if
+    /// anything, is the cause and is told with it.
+    pub fn worker_exited(&self, worker_id: &str, how: &str, retryable: bool) {
         let mut state = self.lock();
-        if state.failure.is_none() && matches!(state.phase, Phase::Rendezvous | Phase::Training) {
-            let said = state
-                .members
-                .iter()
-                .find(|m| Some(m.rank) == failure.rank)
-                .and_then(|m| m.finished.clone())
-                .and_then(Result::err);
-            if let Some(error) = said {
-                failure.reason = format!("{}; it reported: {error}", failure.reason);
+        let generation = state.generation;
+        let (rank, said) = match &state.current {
+            Generation::Rendezvous(_) => {
+                if crate::spawn::local_worker_index(generation, worker_id).is_none() {
+                    return;
+                }
+                (None, None)
             }
-            state.failure = Some(failure);
+            Generation::Training(t) => {
+                let Some(member) = t.members.iter().find(|m| m.worker_id == worker_id) else {
+                    return;
+                };
+                (
+                    Some(member.rank),
+                    member.finished.clone().and_then(Result::err),
+                )
+            }
+            _ => return,
+        };
+        let who = rank.map_or_else(
+            || format!("worker {worker_id}"),
+            |r| format!("rank {r} ({worker_id})"),
+        );
+        let mut reason = format!("{who} {how}");
+        if let Some(error) = said {
+            reason = format!("{reason}; it reported: {error}");
         }
+        state.current.fail(Failure {
+            rank,
+            reason,
+            retryable,
+        });
     }
 
-    /// Ends the current generation after a failure. Returns false (and marks the job failed)
-    /// when the restart budget is spent; otherwise opens the next generation's rendezvous,
-    /// which resumes from the newest checkpoint.
-    pub fn next_generation(&self) -> bool {
-        let mut state = self.lock();
-        if state.restarts >= self.spec.max_restarts {
-            state.phase = Phase::Failed;
-            return false;
+    /// Ends the recovering generation, once its processes are stopped. `account` may add
+    /// what the supervisor saw meanwhile (the exit statuses) to the failure. Restarts the
+    /// group (a new generation's rendezvous, resuming from the newest checkpoint) unless the
+    /// failure is not retryable, a stop was requested, or the restarts are spent; then the
+    /// job has failed.
+    pub fn recover(&self, account: impl FnOnce(&mut Failure)) -> Recovery {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let Generation::Recovering { members, failure } = &mut state.current else {
+            let failure = Failure {
+                rank: None,
+                reason: format!(
+                    "recover() called while the job is {}",
+                    state.current.phase().as_str()
+                ),
+                retryable: false,
+            };
+            return Recovery::GiveUp {
+                failure,
+                why: GiveUp::NotRetryable,
+            };
+        };
+        account(failure);
+        let why = if !failure.retryable {
+            Some(GiveUp::NotRetryable)
+        } else if state.stop_requested {
+            Some(GiveUp::Stopping)
+        } else if state.restarts >= self.spec.max_restarts {
+            Some(GiveUp::RestartsSpent)
+        } else {
+            None
+        };
+        let failure = failure.clone();
+        if let Some(why) = why {
+            state.current = Generation::Failed {
+                members: std::mem::take(members),
+                failure: failure.clone(),
+            };
+            return Recovery::GiveUp { failure, why };
         }
         state.restarts += 1;
         state.generation += 1;
-        state.phase = Phase::Rendezvous;
-        state.phase_since = Instant::now();
         state.resume = true;
-        state.members.clear();
-        state.pending.clear();
-        state.failure = None;
-        state.reported = None;
-        state.stop_at = None;
-        state.checkpoint_at = None;
-        true
+        state.current = Generation::Rendezvous(Rendezvous {
+            since: Instant::now(),
+            pending: Vec::new(),
+        });
+        Recovery::Restart {
+            failure,
+            generation: state.generation,
+            restart: state.restarts,
+        }
     }
 
-    /// Asks every rank to stop (after a checkpoint) at the same step, a little ahead of the
-    /// fastest one so that the command reaches all of them first.
-    pub fn request_stop(&self) -> u64 {
+    /// Asks the job to stop. A training group stops at one step for every rank (after a
+    /// checkpoint), a little ahead of the fastest one so that the command reaches all of them
+    /// first; a rendezvous ends at once; any later failure ends the job.
+    pub fn request_stop(&self) -> StopPlan {
         let mut state = self.lock();
-        let at = self.common_future_step(&state);
-        state.stop_at = Some(at);
-        at
+        state.stop_requested = true;
+        let generation = state.generation;
+        match &mut state.current {
+            Generation::Training(t) => {
+                let at = match t.stop_at {
+                    Some(at) => at,
+                    None => self.common_future_step(t),
+                };
+                t.stop_at = Some(at);
+                StopPlan::AtStep(at)
+            }
+            Generation::Rendezvous(_) => {
+                // Dropping the pending joins cancels them.
+                state.current = Generation::Stopped {
+                    reason: format!(
+                        "stopped during the rendezvous of generation {generation} (no step was \
+                         run in it)"
+                    ),
+                };
+                StopPlan::Now
+            }
+            _ => StopPlan::Now,
+        }
     }
 
-    pub fn request_checkpoint(&self) -> u64 {
+    /// Asks every rank of the training group to checkpoint after one common step.
+    pub fn request_checkpoint(&self) -> Result<u64, ClusterError> {
         let mut state = self.lock();
-        let at = self.common_future_step(&state);
-        state.checkpoint_at = Some(at);
-        at
+        let phase = state.current.phase();
+        let Generation::Training(t) = &mut state.current else {
+            return Err(ClusterError::NotTraining {
+                phase: phase.as_str(),
+            });
+        };
+        let at = self.common_future_step(t);
+        t.checkpoint_at = Some(at);
+        Ok(at)
     }
 
     pub fn set_paused(&self, paused: bool) {
-        self.lock().paused = paused;
+        let mut state = self.lock();
+        if state.paused
+            && !paused
+            && let Generation::Training(t) = &mut state.current
+        {
+            // A pause is not a stall: the stall clock starts again at the resume.
+            t.progress.1 = Instant::now();
+        }
+        state.paused = paused;
     }
 
-    fn common_future_step(&self, state: &State) -> u64 {
-        let max_step = state.members.iter().map(|m| m.step).max().unwrap_or(0);
-        let step_seconds = state
-            .members
+    fn common_future_step(&self, training: &Training) -> u64 {
+        let members = &training.members;
+        let max_step = members.iter().map(|m| m.step).max().unwrap_or(0);
+        let step_seconds = members
             .iter()
             .map(|m| m.step_seconds)
             .filter(|s| *s > 0.0)
@@ -635,29 +934,13 @@ impl Job {
         (max_step + lead.max(2)).min(self.spec.total_steps)
     }
 
-    /// Worker ids of the current generation's members (to tell local processes apart).
-    pub fn member_ids(&self) -> HashSet<String> {
-        self.lock()
-            .members
-            .iter()
-            .map(|m| m.worker_id.clone())
-            .collect()
-    }
-
-    pub fn rank_of(&self, worker_id: &str) -> Option<u32> {
-        self.lock()
-            .members
-            .iter()
-            .find(|m| m.worker_id == worker_id)
-            .map(|m| m.rank)
-    }
-
     /// The job as the coordinator's metrics show it.
     pub fn cluster_view(&self, auth_failures: u64) -> ClusterView {
         let state = self.lock();
         let now = Instant::now();
-        let alive = self.alive(&state, now);
-        let lead = state.members.iter().find(|m| m.rank == 0).map(|m| {
+        let members = state.current.members();
+        let alive = self.alive(members, now);
+        let lead = members.iter().find(|m| m.rank == 0).map(|m| {
             let f = m.figures.clone().unwrap_or_default();
             LeadView {
                 statistics: m
@@ -681,17 +964,16 @@ impl Job {
             }
         });
         ClusterView {
-            phase: state.phase.as_str(),
+            phase: state.current.phase().as_str(),
             generation: state.generation,
             restarts: u64::from(state.restarts),
             auth_failures,
             workers_expected: u64::from(self.spec.world_size),
             workers_alive: alive as u64,
-            step: state.members.iter().map(|m| m.step).min().unwrap_or(0),
+            step: members.iter().map(|m| m.step).min().unwrap_or(0),
             total_steps: self.spec.total_steps,
             totals: state.totals,
-            ranks: state
-                .members
+            ranks: members
                 .iter()
                 .map(|m| RankView {
                     rank: m.rank,
@@ -722,7 +1004,8 @@ impl Job {
     /// (rank, host:port) of each current member's /metrics endpoint.
     pub fn metrics_targets(&self) -> Vec<(u32, String)> {
         self.lock()
-            .members
+            .current
+            .members()
             .iter()
             .filter(|m| !m.metrics_addr.is_empty())
             .map(|m| (m.rank, m.metrics_addr.clone()))
@@ -730,9 +1013,8 @@ impl Job {
     }
 
     /// Members heard from within the heartbeat timeout.
-    fn alive(&self, state: &State, now: Instant) -> usize {
-        state
-            .members
+    fn alive(&self, members: &[Member], now: Instant) -> usize {
+        members
             .iter()
             .filter(|m| now.duration_since(m.last_seen) <= self.spec.heartbeat_timeout)
             .count()
@@ -741,17 +1023,16 @@ impl Job {
     pub fn status(&self) -> StatusResponse {
         let state = self.lock();
         let now = Instant::now();
-        let alive = self.alive(&state, now);
-        let step = state.members.iter().map(|m| m.step).min().unwrap_or(0);
-        let lead = state.members.iter().find(|m| m.rank == 0);
+        let members = state.current.members();
+        let lead = members.iter().find(|m| m.rank == 0);
         StatusResponse {
             run_id: self.spec.run_id.clone(),
             generation: state.generation,
-            phase: state.phase.as_str().into(),
-            step,
+            phase: state.current.phase().as_str().into(),
+            step: members.iter().map(|m| m.step).min().unwrap_or(0),
             total_steps: self.spec.total_steps,
             world_size: self.spec.world_size,
-            workers_alive: alive as u32,
+            workers_alive: self.alive(members, now) as u32,
             restarts: state.restarts,
             paused: state.paused,
             statistics: lead
@@ -763,8 +1044,7 @@ impl Job {
                 })
                 .unwrap_or_default(),
             images_per_second: lead.map_or(0.0, |m| m.images_per_second),
-            workers: state
-                .members
+            workers: members
                 .iter()
                 .map(|m| WorkerStatus {
                     rank: m.rank,
@@ -779,6 +1059,26 @@ impl Job {
                 })
                 .collect(),
         }
+    }
+}
+
+/// The generation after every rank of `training` finished: done with rank 0's summary, or
+/// recovering (not retryable) when rank 0 sent none.
+fn finished(training: &mut Training) -> Generation {
+    let members = std::mem::take(&mut training.members);
+    match training.summary_json.take() {
+        Some(summary_json) => Generation::Done {
+            members,
+            summary_json,
+        },
+        None => Generation::Recovering {
+            members,
+            failure: Failure {
+                rank: Some(0),
+                reason: "every rank finished, but rank 0 reported no summary".into(),
+                retryable: false,
+            },
+        },
     }
 }
 
@@ -808,6 +1108,14 @@ fn figures_increase(
     }
 }
 
+fn accumulate(totals: &mut ClusterTotals, increase: &ClusterTotals) {
+    totals.images += increase.images;
+    totals.nonfinite_steps += increase.nonfinite_steps;
+    totals.allreduce_bytes += increase.allreduce_bytes;
+    totals.allreduce_seconds += increase.allreduce_seconds;
+    totals.checkpoints += increase.checkpoints;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -820,7 +1128,7 @@ mod tests {
             fingerprint: "abc".into(),
             world_size: world,
             total_steps: 100,
-            backend: "ring".into(),
+            backend: Backend::Ring,
             workers_on_host: 1,
             heartbeat_interval: Duration::from_millis(100),
             heartbeat_timeout: Duration::from_millis(500),
@@ -904,8 +1212,12 @@ mod tests {
                 tonic::Code::PermissionDenied
             );
         }
-        assert_eq!(job.phase(), Phase::Training);
-        assert_eq!(job.summary_json(), None);
+        assert_eq!(job.phase(), JobPhase::Training);
+        assert_eq!(
+            job.poll(Instant::now()),
+            None,
+            "no summary, nothing to act on"
+        );
         // A generation that never existed is named as such, not as one that is over.
         let mut future = beat(a, "a");
         future.generation = 99;
@@ -947,8 +1259,8 @@ mod tests {
         );
         assert_eq!((a.rank, b.rank, a.world_size), (0, 1, 2));
         assert_eq!(a.ring_peers, vec!["127.0.0.1:1000".to_owned(); 2]);
-        assert_eq!(a.backend, "ring");
-        assert_eq!(job.phase(), Phase::Training);
+        assert_eq!(a.backend(), CollectiveBackend::Ring);
+        assert_eq!(job.phase(), JobPhase::Training);
         let err = job.join(join_request("c")).unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     }
@@ -979,6 +1291,15 @@ mod tests {
         );
     }
 
+    /// The failure [`Job::poll`] reports for the current generation, if any.
+    fn failed_at(job: &Job, now: Instant) -> Option<Failure> {
+        match job.poll(now) {
+            Some(Event::GenerationFailed(failure)) => Some(failure),
+            None => None,
+            other => panic!("expected a failed generation, got {other:?}"),
+        }
+    }
+
     #[test]
     fn silent_rank_fails_the_generation_and_old_generations_are_aborted() {
         let job = Job::new(spec(1), false);
@@ -988,18 +1309,34 @@ mod tests {
             ..beat(&a[0], "a")
         };
         assert!(job.heartbeat(&hb).is_ok());
-        assert!(job.check_health(Instant::now()).is_none());
-        let failure = job
-            .check_health(Instant::now() + Duration::from_secs(2))
-            .unwrap();
+        assert!(failed_at(&job, Instant::now()).is_none());
+        let later = Instant::now() + Duration::from_secs(2);
+        let failure = failed_at(&job, later).unwrap();
         assert_eq!(failure.rank, Some(0));
         assert!(
             failure.reason.contains("missed heartbeats"),
             "{}",
             failure.reason
         );
+        assert_eq!(job.phase(), JobPhase::Recovering);
+        // Recovering: the generation's ranks are told to abort, joins to come back.
+        let reply = job.heartbeat(&hb).unwrap();
+        assert_eq!(reply.command, WorkerCommand::Abort as i32);
+        let err = job.join(join_request("early")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+        // poll keeps telling until the supervisor has recovered.
+        assert_eq!(failed_at(&job, later), Some(failure.clone()));
 
-        assert!(job.next_generation());
+        let Recovery::Restart {
+            failure: told,
+            generation: 1,
+            restart: 1,
+        } = job.recover(|f| f.reason.push_str("; a exited"))
+        else {
+            panic!("no restart");
+        };
+        assert_eq!(told.reason, format!("{}; a exited", failure.reason));
+        assert_eq!(job.phase(), JobPhase::Rendezvous);
         assert_eq!(job.heartbeat(&hb).unwrap_err().code(), tonic::Code::Aborted);
         let resumed = job
             .join(join_request("a2"))
@@ -1010,8 +1347,192 @@ mod tests {
         assert!(resumed.resume);
         assert_eq!(resumed.generation, 1);
         // The restart budget (1) is spent: the next failure ends the job.
-        assert!(!job.next_generation());
-        assert_eq!(job.phase(), Phase::Failed);
+        let failure = failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        let Recovery::GiveUp { failure: last, why } = job.recover(|f| f.reason.push_str("; gone"))
+        else {
+            panic!("a second restart");
+        };
+        assert_eq!(why, GiveUp::RestartsSpent);
+        assert_eq!(last.reason, format!("{}; gone", failure.reason));
+        assert_eq!(job.phase(), JobPhase::Failed);
+        assert_eq!(job.poll(Instant::now()), Some(Event::Failed(last)));
+        assert_eq!(
+            job.join(join_request("a3")).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+    }
+
+    #[test]
+    fn a_rendezvous_fails_by_timeout_or_a_worker_exit_and_both_restart() {
+        let mut quick = spec(2);
+        quick.rendezvous_timeout = Duration::from_millis(100);
+        quick.max_restarts = 5;
+        let job = Job::new(quick, false);
+        let mut waiting = job.join(join_request("a")).unwrap();
+        assert!(failed_at(&job, Instant::now()).is_none());
+        let failure = failed_at(&job, Instant::now() + Duration::from_secs(1)).unwrap();
+        assert!(
+            failure
+                .reason
+                .contains("1 of 2 workers joined: [a (127.0.0.1:1000)]"),
+            "{}",
+            failure.reason
+        );
+        assert!(failure.retryable);
+        // The pending Join is cancelled (its call returns and the worker may try again).
+        assert!(matches!(
+            waiting.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
+        assert!(matches!(
+            job.recover(|_| {}),
+            Recovery::Restart { generation: 1, .. }
+        ));
+
+        // A local worker of an earlier generation exiting is not this rendezvous' problem...
+        job.worker_exited("local-g0-w1", "exit status 75", true);
+        assert!(failed_at(&job, Instant::now()).is_none());
+        // ...one started for it is.
+        job.worker_exited("local-g1-w1", "exit status 1", false);
+        let failure = failed_at(&job, Instant::now()).unwrap();
+        assert_eq!(failure.reason, "worker local-g1-w1 exit status 1");
+        let Recovery::GiveUp { why, .. } = job.recover(|_| {}) else {
+            panic!("restarted after a non-retryable exit");
+        };
+        assert_eq!(why, GiveUp::NotRetryable);
+    }
+
+    #[test]
+    fn a_stop_ends_a_rendezvous_at_once_and_forbids_a_restart_later() {
+        let job = Job::new(spec(2), false);
+        let mut waiting = job.join(join_request("a")).unwrap();
+        assert_eq!(job.request_stop(), StopPlan::Now);
+        assert_eq!(job.phase(), JobPhase::Stopped);
+        let Some(Event::Stopped { reason }) = job.poll(Instant::now()) else {
+            panic!("not stopped");
+        };
+        assert!(
+            reason.contains("during the rendezvous of generation 0"),
+            "{reason}"
+        );
+        assert!(waiting.try_recv().is_err(), "the pending Join is cancelled");
+        assert_eq!(
+            job.join(join_request("b")).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+        assert!(job.request_checkpoint().is_err());
+
+        // A stop during training: the group stops at one step, and a failure before it ends
+        // the job instead of restarting it.
+        let job = Job::new(spec(2), false);
+        let replies = form(&job, &["a", "b"]);
+        let StopPlan::AtStep(at) = job.request_stop() else {
+            panic!("training stops at a step");
+        };
+        assert_eq!(
+            job.request_stop(),
+            StopPlan::AtStep(at),
+            "asked twice, same step"
+        );
+        job.worker_exited("b", "killed by signal 9", true);
+        assert!(failed_at(&job, Instant::now()).is_some());
+        assert!(matches!(
+            job.recover(|_| {}),
+            Recovery::GiveUp {
+                why: GiveUp::Stopping,
+                ..
+            }
+        ));
+        let _ = replies;
+    }
+
+    #[test]
+    fn every_rank_finishing_is_done_with_rank_0_s_summary() {
+        let job = Job::new(spec(2), false);
+        let replies = form(&job, &["a", "b"]);
+        let done = |reply: &JoinResponse, id: &str, summary: &str| FinishRequest {
+            worker_id: id.into(),
+            rank: reply.rank,
+            generation: reply.generation,
+            session_credential: reply.session_credential.clone(),
+            ok: true,
+            summary_json: summary.into(),
+            step: 100,
+            ..Default::default()
+        };
+        job.finish(&done(&replies[1], "b", "")).unwrap();
+        assert_eq!(job.phase(), JobPhase::Training, "rank 0 is still training");
+        job.finish(&done(&replies[0], "a", "{\"steps\": 100}"))
+            .unwrap();
+        assert_eq!(
+            job.poll(Instant::now()),
+            Some(Event::Done {
+                summary_json: "{\"steps\": 100}".into()
+            })
+        );
+        let status = job.status();
+        assert_eq!((status.phase.as_str(), status.step), ("done", 100));
+
+        // All finished but rank 0 sent no summary: a defect, not worth a restart.
+        let job = Job::new(spec(1), false);
+        let replies = form(&job, &["a"]);
+        job.finish(&done(&replies[0], "a", "")).unwrap();
+        let failure = failed_at(&job, Instant::now()).unwrap();
+        assert!(failure.reason.contains("no summary") && !failure.retryable);
+    }
+
+    #[test]
+    fn no_progress_blames_the_rank_behind_in_collectives_but_a_pause_is_not_a_stall() {
+        let mut slow = spec(2);
+        slow.stall_timeout = Duration::from_millis(200);
+        slow.heartbeat_timeout = Duration::from_secs(60);
+        let job = Job::new(slow, false);
+        let replies = form(&job, &["a", "b"]);
+        for (reply, id, seq) in [(&replies[0], "a", 7), (&replies[1], "b", 6)] {
+            let hb = HeartbeatRequest {
+                step: 3,
+                collective_seq: seq,
+                ..beat(reply, id)
+            };
+            job.heartbeat(&hb).unwrap();
+        }
+        let later = Instant::now() + Duration::from_secs(1);
+        job.set_paused(true);
+        assert!(failed_at(&job, later).is_none(), "paused");
+        let hb = HeartbeatRequest {
+            step: 3,
+            collective_seq: 7,
+            ..beat(&replies[0], "a")
+        };
+        assert_eq!(
+            job.heartbeat(&hb).unwrap().command,
+            WorkerCommand::Pause as i32
+        );
+        job.set_paused(false);
+        assert!(
+            failed_at(&job, Instant::now()).is_none(),
+            "the clock restarts"
+        );
+        let failure = failed_at(&job, later).unwrap();
+        assert_eq!(failure.rank, Some(1));
+        assert!(
+            failure.reason.contains("sequence 6 vs max 7"),
+            "{}",
+            failure.reason
+        );
+    }
+
+    #[test]
+    fn a_pause_holds_across_a_restart() {
+        let job = Job::new(spec(1), false);
+        form(&job, &["a"]);
+        job.set_paused(true);
+        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        job.recover(|_| {});
+        let replies = form(&job, &["a2"]);
+        let reply = job.heartbeat(&beat(&replies[0], "a2")).unwrap();
+        assert_eq!(reply.command, WorkerCommand::Pause as i32);
+        assert!(job.status().paused);
     }
 
     #[test]
@@ -1029,15 +1550,24 @@ mod tests {
         };
         job.finish(&finish).unwrap();
         assert!(
-            job.check_health(Instant::now()).is_none(),
+            failed_at(&job, Instant::now()).is_none(),
             "within the grace period"
         );
-        job.report_failure(Failure {
-            rank: Some(1),
-            reason: "rank 1 killed by signal 9".into(),
-            retryable: true,
-        });
-        assert_eq!(job.check_health(Instant::now()).unwrap().rank, Some(1));
+        job.worker_exited("b", "killed by signal 9", true);
+        let failure = failed_at(&job, Instant::now()).unwrap();
+        assert_eq!(failure.rank, Some(1));
+        assert_eq!(failure.reason, "rank 1 (b) killed by signal 9");
+
+        // Without another account, the report itself is the failure once its grace is over.
+        let job = Job::new(spec(2), false);
+        let replies = form(&job, &["a", "b"]);
+        job.finish(&FinishRequest {
+            session_credential: replies[0].session_credential.clone(),
+            ..finish
+        })
+        .unwrap();
+        let failure = failed_at(&job, Instant::now() + REPORT_GRACE * 2).unwrap();
+        assert_eq!(failure.reason, "rank 0 (a) failed: peer disconnected");
     }
 
     #[test]
@@ -1045,11 +1575,7 @@ mod tests {
         let job = Job::new(spec(2), false);
         let replies = form(&job, &["a", "b"]);
         // Rank 1's process exit (the echo: its peer vanished) is noticed first...
-        job.report_failure(Failure {
-            rank: Some(1),
-            reason: "rank 1 (b) exit status 75".into(),
-            retryable: true,
-        });
+        job.worker_exited("b", "exit status 75", true);
         // ...then rank 0's own account of why it stopped arrives.
         let fatal = FinishRequest {
             worker_id: "a".into(),
@@ -1060,14 +1586,44 @@ mod tests {
             error: "writing checkpoint: No space left on device (os error 28)".into(),
             ..Default::default()
         };
+        assert_eq!(job.phase(), JobPhase::Recovering);
         job.finish(&fatal).unwrap();
-        let failure = job.check_health(Instant::now()).unwrap();
+        let failure = failed_at(&job, Instant::now()).unwrap();
         assert_eq!(failure.rank, Some(0));
         assert!(!failure.retryable);
         assert!(
             failure.reason.contains("No space left on device"),
             "{}",
             failure.reason
+        );
+        assert!(matches!(
+            job.recover(|_| {}),
+            Recovery::GiveUp {
+                why: GiveUp::NotRetryable,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_non_retryable_report_fails_a_training_generation_without_a_grace_period() {
+        let job = Job::new(spec(2), false);
+        let replies = form(&job, &["a", "b"]);
+        job.finish(&FinishRequest {
+            worker_id: "b".into(),
+            rank: 1,
+            session_credential: replies[1].session_credential.clone(),
+            ok: false,
+            retryable: false,
+            error: "cannot resume: model.latent_dim changed".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let failure = failed_at(&job, Instant::now()).unwrap();
+        assert_eq!((failure.rank, failure.retryable), (Some(1), false));
+        assert_eq!(
+            failure.reason,
+            "rank 1 (b) failed: cannot resume: model.latent_dim changed"
         );
     }
 
@@ -1083,14 +1639,19 @@ mod tests {
             };
             job.heartbeat(&hb).unwrap();
         }
-        let at = job.request_stop();
+        let StopPlan::AtStep(at) = job.request_stop() else {
+            panic!("a training group stops at a step");
+        };
         assert!(at > 11, "stop at {at}");
         let hb = HeartbeatRequest {
             step: 10,
             ..beat(&replies[0], "a")
         };
         let reply = job.heartbeat(&hb).unwrap();
-        assert_eq!((reply.command, reply.at_step), (Command::Stop as i32, at));
+        assert_eq!(
+            (reply.command, reply.at_step),
+            (WorkerCommand::Stop as i32, at)
+        );
     }
 
     #[test]
@@ -1118,7 +1679,8 @@ mod tests {
         assert_eq!(view.ranks.len(), 2);
 
         // A new generation's processes count from zero again; the totals keep growing.
-        assert!(job.next_generation());
+        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        assert!(matches!(job.recover(|_| {}), Recovery::Restart { .. }));
         let second = form(&job, &["a2", "b2"]);
         job.heartbeat(&counted(&second[0], "a2", 64, 0)).unwrap();
         let view = job.cluster_view(3);

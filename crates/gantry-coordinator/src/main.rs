@@ -14,21 +14,22 @@ mod operate;
 mod progress;
 mod service;
 mod spawn;
+mod supervise;
 
 use std::fs;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gantry_config::{ConfigArgs, Settings};
+use gantry_metrics::logs::{self, LogFormat};
 use gantry_proto::v1::coordinator_server::CoordinatorServer;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::auth::TokenCheck;
-use crate::job::{Failure, Job, JobSpec, Phase};
+use crate::job::{Job, JobSpec};
 use crate::spawn::LocalWorkers;
 
 /// Exit codes (the README's table).
@@ -88,23 +89,32 @@ struct Cli {
     /// The worker binary to start (default: `worker` beside this binary).
     #[arg(long, value_name = "PATH")]
     worker_bin: Option<PathBuf>,
+    /// How logs are written to stderr (level by RUST_LOG, default info); local workers
+    /// inherit it.
+    #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(flatten)]
     config: ConfigArgs,
 }
 
 fn main() {
-    let code = match run() {
+    let cli = Cli::parse();
+    if let Err(error) = logs::init(cli.log_format) {
+        // No logger to say it with: the only direct write to stderr.
+        eprintln!("coordinator: error: {error}");
+        std::process::exit(exit::FAILED);
+    }
+    let code = match run(&cli) {
         Ok(code) => code,
         Err(error) => {
-            eprintln!("coordinator: error: {error:#}");
+            tracing::error!("coordinator: error: {error:#}");
             exit::FAILED
         }
     };
     std::process::exit(code);
 }
 
-fn run() -> Result<i32> {
-    let cli = Cli::parse();
+fn run(cli: &Cli) -> Result<i32> {
     if let Some(command) = &cli.operate {
         return operate::run(command);
     }
@@ -118,7 +128,7 @@ fn run() -> Result<i32> {
     if local && !cli.oversubscribe {
         spawn::check_host_fits(world)?;
     }
-    let (settings, resume) = load_settings(&cli)?;
+    let (settings, resume) = load_settings(cli)?;
     let token = match (settings.cluster.token.is_empty(), local) {
         (false, _) => settings.cluster.token.clone(),
         (true, true) => auth::generate_token(),
@@ -159,6 +169,7 @@ fn run() -> Result<i32> {
         worker_bin,
         resume,
         metrics_addr,
+        log_format: cli.log_format,
     };
     runtime.block_on(supervise(settings, launch))
 }
@@ -212,6 +223,7 @@ struct Launch {
     worker_bin: Option<PathBuf>,
     resume: bool,
     metrics_addr: String,
+    log_format: LogFormat,
 }
 
 async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
@@ -223,6 +235,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         worker_bin,
         resume,
         metrics_addr,
+        log_format,
     } = launch;
     let cluster = &settings.cluster;
     let spec = JobSpec {
@@ -232,7 +245,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         fingerprint: settings.fingerprint(),
         world_size: world,
         total_steps: settings.train.steps,
-        backend: cluster.backend.to_string(),
+        backend: cluster.backend,
         workers_on_host: if local { world } else { 1 },
         heartbeat_interval: Duration::from_secs_f64(cluster.heartbeat_interval),
         heartbeat_timeout: Duration::from_secs_f64(cluster.heartbeat_timeout),
@@ -250,7 +263,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         ("cluster.operator_token", &settings.cluster.operator_token),
     ] {
         if let Some(warning) = auth::weakness(key, configured).filter(|_| !configured.is_empty()) {
-            eprintln!("coordinator: warning: {warning}");
+            tracing::warn!("coordinator: warning: {warning}");
         }
     }
     let check = TokenCheck::new(&token, &operator_token);
@@ -277,7 +290,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
             .add_service(service)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
     );
-    eprintln!(
+    tracing::info!(
         "coordinator: run {} — {} worker(s), {} steps, gRPC on {bound}, run dir {}",
         job.spec.run_id,
         world,
@@ -296,7 +309,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         .await
         .with_context(|| "the HTTP endpoint (--metrics-addr / metrics.addr)")?;
     ready.set(true);
-    eprintln!("coordinator: status page on http://{http}/ (metrics at /metrics)");
+    tracing::info!("coordinator: status page on http://{http}/ (metrics at /metrics)");
 
     let mut workers = worker_bin.map(|binary| LocalWorkers {
         binary,
@@ -306,128 +319,20 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         log_dir: settings.run.dir.join("logs"),
         gpus: spawn::count_gpus(),
         force_cpu: settings.run.device == gantry_config::DeviceChoice::Cpu,
+        log_format,
         children: Vec::new(),
     });
     if let Some(w) = workers.as_mut() {
         w.spawn_generation(0)?;
-        eprintln!(
+        tracing::info!(
             "coordinator: started {world} local workers; logs in {}",
             w.log_dir().display()
         );
     }
 
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut stopped_by: Option<i32> = None;
-    let mut progress = progress::Reporter::new(settings.train.steps);
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    // How the current generation's local workers ended so far.
-    let mut exits: Vec<(String, std::process::ExitStatus)> = Vec::new();
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = interrupt.recv() => stopped_by = stop(&job, stopped_by, exit::STOPPED),
-            _ = terminate.recv() => stopped_by = stop(&job, stopped_by, exit::TERMINATED),
-        }
-        if let Some(w) = workers.as_mut() {
-            let members = job.member_ids();
-            let exited = w.poll_exited();
-            exits.extend(exited.iter().cloned());
-            for (id, status) in exited {
-                let rank = job.rank_of(&id);
-                let clean = status.success();
-                let in_generation = members.contains(&id) || job.phase() == Phase::Rendezvous;
-                if !clean && in_generation {
-                    let who =
-                        rank.map_or_else(|| format!("worker {id}"), |r| format!("rank {r} ({id})"));
-                    job.report_failure(Failure {
-                        rank,
-                        reason: format!("{who} {}", spawn::describe_exit(status)),
-                        // A worker exits 1 for what no retry can fix; its Finish says so
-                        // first when it could still send one.
-                        retryable: status.code() != Some(1),
-                    });
-                }
-            }
-        }
-        progress.show(&job.status());
-
-        if let (Some(code), Phase::Rendezvous) = (stopped_by, job.phase()) {
-            // No group, no step, nothing to checkpoint: waiting out the rendezvous would only
-            // make the signal look ignored.
-            if let Some(w) = workers.as_mut() {
-                w.stop_all(Duration::from_secs(3));
-            }
-            progress.finish();
-            eprintln!(
-                "coordinator: stopped by signal during the rendezvous of generation {} (no step \
-                 was run in it)",
-                job.generation()
-            );
-            return Ok(code);
-        }
-        match job.phase() {
-            Phase::Done => break,
-            Phase::Failed => {
-                let failure = job.failure();
-                return fail(&mut workers, failure, job.restarts());
-            }
-            Phase::Rendezvous | Phase::Training => {}
-        }
-        if let Some(mut failure) = job.check_health(Instant::now()) {
-            // Stop the generation first: the report then has the failed worker's exit status.
-            if let Some(w) = workers.as_mut() {
-                exits.extend(w.stop_all(Duration::from_secs(3)));
-            }
-            failure.reason = with_exit_statuses(failure.reason, &exits);
-            exits.clear();
-            progress.println(&format!(
-                "coordinator: generation {} failed: {}",
-                job.generation(),
-                failure.reason
-            ));
-            if stopped_by.is_some() {
-                return fail(&mut workers, Some(failure), job.restarts());
-            }
-            if !failure.retryable {
-                progress.println("coordinator: not retryable: the job ends without a restart");
-                return fail(&mut workers, Some(failure), job.restarts());
-            }
-            if !job.next_generation() {
-                return fail(&mut workers, Some(failure), job.restarts());
-            }
-            progress.println(&format!(
-                "coordinator: restarting the group from the newest checkpoint (restart {} of {})",
-                job.restarts(),
-                job.spec.max_restarts
-            ));
-            if let Some(w) = workers.as_mut() {
-                w.spawn_generation(job.generation())?;
-            }
-        }
-    }
-    progress.finish();
-
-    let summary = job.summary_json().context("rank 0 reported no summary")?;
-    let path = settings.run.dir.join("summary.json");
-    write_summary(&path, &summary, &job)?;
-    if let Some(w) = workers.as_mut() {
-        // Workers exit by themselves after Finish; give them a moment, then make sure.
-        w.stop_all(Duration::from_secs(5));
-    }
-    match stopped_by {
-        Some(code) => {
-            eprintln!(
-                "coordinator: stopped by signal after a checkpoint; continue with --resume {}",
-                settings.run.dir.display()
-            );
-            Ok(code)
-        }
-        None => {
-            eprintln!("coordinator: done; summary in {}", path.display());
-            Ok(exit::DONE)
-        }
-    }
+    supervise::Supervisor::new(job, workers, settings.run.dir.clone())
+        .run()
+        .await
 }
 
 /// The name of the file, in the run directory, that holds a generated operator token.
@@ -453,55 +358,9 @@ fn operator_token(settings: &Settings) -> Result<String> {
         file.write_all(token.as_bytes())?;
         Ok(())
     })?;
-    eprintln!(
+    tracing::info!(
         "coordinator: operator token in {} (for `coordinator status|pause|resume|checkpoint|stop --token-file`)",
         path.display()
     );
     Ok(token)
-}
-
-/// `reason`, plus the exit status of each local worker it names (when not already stated):
-/// "rank 1 (local-g2-w0) failed: ...; local-g2-w0 exited with exit status 1".
-fn with_exit_statuses(mut reason: String, exits: &[(String, std::process::ExitStatus)]) -> String {
-    for (id, status) in exits {
-        let how = spawn::describe_exit(*status);
-        if reason.contains(id.as_str()) && !reason.contains(&how) {
-            reason.push_str(&format!("; {id} exited with {how}"));
-        }
-    }
-    reason
-}
-
-fn stop(job: &Job, already: Option<i32>, code: i32) -> Option<i32> {
-    if already.is_none() {
-        let at = job.request_stop();
-        eprintln!("coordinator: signal received; workers checkpoint and stop at step {at}");
-    }
-    Some(code)
-}
-
-fn fail(
-    workers: &mut Option<LocalWorkers>,
-    failure: Option<Failure>,
-    restarts: u32,
-) -> Result<i32> {
-    if let Some(w) = workers.as_mut() {
-        w.stop_all(Duration::from_secs(3));
-    }
-    let reason = failure.map_or_else(|| "unknown failure".to_owned(), |f| f.reason);
-    eprintln!("coordinator: job failed after {restarts} restart(s): {reason}");
-    Ok(exit::FAILED)
-}
-
-/// Rank 0's summary plus what only the coordinator knows, written atomically.
-fn write_summary(path: &Path, rank0: &str, job: &Job) -> Result<()> {
-    let mut summary: serde_json::Value = serde_json::from_str(rank0).context("rank 0's summary")?;
-    if let Some(object) = summary.as_object_mut() {
-        object.insert("restarts".into(), job.restarts().into());
-        object.insert("generation".into(), job.generation().into());
-        object.insert("run_id".into(), job.spec.run_id.clone().into());
-    }
-    let text = serde_json::to_string_pretty(&summary)? + "\n";
-    gantry_store::atomic::write(path, text.as_bytes())?;
-    Ok(())
 }

@@ -11,7 +11,9 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use gantry_proto::v1::coordinator_client::CoordinatorClient;
-use gantry_proto::v1::{Command, ControlRequest, StatusRequest, StatusResponse, WorkerState};
+use gantry_proto::v1::{
+    ControlCommand, ControlRequest, StatusRequest, StatusResponse, WorkerState,
+};
 use serde_json::json;
 use tonic::transport::Endpoint;
 
@@ -80,7 +82,7 @@ pub fn run(command: &Operate) -> Result<i32> {
 async fn execute(command: &Operate) -> Result<i32> {
     let target = command.target();
     let mut client = connect(target).await?;
-    let control = match command {
+    let (control, verb) = match command {
         Operate::Status(_) => {
             let status = client
                 .status(StatusRequest {})
@@ -94,10 +96,10 @@ async fn execute(command: &Operate) -> Result<i32> {
             }
             return Ok(0);
         }
-        Operate::Pause(_) => Command::Pause,
-        Operate::Resume(_) => Command::Resume,
-        Operate::Checkpoint(_) => Command::Checkpoint,
-        Operate::Stop(_) => Command::Stop,
+        Operate::Pause(_) => (ControlCommand::Pause, "pause"),
+        Operate::Resume(_) => (ControlCommand::Resume, "resume"),
+        Operate::Checkpoint(_) => (ControlCommand::Checkpoint, "checkpoint"),
+        Operate::Stop(_) => (ControlCommand::Stop, "stop"),
     };
     let reply = client
         .control(ControlRequest {
@@ -107,16 +109,15 @@ async fn execute(command: &Operate) -> Result<i32> {
         .map_err(refused)?
         .into_inner();
     let what = match control {
-        Command::Pause => "paused".to_owned(),
-        Command::Resume => "resumed".to_owned(),
-        Command::Checkpoint => format!("checkpoint at step {}", reply.at_step),
+        ControlCommand::Pause => "paused".to_owned(),
+        ControlCommand::Resume => "resumed".to_owned(),
+        ControlCommand::Checkpoint => format!("checkpoint at step {}", reply.at_step),
+        // Step 0 is never a stop step: no group was training, and the job ended at once.
+        _ if reply.at_step == 0 => "stopped (no group was training: nothing to checkpoint)".into(),
         _ => format!("stop after a checkpoint at step {}", reply.at_step),
     };
     if target.json {
-        println!(
-            "{}",
-            json!({"command": control.as_str_name(), "at_step": reply.at_step})
-        );
+        println!("{}", json!({"command": verb, "at_step": reply.at_step}));
     } else {
         println!("{what}");
     }

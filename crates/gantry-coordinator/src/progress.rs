@@ -1,4 +1,8 @@
 //! The coordinator's view of progress: a bar on a terminal, a line every few seconds elsewhere.
+//!
+//! The bar redraws one line of the terminal, so it and the lines printed above it go to the
+//! terminal directly; without a terminal every line is a `tracing` event, in the process's
+//! log format.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -55,9 +59,10 @@ impl Reporter {
             None => {
                 let moved = status.step != self.last_step;
                 if moved && self.last_line.elapsed() > Duration::from_secs(5) {
-                    eprintln!(
+                    tracing::info!(
                         "coordinator: step {}/{} {line}",
-                        status.step, status.total_steps
+                        status.step,
+                        status.total_steps
                     );
                     self.last_line = Instant::now();
                     self.last_step = status.step;
@@ -69,7 +74,7 @@ impl Reporter {
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => tracing::info!("{line}"),
         }
     }
 

@@ -5,13 +5,13 @@ use std::sync::Arc;
 use gantry_proto::ClusterError;
 use gantry_proto::v1::coordinator_server::Coordinator;
 use gantry_proto::v1::{
-    Command, ControlRequest, ControlResponse, FinishRequest, FinishResponse, HeartbeatRequest,
-    HeartbeatResponse, JoinRequest, JoinResponse, StatusRequest, StatusResponse,
+    ControlCommand, ControlRequest, ControlResponse, FinishRequest, FinishResponse,
+    HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Role, require};
-use crate::job::Job;
+use crate::job::{Job, StopPlan};
 
 #[derive(Debug, Clone)]
 pub struct Service {
@@ -60,17 +60,21 @@ impl Coordinator for Service {
         request: Request<ControlRequest>,
     ) -> Result<Response<ControlResponse>, Status> {
         require(&request, Role::Operator)?;
-        let at_step = match Command::try_from(request.get_ref().command) {
-            Ok(Command::Pause) => {
+        let at_step = match ControlCommand::try_from(request.get_ref().command) {
+            Ok(ControlCommand::Pause) => {
                 self.job.set_paused(true);
                 0
             }
-            Ok(Command::Resume) => {
+            Ok(ControlCommand::Resume) => {
                 self.job.set_paused(false);
                 0
             }
-            Ok(Command::Checkpoint) => self.job.request_checkpoint(),
-            Ok(Command::Stop) => self.job.request_stop(),
+            Ok(ControlCommand::Checkpoint) => self.job.request_checkpoint()?,
+            Ok(ControlCommand::Stop) => match self.job.request_stop() {
+                StopPlan::AtStep(at) => at,
+                // No group was training: the job ends without a step to checkpoint.
+                StopPlan::Now => 0,
+            },
             _ => {
                 return Err(ClusterError::InvalidArgument(
                     "control takes PAUSE, RESUME, CHECKPOINT or STOP".into(),

@@ -18,6 +18,8 @@ pub struct LocalWorkers {
     /// GPUs on this host; each worker gets one when there are enough.
     pub gpus: usize,
     pub force_cpu: bool,
+    /// The coordinator's own log format, which its workers' logs follow.
+    pub log_format: gantry_metrics::logs::LogFormat,
     pub children: Vec<(String, Child)>,
 }
 
@@ -58,6 +60,7 @@ impl LocalWorkers {
             command
                 .args(["--coordinator", &self.coordinator_url, "--worker-id", &id])
                 .args(["--advertise-host", "127.0.0.1", "--supervised"])
+                .args(["--log-format", &self.log_format.to_string()])
                 .env("GANTRY__CLUSTER__TOKEN", &self.token)
                 .env("GANTRY__CLUSTER__RING_PORT", "0")
                 .env("GANTRY__METRICS__WORKER_ADDR", "127.0.0.1:0")

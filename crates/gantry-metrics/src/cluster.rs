@@ -17,7 +17,14 @@ use crate::MetricsError;
 use crate::worker::Quality;
 
 /// The phases a job goes through, as exported in `gantry_job_phase{phase}`.
-pub const JOB_PHASES: [&str; 4] = ["rendezvous", "training", "done", "failed"];
+pub const JOB_PHASES: [&str; 6] = [
+    "rendezvous",
+    "training",
+    "recovering",
+    "done",
+    "stopped",
+    "failed",
+];
 
 /// Cluster-wide totals, accumulated from the workers' reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

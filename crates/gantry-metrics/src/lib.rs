@@ -1,8 +1,10 @@
-//! The HTTP side of a Gantry process, for operators and orchestrators.
+//! The observable side of a Gantry process, for operators and orchestrators.
 //!
-//! - [`http`]: a small HTTP/1.1 server answering the probes Kubernetes uses (`/healthz`,
-//!   `/readyz`) and whatever [`http::Routes`] a process adds (`/metrics`, the coordinator's
-//!   status page).
+//! - [`http`]: the HTTP endpoint (axum over hyper) answering the probes Kubernetes uses
+//!   (`/healthz`, `/readyz`) and whatever [`http::Routes`] a process adds (`/metrics`, the
+//!   coordinator's status page).
+//! - [`logs`]: every binary's log set-up: `tracing` events on stderr as text or JSON lines,
+//!   filtered by `RUST_LOG`.
 //! - [`worker`]: a worker's Prometheus series (losses, D outputs, gradient norms, step and
 //!   phase durations, all-reduce traffic, checkpoints, quality), and the figures its
 //!   heartbeat carries to the coordinator.
@@ -14,6 +16,7 @@
 
 pub mod cluster;
 pub mod http;
+pub mod logs;
 pub mod worker;
 
 pub use cluster::{ClusterMetrics, ClusterTotals, ClusterView, LeadView, RankView};
@@ -22,7 +25,7 @@ pub use worker::{Identity, Quality, WorkerMetrics, WorkerReport};
 
 use prometheus::{Encoder, Registry, TextEncoder};
 
-/// Errors of the metrics endpoints.
+/// Errors of the metrics endpoints and the log set-up.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
     #[error("binding the HTTP address {addr}: {source}")]
@@ -32,6 +35,10 @@ pub enum MetricsError {
     },
     #[error("metric registry: {0}")]
     Registry(#[from] prometheus::Error),
+    #[error("unknown log format {0:?}: expected text or json")]
+    LogFormat(String),
+    #[error("installing the log subscriber: {0}")]
+    Logging(#[from] tracing_subscriber::util::TryInitError),
 }
 
 /// A registry's series in Prometheus' text exposition format.

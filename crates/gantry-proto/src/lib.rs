@@ -61,6 +61,13 @@ pub enum ClusterError {
     UnknownWorker(String),
     #[error("the job is shutting down")]
     ShuttingDown,
+    /// Generation `generation` failed and its processes are being stopped; the next
+    /// generation's rendezvous opens shortly.
+    #[error("generation {generation} failed and the group is re-forming; join again shortly")]
+    Recovering { generation: u64 },
+    /// An operation that needs a training group (e.g. a checkpoint request) in another phase.
+    #[error("no group is training: the job is in its {phase} phase")]
+    NotTraining { phase: &'static str },
     /// Authenticated, but not allowed: a worker's session credential that does not match its
     /// (worker, rank, generation), or a worker's token on an operator's command.
     #[error("permission denied: {0}")]
@@ -76,7 +83,8 @@ impl ClusterError {
             Self::WorldFull { .. } => Code::ResourceExhausted,
             Self::InvalidArgument(_) => Code::InvalidArgument,
             Self::UnknownWorker(_) => Code::NotFound,
-            Self::ShuttingDown => Code::Unavailable,
+            Self::ShuttingDown | Self::Recovering { .. } => Code::Unavailable,
+            Self::NotTraining { .. } => Code::FailedPrecondition,
             Self::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
@@ -125,6 +133,17 @@ mod tests {
             (
                 ClusterError::PermissionDenied("x".into()),
                 Code::PermissionDenied,
+            ),
+            // A worker's join loop retries Unavailable: it waits out a recovery.
+            (
+                ClusterError::Recovering { generation: 3 },
+                Code::Unavailable,
+            ),
+            (
+                ClusterError::NotTraining {
+                    phase: "rendezvous",
+                },
+                Code::FailedPrecondition,
             ),
         ];
         for (error, code) in cases {

@@ -263,7 +263,7 @@ pub fn resume_from(path: &Path) -> Result<Option<CheckpointDir>> {
         match verify(&dir) {
             Ok(()) => return open(&dir, skipped).map(Some),
             Err(why) => {
-                eprintln!("warning: skipping checkpoint {}: {why}", dir.display());
+                tracing::warn!("warning: skipping checkpoint {}: {why}", dir.display());
                 skipped.push((dir, why));
             }
         }

@@ -1,29 +1,43 @@
-//! Cluster mode: join a coordinator, train as the rank it assigns, report, obey control.
+//! Cluster mode: one session with a coordinator, in four steps: connect, join, train, report.
+//!
+//! * [`Connected::open`]: this host's device, its ring port, a channel to the coordinator and
+//!   its probe/metrics endpoint.
+//! * [`Connected::join`]: the rendezvous; the reply gives the rank, the group and the
+//!   configuration to train ([`Joined`]).
+//! * [`Joined::train`]: the group forms (ring or NCCL) and trains while heartbeats carry
+//!   progress out and the coordinator's commands in.
+//! * [`Joined::report`]: the Finish call, with the summary or the root cause.
+//!
+//! Each way a session can end badly is a [`SessionError`] variant, and the variant says
+//! whether a new generation could get past it ([`SessionError::retryable`]): the worker exits
+//! 75 for those and 1 for the rest, and tells the coordinator which in its Finish.
 //!
 //! The training thread stays blocking and never waits on the network outside the
 //! collective. A small tokio runtime runs the gRPC client: the Join call before training, a
 //! heartbeat task during it, and the Finish call after. They share [`Shared`]: progress flows
 //! out through atomics, commands flow in through a mutex, and an abort (the coordinator's,
-//! a lost coordinator, SIGTERM) also aborts the ring so a rank blocked in an all-reduce
-//! returns at once.
+//! a lost coordinator, SIGTERM) also aborts the collective (ring or NCCL) so a rank blocked
+//! in an all-reduce returns at once.
 
 use std::net::TcpListener;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result, anyhow, bail};
-use gantry_collective::{AbortHandle, RingCollective};
+use anyhow::{Context, bail};
+use gantry_collective::{AbortHandle, Collective, CollectiveError, RingCollective};
 use gantry_config::{DeviceChoice, Settings};
 use gantry_models::runtime;
 use gantry_proto::v1::coordinator_client::CoordinatorClient;
 use gantry_proto::v1::{
-    Command, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerFigures, WorkerState,
+    CollectiveBackend, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerCommand,
+    WorkerFigures, WorkerState,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
+use tracing::{error, info, warn};
 
-use crate::sync::Group;
+use crate::group::Group;
 use crate::train::{Directive, LoggedStep, StepObserver, Trainer};
 
 /// Exit code for failures worth retrying (EX_TEMPFAIL): the group was aborted, the
@@ -46,49 +60,64 @@ pub struct ClusterOptions {
     pub supervised: bool,
 }
 
-/// State shared between the training thread and the gRPC tasks.
-#[derive(Debug, Default)]
-struct Shared {
-    step: AtomicU64,
-    state: AtomicU64,
-    figures: Mutex<Option<(LoggedStep, f64)>>,
-    command: Mutex<(i32, u64)>,
-    abort: AtomicBool,
-    abort_reason: Mutex<String>,
-    ring: Mutex<Option<AbortHandle>>,
-    /// The series behind /metrics; heartbeats carry their condensed figures.
-    metrics: Option<gantry_metrics::WorkerMetrics>,
+/// Why a session ended without finishing.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// This host cannot take part as configured: the device, the ring port, TLS, the
+    /// coordinator's address, the metrics. Fatal.
+    #[error("{0:#}")]
+    Setup(anyhow::Error),
+    /// The coordinator refused the Join.
+    #[error("join refused: {message} ({code:?})")]
+    JoinRefused { code: Code, message: String },
+    /// The coordinator's reply cannot be trained here (its configuration, a peer address, a
+    /// backend). Fatal: every generation would get the same.
+    #[error("the coordinator's assignment: {0:#}")]
+    Assignment(anyhow::Error),
+    /// A signal, the coordinator's abort or the coordinator's loss ended the session; what
+    /// the training thread was doing when it noticed, if anything. Retryable.
+    #[error("aborted: {reason}{}", .during.as_ref().map(|e| format!(": {e:#}")).unwrap_or_default())]
+    Aborted {
+        reason: String,
+        during: Option<anyhow::Error>,
+    },
+    /// The group could not form, or broke (a peer died, timed out, or is not of this
+    /// group). Retryable: a new generation re-forms it.
+    #[error("{context}: {source}")]
+    Collective {
+        context: &'static str,
+        #[source]
+        source: CollectiveError,
+    },
+    /// Training failed; whether a new generation could get past it was judged where the
+    /// error came out of the trainer ([`classify_training_error`]).
+    #[error("{error:#}")]
+    Training {
+        error: anyhow::Error,
+        retryable: bool,
+    },
 }
 
-impl Shared {
-    fn abort(&self, reason: String) {
-        if !self.abort.swap(true, Ordering::SeqCst) {
-            *self.abort_reason.lock().unwrap_or_else(|e| e.into_inner()) = reason;
+impl SessionError {
+    /// Whether a new generation (or a restarted coordinator) could get past this.
+    pub fn retryable(&self) -> bool {
+        match self {
+            SessionError::Setup(_) | SessionError::Assignment(_) => false,
+            SessionError::JoinRefused { code, .. } => matches!(
+                code,
+                Code::Aborted | Code::Unavailable | Code::NotFound | Code::DeadlineExceeded
+            ),
+            SessionError::Aborted { .. } | SessionError::Collective { .. } => true,
+            SessionError::Training { retryable, .. } => *retryable,
         }
-        if let Some(ring) = self.ring.lock().unwrap_or_else(|e| e.into_inner()).as_ref() {
-            ring.abort();
+    }
+
+    fn join_refused(status: Status) -> Self {
+        SessionError::JoinRefused {
+            code: status.code(),
+            message: status.message().to_owned(),
         }
     }
-
-    fn abort_reason(&self) -> Option<String> {
-        self.abort.load(Ordering::SeqCst).then(|| {
-            self.abort_reason
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone()
-        })
-    }
-
-    fn set_state(&self, state: WorkerState) {
-        self.state.store(state as u64, Ordering::Relaxed);
-    }
-}
-
-type Client = gantry_proto::AuthorizedClient;
-
-fn client(channel: Channel, token: &str) -> Result<Client> {
-    let token = gantry_proto::BearerToken::new(token).context("the join token")?;
-    Ok(CoordinatorClient::with_interceptor(channel, token))
 }
 
 /// Runs this worker in cluster mode and returns the process exit code.
@@ -100,260 +129,463 @@ pub fn run(options: &ClusterOptions, local: &Settings) -> i32 {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("worker: cannot start the async runtime: {e}");
+            error!("worker: cannot start the async runtime: {e}");
             return 1;
         }
     };
-    match run_inner(&runtime, options, local) {
+    let who = &options.worker_id;
+    match session(&runtime, options, local) {
         Ok(()) => 0,
-        Err(Failure::Retryable(e)) => {
-            eprintln!("worker {}: leaving (retryable): {e:#}", options.worker_id);
+        Err(e) if e.retryable() => {
+            warn!("worker {who}: leaving (retryable): {e:#}");
             EXIT_RETRYABLE
         }
-        Err(Failure::Fatal(e)) => {
-            eprintln!("worker {}: error: {e:#}", options.worker_id);
+        Err(e) => {
+            error!("worker {who}: error: {e:#}");
             1
         }
     }
 }
 
-enum Failure {
-    Retryable(anyhow::Error),
-    Fatal(anyhow::Error),
+/// The four steps, in order; the outcome of training is reported whatever it was.
+fn session(
+    rt: &tokio::runtime::Runtime,
+    options: &ClusterOptions,
+    local: &Settings,
+) -> Result<(), SessionError> {
+    // The gRPC channel spawns its connection task on the runtime it is created in.
+    let _runtime = rt.enter();
+    let connected = Connected::open(rt, options, local)?;
+    let mut joined = connected.join(rt, options, local)?;
+    let outcome = joined.train(rt);
+    joined.report(rt, &outcome);
+    outcome.map(drop)
+}
+
+type Client = gantry_proto::AuthorizedClient;
+
+/// Step 1 done: everything this host brings to a rendezvous.
+struct Connected {
+    device: DeviceChoice,
+    ring_listener: TcpListener,
+    client: Client,
+    endpoint: crate::endpoint::Endpoint,
+    request: JoinRequest,
+}
+
+impl Connected {
+    /// Resolves the device, binds the ring port, opens the channel to the coordinator and
+    /// serves the probes. Every failure here is this host's: [`SessionError::Setup`].
+    fn open(
+        rt: &tokio::runtime::Runtime,
+        options: &ClusterOptions,
+        local: &Settings,
+    ) -> Result<Self, SessionError> {
+        Self::try_open(rt, options, local).map_err(SessionError::Setup)
+    }
+
+    fn try_open(
+        rt: &tokio::runtime::Runtime,
+        options: &ClusterOptions,
+        local: &Settings,
+    ) -> anyhow::Result<Self> {
+        let device = options.device.unwrap_or(local.run.device);
+        let device_name = match runtime::resolve_device(device, 0)? {
+            tch::Device::Cuda(i) => format!("cuda:{i}"),
+            _ => "cpu".to_owned(),
+        };
+
+        // Bound to the advertised address when it is one (the only address neighbours dial);
+        // every interface only when the advertised host is a name.
+        let ring_ip: std::net::IpAddr = options
+            .advertise_host
+            .parse()
+            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+        let ring_port = local.cluster.ring_port;
+        let ring_listener = TcpListener::bind((ring_ip, ring_port))
+            .with_context(|| format!("binding the ring port {ring_ip}:{ring_port}"))?;
+        let ring_addr = format!(
+            "{}:{}",
+            options.advertise_host,
+            ring_listener.local_addr()?.port()
+        );
+
+        let mut endpoint = coordinator_endpoint(&options.coordinator)?;
+        let c = &local.cluster;
+        if let Some(tls) =
+            gantry_proto::tls::client_config(&c.tls_cert, &c.tls_key, &c.tls_ca, &c.tls_domain)?
+        {
+            endpoint = endpoint.tls_config(tls).context("TLS configuration")?;
+        }
+        let channel = endpoint
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(5))
+            .keep_alive_while_idle(true)
+            .connect_lazy();
+        let client = client(channel, &local.cluster.token)?;
+
+        // Probes and /metrics for orchestrators: alive from here on, ready once the group has
+        // formed, series once the rank is known.
+        let probes = crate::endpoint::Endpoint::start(
+            rt,
+            &local.metrics.worker_addr,
+            &format!("worker {}", options.worker_id),
+        );
+        let metrics_addr = probes
+            .addr
+            .map(|addr| format!("{}:{}", options.advertise_host, addr.port()))
+            .unwrap_or_default();
+        let request = JoinRequest {
+            worker_id: options.worker_id.clone(),
+            host: hostname::get()
+                .map(|h| h.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            device: device_name,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            config_hash: if options.check_config {
+                local.fingerprint()
+            } else {
+                String::new()
+            },
+            expected_world_size: 0,
+            ring_addr,
+            metrics_addr,
+        };
+        Ok(Self {
+            device,
+            ring_listener,
+            client,
+            endpoint: probes,
+            request,
+        })
+    }
+
+    /// Waits in the rendezvous (retrying while the coordinator is not reachable yet, up to
+    /// `cluster.rendezvous_timeout`; a stop signal ends the wait), then takes the assignment.
+    fn join(
+        self,
+        rt: &tokio::runtime::Runtime,
+        options: &ClusterOptions,
+        local: &Settings,
+    ) -> Result<Joined, SessionError> {
+        let Connected {
+            device,
+            ring_listener,
+            mut client,
+            endpoint,
+            request,
+        } = self;
+        let deadline = Duration::from_secs_f64(local.cluster.rendezvous_timeout);
+        let assignment = rt.block_on(async {
+            tokio::select! {
+                joined = join_with_retry(&mut client, request, deadline) => {
+                    joined.map_err(SessionError::join_refused)
+                }
+                why = stop_signal(options.supervised) => Err(SessionError::Aborted {
+                    reason: format!("{why} while waiting to join"),
+                    during: None,
+                }),
+            }
+        })?;
+
+        let mut settings = Settings::from_toml(&assignment.config_toml)
+            .map_err(|e| SessionError::Assignment(e.into()))?;
+        settings.run.device = device;
+        // The CPU share is this host's (e.g. its pod's CPU request), not the job's.
+        if local.train.threads != 0 {
+            settings.train.threads = local.train.threads;
+        }
+        info!(
+            "worker {}: rank {} of {} (generation {}, backend {}, resume {})",
+            options.worker_id,
+            assignment.rank,
+            assignment.world_size,
+            assignment.generation,
+            backend_name(assignment.backend()),
+            assignment.resume
+        );
+
+        let metrics = gantry_metrics::WorkerMetrics::new(&gantry_metrics::Identity {
+            run_id: assignment.run_id.clone(),
+            rank: assignment.rank,
+            generation: assignment.generation,
+        })
+        .context("creating the worker's metrics")
+        .map_err(SessionError::Setup)?;
+        endpoint.install(metrics.clone());
+        endpoint.ready.set(true);
+        let shared = Arc::new(Shared {
+            metrics: Some(metrics.clone()),
+            ..Shared::default()
+        });
+        shared.set_state(WorkerState::Starting);
+        let member = Membership {
+            worker_id: options.worker_id.clone(),
+            rank: assignment.rank,
+            generation: assignment.generation,
+            credential: assignment.session_credential.clone(),
+        };
+        Ok(Joined {
+            settings,
+            assignment,
+            ring_listener: Some(ring_listener),
+            client,
+            shared,
+            member,
+            metrics,
+            supervised: options.supervised,
+            _endpoint: endpoint,
+        })
+    }
+}
+
+/// Step 2 done: a rank of one generation, with the configuration it trains.
+struct Joined {
+    settings: Settings,
+    assignment: JoinResponse,
+    /// Taken by the ring when the group forms.
+    ring_listener: Option<TcpListener>,
+    client: Client,
+    shared: Arc<Shared>,
+    member: Membership,
+    metrics: gantry_metrics::WorkerMetrics,
+    supervised: bool,
+    /// Keeps the probes and /metrics served until the session ends.
+    _endpoint: crate::endpoint::Endpoint,
+}
+
+/// What a finished rank reports: rank 0's summary (JSON; empty on other ranks) and its last
+/// step.
+struct Finished {
+    summary_json: String,
+    step: u64,
+}
+
+impl Joined {
+    /// Forms the group and trains it to the end, with heartbeats and signal handling
+    /// running alongside.
+    fn train(&mut self, rt: &tokio::runtime::Runtime) -> Result<Finished, SessionError> {
+        let heartbeat = rt.spawn(heartbeat_loop(
+            self.client.clone(),
+            self.shared.clone(),
+            self.member.clone(),
+            Duration::from_secs_f64(self.settings.cluster.heartbeat_interval),
+            Duration::from_secs_f64(self.settings.cluster.heartbeat_timeout),
+        ));
+        let signals = rt.spawn(watch_signals(self.shared.clone(), self.supervised));
+        let outcome = self.form_group().and_then(|group| self.run_trainer(group));
+        heartbeat.abort();
+        signals.abort();
+        outcome
+    }
+
+    /// The collective the coordinator chose, its abort handle registered (for every
+    /// backend) before the group owns it.
+    fn form_group(&mut self) -> Result<Group, SessionError> {
+        let settings = &self.settings;
+        let assignment = &self.assignment;
+        let rank = assignment.rank as usize;
+        let world = assignment.world_size as usize;
+        let collective: Box<dyn Collective> = match assignment.backend() {
+            CollectiveBackend::Ring => {
+                let peers = assignment
+                    .ring_peers
+                    .iter()
+                    .map(|p| p.parse().with_context(|| format!("ring peer {p:?}")))
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .map_err(SessionError::Assignment)?;
+                let mut config = crate::group::ring_config(settings, rank, world, peers);
+                // Distinct per job and generation, so a straggler of an old group is refused.
+                config.session_id = session_id(&assignment.run_id, assignment.generation);
+                config.secret = assignment.ring_secret.clone();
+                let listener = self
+                    .ring_listener
+                    .take()
+                    .context("the ring port was already used")
+                    .map_err(SessionError::Setup)?;
+                let ring = RingCollective::from_listener(listener, config).map_err(|source| {
+                    SessionError::Collective {
+                        context: "forming the ring",
+                        source,
+                    }
+                })?;
+                Box::new(ring)
+            }
+            CollectiveBackend::Nccl => {
+                // Registered before the communicator exists: creation waits for every rank,
+                // and a signal or the coordinator's abort must be able to end that wait too.
+                let handle = gantry_collective::AbortHandle::new();
+                self.shared.set_collective(handle.clone());
+                let nccl = gantry_collective::nccl::NcclCollective::with_abort_handle(
+                    rank,
+                    world,
+                    &assignment.nccl_id,
+                    0,
+                    crate::group::collective_timeout(settings),
+                    handle,
+                )
+                .map_err(|source| SessionError::Collective {
+                    context: "forming the NCCL communicator",
+                    source,
+                })?;
+                Box::new(nccl)
+            }
+            CollectiveBackend::Unspecified => {
+                return Err(SessionError::Assignment(anyhow::anyhow!(
+                    "no collective backend named (is the coordinator of another version?)"
+                )));
+            }
+        };
+        // An abort that came before this is seen by the check below.
+        self.shared.set_collective(collective.abort_handle());
+        let group = Group::new(collective, settings.collective.bucket_mb);
+        if let Some(reason) = self.shared.abort_reason() {
+            return Err(SessionError::Aborted {
+                reason,
+                during: Some(anyhow::anyhow!("before training")),
+            });
+        }
+        Ok(group)
+    }
+
+    fn run_trainer(&mut self, group: Group) -> Result<Finished, SessionError> {
+        self.try_run_trainer(group)
+            .map_err(|error| classify_training_error(error, &self.shared))
+    }
+
+    fn try_run_trainer(&mut self, group: Group) -> anyhow::Result<Finished> {
+        let settings = &self.settings;
+        // A new generation continues from the newest complete checkpoint; before the first
+        // checkpoint there is none, and the group starts afresh.
+        let resume = if self.assignment.resume {
+            crate::checkpoint::resume_from(&settings.run.dir)?
+        } else {
+            None
+        };
+        if let Some(c) = &resume {
+            info!(
+                "worker: resuming from step {} ({})",
+                c.step(),
+                c.path.display()
+            );
+        }
+        let workers_on_host = self.assignment.workers_on_host.max(1) as usize;
+        let mut trainer =
+            Trainer::with_resume(settings, group, workers_on_host, 0, resume.as_ref())?;
+        trainer.set_metrics(self.metrics.clone());
+        self.shared.step.store(trainer.step, Ordering::Relaxed);
+        self.shared.set_state(WorkerState::Training);
+        let mut observer = ClusterObserver {
+            shared: self.shared.clone(),
+            last_step_at: Instant::now(),
+            step_seconds: 0.0,
+        };
+        let summary = trainer.run(&mut observer)?;
+        self.shared.set_state(WorkerState::Done);
+        let summary_json = if self.assignment.rank == 0 {
+            serde_json::to_string(&summary)?
+        } else {
+            String::new()
+        };
+        Ok(Finished {
+            summary_json,
+            step: trainer.step,
+        })
+    }
+
+    /// Step 4: tells the coordinator how this rank ended: its summary, or the error and
+    /// whether a restart could help. Best effort: a coordinator that is gone learns it from
+    /// the missing heartbeats instead.
+    fn report(&mut self, rt: &tokio::runtime::Runtime, outcome: &Result<Finished, SessionError>) {
+        let member = &self.member;
+        let finish = FinishRequest {
+            worker_id: member.worker_id.clone(),
+            generation: member.generation,
+            rank: member.rank,
+            session_credential: member.credential.clone(),
+            ok: outcome.is_ok(),
+            retryable: outcome.as_ref().err().is_some_and(SessionError::retryable),
+            error: outcome
+                .as_ref()
+                .err()
+                .map(|e| format!("{e:#}"))
+                .unwrap_or_default(),
+            summary_json: outcome
+                .as_ref()
+                .map(|f| f.summary_json.clone())
+                .unwrap_or_default(),
+            step: match outcome {
+                Ok(finished) => finished.step,
+                Err(_) => self.shared.step.load(Ordering::Relaxed),
+            },
+        };
+        let client = &mut self.client;
+        let reported = rt.block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await
+        });
+        if let Ok(Err(status)) = &reported {
+            warn!(
+                "worker {}: could not report the outcome: {}",
+                member.worker_id,
+                status.message()
+            );
+        }
+    }
+}
+
+/// Training's errors come out of the trainer as `anyhow` chains (model code, the data set,
+/// the disk and the collective all meet there), so this is the one place they are judged:
+/// an abort noticed meanwhile (by [`Shared`]), a collective failure (the group broke: a new
+/// generation re-forms it) and a data download that failed on the network are retryable;
+/// everything else (a configuration the data set cannot meet, a full disk, a corrupt
+/// checkpoint) would fail again the same way.
+fn classify_training_error(error: anyhow::Error, shared: &Shared) -> SessionError {
+    if let Some(reason) = shared.abort_reason() {
+        return SessionError::Aborted {
+            reason,
+            during: Some(error),
+        };
+    }
+    let retryable = error.chain().any(|cause| {
+        cause.downcast_ref::<CollectiveError>().is_some()
+            || cause
+                .downcast_ref::<gantry_data::DataError>()
+                .is_some_and(gantry_data::DataError::is_transient)
+    });
+    SessionError::Training { error, retryable }
+}
+
+fn client(channel: Channel, token: &str) -> anyhow::Result<Client> {
+    let token = gantry_proto::BearerToken::new(token).context("the join token")?;
+    Ok(CoordinatorClient::with_interceptor(channel, token))
 }
 
 /// The coordinator's URL as an endpoint: `http://HOST:PORT` or `https://HOST:PORT`, named in
 /// the error when it is anything else (tonic would only say "transport error" at the first
 /// call).
-fn coordinator_endpoint(url: &str) -> Result<Endpoint> {
-    let uri: tonic::codegen::http::Uri = url.parse().ok().filter(|u: &tonic::codegen::http::Uri| {
-        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
-    }).with_context(|| {
-        format!("--coordinator {url:?} is not a URL like http://HOST:7070 (http or https, a host and a port)")
-    })?;
-    Endpoint::from_shared(uri.to_string()).with_context(|| format!("coordinator address {url:?}"))
-}
-
-/// Status codes after which joining again (a new generation, a restarted coordinator) can work.
-fn retryable(status: &Status) -> bool {
-    matches!(
-        status.code(),
-        Code::Aborted | Code::Unavailable | Code::NotFound | Code::DeadlineExceeded
-    )
-}
-
-fn run_inner(
-    rt: &tokio::runtime::Runtime,
-    options: &ClusterOptions,
-    local: &Settings,
-) -> Result<(), Failure> {
-    // The gRPC channel spawns its connection task on the runtime it is created in.
-    let _runtime = rt.enter();
-    let fatal = Failure::Fatal;
-    let device_choice = options.device.unwrap_or(local.run.device);
-    let device = runtime::resolve_device(device_choice, 0).map_err(|e| fatal(e.into()))?;
-    let device_name = match device {
-        tch::Device::Cuda(i) => format!("cuda:{i}"),
-        _ => "cpu".to_owned(),
-    };
-
-    // Bound to the advertised address when it is one (the only address neighbours dial);
-    // every interface only when the advertised host is a name.
-    let ring_ip: std::net::IpAddr = options
-        .advertise_host
+fn coordinator_endpoint(url: &str) -> anyhow::Result<Endpoint> {
+    let uri: tonic::codegen::http::Uri = url
         .parse()
-        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-    let ring_listener = TcpListener::bind((ring_ip, local.cluster.ring_port))
+        .ok()
+        .filter(|u: &tonic::codegen::http::Uri| {
+            matches!(u.scheme_str(), Some("http" | "https"))
+                && u.host().is_some_and(|h| !h.is_empty())
+        })
         .with_context(|| {
             format!(
-                "binding the ring port {ring_ip}:{}",
-                local.cluster.ring_port
+                "--coordinator {url:?} is not a URL like http://HOST:7070 (http or https, a \
+                 host and a port)"
             )
-        })
-        .map_err(fatal)?;
-    let ring_addr = format!(
-        "{}:{}",
-        options.advertise_host,
-        ring_listener
-            .local_addr()
-            .map_err(|e| fatal(e.into()))?
-            .port()
-    );
-
-    let mut endpoint = coordinator_endpoint(&options.coordinator).map_err(fatal)?;
-    let c = &local.cluster;
-    if let Some(tls) =
-        gantry_proto::tls::client_config(&c.tls_cert, &c.tls_key, &c.tls_ca, &c.tls_domain)
-            .map_err(|e| fatal(e.into()))?
-    {
-        endpoint = endpoint
-            .tls_config(tls)
-            .context("TLS configuration")
-            .map_err(fatal)?;
-    }
-    let channel = endpoint
-        .connect_timeout(Duration::from_secs(5))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .connect_lazy();
-    let mut client = client(channel, &local.cluster.token).map_err(fatal)?;
-
-    // Probes and /metrics for orchestrators: alive from here on, ready once the group has
-    // formed, series once the rank is known.
-    let endpoint = crate::endpoint::Endpoint::start(
-        rt,
-        &local.metrics.worker_addr,
-        &format!("worker {}", options.worker_id),
-    );
-    let metrics_addr = endpoint
-        .addr
-        .map(|addr| format!("{}:{}", options.advertise_host, addr.port()))
-        .unwrap_or_default();
-    let join = JoinRequest {
-        worker_id: options.worker_id.clone(),
-        host: hostname::get()
-            .map(|h| h.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        device: device_name,
-        version: env!("CARGO_PKG_VERSION").to_owned(),
-        config_hash: if options.check_config {
-            local.fingerprint()
-        } else {
-            String::new()
-        },
-        expected_world_size: 0,
-        ring_addr,
-        metrics_addr,
-    };
-    let joining = join_with_retry(
-        &mut client,
-        join,
-        Duration::from_secs_f64(local.cluster.rendezvous_timeout),
-    );
-    let assignment = rt
-        .block_on(async {
-            tokio::select! {
-                joined = joining => Ok(joined),
-                why = stop_signal(options.supervised) => Err(why),
-            }
-        })
-        .map_err(|why| Failure::Retryable(anyhow!("{why} while waiting to join")))?
-        .map_err(|status| {
-            let error = anyhow!("join refused: {} ({:?})", status.message(), status.code());
-            if retryable(&status) {
-                Failure::Retryable(error)
-            } else {
-                Failure::Fatal(error)
-            }
         })?;
-
-    let mut settings = Settings::from_toml(&assignment.config_toml)
-        .context("the coordinator's configuration")
-        .map_err(fatal)?;
-    settings.run.device = device_choice;
-    // The CPU share is this host's (e.g. its pod's CPU request), not the job's.
-    if local.train.threads != 0 {
-        settings.train.threads = local.train.threads;
-    }
-    eprintln!(
-        "worker {}: rank {} of {} (generation {}, backend {}, resume {})",
-        options.worker_id,
-        assignment.rank,
-        assignment.world_size,
-        assignment.generation,
-        assignment.backend,
-        assignment.resume
-    );
-
-    let metrics = gantry_metrics::WorkerMetrics::new(&gantry_metrics::Identity {
-        run_id: assignment.run_id.clone(),
-        rank: assignment.rank,
-        generation: assignment.generation,
-    })
-    .context("creating the worker's metrics")
-    .map_err(fatal)?;
-    endpoint.install(metrics.clone());
-    endpoint.ready.set(true);
-    let shared = Arc::new(Shared {
-        metrics: Some(metrics.clone()),
-        ..Shared::default()
-    });
-    shared.set_state(WorkerState::Starting);
-    let member = Membership {
-        worker_id: options.worker_id.clone(),
-        rank: assignment.rank,
-        generation: assignment.generation,
-        credential: assignment.session_credential.clone(),
-    };
-    let heartbeat = rt.spawn(heartbeat_loop(
-        client.clone(),
-        shared.clone(),
-        member.clone(),
-        Duration::from_secs_f64(settings.cluster.heartbeat_interval),
-        Duration::from_secs_f64(settings.cluster.heartbeat_timeout),
-    ));
-    let signals = rt.spawn(watch_signals(shared.clone(), options.supervised));
-
-    let outcome = train(&settings, &assignment, ring_listener, &shared, metrics);
-    heartbeat.abort();
-    signals.abort();
-
-    // Judged before reporting, so that the coordinator knows whether restarting can help.
-    let retryable = outcome.as_ref().err().is_some_and(|e| {
-        shared.abort_reason().is_some() || is_collective_error(e) || is_transient_data_error(e)
-    });
-    let (ok, error, summary_json, step) = match &outcome {
-        Ok((summary, step)) => (true, String::new(), summary.clone(), *step),
-        Err(e) => (
-            false,
-            format!("{e:#}"),
-            String::new(),
-            shared.step.load(Ordering::Relaxed),
-        ),
-    };
-    let finish = FinishRequest {
-        worker_id: member.worker_id,
-        generation: member.generation,
-        rank: member.rank,
-        session_credential: member.credential,
-        ok,
-        retryable,
-        error,
-        summary_json,
-        step,
-    };
-    let reported = rt.block_on(async {
-        tokio::time::timeout(Duration::from_secs(10), client.finish(finish)).await
-    });
-    if let Ok(Err(status)) = &reported {
-        eprintln!(
-            "worker {}: could not report the outcome: {}",
-            options.worker_id,
-            status.message()
-        );
-    }
-    match outcome {
-        Ok(_) => Ok(()),
-        Err(e) if retryable => Err(Failure::Retryable(e)),
-        Err(e) => Err(Failure::Fatal(e)),
-    }
+    Ok(Endpoint::from(uri))
 }
 
-/// A data set download that failed on the network: another generation may get through.
-fn is_transient_data_error(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<gantry_data::DataError>()
-            .is_some_and(gantry_data::DataError::is_transient)
-    })
-}
-
-fn is_collective_error(error: &anyhow::Error) -> bool {
-    error.chain().any(|cause| {
-        cause
-            .downcast_ref::<gantry_collective::CollectiveError>()
-            .is_some()
-    })
+fn backend_name(backend: CollectiveBackend) -> &'static str {
+    match backend {
+        CollectiveBackend::Ring => "ring",
+        CollectiveBackend::Nccl => "nccl",
+        CollectiveBackend::Unspecified => "unspecified",
+    }
 }
 
 /// Join, retrying while the coordinator is not (yet) reachable, up to `deadline`.
@@ -374,81 +606,6 @@ async fn join_with_retry(
     }
 }
 
-fn train(
-    settings: &Settings,
-    assignment: &JoinResponse,
-    ring_listener: TcpListener,
-    shared: &Arc<Shared>,
-    metrics: gantry_metrics::WorkerMetrics,
-) -> Result<(String, u64)> {
-    let rank = assignment.rank as usize;
-    let world = assignment.world_size as usize;
-    let group = match assignment.backend.as_str() {
-        "ring" => {
-            let peers = assignment
-                .ring_peers
-                .iter()
-                .map(|p| p.parse().with_context(|| format!("ring peer {p:?}")))
-                .collect::<Result<Vec<_>>>()?;
-            let mut config = crate::sync::ring_config(settings, rank, world, peers);
-            // Distinct per job and generation, so a straggler of an old group is refused.
-            config.session_id = session_id(&assignment.run_id, assignment.generation);
-            config.secret = assignment.ring_secret.clone();
-            let ring =
-                RingCollective::from_listener(ring_listener, config).context("forming the ring")?;
-            *shared.ring.lock().unwrap_or_else(|e| e.into_inner()) = Some(ring.abort_handle());
-            Group::new(Box::new(ring), settings.collective.bucket_mb)
-        }
-        "nccl" => {
-            let nccl =
-                gantry_collective::nccl::NcclCollective::new(rank, world, &assignment.nccl_id, 0)
-                    .context("forming the NCCL communicator")?;
-            Group::new(Box::new(nccl), settings.collective.bucket_mb)
-        }
-        other => bail!("unknown backend {other:?}"),
-    };
-    if let Some(reason) = shared.abort_reason() {
-        bail!("aborted before training: {reason}");
-    }
-    // A new generation continues from the newest complete checkpoint; before the first
-    // checkpoint there is none, and the group starts afresh.
-    let resume = if assignment.resume {
-        crate::checkpoint::resume_from(&settings.run.dir)?
-    } else {
-        None
-    };
-    if let Some(c) = &resume {
-        eprintln!(
-            "worker: resuming from step {} ({})",
-            c.step(),
-            c.path.display()
-        );
-    }
-    let workers_on_host = assignment.workers_on_host.max(1) as usize;
-    let mut trainer = Trainer::with_resume(settings, group, workers_on_host, 0, resume.as_ref())?;
-    trainer.set_metrics(metrics);
-    shared.step.store(trainer.step, Ordering::Relaxed);
-    shared.set_state(WorkerState::Training);
-    let mut observer = ClusterObserver {
-        shared: shared.clone(),
-        last_step_at: Instant::now(),
-        step_seconds: 0.0,
-    };
-    let summary = trainer
-        .run(&mut observer)
-        .map_err(|e| match shared.abort_reason() {
-            Some(reason) => e.context(format!("aborted: {reason}")),
-            None => e,
-        })?;
-    shared.set_state(WorkerState::Done);
-    let json = if rank == 0 {
-        serde_json::to_string(&summary)?
-    } else {
-        String::new()
-    };
-    Ok((json, trainer.step))
-}
-
 fn session_id(run_id: &str, generation: u64) -> u64 {
     // FNV-1a: stable across processes and versions, unlike the std hasher.
     let mut hash = 0xcbf2_9ce4_8422_2325u64;
@@ -458,6 +615,83 @@ fn session_id(run_id: &str, generation: u64) -> u64 {
     hash
 }
 
+/// The coordinator's newest command for this rank, from a heartbeat reply.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Command {
+    #[default]
+    Continue,
+    Pause,
+    CheckpointAt(u64),
+    StopAt(u64),
+}
+
+impl Command {
+    /// A heartbeat reply's command; `None` for ABORT (handled as an abort, not a command)
+    /// and for values this version does not know.
+    fn from_reply(command: i32, at_step: u64) -> Option<Self> {
+        match WorkerCommand::try_from(command).ok()? {
+            WorkerCommand::Continue => Some(Command::Continue),
+            WorkerCommand::Pause => Some(Command::Pause),
+            WorkerCommand::Checkpoint => Some(Command::CheckpointAt(at_step)),
+            WorkerCommand::Stop => Some(Command::StopAt(at_step)),
+            WorkerCommand::Abort | WorkerCommand::Unspecified => None,
+        }
+    }
+}
+
+/// State shared between the training thread and the gRPC tasks.
+#[derive(Debug, Default)]
+struct Shared {
+    step: AtomicU64,
+    state: AtomicU64,
+    /// The newest logged step and the recent seconds per step, for the next heartbeat.
+    newest_logged: Mutex<Option<(LoggedStep, f64)>>,
+    command: Mutex<Command>,
+    abort: AtomicBool,
+    abort_reason: Mutex<String>,
+    /// The collective's handle, whatever the backend: heartbeats report its sequence, and
+    /// [`Shared::abort`] interrupts an operation in progress through it.
+    collective: Mutex<Option<AbortHandle>>,
+    /// The series behind /metrics; heartbeats carry their condensed figures.
+    metrics: Option<gantry_metrics::WorkerMetrics>,
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked.
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Shared {
+    fn abort(&self, reason: String) {
+        if !self.abort.swap(true, Ordering::SeqCst) {
+            *locked(&self.abort_reason) = reason;
+        }
+        if let Some(collective) = locked(&self.collective).as_ref() {
+            collective.abort();
+        }
+    }
+
+    fn abort_reason(&self) -> Option<String> {
+        self.abort
+            .load(Ordering::SeqCst)
+            .then(|| locked(&self.abort_reason).clone())
+    }
+
+    fn set_collective(&self, handle: AbortHandle) {
+        *locked(&self.collective) = Some(handle);
+    }
+
+    fn collective_sequence(&self) -> u64 {
+        locked(&self.collective)
+            .as_ref()
+            .map_or(0, AbortHandle::sequence)
+    }
+
+    fn set_state(&self, state: WorkerState) {
+        self.state.store(state as u64, Ordering::Relaxed);
+    }
+}
+
 struct ClusterObserver {
     shared: Arc<Shared>,
     last_step_at: Instant,
@@ -465,7 +699,7 @@ struct ClusterObserver {
 }
 
 impl StepObserver for ClusterObserver {
-    fn after_step(&mut self, step: u64, figures: Option<&LoggedStep>) -> Result<Directive> {
+    fn after_step(&mut self, step: u64, logged: Option<&LoggedStep>) -> anyhow::Result<Directive> {
         let now = Instant::now();
         let took = now.duration_since(self.last_step_at).as_secs_f64();
         self.last_step_at = now;
@@ -476,26 +710,18 @@ impl StepObserver for ClusterObserver {
             0.9 * self.step_seconds + 0.1 * took
         };
         self.shared.step.store(step, Ordering::Relaxed);
-        if let Some(figures) = figures {
-            *self
-                .shared
-                .figures
-                .lock()
-                .unwrap_or_else(|e| e.into_inner()) = Some((figures.clone(), self.step_seconds));
+        if let Some(logged) = logged {
+            *locked(&self.shared.newest_logged) = Some((logged.clone(), self.step_seconds));
         }
         loop {
             if let Some(reason) = self.shared.abort_reason() {
                 bail!("aborted at step {step}: {reason}");
             }
-            let (command, at_step) = *self
-                .shared
-                .command
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            match Command::try_from(command) {
-                Ok(Command::Stop) if step >= at_step => return Ok(Directive::Stop),
-                Ok(Command::Checkpoint) if step == at_step => return Ok(Directive::Checkpoint),
-                Ok(Command::Pause) => {
+            let command = *locked(&self.shared.command);
+            match command {
+                Command::StopAt(at) if step >= at => return Ok(Directive::Stop),
+                Command::CheckpointAt(at) if step == at => return Ok(Directive::Checkpoint),
+                Command::Pause => {
                     self.shared.set_state(WorkerState::Paused);
                     std::thread::sleep(Duration::from_millis(100));
                     self.last_step_at = Instant::now();
@@ -530,10 +756,7 @@ async fn heartbeat_loop(
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let (figures, step_seconds) = shared
-            .figures
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let (logged, step_seconds) = locked(&shared.newest_logged)
             .clone()
             .map_or((None, 0.0), |(f, s)| (Some(f), s));
         let request = HeartbeatRequest {
@@ -543,14 +766,9 @@ async fn heartbeat_loop(
             session_credential: member.credential.clone(),
             state: i32::try_from(shared.state.load(Ordering::Relaxed)).unwrap_or(0),
             step: shared.step.load(Ordering::Relaxed),
-            collective_seq: shared
-                .ring
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map_or(0, AbortHandle::sequence),
-            images_per_second: figures.as_ref().map_or(0.0, |f| f.images_per_second),
-            statistics: figures
+            collective_seq: shared.collective_sequence(),
+            images_per_second: logged.as_ref().map_or(0.0, |l| l.images_per_second),
+            statistics: logged
                 .iter()
                 .flat_map(|f| &f.statistics)
                 .map(|(name, value)| ((*name).to_owned(), *value))
@@ -567,11 +785,13 @@ async fn heartbeat_loop(
             Ok(Ok(response)) => {
                 last_ok = Instant::now();
                 let response = response.into_inner();
-                if response.command == Command::Abort as i32 {
-                    shared.abort("the coordinator aborted the generation".into());
+                match Command::from_reply(response.command, response.at_step) {
+                    Some(command) => *locked(&shared.command) = command,
+                    None if response.command == WorkerCommand::Abort as i32 => {
+                        shared.abort("the coordinator aborted the generation".into());
+                    }
+                    None => {}
                 }
-                *shared.command.lock().unwrap_or_else(|e| e.into_inner()) =
-                    (response.command, response.at_step);
             }
             Ok(Err(status)) if matches!(status.code(), Code::Aborted | Code::NotFound) => {
                 shared.abort(format!(
@@ -641,5 +861,88 @@ async fn stop_signal(supervised: bool) -> &'static str {
                 return "interrupted (SIGINT)";
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_way_a_session_ends_is_retryable_or_fatal_by_what_it_is() {
+        let collective = SessionError::Collective {
+            context: "forming the ring",
+            source: CollectiveError::Aborted,
+        };
+        let refused = |code| SessionError::JoinRefused {
+            code,
+            message: "x".into(),
+        };
+        let cases = [
+            (SessionError::Setup(anyhow::anyhow!("binding")), false),
+            (SessionError::Assignment(anyhow::anyhow!("peer")), false),
+            (refused(Code::FailedPrecondition), false),
+            (refused(Code::PermissionDenied), false),
+            (refused(Code::Unavailable), true),
+            (refused(Code::Aborted), true),
+            (
+                SessionError::Aborted {
+                    reason: "terminated (SIGTERM)".into(),
+                    during: None,
+                },
+                true,
+            ),
+            (collective, true),
+        ];
+        for (error, retryable) in cases {
+            assert_eq!(error.retryable(), retryable, "{error}");
+        }
+    }
+
+    #[test]
+    fn training_errors_are_judged_by_their_cause() {
+        let shared = Shared::default();
+        let disk = anyhow::Error::new(std::io::Error::other("No space left on device"))
+            .context("writing checkpoint");
+        assert!(!classify_training_error(disk, &shared).retryable());
+        let broken = anyhow::Error::new(CollectiveError::Aborted).context("all-reduce");
+        assert!(classify_training_error(broken, &shared).retryable());
+
+        // Once an abort was asked for, whatever the trainer says is the abort's echo.
+        shared.abort("the coordinator aborted the generation".into());
+        let echo = anyhow::anyhow!("aborted at step 7: ...");
+        let error = classify_training_error(echo, &shared);
+        assert!(error.retryable());
+        let text = format!("{error:#}");
+        assert!(
+            text.starts_with("aborted: the coordinator aborted the generation: aborted at step 7"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn heartbeat_replies_become_typed_commands() {
+        let reply = |c: WorkerCommand, at| Command::from_reply(c as i32, at);
+        assert_eq!(reply(WorkerCommand::Continue, 0), Some(Command::Continue));
+        assert_eq!(reply(WorkerCommand::Pause, 0), Some(Command::Pause));
+        assert_eq!(
+            reply(WorkerCommand::Checkpoint, 40),
+            Some(Command::CheckpointAt(40))
+        );
+        assert_eq!(reply(WorkerCommand::Stop, 41), Some(Command::StopAt(41)));
+        assert_eq!(reply(WorkerCommand::Abort, 0), None);
+        assert_eq!(Command::from_reply(99, 0), None);
+    }
+
+    #[test]
+    fn a_malformed_coordinator_address_is_named() {
+        for url in ["not-a-url", "ftp://host:1", "http://"] {
+            let error = coordinator_endpoint(url).unwrap_err().to_string();
+            assert!(
+                error.contains("is not a URL like http://HOST:7070"),
+                "{error}"
+            );
+        }
+        assert!(coordinator_endpoint("https://coordinator:7070").is_ok());
     }
 }

@@ -31,11 +31,11 @@ impl Endpoint {
         ));
         let addr = match served {
             Ok(addr) => {
-                eprintln!("{who}: metrics on http://{addr}/metrics");
+                tracing::info!("{who}: metrics on http://{addr}/metrics");
                 Some(addr)
             }
             Err(e) => {
-                eprintln!("{who}: warning: no metrics endpoint: {e}");
+                tracing::warn!("{who}: warning: no metrics endpoint: {e}");
                 None
             }
         };

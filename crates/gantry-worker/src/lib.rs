@@ -10,12 +10,15 @@
 //! - [`samples`]: the 8×8 sample grid as PNG.
 //! - [`endpoint`]: the HTTP endpoint of probes and `/metrics`.
 //! - [`progress`]: a progress bar on a terminal, plain log lines elsewhere.
+//! - [`group`]: a rank's data-parallel [`group::Group`]: gradient buckets, parameter
+//!   broadcast and start-up checks over the collective.
+//! - [`cluster`]: one session with a coordinator (connect, join, train, report).
 
 pub mod checkpoint;
 pub mod cluster;
 pub mod endpoint;
+pub mod group;
 pub mod progress;
 pub mod run_dir;
 pub mod samples;
-pub mod sync;
 pub mod train;

@@ -1,4 +1,8 @@
 //! Progress on a terminal (a bar) or in a log (a line every few percent).
+//!
+//! The bar redraws one line of the terminal, so it and the lines printed above it go to the
+//! terminal directly; without a terminal every line is a `tracing` event, in the process's
+//! log format.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
@@ -36,19 +40,19 @@ impl Progress {
         }
     }
 
-    /// Records that `step` is done; `figures` describes it when it was a logging step.
-    pub fn update(&mut self, step: u64, figures: Option<String>) {
-        match (&self.bar, figures) {
-            (Some(bar), figures) => {
+    /// Records that `step` is done; `line` describes it when it was a logging step.
+    pub fn update(&mut self, step: u64, line: Option<String>) {
+        match (&self.bar, line) {
+            (Some(bar), line) => {
                 bar.set_position(step);
-                if let Some(figures) = figures {
-                    bar.set_message(figures);
+                if let Some(line) = line {
+                    bar.set_message(line);
                 }
             }
-            (None, Some(figures)) => {
+            (None, Some(line)) => {
                 let due = step.is_multiple_of(self.every) || step == self.total;
                 if due || self.last_line.elapsed() > Duration::from_secs(30) {
-                    eprintln!("step {step}/{} {figures}", self.total);
+                    tracing::info!("step {step}/{} {line}", self.total);
                     self.last_line = Instant::now();
                 }
             }
@@ -56,11 +60,11 @@ impl Progress {
         }
     }
 
-    /// Prints a line without tearing the bar.
+    /// Prints a line without tearing the bar, or logs it.
     pub fn println(&self, line: &str) {
         match &self.bar {
             Some(bar) => bar.println(line),
-            None => eprintln!("{line}"),
+            None => tracing::info!("{line}"),
         }
     }
 

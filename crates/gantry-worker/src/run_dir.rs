@@ -49,7 +49,7 @@ pub struct Summary {
     pub family: String,
     /// The named statistics of the last logged step.
     #[serde(rename = "final")]
-    pub final_figures: BTreeMap<String, f64>,
+    pub final_statistics: BTreeMap<String, f64>,
     /// The last sample grid, relative to the run directory.
     pub last_sample: Option<String>,
     /// Sample quality of the final (EMA) generator, when evaluated.

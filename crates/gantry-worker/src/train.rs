@@ -13,10 +13,10 @@ use gantry_models::task::{Batch, BatchSource, ExternalError, StepOutcome, TrainT
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointDir, CheckpointState};
+use crate::group::Group;
 use crate::progress::Progress;
 use crate::run_dir::{MetricsRow, QualityReport, RunDir, Summary};
 use crate::samples;
-use crate::sync::Group;
 
 /// Images of every sample grid (8 × 8).
 const GRID_IMAGES: usize = 64;
@@ -37,7 +37,7 @@ pub fn load_dataset(settings: &Settings) -> Result<Dataset> {
                 gantry_data::folder::load(dir, data.image_size, data.channels, data.max_bad_files)
                     .with_context(|| format!("loading data set {}", data.dataset))?;
             for (file, why) in &loaded.skipped {
-                eprintln!(
+                tracing::warn!(
                     "warning: skipped unreadable image {}: {why}",
                     file.display()
                 );
@@ -73,9 +73,9 @@ pub enum Directive {
 
 /// What the loop tells whoever drives it after each step.
 pub trait StepObserver {
-    /// Called after every completed step with the group-averaged figures when the step was
+    /// Called after every completed step with the group-averaged [`LoggedStep`] when the step was
     /// a logging step. Returning an error stops training with that error.
-    fn after_step(&mut self, _step: u64, _figures: Option<&LoggedStep>) -> Result<Directive> {
+    fn after_step(&mut self, _step: u64, _logged: Option<&LoggedStep>) -> Result<Directive> {
         Ok(Directive::Continue)
     }
 }
@@ -170,7 +170,7 @@ impl Trainer {
             }
         };
         let (c, h, w) = dataset.image_shape();
-        check_batch_fits(settings.train.batch_size, (c, h, w))?;
+        check_batch_fits(settings.train.batch_size, (c, h, w), device)?;
         let task = gantry_models::task::build(settings, [c as i64, h as i64, w as i64], device)?;
         let mut group = group;
         group.set_overlap(overlap_pays(threads, workers_on_host));
@@ -214,7 +214,7 @@ impl Trainer {
     /// of `metrics.jsonl` after the checkpoint's step are dropped.
     pub fn restore(&mut self, checkpoint: &CheckpointDir) -> Result<()> {
         for warning in checkpoint::check_compatible(&checkpoint.settings, &self.settings)? {
-            eprintln!("warning: resuming {}: {warning}", checkpoint.path.display());
+            tracing::warn!("warning: resuming {}: {warning}", checkpoint.path.display());
         }
         let state = &checkpoint.state;
         self.task
@@ -529,7 +529,7 @@ impl Trainer {
             device: format!("{:?}", self.device),
             threads: self.threads,
             family: self.settings.model.family.to_string(),
-            final_figures: named(&host),
+            final_statistics: named(&host),
             last_sample: last_sample.as_ref().and_then(|p| {
                 p.strip_prefix(&self.settings.run.dir)
                     .ok()
@@ -722,18 +722,29 @@ fn describe(logged: &LoggedStep) -> String {
 /// Refuses a `train.batch_size` whose images alone, as floats, would take more than half of
 /// the host's available memory (the activations of a step need several times more): a clear
 /// error instead of an allocation failure that aborts the process.
-fn check_batch_fits(batch_size: usize, (c, h, w): (usize, usize, usize)) -> Result<()> {
-    let Some(available) = gantry_store::host::available_memory_bytes() else {
-        return Ok(());
-    };
+fn check_batch_fits(
+    batch_size: usize,
+    (c, h, w): (usize, usize, usize),
+    device: Device,
+) -> Result<()> {
     let bytes = (batch_size as u64)
         .saturating_mul((c * h * w) as u64)
         .saturating_mul(size_of::<f32>() as u64);
+    let room = match device {
+        // Without the device's figure (no driver call possible) libtorch's own error stands.
+        Device::Cuda(ordinal) => gantry_collective::nccl::cuda_memory(ordinal)
+            .ok()
+            .map(|(free, _)| (free, format!("GPU cuda:{ordinal} has free"))),
+        _ => gantry_store::host::available_memory_bytes()
+            .map(|available| (available, "this host has available".to_owned())),
+    };
+    let Some((available, what)) = room else {
+        return Ok(());
+    };
     if bytes > available / 2 {
         bail!(
             "train.batch_size = {batch_size}: one batch of {c}×{h}×{w} images takes {} MiB as \
-             floats, more than half of the {} MiB this host has available; choose a smaller \
-             train.batch_size",
+             floats, more than half of the {} MiB {what}; choose a smaller train.batch_size",
             bytes >> 20,
             available >> 20
         );

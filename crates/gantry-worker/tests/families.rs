@@ -11,8 +11,8 @@ use std::thread;
 
 use gantry_collective::RingCollective;
 use gantry_config::{Family, PixelOutput, Settings, VaeKind};
+use gantry_worker::group::{Group, ring_config};
 use gantry_worker::run_dir::MetricsRow;
-use gantry_worker::sync::{Group, ring_config};
 use gantry_worker::train::{Trainer, run_standalone};
 
 /// Trainers seed libtorch's global RNG while building; keep builds apart.

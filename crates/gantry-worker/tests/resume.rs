@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use gantry_config::{Family, Loss, ModelKind, PixelOutput, Settings, VaeKind};
 use gantry_worker::checkpoint::{self, resume_from, verify};
+use gantry_worker::group::Group;
 use gantry_worker::run_dir::MetricsRow;
-use gantry_worker::sync::Group;
 use gantry_worker::train::{NoObserver, Trainer};
 use tch::Tensor;
 

@@ -81,7 +81,7 @@ fn short_run_writes_every_artifact() {
     assert!(
         ["d_loss", "g_loss"]
             .iter()
-            .all(|k| summary.final_figures[*k].is_finite())
+            .all(|k| summary.final_statistics[*k].is_finite())
     );
     assert_eq!(
         summary.last_sample.as_deref(),

@@ -17,7 +17,7 @@ use std::thread;
 
 use gantry_collective::RingCollective;
 use gantry_config::{Optimizer, Settings};
-use gantry_worker::sync::{Group, ring_config};
+use gantry_worker::group::{Group, ring_config};
 use gantry_worker::train::Trainer;
 
 const STEPS: u64 = 30;

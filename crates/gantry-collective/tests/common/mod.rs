@@ -203,3 +203,52 @@ pub fn check_peer_aborted_mid_all_reduce_fails_every_survivor(
         }
     }
 }
+
+/// Two ranks with a long timeout; rank 1 is connected but never joins the all-reduce. An
+/// abort through rank 0's handle, from another thread, must end rank 0's all-reduce with
+/// `Aborted` long before the timeout, without counting the operation.
+pub fn check_abort_handle_unblocks_a_rank_whose_neighbour_never_sends(shared_memory: bool) {
+    let timeout = Duration::from_secs(60);
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let release_rx = Arc::new(std::sync::Mutex::new(release_rx));
+    let results = run_ranks(
+        2,
+        |_, c| {
+            c.shared_memory = shared_memory;
+            c.timeout = timeout;
+        },
+        move |rank, ring| {
+            let mut ring = ring.unwrap();
+            if rank == 1 {
+                // Alive and connected, but never sends.
+                let _ = release_rx.lock().unwrap().recv();
+                return None;
+            }
+            let handle = ring.abort_handle();
+            let before = handle.sequence();
+            let aborter = {
+                let handle = handle.clone();
+                thread::spawn(move || {
+                    thread::sleep(Duration::from_millis(200));
+                    handle.abort();
+                })
+            };
+            let started = std::time::Instant::now();
+            let err = ring
+                .all_reduce_f32(&mut [1.0; 1024], ReduceOp::Sum)
+                .unwrap_err();
+            let took = started.elapsed();
+            aborter.join().unwrap();
+            let _ = release_tx.send(());
+            Some((err, took, before, handle.sequence(), ring.sequence()))
+        },
+    );
+    let (err, took, before, after, sequence) = results[0].as_ref().unwrap();
+    assert!(matches!(err, CollectiveError::Aborted), "{err}");
+    assert!(
+        *took < timeout / 2,
+        "the aborted all-reduce returned after {took:?} (timeout {timeout:?})"
+    );
+    assert_eq!(before, after, "the aborted operation was counted");
+    assert_eq!(after, sequence);
+}

@@ -7,6 +7,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gantry_config::Overrides;
 use gantry_eval::{Evaluator, IMAGE_PIXELS, Quality};
+use gantry_metrics::logs::{self, LogFormat};
 use gantry_models::Gan;
 use serde::Serialize;
 use tch::Device;
@@ -39,6 +40,9 @@ struct Args {
     /// libtorch intra-op threads; 0 = all cores.
     #[arg(long, default_value_t = 0)]
     threads: usize,
+    /// How logs are written to stderr (level by RUST_LOG, default info).
+    #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 /// What is printed: the scores plus what they were computed from.
@@ -52,10 +56,16 @@ struct Report {
 
 fn main() -> std::process::ExitCode {
     gantry_models::runtime::tune_host_allocator();
-    match run() {
+    let args = Args::parse();
+    if let Err(e) = logs::init(args.log_format) {
+        // There is no log to report through.
+        eprintln!("gantry-eval: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    match run(args) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("gantry-eval: {}", describe(&e));
+            tracing::error!("gantry-eval: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
@@ -77,17 +87,7 @@ fn describe(e: &anyhow::Error) -> String {
     line
 }
 
-fn run() -> Result<()> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colours only for a person at a terminal, never into a log file or a pipe.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
-    let args = Args::parse();
+fn run(args: Args) -> Result<()> {
     // A one-shot tool: use the whole machine (a cache miss trains the classifier).
     gantry_models::runtime::set_threads(args.threads, 1);
 

@@ -6,12 +6,13 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gantry_collective::RingCollective;
 use gantry_config::{ConfigArgs, Settings};
+use gantry_metrics::logs::{self, LogFormat};
 use gantry_metrics::{Identity, WorkerMetrics};
 use gantry_models::runtime;
 use gantry_worker::checkpoint::ResumeArgs;
 use gantry_worker::cluster::{self, ClusterOptions};
 use gantry_worker::endpoint::Endpoint;
-use gantry_worker::sync::Group;
+use gantry_worker::group::Group;
 use gantry_worker::train::{NoObserver, Trainer};
 
 /// A Gantry worker.
@@ -49,6 +50,9 @@ struct Cli {
     /// Print the devices libtorch sees and exit.
     #[arg(long)]
     list_devices: bool,
+    /// How logs are written to stderr (level by RUST_LOG, default info).
+    #[arg(long, env = "GANTRY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(flatten)]
     config: ConfigArgs,
     #[command(flatten)]
@@ -58,6 +62,7 @@ struct Cli {
 fn main() -> Result<()> {
     runtime::tune_host_allocator();
     let cli = Cli::parse();
+    logs::init(cli.log_format)?;
     if cli.list_devices {
         println!("{}", runtime::describe_devices());
         return Ok(());
@@ -93,7 +98,7 @@ fn main() -> Result<()> {
             );
         }
         cli.resume.ensure_fresh(&settings.run.dir)?;
-        let mut ring = gantry_worker::sync::ring_config(&settings, rank, world, peers);
+        let mut ring = gantry_worker::group::ring_config(&settings, rank, world, peers);
         ring.session_id = u64::from_str_radix(&settings.fingerprint()[..16], 16).unwrap_or(0);
         // Without a coordinator to hand out a ring secret, the join token (when set) is it.
         ring.secret = settings.cluster.token.as_bytes().to_vec();

@@ -10,6 +10,12 @@ use gantry_models::FlatParams;
 use gantry_models::task::{ExternalError, GradReduce, TrainTask};
 use tch::{Device, Kind, Tensor};
 
+/// `collective.timeout`: every backend's bound on waiting for its peers (the ring's socket
+/// timeouts, NCCL's creation and each of its operations).
+pub fn collective_timeout(settings: &Settings) -> Duration {
+    Duration::from_secs_f64(settings.collective.timeout)
+}
+
 /// The ring settings of `collective.*` for one rank; the caller sets the session id.
 pub fn ring_config(
     settings: &Settings,
@@ -18,7 +24,7 @@ pub fn ring_config(
     peers: Vec<SocketAddr>,
 ) -> RingConfig {
     let mut config = RingConfig::new(rank, world, peers);
-    config.timeout = Duration::from_secs_f64(settings.collective.timeout);
+    config.timeout = collective_timeout(settings);
     config.shared_memory = settings.collective.shared_memory;
     config
 }
@@ -166,11 +172,15 @@ impl Group {
         std::mem::take(&mut self.traffic)
     }
 
-    /// Overwrites a flat f32 tensor on every rank with rank 0's.
+    /// Overwrites a flat f32 tensor on every rank with rank 0's: in GPU memory when the
+    /// tensor lives there and the backend can (NCCL), else staged through host memory.
     pub fn broadcast(&mut self, flat: &mut Tensor) -> Result<()> {
         let Some(collective) = self.collective.as_mut() else {
             return Ok(());
         };
+        if flat.device().is_cuda() && device_broadcast(collective.as_mut(), flat)? {
+            return Ok(());
+        }
         for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
             collective.broadcast_f32(buf, 0)
         })
@@ -379,6 +389,20 @@ fn device_all_reduce(collective: &mut dyn Collective, flat: &Tensor) -> Result<b
     // NCCL both use the default stream, so no other stream touches it meanwhile.
     let done = unsafe { collective.all_reduce_device_f32(ptr, flat.numel(), ReduceOp::Average) }
         .context("all-reduce")?;
+    Ok(done)
+}
+
+/// Overwrites a contiguous f32 GPU tensor with rank 0's through the backend's device path
+/// (one call). `false` when the backend has none.
+fn device_broadcast(collective: &mut dyn Collective, flat: &Tensor) -> Result<bool> {
+    if flat.kind() != Kind::Float || !flat.is_contiguous() {
+        return Ok(false);
+    }
+    let ptr = flat.data_ptr() as u64;
+    // SAFETY: as in `device_all_reduce`: a contiguous f32 CUDA tensor of numel() elements on
+    // the communicator's device, only used on the default stream meanwhile.
+    let done =
+        unsafe { collective.broadcast_device_f32(ptr, flat.numel(), 0) }.context("broadcast")?;
     Ok(done)
 }
 

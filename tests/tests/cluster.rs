@@ -1173,14 +1173,16 @@ fn the_operator_cli_drives_a_live_job_and_wrong_tokens_are_refused() {
     let (code, out, err) = operate(&["pause", "--addr", &url, "--token-file", &file]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("paused"), "{out}");
-    let held = c.wait_until("every rank to pause", START, |_| {
+    // Every rank holds, and at the same step: a rank that held one step later than its peer
+    // would sit in that step's all-reduce until the collective timeout failed the job.
+    let held = c.wait_until("every rank to pause at one step", START, |_| {
         let s = status(true);
         let workers = s["workers"].as_array()?.clone();
-        workers
-            .iter()
-            .all(|w| w["state"] == "paused")
-            .then(|| workers.iter().filter_map(|w| w["step"].as_u64()).max())
-            .flatten()
+        let steps: Vec<u64> = workers.iter().filter_map(|w| w["step"].as_u64()).collect();
+        (workers.iter().all(|w| w["state"] == "paused")
+            && steps.len() == workers.len()
+            && steps.windows(2).all(|w| w[0] == w[1]))
+        .then(|| steps[0])
     });
     assert!(status(true)["paused"].as_bool().unwrap_or(false));
     std::thread::sleep(Duration::from_secs(3));

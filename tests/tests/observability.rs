@@ -2,7 +2,8 @@
 //! (with unit tests for every alert), `tsc --strict` on the Grafana dashboards against
 //! @grafana/schema, and a live `coordinator --workers 2` scraped by a real Prometheus on
 //! loopback, which must return data for every dashboard query and every recording rule, while
-//! `promtool check metrics` lints both expositions and headless Chromium loads the status page.
+//! `promtool check metrics` lints both expositions and headless Chromium loads the status page
+//! and draws its charts from the job's history.
 //!
 //! The tools come from scripts/install-observability-tools.sh (Debian's prometheus and
 //! chromium, pinned npm packages), which the tests run first. Every wait has a deadline — a
@@ -11,7 +12,7 @@
 
 mod common;
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -423,6 +424,7 @@ fn a_live_job_feeds_every_dashboard_query_and_the_status_page() {
     }
 
     check_status_page(&job, root, &diagnostics);
+    check_status_page_charts(&job, &coordinator_err, &run_dir, root, &diagnostics);
 }
 
 /// Loads the status page in headless Chromium after its scripts ran and checks that it shows
@@ -510,4 +512,246 @@ fn screenshot_path() -> PathBuf {
         .join("observability");
     fs::create_dir_all(&dir).unwrap();
     dir.join("status-page.png")
+}
+
+/// The coordinator's gRPC URL, from its "gRPC on ADDR," start line.
+fn coordinator_grpc_url(stderr: &Path) -> String {
+    let text = fs::read_to_string(stderr).unwrap_or_default();
+    let addr = text
+        .lines()
+        .find_map(|l| l.split("gRPC on ").nth(1)?.split(',').next())
+        .unwrap_or_else(|| panic!("the coordinator never reported its gRPC address:\n{text}"));
+    format!("http://{addr}")
+}
+
+/// What one line of a status-page chart drew, or what `/api/history` serves for it.
+#[derive(Debug, Clone, PartialEq)]
+struct ChartLine {
+    points: usize,
+    first_step: u64,
+    last_step: u64,
+    spacing: u64,
+}
+
+/// Every chart line in a dumped page, by its series ("statistics/d_loss",
+/// "images_per_second/0", "quality/fid"), counted from the vertices it drew.
+fn drawn_lines(dom: &str) -> BTreeMap<String, ChartLine> {
+    let mut lines = BTreeMap::new();
+    let charts = dom
+        .split("id=\"charts\"")
+        .nth(1)
+        .and_then(|rest| rest.split("</section>").next())
+        .unwrap_or_else(|| panic!("no #charts in the page:\n{dom}"));
+    for rest in charts.split("<polyline").skip(1) {
+        let tag = &rest[..rest.find('>').expect("a closed <polyline> tag")];
+        let attr = |name: &str| -> &str {
+            let start = tag
+                .find(&format!(" {name}=\""))
+                .unwrap_or_else(|| panic!("no {name} in <polyline{tag}>"))
+                + name.len()
+                + 3;
+            &tag[start..start + tag[start..].find('"').unwrap()]
+        };
+        let number = |name: &str| -> u64 {
+            attr(name)
+                .parse()
+                .unwrap_or_else(|_| panic!("{name} of <polyline{tag}>"))
+        };
+        let xs: Vec<f64> = attr("points")
+            .split_whitespace()
+            .map(|xy| xy.split(',').next().unwrap().parse().unwrap())
+            .collect();
+        // Drawn left to right in step order, with as many vertices as it says.
+        assert!(xs.windows(2).all(|w| w[0] <= w[1]), "<polyline{tag}>");
+        assert_eq!(xs.len() as u64, number("data-points"), "<polyline{tag}>");
+        let line = ChartLine {
+            points: xs.len(),
+            first_step: number("data-first-step"),
+            last_step: number("data-last-step"),
+            spacing: number("data-spacing"),
+        };
+        lines.insert(attr("data-series").to_owned(), line);
+    }
+    lines
+}
+
+/// The lines `/api/history` describes, named as the page names them.
+fn served_lines(history: &Value) -> BTreeMap<String, ChartLine> {
+    let mut lines = BTreeMap::new();
+    for group in ["statistics", "images_per_second", "quality"] {
+        for series in history[group].as_array().into_iter().flatten() {
+            let id = match &series["name"] {
+                Value::String(name) => name.clone(),
+                _ => series["rank"].to_string(),
+            };
+            let points = series["points"].as_array().unwrap();
+            let step = |i: usize| points[i][0].as_u64().unwrap();
+            lines.insert(
+                format!("{group}/{id}"),
+                ChartLine {
+                    points: points.len(),
+                    first_step: step(0),
+                    last_step: step(points.len() - 1),
+                    spacing: series["spacing"].as_u64().unwrap(),
+                },
+            );
+        }
+    }
+    lines
+}
+
+/// Headless Chromium on the status page, after its scripts ran for 8 s of virtual time.
+fn status_page_in_chromium(
+    job: &str,
+    profile: &Path,
+    extra: &[String],
+    diagnostics: &dyn Fn() -> String,
+) -> Vec<u8> {
+    let output = run(Command::new("chromium")
+        .args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+            "--window-size=1400,1500",
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(format!("http://{job}/")));
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        describe("chromium", &output),
+        diagnostics()
+    );
+    output.stdout
+}
+
+/// The status page's charts draw the live job's history: every figure's line is there, it
+/// grows while the job trains, and once the job is paused (so that the history holds still)
+/// the page draws exactly the points `/api/history` serves. Takes a screenshot of them.
+fn check_status_page_charts(
+    job: &str,
+    coordinator_err: &Path,
+    run_dir: &Path,
+    root: &Path,
+    diagnostics: &dyn Fn() -> String,
+) {
+    let profile = root.join("chromium-charts");
+    let dump = || {
+        let dom = status_page_in_chromium(job, &profile, &["--dump-dom".into()], diagnostics);
+        String::from_utf8(dom).unwrap()
+    };
+    let history = || -> Value {
+        let (status, body) = http_get(job, "/api/history").expect("/api/history");
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        serde_json::from_slice(&body).unwrap()
+    };
+    let training = [
+        "statistics/d_loss",
+        "statistics/g_loss",
+        "statistics/d_real",
+        "statistics/d_fake",
+        "images_per_second/0",
+        "images_per_second/1",
+    ];
+    let quality = [
+        "quality/fid",
+        "quality/inception_score",
+        "quality/classes_covered",
+    ];
+
+    let dom = dump();
+    let before = drawn_lines(&dom);
+    for series in training.iter().chain(&quality) {
+        let drawn = before
+            .get(*series)
+            .unwrap_or_else(|| panic!("no chart line for {series}:\n{dom}"));
+        assert!(drawn.points > 0, "{series}: {drawn:?}");
+    }
+    let total: usize = before.values().map(|l| l.points).sum();
+    let charts_tag = dom
+        .split("id=\"charts\"")
+        .nth(1)
+        .and_then(|rest| rest.split('>').next())
+        .unwrap_or_else(|| panic!("no #charts in the page:\n{dom}"));
+    assert!(
+        charts_tag.contains(&format!(" data-points=\"{total}\"")),
+        "#charts{charts_tag} does not count its lines' {total} points"
+    );
+
+    // Let it train, then pause it. A rank that already began its next step waits there in
+    // the all-reduce for the paused ones, so no step completes and the history holds still
+    // once the newest figures are in.
+    std::thread::sleep(Duration::from_secs(5));
+    let token_file = run_dir.join("operator-token");
+    let output = run(Command::new(binary("coordinator"))
+        .args(["pause", "--addr", &coordinator_grpc_url(coordinator_err)])
+        .arg("--token-file")
+        .arg(&token_file)
+        .env_remove("GANTRY__CLUSTER__OPERATOR_TOKEN"));
+    assert!(
+        output.status.success(),
+        "{}",
+        describe("coordinator pause", &output)
+    );
+    let status = || -> Value {
+        let (_, body) = http_get(job, "/api/status").expect("/api/status");
+        serde_json::from_slice(&body).unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let served = loop {
+        let (status_before, first) = (status(), history());
+        std::thread::sleep(Duration::from_secs(2));
+        let (status_now, second) = (status(), history());
+        let paused = status_now["workers"]
+            .as_array()
+            .is_some_and(|w| w.iter().any(|w| w["state"] == "paused"));
+        if paused && status_now["step"] == status_before["step"] && first == second {
+            break second;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the paused job's history never held still:\n{status_now}\n{}",
+            diagnostics()
+        );
+    };
+    let dom = dump();
+    assert_eq!(
+        history(),
+        served,
+        "the history changed while the job was paused"
+    );
+    let after = drawn_lines(&dom);
+    assert_eq!(
+        after,
+        served_lines(&served),
+        "the charts do not draw what /api/history serves:\n{dom}"
+    );
+    // Training went on between the two pages: every training line reaches further, with more
+    // points unless it was decimated in between (then its spacing grew).
+    for series in training {
+        let (was, is) = (&before[series], &after[series]);
+        assert!(
+            is.last_step > was.last_step,
+            "{series}: {was:?} then {is:?}"
+        );
+        assert!(
+            is.points > was.points || is.spacing > was.spacing,
+            "{series}: {was:?} then {is:?}"
+        );
+    }
+
+    let screenshot = screenshot_path().with_file_name("status-page-charts.png");
+    status_page_in_chromium(
+        job,
+        &profile,
+        &[format!("--screenshot={}", screenshot.display())],
+        diagnostics,
+    );
+    let bytes = fs::read(&screenshot).expect("screenshot written");
+    assert!(bytes.starts_with(b"\x89PNG"), "screenshot is not a PNG");
+    eprintln!("status page charts screenshot: {}", screenshot.display());
 }

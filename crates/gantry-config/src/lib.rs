@@ -49,6 +49,7 @@ pub struct Settings {
     pub collective: CollectiveSettings,
     pub cluster: Cluster,
     pub metrics: Metrics,
+    pub logging: Logging,
     pub eval: Eval,
     /// The variational autoencoder's keys (`model.family = "vae"` only).
     pub vae: VaeSettings,
@@ -413,6 +414,21 @@ impl Default for Metrics {
             addr: "0.0.0.0:9090".into(),
             worker_addr: "0.0.0.0:9091".into(),
         }
+    }
+}
+
+/// What rank 0 writes into the run directory for other tools, beside `metrics.jsonl`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Logging {
+    /// TensorBoard event files in `RUN_DIR/tensorboard/`: every `metrics.jsonl` scalar, the
+    /// step phases, gradient norms, quality figures and sample grids, at the same steps.
+    pub tensorboard: bool,
+}
+
+impl Default for Logging {
+    fn default() -> Self {
+        Self { tensorboard: true }
     }
 }
 
@@ -802,15 +818,17 @@ impl Settings {
         toml::to_string_pretty(&shown).map_err(|e| ConfigError::Serialise(e.to_string()))
     }
 
-    /// SHA-256 (hex) of everything that shapes what is trained. `run`, `cluster` and `metrics`
-    /// (where, on which device, behind which address) and `train.threads` (each host's CPU
-    /// share) are left out: two workers on different hosts and devices train the same job.
+    /// SHA-256 (hex) of everything that shapes what is trained. `run`, `cluster`, `metrics`
+    /// and `logging` (where, on which device, behind which address, seen how) and
+    /// `train.threads` (each host's CPU share) are left out: two workers on different hosts
+    /// and devices train the same job.
     pub fn fingerprint(&self) -> String {
         let mut shaping = self.clone();
         shaping.train.threads = 0;
         shaping.run = Run::default();
         shaping.cluster = Cluster::default();
         shaping.metrics = Metrics::default();
+        shaping.logging = Logging::default();
         shaping.eval = Eval::default();
         let canonical = serde_json::to_vec(&shaping).unwrap_or_default();
         hex::encode(Sha256::digest(canonical))

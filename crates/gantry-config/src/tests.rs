@@ -301,3 +301,50 @@ fn a_complete_config_of_another_family_reads_back() {
     let back = Settings::from_toml(&s.to_toml().unwrap()).unwrap();
     assert_eq!(back, s);
 }
+
+#[test]
+fn tensorboard_logging_is_on_by_default_and_set_through_every_layer() {
+    let s = load(None, no_env(), &Overrides::new()).unwrap();
+    assert!(s.logging.tensorboard);
+
+    let file = toml_file("[logging]\ntensorboard = false\n");
+    let s = load(Some(file.path()), no_env(), &Overrides::new()).unwrap();
+    assert!(!s.logging.tensorboard, "TOML");
+
+    let on = env(&[("GANTRY__LOGGING__TENSORBOARD", "true")]);
+    let s = load(Some(file.path()), on.clone(), &Overrides::new()).unwrap();
+    assert!(s.logging.tensorboard, "env over TOML");
+
+    let mut o = Overrides::new();
+    o.push_assignment("logging.tensorboard=false").unwrap();
+    let s = load(Some(file.path()), on, &o).unwrap();
+    assert!(!s.logging.tensorboard, "--set over env");
+
+    // How a run is watched does not change what it trains.
+    assert_eq!(s.fingerprint(), Settings::default().fingerprint());
+    let back = Settings::from_toml(&s.to_toml().unwrap()).unwrap();
+    assert_eq!(back, s);
+}
+
+#[test]
+fn bad_logging_values_and_keys_are_named() {
+    let mut o = Overrides::new();
+    o.push_assignment("logging.tensorboard=sometimes").unwrap();
+    let err = load(None, no_env(), &o).unwrap_err().to_string();
+    assert!(err.contains("logging.tensorboard"), "{err}");
+
+    let err = load(
+        None,
+        env(&[("GANTRY__LOGGING__TENSORBOARD", "sometimes")]),
+        &Overrides::new(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("logging.tensorboard"), "{err}");
+
+    let file = toml_file("[logging]\ntensorbord = true\n");
+    let err = load(Some(file.path()), no_env(), &Overrides::new())
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("tensorbord"), "{err}");
+}

@@ -27,13 +27,15 @@ pub fn check(request: &JoinRequest) -> Result<(), ClusterError> {
             request.host.len()
         )));
     }
+    // "cuda" alone: a GPU whose ordinal the worker picks from its local rank after the join.
     let device_ok = request.device == "cpu"
+        || request.device == "cuda"
         || request.device.strip_prefix("cuda:").is_some_and(|n| {
             !n.is_empty() && n.len() <= 3 && n.bytes().all(|b| b.is_ascii_digit())
         });
     if !device_ok {
         return Err(invalid(format!(
-            "device must be \"cpu\" or \"cuda:N\", got {:?}",
+            "device must be \"cpu\", \"cuda\" or \"cuda:N\", got {:?}",
             shorten(&request.device)
         )));
     }

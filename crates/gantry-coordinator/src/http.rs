@@ -4,8 +4,10 @@
 //! - `/metrics`: the job's and the cluster's series (refreshed from the job on each scrape).
 //! - `/sd/workers`: the current generation's worker `/metrics` endpoints in Prometheus'
 //!   HTTP service-discovery format, so a local Prometheus finds workers on dynamic ports.
-//! - `/`: a status page that refreshes itself from `/api/status` and shows the newest sample
-//!   grid from `/samples/latest.png`.
+//! - `/`: a status page that refreshes itself from `/api/status` and `/api/history`, shows the
+//!   newest sample grid from `/samples/latest.png`, and draws the history as charts (SVG, by
+//!   the page's own script).
+//! - `/api/history`: the job's figures over steps, bounded (see [`crate::history`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use gantry_metrics::{ClusterMetrics, PROMETHEUS_TEXT, Response, Routes};
 use serde_json::{Value, json};
 
+use crate::history::History;
 use crate::job::Job;
 
 const STATUS_PAGE: &str = include_str!("status_page.html");
@@ -24,6 +27,8 @@ pub struct CoordinatorRoutes {
     pub metrics: ClusterMetrics,
     pub auth_failures: Arc<AtomicU64>,
     pub run_dir: PathBuf,
+    /// The figures over steps, recorded by the supervisor.
+    pub history: Arc<History>,
 }
 
 impl Routes for CoordinatorRoutes {
@@ -38,12 +43,21 @@ impl Routes for CoordinatorRoutes {
                 "application/json",
                 self.status_json().to_string(),
             )),
+            "/api/history" => Some(Response::ok(
+                "application/json",
+                self.history.to_json().to_string(),
+            )),
             "/" | "/index.html" => Some(Response::ok(
                 "text/html; charset=utf-8",
-                STATUS_PAGE.replace(
-                    "/*INITIAL_STATUS*/null",
-                    &script_safe_json(&self.status_json()),
-                ),
+                STATUS_PAGE
+                    .replace(
+                        "/*INITIAL_STATUS*/null",
+                        &script_safe_json(&self.status_json()),
+                    )
+                    .replace(
+                        "/*INITIAL_HISTORY*/null",
+                        &script_safe_json(&self.history.to_json()),
+                    ),
             )),
             "/samples/latest.png" => {
                 let (_, file) = newest_sample(&self.run_dir)?;
@@ -159,13 +173,14 @@ fn newest_sample(run_dir: &Path) -> Option<(u64, PathBuf)> {
 }
 
 /// `value` as JSON that can stand inside an inline `<script>`: `<`, `>` and `&` (which could
-/// open `</script>` or `<!--`) and the JavaScript line terminators U+2028/U+2029 are written
+/// open `</script>` or `<!--`), `/` (so that no string in it reads as the page's next
+/// `/*INITIAL_...*/` marker) and the JavaScript line terminators U+2028/U+2029 are written
 /// as `\uXXXX` escapes, which every JSON and JavaScript parser reads back unchanged.
 fn script_safe_json(value: &serde_json::Value) -> String {
     let mut out = String::new();
     for c in value.to_string().chars() {
         match c {
-            '<' | '>' | '&' | '\u{2028}' | '\u{2029}' => {
+            '<' | '>' | '&' | '/' | '\u{2028}' | '\u{2029}' => {
                 out.push_str(&format!("\\u{:04x}", c as u32));
             }
             c => out.push(c),
@@ -180,9 +195,9 @@ mod tests {
 
     #[test]
     fn inline_status_json_cannot_leave_its_script() {
-        let hostile = serde_json::json!({"worker_id": "<!--<script></script>&\u{2028}"});
+        let hostile = serde_json::json!({"worker_id": "<!--<script></script>&\u{2028}/*INITIAL_HISTORY*/null"});
         let safe = script_safe_json(&hostile);
-        for needle in ["<", ">", "&", "\u{2028}"] {
+        for needle in ["<", ">", "&", "/", "\u{2028}"] {
             assert!(!safe.contains(needle), "{needle:?} in {safe}");
         }
         let back: serde_json::Value = serde_json::from_str(&safe).unwrap();

@@ -30,7 +30,8 @@ use gantry_metrics::{ClusterTotals, ClusterView, LeadView, RankView};
 use gantry_proto::ClusterError;
 use gantry_proto::v1::{
     CollectiveBackend, FinishRequest, HeartbeatRequest, HeartbeatResponse, JoinRequest,
-    JoinResponse, StatusResponse, WorkerCommand, WorkerFigures, WorkerState, WorkerStatus,
+    JoinResponse, ShareNcclIdRequest, StatusResponse, WorkerCommand, WorkerFigures, WorkerState,
+    WorkerStatus,
 };
 use tokio::sync::oneshot;
 use tonic::Status;
@@ -195,18 +196,39 @@ struct Rendezvous {
 #[derive(Debug)]
 struct Training {
     members: Vec<Member>,
+    /// The backend every rank was told to use.
+    backend: CollectiveBackend,
+    /// Rank 0's NCCL unique id on its way to the other ranks (nccl backend only).
+    nccl_id: NcclIdRelay,
     /// The highest step any rank has reported and when it first did: the stall clock.
     progress: (u64, Instant),
     /// An operator's checkpoint request: every rank checkpoints after this step.
     checkpoint_at: Option<u64>,
     /// A stop request: every rank checkpoints after this step and stops.
     stop_at: Option<u64>,
+    /// The operator's pause: every rank holds after this step (see [`Job::set_paused`]).
+    pause_at: Option<u64>,
     /// Rank 0's summary, from its successful Finish.
     summary_json: Option<String>,
     /// A failure a worker reported about itself. Often it is the echo of another rank's
     /// death (its peer vanished mid all-reduce), so it waits briefly for the root cause.
     reported: Option<(Instant, Failure)>,
 }
+
+/// NCCL's unique id, from rank 0 to the others ([`Job::share_nccl_id`]). Created by rank 0
+/// (not here) so that NCCL's bootstrap root listens where the other workers can reach it.
+#[derive(Debug)]
+enum NcclIdRelay {
+    /// Ranks that asked before rank 0 published; answered when it does, cancelled (dropped)
+    /// when the generation ends first.
+    Waiting(Vec<NcclIdWaiter>),
+    Published(Vec<u8>),
+}
+
+type NcclIdWaiter = oneshot::Sender<Vec<u8>>;
+
+/// The byte length of an NCCL unique id (`NCCL_UNIQUE_ID_BYTES`).
+pub const NCCL_ID_BYTES: usize = 128;
 
 /// One generation's phase and the data only that phase has.
 #[derive(Debug)]
@@ -371,6 +393,13 @@ impl Job {
                 coordinator: spec.world_size.to_string(),
             });
         }
+        if spec.backend == Backend::Nccl && !request.device.starts_with("cuda") {
+            return Err(ClusterError::Mismatch {
+                field: "device",
+                worker: request.device,
+                coordinator: "cuda (cluster.backend = nccl)".into(),
+            });
+        }
         let mut state = self.lock();
         let generation = state.generation;
         let rendezvous = match &mut state.current {
@@ -403,18 +432,20 @@ impl Job {
         if rendezvous.pending.len() == spec.world_size as usize {
             let pending = std::mem::take(&mut rendezvous.pending);
             let resume = state.resume;
-            state.current = self.form_group(pending, generation, resume);
+            state.current = self.form_group(pending, generation, resume, state.paused);
         }
         Ok(rx)
     }
 
-    /// Assigns ranks, answers every pending Join, and returns the generation that follows:
-    /// training, or recovering when the group cannot be set up.
+    /// Assigns ranks, answers every pending Join, and returns the training generation. A
+    /// group that forms while the job is paused holds after its first step (all ranks start
+    /// from the same step, so that one is common).
     fn form_group(
         &self,
         mut pending: Vec<PendingJoin>,
         generation: u64,
         resume: bool,
+        paused: bool,
     ) -> Generation {
         let now = Instant::now();
         // The coordinator's own local workers take the rank their id names (local-g0-w1 is
@@ -433,29 +464,6 @@ impl Job {
         };
         // Fresh per generation: a rank of an earlier one cannot join this ring.
         let ring_secret: [u8; 32] = rand::random();
-        let nccl_id = if backend == CollectiveBackend::Nccl {
-            // NCCL's bootstrap root runs in the process that creates the id: this one,
-            // which outlives every generation.
-            match gantry_collective::nccl::NcclId::new() {
-                Ok(id) => id.as_bytes().to_vec(),
-                Err(e) => {
-                    let reason = format!("cannot set up the nccl backend: {e}");
-                    for (_, tx) in pending {
-                        let _ = tx.send(Err(Status::failed_precondition(reason.clone())));
-                    }
-                    return Generation::Recovering {
-                        members: Vec::new(),
-                        failure: Failure {
-                            rank: None,
-                            reason,
-                            retryable: false,
-                        },
-                    };
-                }
-            }
-        } else {
-            Vec::new()
-        };
         let members: Vec<Member> = pending
             .iter()
             .enumerate()
@@ -478,14 +486,18 @@ impl Job {
             })
             .collect();
         for ((_, tx), member) in pending.into_iter().zip(&members) {
+            let local_rank = members[..member.rank as usize]
+                .iter()
+                .filter(|m| m.host == member.host)
+                .count() as u32;
             let _ = tx.send(Ok(JoinResponse {
+                local_rank,
                 rank: member.rank,
                 world_size: self.spec.world_size,
                 run_id: self.spec.run_id.clone(),
                 generation,
                 config_toml: self.spec.settings_toml.clone(),
                 ring_peers: peers.clone(),
-                nccl_id: nccl_id.clone(),
                 backend: backend as i32,
                 resume,
                 workers_on_host: self.spec.workers_on_host,
@@ -495,9 +507,12 @@ impl Job {
         }
         Generation::Training(Training {
             members,
+            backend,
+            nccl_id: NcclIdRelay::Waiting(Vec::new()),
             progress: (0, now),
             checkpoint_at: None,
             stop_at: None,
+            pause_at: paused.then_some(0),
             summary_json: None,
             reported: None,
         })
@@ -548,6 +563,78 @@ impl Job {
         Ok(member)
     }
 
+    /// NCCL's id hand-off (`ShareNcclId`): rank 0 publishes the id it created, every other
+    /// rank receives it, at once or when rank 0 publishes. The receiver is dropped (the call
+    /// fails) when the generation ends before that.
+    pub fn share_nccl_id(
+        &self,
+        request: &ShareNcclIdRequest,
+    ) -> Result<oneshot::Receiver<Vec<u8>>, ClusterError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        Self::member_mut(
+            state,
+            Speaker {
+                worker_id: &request.worker_id,
+                rank: request.rank,
+                generation: request.generation,
+                credential: &request.session_credential,
+            },
+        )?;
+        let generation = state.generation;
+        let training = match &mut state.current {
+            Generation::Training(t) => t,
+            Generation::Recovering { .. } => return Err(ClusterError::Recovering { generation }),
+            other => {
+                return Err(ClusterError::NotTraining {
+                    phase: other.phase().as_str(),
+                });
+            }
+        };
+        if training.backend != CollectiveBackend::Nccl {
+            return Err(ClusterError::InvalidArgument(
+                "this group does not use the nccl backend".into(),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        match (request.rank, &mut training.nccl_id) {
+            (0, relay) => {
+                let id = &request.nccl_id;
+                if id.len() != NCCL_ID_BYTES {
+                    return Err(ClusterError::InvalidArgument(format!(
+                        "an NCCL id has {NCCL_ID_BYTES} bytes, rank 0 sent {}",
+                        id.len()
+                    )));
+                }
+                if let NcclIdRelay::Published(published) = relay
+                    && published != id
+                {
+                    return Err(ClusterError::InvalidArgument(
+                        "rank 0 already published another NCCL id in this generation".into(),
+                    ));
+                }
+                let waiting = std::mem::replace(relay, NcclIdRelay::Published(id.clone()));
+                if let NcclIdRelay::Waiting(waiters) = waiting {
+                    for waiter in waiters {
+                        let _ = waiter.send(id.clone());
+                    }
+                }
+                let _ = tx.send(id.clone());
+            }
+            (_, _) if !request.nccl_id.is_empty() => {
+                return Err(ClusterError::PermissionDenied(format!(
+                    "only rank 0 creates the NCCL id, not rank {}",
+                    request.rank
+                )));
+            }
+            (_, NcclIdRelay::Published(id)) => {
+                let _ = tx.send(id.clone());
+            }
+            (_, NcclIdRelay::Waiting(waiters)) => waiters.push(tx),
+        }
+        Ok(rx)
+    }
+
     pub fn heartbeat(&self, hb: &HeartbeatRequest) -> Result<HeartbeatResponse, ClusterError> {
         let mut guard = self.lock();
         let state = &mut *guard;
@@ -590,7 +677,7 @@ impl Job {
                 match (t.stop_at, t.checkpoint_at) {
                     (Some(at), _) => (WorkerCommand::Stop, at),
                     (None, Some(at)) if hb.step < at => (WorkerCommand::Checkpoint, at),
-                    _ if paused => (WorkerCommand::Pause, 0),
+                    _ if paused => (WorkerCommand::Pause, t.pause_at.unwrap_or(0)),
                     _ => (WorkerCommand::Continue, 0),
                 }
             }
@@ -905,16 +992,32 @@ impl Job {
         Ok(at)
     }
 
-    pub fn set_paused(&self, paused: bool) {
-        let mut state = self.lock();
-        if state.paused
-            && !paused
-            && let Generation::Training(t) = &mut state.current
-        {
-            // A pause is not a stall: the stall clock starts again at the resume.
-            t.progress.1 = Instant::now();
+    /// The operator's pause (held across restarts) or resume. A training group holds after
+    /// one common step, a little ahead of the fastest rank like a stop: were each rank to
+    /// hold wherever it heard of the pause, one could wait in the next all-reduce for a peer
+    /// that holds before it, until the collective timeout fails the generation. Returns that
+    /// step (0 when no group is training, or for a resume).
+    pub fn set_paused(&self, paused: bool) -> u64 {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let was_paused = std::mem::replace(&mut state.paused, paused);
+        let Generation::Training(t) = &mut state.current else {
+            return 0;
+        };
+        if !paused {
+            if was_paused {
+                // A pause is not a stall: the stall clock starts again at the resume.
+                t.progress.1 = Instant::now();
+            }
+            t.pause_at = None;
+            return 0;
         }
-        state.paused = paused;
+        let at = match t.pause_at {
+            Some(at) => at,
+            None => self.common_future_step(t),
+        };
+        t.pause_at = Some(at);
+        at
     }
 
     fn common_future_step(&self, training: &Training) -> u64 {
@@ -1229,6 +1332,30 @@ mod tests {
     }
 
     #[test]
+    fn local_ranks_count_the_workers_on_each_host() {
+        let job = Job::new(spec(4), false);
+        let on = |id: &str, host: &str| JoinRequest {
+            host: host.into(),
+            ..join_request(id)
+        };
+        let pending: Vec<_> = [
+            ("a", "gpu-1"),
+            ("b", "gpu-2"),
+            ("c", "gpu-1"),
+            ("d", "gpu-1"),
+        ]
+        .iter()
+        .map(|(id, host)| job.join(on(id, host)).unwrap())
+        .collect();
+        let local: Vec<(u32, u32)> = pending
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().unwrap())
+            .map(|reply| (reply.rank, reply.local_rank))
+            .collect();
+        assert_eq!(local, [(0, 0), (1, 0), (2, 1), (3, 2)]);
+    }
+
+    #[test]
     fn local_workers_take_the_rank_their_id_names() {
         let job = Job::new(spec(3), false);
         let ids = ["local-g0-w2", "external", "local-g0-w0"];
@@ -1497,18 +1624,25 @@ mod tests {
             job.heartbeat(&hb).unwrap();
         }
         let later = Instant::now() + Duration::from_secs(1);
-        job.set_paused(true);
+        // Every rank holds after one common step ahead of the fastest, not wherever it is
+        // when it hears of the pause (one rank would wait in an all-reduce for the other).
+        let at = job.set_paused(true);
+        assert!(at > 3, "pause at {at}");
+        assert_eq!(job.set_paused(true), at, "asked twice, same step");
         assert!(failed_at(&job, later).is_none(), "paused");
-        let hb = HeartbeatRequest {
-            step: 3,
-            collective_seq: 7,
-            ..beat(&replies[0], "a")
-        };
-        assert_eq!(
-            job.heartbeat(&hb).unwrap().command,
-            WorkerCommand::Pause as i32
-        );
-        job.set_paused(false);
+        for (reply, id, seq) in [(&replies[0], "a", 7), (&replies[1], "b", 6)] {
+            let hb = HeartbeatRequest {
+                step: 3,
+                collective_seq: seq,
+                ..beat(reply, id)
+            };
+            let reply = job.heartbeat(&hb).unwrap();
+            assert_eq!(
+                (reply.command, reply.at_step),
+                (WorkerCommand::Pause as i32, at)
+            );
+        }
+        assert_eq!(job.set_paused(false), 0);
         assert!(
             failed_at(&job, Instant::now()).is_none(),
             "the clock restarts"
@@ -1531,7 +1665,11 @@ mod tests {
         job.recover(|_| {});
         let replies = form(&job, &["a2"]);
         let reply = job.heartbeat(&beat(&replies[0], "a2")).unwrap();
-        assert_eq!(reply.command, WorkerCommand::Pause as i32);
+        // The new group holds after its first step, which every rank shares.
+        assert_eq!(
+            (reply.command, reply.at_step),
+            (WorkerCommand::Pause as i32, 0)
+        );
         assert!(job.status().paused);
     }
 
@@ -1625,6 +1763,109 @@ mod tests {
             failure.reason,
             "rank 1 (b) failed: cannot resume: model.latent_dim changed"
         );
+    }
+
+    #[test]
+    fn rank_0_s_nccl_id_reaches_every_rank_through_the_coordinator() {
+        let mut gpus = spec(3);
+        gpus.backend = Backend::Nccl;
+        let job = Job::new(gpus, false);
+        // The nccl backend needs a GPU on every rank: refused by name at the door.
+        let err = job.join(join_request("cpu-worker")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(err.to_string().contains("cluster.backend = nccl"), "{err}");
+
+        let on_gpu = |id: &str| JoinRequest {
+            device: "cuda:0".into(),
+            ..join_request(id)
+        };
+        let pending: Vec<_> = ["a", "b", "c"]
+            .iter()
+            .map(|id| job.join(on_gpu(id)).unwrap())
+            .collect();
+        let replies: Vec<JoinResponse> = pending
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(replies[0].backend(), CollectiveBackend::Nccl);
+        let ask = |reply: &JoinResponse, id: &str, nccl_id: Vec<u8>| ShareNcclIdRequest {
+            worker_id: id.into(),
+            generation: reply.generation,
+            rank: reply.rank,
+            session_credential: reply.session_credential.clone(),
+            nccl_id,
+        };
+        // Rank 1 asks first and waits; only rank 0 may publish; a short id is refused.
+        let mut early = job
+            .share_nccl_id(&ask(&replies[1], "b", Vec::new()))
+            .unwrap();
+        assert!(early.try_recv().is_err(), "nothing published yet");
+        let err = job
+            .share_nccl_id(&ask(&replies[2], "c", vec![1; NCCL_ID_BYTES]))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        let err = job
+            .share_nccl_id(&ask(&replies[0], "a", vec![1; 7]))
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        let id: Vec<u8> = (0..NCCL_ID_BYTES as u8).collect();
+        let mut own = job
+            .share_nccl_id(&ask(&replies[0], "a", id.clone()))
+            .unwrap();
+        assert_eq!(own.try_recv().unwrap(), id);
+        assert_eq!(early.try_recv().unwrap(), id);
+        // A late rank gets it at once; a second, different id from rank 0 is refused.
+        let mut late = job
+            .share_nccl_id(&ask(&replies[2], "c", Vec::new()))
+            .unwrap();
+        assert_eq!(late.try_recv().unwrap(), id);
+        assert!(
+            job.share_nccl_id(&ask(&replies[0], "a", vec![9; NCCL_ID_BYTES]))
+                .is_err()
+        );
+        // Without the member's credential nobody learns it.
+        let mut forged = ask(&replies[1], "b", Vec::new());
+        forged.session_credential = "guess".into();
+        assert_eq!(
+            job.share_nccl_id(&forged).unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+    }
+
+    #[test]
+    fn a_generation_that_fails_cancels_the_ranks_waiting_for_the_nccl_id() {
+        let mut gpus = spec(2);
+        gpus.backend = Backend::Nccl;
+        let job = Job::new(gpus, false);
+        let pending: Vec<_> = ["a", "b"]
+            .iter()
+            .map(|id| {
+                job.join(JoinRequest {
+                    device: "cuda:0".into(),
+                    ..join_request(id)
+                })
+                .unwrap()
+            })
+            .collect();
+        let replies: Vec<JoinResponse> = pending
+            .into_iter()
+            .map(|mut rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        let mut waiting = job
+            .share_nccl_id(&ShareNcclIdRequest {
+                worker_id: "b".into(),
+                generation: 0,
+                rank: 1,
+                session_credential: replies[1].session_credential.clone(),
+                nccl_id: Vec::new(),
+            })
+            .unwrap();
+        job.worker_exited("a", "exit status 1", false);
+        assert!(failed_at(&job, Instant::now()).is_some());
+        assert!(matches!(
+            waiting.try_recv(),
+            Err(oneshot::error::TryRecvError::Closed)
+        ));
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod admit;
 mod auth;
+mod history;
 mod http;
 mod job;
 mod operate;
@@ -299,11 +300,13 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
     );
 
     let ready = gantry_metrics::Readiness::default();
+    let history = Arc::new(history::History::default());
     let routes = http::CoordinatorRoutes {
         job: job.clone(),
         metrics: gantry_metrics::ClusterMetrics::new(&job.spec.run_id)?,
         auth_failures: auth_failures.clone(),
         run_dir: settings.run.dir.clone(),
+        history: history.clone(),
     };
     let http = gantry_metrics::serve(&metrics_addr, ready.clone(), Arc::new(routes))
         .await
@@ -317,7 +320,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         token: token.clone(),
         count: world as usize,
         log_dir: settings.run.dir.join("logs"),
-        gpus: spawn::count_gpus(),
+        gpus: spawn::visible_gpus(),
         force_cpu: settings.run.device == gantry_config::DeviceChoice::Cpu,
         log_format,
         children: Vec::new(),
@@ -330,7 +333,7 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         );
     }
 
-    supervise::Supervisor::new(job, workers, settings.run.dir.clone())
+    supervise::Supervisor::new(job, workers, history, settings.run.dir.clone())
         .run()
         .await
 }

@@ -109,7 +109,10 @@ async fn execute(command: &Operate) -> Result<i32> {
         .map_err(refused)?
         .into_inner();
     let what = match control {
-        ControlCommand::Pause => "paused".to_owned(),
+        ControlCommand::Pause if reply.at_step == 0 => {
+            "paused (no group is training: the next one holds after its first step)".into()
+        }
+        ControlCommand::Pause => format!("paused: every rank holds after step {}", reply.at_step),
         ControlCommand::Resume => "resumed".to_owned(),
         ControlCommand::Checkpoint => format!("checkpoint at step {}", reply.at_step),
         // Step 0 is never a stop step: no group was training, and the job ended at once.

@@ -6,7 +6,8 @@ use gantry_proto::ClusterError;
 use gantry_proto::v1::coordinator_server::Coordinator;
 use gantry_proto::v1::{
     ControlCommand, ControlRequest, ControlResponse, FinishRequest, FinishResponse,
-    HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, StatusRequest, StatusResponse,
+    HeartbeatRequest, HeartbeatResponse, JoinRequest, JoinResponse, ShareNcclIdRequest,
+    ShareNcclIdResponse, StatusRequest, StatusResponse,
 };
 use tonic::{Request, Response, Status};
 
@@ -47,6 +48,20 @@ impl Coordinator for Service {
         Ok(Response::new(FinishResponse {}))
     }
 
+    async fn share_nccl_id(
+        &self,
+        request: Request<ShareNcclIdRequest>,
+    ) -> Result<Response<ShareNcclIdResponse>, Status> {
+        require(&request, Role::Worker)?;
+        let shared = self.job.share_nccl_id(request.get_ref())?;
+        match shared.await {
+            Ok(nccl_id) => Ok(Response::new(ShareNcclIdResponse { nccl_id })),
+            Err(_) => Err(Status::aborted(
+                "the generation ended before rank 0 shared its NCCL id",
+            )),
+        }
+    }
+
     async fn status(
         &self,
         request: Request<StatusRequest>,
@@ -61,14 +76,8 @@ impl Coordinator for Service {
     ) -> Result<Response<ControlResponse>, Status> {
         require(&request, Role::Operator)?;
         let at_step = match ControlCommand::try_from(request.get_ref().command) {
-            Ok(ControlCommand::Pause) => {
-                self.job.set_paused(true);
-                0
-            }
-            Ok(ControlCommand::Resume) => {
-                self.job.set_paused(false);
-                0
-            }
+            Ok(ControlCommand::Pause) => self.job.set_paused(true),
+            Ok(ControlCommand::Resume) => self.job.set_paused(false),
             Ok(ControlCommand::Checkpoint) => self.job.request_checkpoint()?,
             Ok(ControlCommand::Stop) => match self.job.request_stop() {
                 StopPlan::AtStep(at) => at,

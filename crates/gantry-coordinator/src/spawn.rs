@@ -15,17 +15,39 @@ pub struct LocalWorkers {
     pub token: String,
     pub count: usize,
     pub log_dir: PathBuf,
-    /// GPUs on this host; each worker gets one when there are enough.
-    pub gpus: usize,
+    /// The GPUs this coordinator may hand out (see [`visible_gpus`]); each worker gets one
+    /// when there are enough.
+    pub gpus: Vec<String>,
     pub force_cpu: bool,
     /// The coordinator's own log format, which its workers' logs follow.
     pub log_format: gantry_metrics::logs::LogFormat,
     pub children: Vec<(String, Child)>,
 }
 
-/// NVIDIA GPUs the driver exposes on this host (none when no driver is loaded).
-pub fn count_gpus() -> usize {
-    fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |dir| dir.count())
+/// The GPUs this coordinator may give its workers, as `CUDA_VISIBLE_DEVICES` entries: the
+/// list it inherited when `CUDA_VISIBLE_DEVICES` is set (indices or `GPU-…` UUIDs; an
+/// orchestrator or a user chose them), else one index per GPU the driver exposes (none when no
+/// driver is loaded).
+pub fn visible_gpus() -> Vec<String> {
+    let driver = || fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |dir| dir.count());
+    gpus_to_hand_out(
+        std::env::var("CUDA_VISIBLE_DEVICES").ok().as_deref(),
+        driver,
+    )
+}
+
+fn gpus_to_hand_out(inherited: Option<&str>, driver_count: impl FnOnce() -> usize) -> Vec<String> {
+    match inherited {
+        // CUDA's own rule: the list ends at the first entry that is not a device; an empty
+        // list hides every GPU.
+        Some(list) => list
+            .split(',')
+            .map(str::trim)
+            .take_while(|entry| !entry.is_empty() && !entry.starts_with('-'))
+            .map(str::to_owned)
+            .collect(),
+        None => (0..driver_count()).map(|i| i.to_string()).collect(),
+    }
 }
 
 /// The `worker` binary beside this executable, where `cargo build` and images put it.
@@ -47,7 +69,7 @@ impl LocalWorkers {
     pub fn spawn_generation(&mut self, generation: u64) -> Result<()> {
         fs::create_dir_all(&self.log_dir)
             .with_context(|| format!("creating {}", self.log_dir.display()))?;
-        let use_gpus = !self.force_cpu && self.gpus >= self.count;
+        let use_gpus = !self.force_cpu && self.gpus.len() >= self.count;
         for i in 0..self.count {
             let id = local_worker_id(generation, i);
             let log_path = self.log_dir.join(format!("worker-{i}.log"));
@@ -69,7 +91,7 @@ impl LocalWorkers {
                 .stderr(log);
             if use_gpus {
                 command
-                    .env("CUDA_VISIBLE_DEVICES", i.to_string())
+                    .env("CUDA_VISIBLE_DEVICES", &self.gpus[i])
                     .args(["--device", "cuda"]);
             } else {
                 command.args(["--device", "cpu"]);
@@ -185,4 +207,26 @@ pub fn check_host_fits(workers: u32) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_workers_get_the_gpus_the_coordinator_was_given() {
+        let never = || panic!("the driver is not asked when the list is inherited");
+        // Worker i gets the i-th inherited entry, whatever its spelling.
+        assert_eq!(gpus_to_hand_out(Some("2,3"), never), ["2", "3"]);
+        assert_eq!(
+            gpus_to_hand_out(Some("GPU-8a1f, GPU-77c2"), never),
+            ["GPU-8a1f", "GPU-77c2"]
+        );
+        // CUDA stops at the first entry that is no device; an empty list hides them all.
+        assert_eq!(gpus_to_hand_out(Some("1,-1,0"), never), ["1"]);
+        assert!(gpus_to_hand_out(Some(""), never).is_empty());
+        // Nothing inherited: every GPU the driver exposes, by index.
+        assert_eq!(gpus_to_hand_out(None, || 4), ["0", "1", "2", "3"]);
+        assert!(gpus_to_hand_out(None, || 0).is_empty());
+    }
 }

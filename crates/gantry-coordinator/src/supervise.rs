@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::exit;
+use crate::history::History;
 use crate::job::{Event, Failure, Job, Recovery, StopPlan};
 use crate::progress::Reporter;
 use crate::spawn::{self, LocalWorkers};
@@ -28,6 +29,8 @@ pub struct Supervisor {
     /// The coordinator's own worker processes (`--workers N`); none for external workers.
     workers: Option<LocalWorkers>,
     progress: Reporter,
+    /// The status page's charts, fed once per poll.
+    history: Arc<History>,
     run_dir: PathBuf,
     /// The exit code the first signal asked for.
     stopped_by: Option<i32>,
@@ -36,12 +39,18 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn new(job: Arc<Job>, workers: Option<LocalWorkers>, run_dir: PathBuf) -> Self {
+    pub fn new(
+        job: Arc<Job>,
+        workers: Option<LocalWorkers>,
+        history: Arc<History>,
+        run_dir: PathBuf,
+    ) -> Self {
         let progress = Reporter::new(job.spec.total_steps);
         Self {
             job,
             workers,
             progress,
+            history,
             run_dir,
             stopped_by: None,
             exits: Vec::new(),
@@ -61,6 +70,8 @@ impl Supervisor {
             }
             self.reap_local_workers();
             self.progress.show(&self.job.status());
+            // The status page's charts (the history has no use for the auth-failure count).
+            self.history.record(&self.job.cluster_view(0));
             let ended = match self.job.poll(Instant::now()) {
                 None => None,
                 Some(Event::GenerationFailed(_)) => self.on_generation_failed()?,

@@ -161,7 +161,7 @@ mod tests {
             rank: 3,
             world_size: 4,
             ring_peers: vec!["127.0.0.1:1".into(); 4],
-            nccl_id: vec![7; 128],
+            ring_secret: vec![7; 32],
             ..Default::default()
         };
         let back = v1::JoinResponse::decode(join.encode_to_vec().as_slice()).unwrap();

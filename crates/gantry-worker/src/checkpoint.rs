@@ -303,8 +303,9 @@ pub fn prune(checkpoints: &Path, keep: usize, current: u64) -> Result<()> {
 }
 
 /// Compares a checkpoint's settings with the current ones. Changes to [`SHAPE_KEYS`] are
-/// refused naming the key; other changes (outside `run`, `cluster`, `metrics`) come back as
-/// warnings, one per key.
+/// refused naming the key; other changes come back as warnings, one per key, except those
+/// under `run`, `cluster`, `metrics` and `logging`, which only say where and how a run is
+/// run and observed.
 pub fn check_compatible(saved: &Settings, current: &Settings) -> Result<Vec<String>> {
     let (old, new) = (leaves(saved)?, leaves(current)?);
     let mut warnings = Vec::new();
@@ -320,7 +321,7 @@ pub fn check_compatible(saved: &Settings, current: &Settings) -> Result<Vec<Stri
                  tensor shapes; use the checkpoint's value or start a new run"
             );
         }
-        if !["run.", "cluster.", "metrics."]
+        if !["run.", "cluster.", "metrics.", "logging."]
             .iter()
             .any(|p| key.starts_with(p))
         {

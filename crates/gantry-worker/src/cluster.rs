@@ -30,8 +30,8 @@ use gantry_config::{DeviceChoice, Settings};
 use gantry_models::runtime;
 use gantry_proto::v1::coordinator_client::CoordinatorClient;
 use gantry_proto::v1::{
-    CollectiveBackend, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse, WorkerCommand,
-    WorkerFigures, WorkerState,
+    CollectiveBackend, FinishRequest, HeartbeatRequest, JoinRequest, JoinResponse,
+    ShareNcclIdRequest, WorkerCommand, WorkerFigures, WorkerState,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -70,6 +70,9 @@ pub enum SessionError {
     /// The coordinator refused the Join.
     #[error("join refused: {message} ({code:?})")]
     JoinRefused { code: Code, message: String },
+    /// The coordinator refused or ended NCCL's id hand-off.
+    #[error("sharing the NCCL id: {message} ({code:?})")]
+    NcclIdRefused { code: Code, message: String },
     /// The coordinator's reply cannot be trained here (its configuration, a peer address, a
     /// backend). Fatal: every generation would get the same.
     #[error("the coordinator's assignment: {0:#}")]
@@ -103,11 +106,20 @@ impl SessionError {
     pub fn retryable(&self) -> bool {
         match self {
             SessionError::Setup(_) | SessionError::Assignment(_) => false,
-            SessionError::JoinRefused { code, .. } => matches!(
-                code,
-                Code::Aborted | Code::Unavailable | Code::NotFound | Code::DeadlineExceeded
+            SessionError::JoinRefused { code, .. } | SessionError::NcclIdRefused { code, .. } => {
+                matches!(
+                    code,
+                    Code::Aborted | Code::Unavailable | Code::NotFound | Code::DeadlineExceeded
+                )
+            }
+            SessionError::Aborted { .. } => true,
+            // A missing library or device stays missing in the next generation.
+            SessionError::Collective { source, .. } => !matches!(
+                source,
+                CollectiveError::NcclUnavailable(_)
+                    | CollectiveError::NoCudaDevice(_)
+                    | CollectiveError::InvalidArgument(_)
             ),
-            SessionError::Aborted { .. } | SessionError::Collective { .. } => true,
             SessionError::Training { retryable, .. } => *retryable,
         }
     }
@@ -190,8 +202,9 @@ impl Connected {
         local: &Settings,
     ) -> anyhow::Result<Self> {
         let device = options.device.unwrap_or(local.run.device);
+        // Which GPU follows from the local rank the join assigns.
         let device_name = match runtime::resolve_device(device, 0)? {
-            tch::Device::Cuda(i) => format!("cuda:{i}"),
+            tch::Device::Cuda(_) => "cuda".to_owned(),
             _ => "cpu".to_owned(),
         };
 
@@ -373,7 +386,9 @@ impl Joined {
             Duration::from_secs_f64(self.settings.cluster.heartbeat_timeout),
         ));
         let signals = rt.spawn(watch_signals(self.shared.clone(), self.supervised));
-        let outcome = self.form_group().and_then(|group| self.run_trainer(group));
+        let outcome = self
+            .form_group(rt)
+            .and_then(|group| self.run_trainer(group));
         heartbeat.abort();
         signals.abort();
         outcome
@@ -381,13 +396,12 @@ impl Joined {
 
     /// The collective the coordinator chose, its abort handle registered (for every
     /// backend) before the group owns it.
-    fn form_group(&mut self) -> Result<Group, SessionError> {
-        let settings = &self.settings;
-        let assignment = &self.assignment;
-        let rank = assignment.rank as usize;
-        let world = assignment.world_size as usize;
-        let collective: Box<dyn Collective> = match assignment.backend() {
+    fn form_group(&mut self, rt: &tokio::runtime::Runtime) -> Result<Group, SessionError> {
+        let rank = self.assignment.rank as usize;
+        let world = self.assignment.world_size as usize;
+        let collective: Box<dyn Collective> = match self.assignment.backend() {
             CollectiveBackend::Ring => {
+                let (settings, assignment) = (&self.settings, &self.assignment);
                 let peers = assignment
                     .ring_peers
                     .iter()
@@ -414,14 +428,16 @@ impl Joined {
             CollectiveBackend::Nccl => {
                 // Registered before the communicator exists: creation waits for every rank,
                 // and a signal or the coordinator's abort must be able to end that wait too.
-                let handle = gantry_collective::AbortHandle::new();
+                let handle = AbortHandle::new();
                 self.shared.set_collective(handle.clone());
+                let timeout = crate::group::collective_timeout(&self.settings);
+                let nccl_id = self.share_nccl_id(rt, timeout)?;
                 let nccl = gantry_collective::nccl::NcclCollective::with_abort_handle(
                     rank,
                     world,
-                    &assignment.nccl_id,
-                    0,
-                    crate::group::collective_timeout(settings),
+                    &nccl_id,
+                    self.device_ordinal(),
+                    timeout,
                     handle,
                 )
                 .map_err(|source| SessionError::Collective {
@@ -438,7 +454,7 @@ impl Joined {
         };
         // An abort that came before this is seen by the check below.
         self.shared.set_collective(collective.abort_handle());
-        let group = Group::new(collective, settings.collective.bucket_mb);
+        let group = Group::new(collective, self.settings.collective.bucket_mb);
         if let Some(reason) = self.shared.abort_reason() {
             return Err(SessionError::Aborted {
                 reason,
@@ -446,6 +462,70 @@ impl Joined {
             });
         }
         Ok(group)
+    }
+
+    /// NCCL's unique id for this generation: rank 0 creates it (NCCL's bootstrap root then
+    /// listens in this process, which the other ranks can reach) and publishes it through the
+    /// coordinator; the other ranks wait for it there, up to `timeout`, or until an abort.
+    fn share_nccl_id(
+        &mut self,
+        rt: &tokio::runtime::Runtime,
+        timeout: Duration,
+    ) -> Result<Vec<u8>, SessionError> {
+        let created = if self.member.rank == 0 {
+            let id = gantry_collective::nccl::NcclId::new().map_err(|source| {
+                SessionError::Collective {
+                    context: "creating the NCCL id",
+                    source,
+                }
+            })?;
+            id.as_bytes().to_vec()
+        } else {
+            Vec::new()
+        };
+        let request = ShareNcclIdRequest {
+            worker_id: self.member.worker_id.clone(),
+            generation: self.member.generation,
+            rank: self.member.rank,
+            session_credential: self.member.credential.clone(),
+            nccl_id: created,
+        };
+        let client = &mut self.client;
+        let shared = &self.shared;
+        rt.block_on(async {
+            tokio::select! {
+                reply = tokio::time::timeout(timeout, client.share_nccl_id(request)) => match reply {
+                    Ok(Ok(reply)) => Ok(reply.into_inner().nccl_id),
+                    Ok(Err(status)) => Err(SessionError::NcclIdRefused {
+                        code: status.code(),
+                        message: status.message().to_owned(),
+                    }),
+                    Err(_) => Err(SessionError::Collective {
+                        context: "waiting for rank 0's NCCL id",
+                        source: CollectiveError::NcclTimeout {
+                            op: "ShareNcclId",
+                            timeout,
+                        },
+                    }),
+                },
+                reason = abort_requested(shared) => Err(SessionError::Aborted {
+                    reason,
+                    during: Some(anyhow::anyhow!("waiting for rank 0's NCCL id")),
+                }),
+            }
+        })
+    }
+
+    /// The CUDA device this rank trains on and creates its communicator on (the same one):
+    /// its local rank among the visible devices. 0 on the CPU.
+    fn device_ordinal(&self) -> usize {
+        match self.settings.run.device {
+            gantry_config::DeviceChoice::Cpu => 0,
+            _ => cuda_ordinal(
+                self.assignment.local_rank,
+                usize::try_from(tch::Cuda::device_count()).unwrap_or(0),
+            ),
+        }
     }
 
     fn run_trainer(&mut self, group: Group) -> Result<Finished, SessionError> {
@@ -470,8 +550,9 @@ impl Joined {
             );
         }
         let workers_on_host = self.assignment.workers_on_host.max(1) as usize;
+        let ordinal = self.device_ordinal();
         let mut trainer =
-            Trainer::with_resume(settings, group, workers_on_host, 0, resume.as_ref())?;
+            Trainer::with_resume(settings, group, workers_on_host, ordinal, resume.as_ref())?;
         trainer.set_metrics(self.metrics.clone());
         self.shared.step.store(trainer.step, Ordering::Relaxed);
         self.shared.set_state(WorkerState::Training);
@@ -580,6 +661,13 @@ fn coordinator_endpoint(url: &str) -> anyhow::Result<Endpoint> {
     Ok(Endpoint::from(uri))
 }
 
+/// Visible CUDA device of the worker with `local_rank` on its host: workers sharing a host
+/// take distinct devices while there are enough (a worker given one device by
+/// `CUDA_VISIBLE_DEVICES` sees it as device 0).
+fn cuda_ordinal(local_rank: u32, visible: usize) -> usize {
+    local_rank as usize % visible.max(1)
+}
+
 fn backend_name(backend: CollectiveBackend) -> &'static str {
     match backend {
         CollectiveBackend::Ring => "ring",
@@ -620,7 +708,8 @@ fn session_id(run_id: &str, generation: u64) -> u64 {
 enum Command {
     #[default]
     Continue,
-    Pause,
+    /// Hold after this step (every rank the same one) until told otherwise.
+    PauseAt(u64),
     CheckpointAt(u64),
     StopAt(u64),
 }
@@ -631,7 +720,7 @@ impl Command {
     fn from_reply(command: i32, at_step: u64) -> Option<Self> {
         match WorkerCommand::try_from(command).ok()? {
             WorkerCommand::Continue => Some(Command::Continue),
-            WorkerCommand::Pause => Some(Command::Pause),
+            WorkerCommand::Pause => Some(Command::PauseAt(at_step)),
             WorkerCommand::Checkpoint => Some(Command::CheckpointAt(at_step)),
             WorkerCommand::Stop => Some(Command::StopAt(at_step)),
             WorkerCommand::Abort | WorkerCommand::Unspecified => None,
@@ -721,7 +810,7 @@ impl StepObserver for ClusterObserver {
             match command {
                 Command::StopAt(at) if step >= at => return Ok(Directive::Stop),
                 Command::CheckpointAt(at) if step == at => return Ok(Directive::Checkpoint),
-                Command::Pause => {
+                Command::PauseAt(at) if step >= at => {
                     self.shared.set_state(WorkerState::Paused);
                     std::thread::sleep(Duration::from_millis(100));
                     self.last_step_at = Instant::now();
@@ -838,6 +927,17 @@ fn worker_figures(report: &gantry_metrics::WorkerReport) -> WorkerFigures {
     }
 }
 
+/// Resolves with the abort's reason once one is requested (a signal, the coordinator).
+async fn abort_requested(shared: &Shared) -> String {
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if let Some(reason) = shared.abort_reason() {
+            return reason;
+        }
+    }
+}
+
 async fn watch_signals(shared: Arc<Shared>, supervised: bool) {
     let why = stop_signal(supervised).await;
     shared.abort(why.to_owned());
@@ -893,6 +993,20 @@ mod tests {
                 true,
             ),
             (collective, true),
+            (
+                SessionError::Collective {
+                    context: "forming the NCCL communicator",
+                    source: CollectiveError::NoCudaDevice("none".into()),
+                },
+                false,
+            ),
+            (
+                SessionError::NcclIdRefused {
+                    code: Code::Aborted,
+                    message: "the generation ended".into(),
+                },
+                true,
+            ),
         ];
         for (error, retryable) in cases {
             assert_eq!(error.retryable(), retryable, "{error}");
@@ -921,10 +1035,22 @@ mod tests {
     }
 
     #[test]
+    fn workers_sharing_a_host_take_distinct_gpus() {
+        assert_eq!(
+            (0..4).map(|r| cuda_ordinal(r, 4)).collect::<Vec<_>>(),
+            [0, 1, 2, 3]
+        );
+        // One device each (a local worker given its own CUDA_VISIBLE_DEVICES): device 0.
+        assert_eq!(cuda_ordinal(3, 1), 0);
+        assert_eq!(cuda_ordinal(5, 4), 1);
+        assert_eq!(cuda_ordinal(2, 0), 0);
+    }
+
+    #[test]
     fn heartbeat_replies_become_typed_commands() {
         let reply = |c: WorkerCommand, at| Command::from_reply(c as i32, at);
         assert_eq!(reply(WorkerCommand::Continue, 0), Some(Command::Continue));
-        assert_eq!(reply(WorkerCommand::Pause, 0), Some(Command::Pause));
+        assert_eq!(reply(WorkerCommand::Pause, 9), Some(Command::PauseAt(9)));
         assert_eq!(
             reply(WorkerCommand::Checkpoint, 40),
             Some(Command::CheckpointAt(40))

@@ -8,6 +8,7 @@
 //! - [`checkpoint`]: crash-safe checkpoints, and finding the one to resume from.
 //! - [`run_dir`]: the files a run leaves behind, written atomically.
 //! - [`samples`]: the 8×8 sample grid as PNG.
+//! - [`tensorboard`]: the run's figures and sample grids as TensorBoard event files.
 //! - [`endpoint`]: the HTTP endpoint of probes and `/metrics`.
 //! - [`progress`]: a progress bar on a terminal, plain log lines elsewhere.
 //! - [`group`]: a rank's data-parallel [`group::Group`]: gradient buckets, parameter
@@ -21,4 +22,5 @@ pub mod group;
 pub mod progress;
 pub mod run_dir;
 pub mod samples;
+pub mod tensorboard;
 pub mod train;

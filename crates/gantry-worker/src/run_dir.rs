@@ -5,7 +5,10 @@
 //! metrics.jsonl      one JSON object per logged step
 //! samples/step-NNNNNNNN.png
 //! summary.json       the outcome, written when the run ends
+//! quality.jsonl      one JSON object per evaluation
 //! checkpoints/       see [`crate::checkpoint`]
+//! tensorboard/       the same figures and grids as TensorBoard events (`logging.tensorboard`),
+//!                    see [`crate::tensorboard`]
 //! ```
 
 use std::collections::BTreeMap;
@@ -16,6 +19,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use gantry_config::Settings;
 use serde::{Deserialize, Serialize};
+
+use crate::tensorboard::{self, StepDetail, TensorBoard};
 
 /// One line of `metrics.jsonl`: the step, the family's named statistics (e.g. `d_loss`,
 /// `g_loss`, `d_real`, `d_fake` for the GAN; `neg_elbo`, `reconstruction`, `kl` for the VAE;
@@ -88,6 +93,8 @@ pub struct QualityReport {
 pub struct RunDir {
     root: PathBuf,
     metrics: BufWriter<File>,
+    /// Rank 0's TensorBoard events, with `logging.tensorboard`.
+    tensorboard: Option<TensorBoard>,
 }
 
 /// Creates the run directory's folders and writes the effective `config.toml`.
@@ -106,7 +113,8 @@ fn prepare(root: &Path, settings: &Settings) -> Result<()> {
 }
 
 impl RunDir {
-    /// Creates (or reuses) `root`, writes `config.toml` and starts a fresh `metrics.jsonl`.
+    /// Creates (or reuses) `root`, writes `config.toml` and starts a fresh `metrics.jsonl`
+    /// (and TensorBoard event stream).
     pub fn create(root: &Path, settings: &Settings) -> Result<Self> {
         prepare(root, settings)?;
         let metrics_path = root.join("metrics.jsonl");
@@ -116,42 +124,41 @@ impl RunDir {
             .truncate(true)
             .open(&metrics_path)
             .with_context(|| format!("opening {}", metrics_path.display()))?;
+        let tensorboard = if settings.logging.tensorboard {
+            Some(TensorBoard::create(&root.join(tensorboard::DIR))?)
+        } else {
+            None
+        };
         Ok(Self {
             root: root.to_path_buf(),
             metrics: BufWriter::new(metrics),
+            tensorboard,
         })
     }
 
     /// Reopens `root` for a run resumed at `step`: writes `config.toml`, keeps the
-    /// `metrics.jsonl` rows with `step ≤ step` (rewritten atomically) and appends after them.
+    /// `metrics.jsonl` and `quality.jsonl` rows with `step ≤ step` (rewritten atomically) and
+    /// appends after them; TensorBoard gets a new events file that supersedes the earlier
+    /// files' events after `step`.
     pub fn resume(root: &Path, settings: &Settings, step: u64) -> Result<Self> {
         prepare(root, settings)?;
         let metrics_path = root.join("metrics.jsonl");
-        let old = match fs::read_to_string(&metrics_path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(e).with_context(|| format!("reading {}", metrics_path.display())),
-        };
-        let mut kept = String::new();
-        for line in old.lines() {
-            // A torn last line (crash mid-write) has no readable step and goes too.
-            let row_step = serde_json::from_str::<serde_json::Value>(line)
-                .ok()
-                .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
-            if row_step.is_some_and(|s| s <= step) {
-                kept.push_str(line);
-                kept.push('\n');
-            }
-        }
-        gantry_store::atomic::write(&metrics_path, kept.as_bytes())
-            .with_context(|| format!("rewriting {}", metrics_path.display()))?;
+        keep_rows_up_to(&metrics_path, step)?;
+        keep_rows_up_to(&root.join("quality.jsonl"), step)?;
         let metrics = OpenOptions::new()
+            .create(true)
             .append(true)
             .open(&metrics_path)
             .with_context(|| format!("opening {}", metrics_path.display()))?;
+        let tensorboard = if settings.logging.tensorboard {
+            Some(TensorBoard::resume(&root.join(tensorboard::DIR), step)?)
+        } else {
+            None
+        };
         Ok(Self {
             root: root.to_path_buf(),
             metrics: BufWriter::new(metrics),
+            tensorboard,
         })
     }
 
@@ -163,15 +170,25 @@ impl RunDir {
         self.root.join("samples")
     }
 
-    /// Appends one row and flushes it, so a crash loses at most the row being written.
-    pub fn append_metrics(&mut self, row: &MetricsRow) -> Result<()> {
+    /// Appends one row and flushes it, so a crash loses at most the row being written; the
+    /// row's figures and `detail` also go to TensorBoard.
+    pub fn append_metrics(&mut self, row: &MetricsRow, detail: &StepDetail) -> Result<()> {
         serde_json::to_writer(&mut self.metrics, row)?;
         self.metrics.write_all(b"\n")?;
-        self.metrics.flush().context("writing metrics.jsonl")
+        self.metrics.flush().context("writing metrics.jsonl")?;
+        if let Some(tensorboard) = &mut self.tensorboard {
+            tensorboard.metrics(row, detail)?;
+        }
+        Ok(())
     }
 
-    /// Appends one evaluation to `quality.jsonl` (quality over time).
-    pub fn append_quality(&self, step: u64, report: &QualityReport) -> Result<()> {
+    /// The TensorBoard event stream, with `logging.tensorboard`.
+    pub fn tensorboard(&mut self) -> Option<&mut TensorBoard> {
+        self.tensorboard.as_mut()
+    }
+
+    /// Appends one evaluation to `quality.jsonl` (quality over time), and to TensorBoard.
+    pub fn append_quality(&mut self, step: u64, report: &QualityReport) -> Result<()> {
         let path = self.root.join("quality.jsonl");
         let mut file = OpenOptions::new()
             .create(true)
@@ -182,7 +199,11 @@ impl RunDir {
         if let Some(object) = row.as_object_mut() {
             object.insert("step".into(), step.into());
         }
-        writeln!(file, "{row}").with_context(|| format!("writing {}", path.display()))
+        writeln!(file, "{row}").with_context(|| format!("writing {}", path.display()))?;
+        if let Some(tensorboard) = &mut self.tensorboard {
+            tensorboard.quality(step, report)?;
+        }
+        Ok(())
     }
 
     pub fn write_summary(&self, summary: &Summary) -> Result<()> {
@@ -192,4 +213,27 @@ impl RunDir {
         gantry_store::atomic::write(&path, text.as_bytes())
             .with_context(|| format!("writing {}", path.display()))
     }
+}
+
+/// Rewrites the JSON-lines file at `path` (atomically) keeping the rows with `step ≤ step`: the
+/// steps after a checkpoint are trained again. A torn last line (crash mid-write) has no
+/// readable step and goes too. A missing file stays missing.
+fn keep_rows_up_to(path: &Path, step: u64) -> Result<()> {
+    let old = match fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let mut kept = String::new();
+    for line in old.lines() {
+        let row_step = serde_json::from_str::<serde_json::Value>(line)
+            .ok()
+            .and_then(|v| v.get("step").and_then(serde_json::Value::as_u64));
+        if row_step.is_some_and(|s| s <= step) {
+            kept.push_str(line);
+            kept.push('\n');
+        }
+    }
+    gantry_store::atomic::write(path, kept.as_bytes())
+        .with_context(|| format!("rewriting {}", path.display()))
 }

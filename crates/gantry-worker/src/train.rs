@@ -1,6 +1,6 @@
 //! The training loop of one worker, standalone or as one rank of a data-parallel group.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
@@ -17,6 +17,7 @@ use crate::group::Group;
 use crate::progress::Progress;
 use crate::run_dir::{MetricsRow, QualityReport, RunDir, Summary};
 use crate::samples;
+use crate::tensorboard::{self, StepDetail};
 
 /// Images of every sample grid (8 × 8).
 const GRID_IMAGES: usize = 64;
@@ -130,6 +131,8 @@ pub struct Trainer {
     pub last_checkpoint: Option<u64>,
     /// Prometheus series this trainer keeps up to date, when the process exports them.
     metrics: Option<WorkerMetrics>,
+    /// The phases and gradient norms of the newest logging step, where they were measured.
+    detail: StepDetail,
 }
 
 impl Trainer {
@@ -181,7 +184,7 @@ impl Trainer {
         let sampler = GlobalSampler::new(settings.train.seed, dataset.len(), global_batch)?;
         let run = match (group.rank, resume) {
             (0, None) => Some(RunDir::create(&settings.run.dir, settings)?),
-            (0, Some(c)) => Some(RunDir::resume(&settings.run.dir, settings, c.step())?),
+            // A resumed rank 0's run directory is opened by `restore`, once.
             _ => None,
         };
         let mut trainer = Self {
@@ -202,6 +205,7 @@ impl Trainer {
             nonfinite_consecutive: 0,
             last_checkpoint: None,
             metrics: None,
+            detail: StepDetail::default(),
         };
         if let Some(c) = resume {
             trainer.restore(c)?;
@@ -211,7 +215,8 @@ impl Trainer {
 
     /// Loads a checkpoint's tensors and state (every rank reads the files). Shape-changing
     /// setting changes are refused naming the key; others are warned about. On rank 0, rows
-    /// of `metrics.jsonl` after the checkpoint's step are dropped.
+    /// of `metrics.jsonl` after the checkpoint's step are dropped, and TensorBoard's stream
+    /// continues in a new file that supersedes the earlier ones after that step.
     pub fn restore(&mut self, checkpoint: &CheckpointDir) -> Result<()> {
         for warning in checkpoint::check_compatible(&checkpoint.settings, &self.settings)? {
             tracing::warn!("warning: resuming {}: {warning}", checkpoint.path.display());
@@ -229,7 +234,7 @@ impl Trainer {
         self.nonfinite_total = state.nonfinite_total;
         self.nonfinite_consecutive = state.nonfinite_consecutive;
         self.last_checkpoint = Some(state.step);
-        if self.run.is_some() {
+        if self.group.rank == 0 {
             self.run = Some(RunDir::resume(
                 &self.settings.run.dir,
                 &self.settings,
@@ -321,19 +326,26 @@ impl Trainer {
         let timed = logging || !self.task.clock().needs_sync();
         self.task.clock().start(timed);
         let outcome = self.step_plain()?;
+        if logging {
+            self.detail = StepDetail::default();
+        }
         if let Some(phases) = self.task.clock().take() {
             let used = self.task.phases();
-            let named: Vec<(&str, f64)> = phases
+            let named: Vec<(&'static str, f64)> = phases
                 .iter()
                 .filter(|(phase, _)| used.contains(phase))
                 .map(|(phase, seconds)| (phase.name(), *seconds))
                 .collect();
             metrics.phases(&named);
+            if logging {
+                self.detail.phases = named;
+            }
         }
         if logging {
             for (part, gradient) in self.task.gradients() {
                 let norm = tch::no_grad(|| gradient.norm().double_value(&[]));
                 metrics.gradient_norm(part, norm);
+                self.detail.gradient_norms.push((part, norm));
             }
         }
         let traffic = self.group.take_traffic();
@@ -376,23 +388,25 @@ impl Trainer {
 
     /// Writes the sample grid for the current step (rank 0 only) and returns its path.
     pub fn write_samples(&mut self) -> Result<Option<PathBuf>> {
-        let Some(run) = &self.run else {
+        let Some(run) = &mut self.run else {
             return Ok(None);
         };
         let images = self.task.sample_u8(GRID_IMAGES, self.settings.train.seed);
         let written = samples::write_grid(&run.samples_dir(), self.step, &images, self.grid_shape)?;
+        image_to_tensorboard(run, self.step, tensorboard::SAMPLES_TAG, &written)?;
         // A family that reconstructs also shows held-out originals beside their
         // reconstructions (original, reconstruction, … in each row of the grid).
         if let Some(heldout) = &self.heldout {
             let pixels = heldout.image_size();
             let originals = &heldout.images()[..(GRID_IMAGES / 2).min(heldout.len()) * pixels];
             if let Some(pairs) = self.task.reconstruct_u8(originals) {
-                samples::write_named_grid(
+                let path = samples::write_named_grid(
                     &run.samples_dir(),
                     &format!("reconstruction-{:08}.png", self.step),
                     &pairs,
                     self.grid_shape,
                 )?;
+                image_to_tensorboard(run, self.step, tensorboard::RECONSTRUCTION_TAG, &path)?;
             }
         }
         Ok(Some(written))
@@ -472,12 +486,13 @@ impl Trainer {
                 metrics.statistics(&logged.statistics);
             }
             if let (Some(run), Some(logged)) = (self.run.as_mut(), logged.as_ref()) {
-                run.append_metrics(&MetricsRow {
+                let row = MetricsRow {
                     step,
                     statistics: named(&logged.statistics),
                     images_per_second: logged.images_per_second,
                     wall_seconds: train_started.elapsed().as_secs_f64(),
-                })?;
+                };
+                run.append_metrics(&row, &self.detail)?;
             }
             if self.group.rank == 0 {
                 progress.update(step, logged.as_ref().map(describe));
@@ -564,7 +579,7 @@ impl Trainer {
     /// cached) when the images are 28×28 grey digits, and for families with a likelihood the
     /// held-out negative ELBO, NLL and bits/dim (always: one pass over the held-out images). With `baseline`, also scores the untrained model of
     /// the same seed for `fid_initial`. `None` when there is nothing to evaluate.
-    pub fn evaluate(&self, baseline: bool) -> Result<Option<QualityReport>> {
+    pub fn evaluate(&mut self, baseline: bool) -> Result<Option<QualityReport>> {
         if self.group.rank != 0 {
             return Ok(None);
         }
@@ -620,7 +635,7 @@ impl Trainer {
             report.samples = n;
             report.classifier_accuracy = evaluator.classifier_accuracy();
         }
-        if let Some(run) = &self.run {
+        if let Some(run) = &mut self.run {
             run.append_quality(self.step, &report)?;
         }
         if let (Some(metrics), true) = (&self.metrics, digits) {
@@ -679,6 +694,17 @@ impl BatchSource for RankBatches<'_> {
             images,
         })
     }
+}
+
+/// Adds the grid just written to `path` to TensorBoard, when it is on: the file's own bytes,
+/// so that TensorBoard shows exactly the PNG in `samples/` (read back from the page cache, not
+/// encoded again).
+fn image_to_tensorboard(run: &mut RunDir, step: u64, tag: &str, path: &Path) -> Result<()> {
+    let Some(tensorboard) = run.tensorboard() else {
+        return Ok(());
+    };
+    let png = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    tensorboard.image(step, tag, &png)
 }
 
 /// Statistics as the JSON object of `metrics.jsonl` rows and `summary.json`'s `final`.

@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+pub mod pods;
+
 /// The repository root (this package lives in `<root>/tests`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,19 +60,30 @@ pub fn install_tools() {
 /// Renders `k8s/overlays/<overlay>` with the pinned kubectl and returns its objects as a JSON
 /// array (YAML -> JSON through the venv's PyYAML).
 pub fn render_overlay(overlay: &str) -> Vec<Value> {
+    render_kustomization(&repo_root().join("k8s").join("overlays").join(overlay))
+}
+
+/// `kubectl kustomize DIR` with the pinned kubectl: the rendered YAML stream.
+pub fn kustomize(dir: &Path) -> Vec<u8> {
     install_tools();
-    let venv = tools_venv();
-    let dir = repo_root().join("k8s").join("overlays").join(overlay);
-    let rendered = run(Command::new(venv.join("bin").join("kubectl"))
+    let rendered = run(Command::new(tools_venv().join("bin").join("kubectl"))
         .arg("kustomize")
-        .arg(&dir));
+        .arg(dir));
     assert!(
         rendered.status.success(),
         "{}",
-        describe("kubectl kustomize", &rendered)
+        describe(&format!("kubectl kustomize {}", dir.display()), &rendered)
     );
+    rendered.stdout
+}
+
+/// Renders the kustomization in `dir` and returns its objects as a JSON array (YAML -> JSON
+/// through the venv's PyYAML).
+pub fn render_kustomization(dir: &Path) -> Vec<Value> {
+    let rendered = kustomize(dir);
+    let venv = tools_venv();
     let yaml_file = tempfile::NamedTempFile::new().expect("temp file");
-    std::fs::write(yaml_file.path(), &rendered.stdout).expect("write rendered YAML");
+    std::fs::write(yaml_file.path(), &rendered).expect("write rendered YAML");
     let converted = run(Command::new(venv.join("bin").join("python"))
         .arg("-c")
         .arg(

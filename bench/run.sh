@@ -7,7 +7,9 @@
 #      Gantry and PyTorch (eager; DDP + gloo), repetitions, phases, scaling, step-time model;
 #   4. the same at batch 64 with bf16 autocast in both systems (SKIP_BF16=1 skips it);
 #   5. scripts/bench-allreduce.sh: ring (TCP and same-host shared memory) vs gloo all-reduce
-#      bus bandwidth, 1-256 MiB.
+#      bus bandwidth, 1-256 MiB;
+#   6. bench/observability_cost.py: Gantry with its TensorBoard event logs on and off
+#      (SKIP_OBSERVABILITY=1 skips it).
 # Results: bench/results/<stamp>.{json,md} and the tables on stdout. Not part of the tests.
 #
 # Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5" or
@@ -42,4 +44,10 @@ if [[ -z "${SKIP_ALLREDUCE:-}" ]]; then
     echo "All-reduce bus bandwidth, ring vs gloo (2 ranks, loopback):"
     PYTHON="$venv/bin/python" RANKS=2 SIZES_MB=1,4,16,64,256 ITERS=${ALLREDUCE_ITERS:-5} \
         scripts/bench-allreduce.sh
+fi
+
+if [[ -z "${SKIP_OBSERVABILITY:-}" ]]; then
+    echo
+    echo "The cost of TensorBoard event logs (Gantry alone, world 1, batch 64):"
+    "$venv/bin/python" bench/observability_cost.py
 fi

@@ -96,7 +96,8 @@ run_case all-reduce-abort
 if [[ -n $nccl_tests ]]; then
     echo "== NCCL tests ($nccl_tests)"
     rc=0
-    timeout --signal=KILL 600 "$nccl_tests" --test-threads=1 || rc=$?
+    # On the machine that exists to test the GPU path, a test that skips is a failure.
+    GANTRY_REQUIRE_GPU=1 timeout --signal=KILL 600 "$nccl_tests" --test-threads=1 || rc=$?
     if [[ $rc -ne 0 ]]; then
         failures=$((failures + 1))
         results+=("nccl tests	$nccl_tests	exit $rc	-	-	FAIL")

@@ -82,10 +82,12 @@ fn ensure_nccl() -> Result<(), CollectiveError> {
     }
 }
 
-/// The oldest NCCL with non-blocking communicators (`ncclCommInitRankConfig`,
-/// `ncclCommFinalize`). Checked before their first use: cudarc's loader panics on a missing
-/// symbol.
-const OLDEST_NCCL: u32 = nccl_version(2, 14, 0);
+/// The oldest NCCL this backend runs on: the release its bindings are generated for
+/// (cudarc's `nccl-02028`, matching the `nvidia-nccl-cu13==2.28.9` wheel the project ships).
+/// An older library may lack a symbol the bindings declare (cudarc's loader panics on a missing
+/// one) or read `ncclConfig_t` with another layout; newer ones read this layout by its `size`
+/// and `version`. Checked before the first non-blocking call.
+const OLDEST_NCCL: u32 = nccl_version(2, 28, 0);
 
 fn ensure_nonblocking_nccl() -> Result<(), CollectiveError> {
     let version = cudarc::nccl::result::get_nccl_version().map_err(nccl_err("ncclGetVersion"))?;
@@ -93,7 +95,9 @@ fn ensure_nonblocking_nccl() -> Result<(), CollectiveError> {
         Ok(())
     } else {
         Err(CollectiveError::NcclUnavailable(format!(
-            "NCCL {version} is too old: non-blocking communicators need 2.14 or later"
+            "libnccl reports version code {version}, older than 2.28 (22800), the release \
+             Gantry's NCCL bindings are built for; install nvidia-nccl-cu13 2.28 or later, or \
+             point LD_LIBRARY_PATH at it ({LIB_HINT})"
         )))
     }
 }
@@ -109,13 +113,11 @@ pub(crate) const fn nccl_version(major: u32, minor: u32, patch: u32) -> u32 {
     }
 }
 
-/// The release whose `ncclConfig_t` layout cudarc's bindings declare: its `nccl` feature is
-/// `nccl-02030`, whose `ncclConfig_t` is `ncclConfig_v22800` with the fields up to
-/// `maxP2pPeers`. NCCL reads a config by its `size` and `version`: it copies at most the
-/// bytes of its own `ncclConfig_t` and resets to defaults the fields that `version`
-/// predates. So an older library (the project's 2.28.9 lacks the last three fields) takes
-/// the prefix it knows, and a newer one defaults what this layout does not have.
-const CONFIG_VERSION: u32 = nccl_version(2, 30, 0);
+/// The release whose `ncclConfig_t` layout the bindings declare: cudarc's `nccl-02028`
+/// (`ncclConfig_v22800` up to `nvlinkCentricSched`), the layout of the 2.28.9 library the
+/// project ships. NCCL reads a config by its `size` and `version`, so a newer library takes
+/// this prefix and defaults the fields it added.
+const CONFIG_VERSION: u32 = nccl_version(2, 28, 9);
 /// `NCCL_CONFIG_INITIALIZER`'s magic; NCCL refuses a config without it.
 const CONFIG_MAGIC: u32 = 0xcafe_beef;
 /// `NCCL_CONFIG_UNDEF_INT`: "not set, use NCCL's default or environment".
@@ -144,9 +146,6 @@ pub(crate) fn config_initializer() -> nccl::ncclConfig_t {
         nvlsCTAs: CONFIG_UNDEF_INT,
         nChannelsPerNetPeer: CONFIG_UNDEF_INT,
         nvlinkCentricSched: CONFIG_UNDEF_INT,
-        graphUsageMode: CONFIG_UNDEF_INT,
-        numRmaCtx: CONFIG_UNDEF_INT,
-        maxP2pPeers: CONFIG_UNDEF_INT,
     }
 }
 
@@ -908,17 +907,17 @@ mod tests {
         assert_eq!(nccl_version(2, 28, 9), 22809);
         assert_eq!(nccl_version(2, 9, 0), 20900);
         assert_eq!(nccl_version(2, 14, 0), 21400);
-        assert_eq!(CONFIG_VERSION, 23000);
+        assert_eq!(CONFIG_VERSION, 22809);
     }
 
     #[test]
     fn config_initializer_matches_nccl_config_initializer() {
         let c = config_initializer();
         assert_eq!(c.size, std::mem::size_of::<nccl::ncclConfig_t>());
-        // size_t, two unsigned ints, 15 ints and 2 pointers, padded to 8: the 2.30 layout.
-        assert_eq!(c.size, 96);
+        // size_t, two unsigned ints, 12 ints and 2 pointers: the 2.28 layout.
+        assert_eq!(c.size, 80);
         assert_eq!(c.magic, 0xcafe_beef);
-        assert_eq!(c.version, nccl_version(2, 30, 0));
+        assert_eq!(c.version, nccl_version(2, 28, 9));
         let ints = [
             c.blocking,
             c.cgaClusterSize,
@@ -932,9 +931,6 @@ mod tests {
             c.nvlsCTAs,
             c.nChannelsPerNetPeer,
             c.nvlinkCentricSched,
-            c.graphUsageMode,
-            c.numRmaCtx,
-            c.maxP2pPeers,
         ];
         assert!(ints.iter().all(|&v| v == i32::MIN), "{ints:?}");
         assert!(c.netName.is_null() && c.commName.is_null());

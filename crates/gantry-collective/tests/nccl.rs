@@ -1,6 +1,7 @@
 //! NCCL backend tests. They need `libnccl.so` on the loader path (e.g.
 //! `LD_LIBRARY_PATH=.cache/libtorch/site/nvidia/nccl/lib`) and, for the
-//! device tests, a CUDA GPU; without them they print why and skip.
+//! device tests, a CUDA GPU; without them they print why and skip, unless
+//! `GANTRY_REQUIRE_GPU=1`, where every skip is a failure.
 
 use gantry_collective::nccl::{
     DeviceDType, NCCL_ID_BYTES, NcclCollective, NcclId, cuda_device_count, nccl_library_present,
@@ -15,10 +16,33 @@ fn gpu_count() -> usize {
     cuda_device_count().unwrap_or(0)
 }
 
+/// Whether the GPU tests can run here; if not, says why and the test returns early. On a
+/// machine meant to test the GPU path (`GANTRY_REQUIRE_GPU=1`, as `scripts/gpu-smoke.sh`
+/// sets) a skip would let a broken set-up pass for a tested one: there it fails instead.
+fn gpu_ready() -> bool {
+    if !nccl_library_present() {
+        skipping("libnccl.so not found on the loader path");
+        false
+    } else if gpu_count() == 0 {
+        skipping("no CUDA device");
+        false
+    } else {
+        true
+    }
+}
+
+fn skipping(why: &str) {
+    assert!(
+        std::env::var("GANTRY_REQUIRE_GPU").as_deref() != Ok("1"),
+        "GANTRY_REQUIRE_GPU=1, but {why}"
+    );
+    println!("skipped: {why}");
+}
+
 #[test]
 fn nccl_unique_id_is_created_without_gpu() {
     if !nccl_library_present() {
-        println!("skipped: libnccl.so not found on the loader path");
+        skipping("libnccl.so not found on the loader path");
         assert!(matches!(
             NcclId::new(),
             Err(CollectiveError::NcclUnavailable(_))
@@ -78,8 +102,7 @@ fn nccl_creation_with_an_aborted_handle_fails_as_aborted() {
 
 #[test]
 fn nccl_init_with_a_missing_rank_times_out() {
-    if !nccl_library_present() || gpu_count() == 0 {
-        println!("skipped: no CUDA device");
+    if !gpu_ready() {
         return;
     }
     // World 2, rank 1 never joins: the non-blocking creation is polled until the timeout,
@@ -97,8 +120,7 @@ fn nccl_init_with_a_missing_rank_times_out() {
 
 #[test]
 fn nccl_abort_through_the_handle_fails_the_next_operation() {
-    if !nccl_library_present() || gpu_count() == 0 {
-        println!("skipped: no CUDA device");
+    if !gpu_ready() {
         return;
     }
     let id = NcclId::new().unwrap();
@@ -115,8 +137,7 @@ fn nccl_abort_through_the_handle_fails_the_next_operation() {
 
 #[test]
 fn nccl_world_one_host_ops() {
-    if !nccl_library_present() || gpu_count() == 0 {
-        println!("skipped: no CUDA device");
+    if !gpu_ready() {
         return;
     }
     let id = NcclId::new().unwrap();
@@ -138,8 +159,7 @@ fn nccl_world_one_host_ops() {
 #[test]
 fn nccl_world_one_device_all_reduce() {
     use cudarc::driver::{CudaContext, DevicePtrMut};
-    if !nccl_library_present() || gpu_count() == 0 {
-        println!("skipped: no CUDA device");
+    if !gpu_ready() {
         return;
     }
     let id = NcclId::new().unwrap();
@@ -169,8 +189,7 @@ fn nccl_world_one_device_all_reduce() {
 #[test]
 fn nccl_world_one_device_broadcast_through_the_trait() {
     use cudarc::driver::{CudaContext, DevicePtrMut};
-    if !nccl_library_present() || gpu_count() == 0 {
-        println!("skipped: no CUDA device");
+    if !gpu_ready() {
         return;
     }
     let id = NcclId::new().unwrap();

@@ -1,10 +1,17 @@
-//! `coordinator`: runs a data-parallel GAN job across a group of workers.
+//! `coordinator`: runs a data-parallel training job (any model family) across a group of
+//! workers, or, as `coordinator status|pause|resume|checkpoint|stop`, operates a running one.
 //!
 //! `coordinator --workers N` starts N local worker processes; `--expect-workers N` waits for N
 //! external ones (`worker --coordinator URL`, as on Kubernetes). Either way it assigns ranks,
 //! hands out the effective configuration, watches heartbeats and exit statuses, restarts the
 //! whole group from the newest checkpoint after a failure (up to `cluster.max_restarts`), and
 //! writes `summary.json` when the job is done.
+//!
+//! - [`job`]: the job's state machine (a generation's phases, the events they raise).
+//! - [`supervise`](mod@supervise): what the process does about those events, signals and local workers.
+//! - [`service`], [`auth`], [`admit`]: the gRPC face, its credentials and Join validation.
+//! - [`http`], [`history`]: the status page, `/metrics` and the charts' history.
+//! - [`spawn`]: local worker processes; [`operate`]: the operator's commands.
 
 mod admit;
 mod auth;

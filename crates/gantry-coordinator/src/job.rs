@@ -181,6 +181,30 @@ struct Speaker<'a> {
     credential: &'a str,
 }
 
+/// A worker RPC after Join: it names the member it speaks for.
+trait FromMember {
+    fn speaker(&self) -> Speaker<'_>;
+}
+
+/// Every such request carries the member's (worker, rank, generation) and session credential
+/// under the same field names.
+macro_rules! from_member {
+    ($($request:ty),+) => {$(
+        impl FromMember for $request {
+            fn speaker(&self) -> Speaker<'_> {
+                Speaker {
+                    worker_id: &self.worker_id,
+                    rank: self.rank,
+                    generation: self.generation,
+                    credential: &self.session_credential,
+                }
+            }
+        }
+    )+};
+}
+
+from_member!(HeartbeatRequest, FinishRequest, ShareNcclIdRequest);
+
 type PendingJoin = (JoinRequest, oneshot::Sender<Result<JoinResponse, Status>>);
 
 /// Waiting for the whole group to join.
@@ -572,15 +596,7 @@ impl Job {
     ) -> Result<oneshot::Receiver<Vec<u8>>, ClusterError> {
         let mut guard = self.lock();
         let state = &mut *guard;
-        Self::member_mut(
-            state,
-            Speaker {
-                worker_id: &request.worker_id,
-                rank: request.rank,
-                generation: request.generation,
-                credential: &request.session_credential,
-            },
-        )?;
+        Self::member_mut(state, request.speaker())?;
         let generation = state.generation;
         let training = match &mut state.current {
             Generation::Training(t) => t,
@@ -638,15 +654,7 @@ impl Job {
     pub fn heartbeat(&self, hb: &HeartbeatRequest) -> Result<HeartbeatResponse, ClusterError> {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let member = Self::member_mut(
-            state,
-            Speaker {
-                worker_id: &hb.worker_id,
-                rank: hb.rank,
-                generation: hb.generation,
-                credential: &hb.session_credential,
-            },
-        )?;
+        let member = Self::member_mut(state, hb.speaker())?;
         member.last_seen = Instant::now();
         member.state = WorkerState::try_from(hb.state).unwrap_or(WorkerState::Unspecified);
         member.step = hb.step;
@@ -693,15 +701,7 @@ impl Job {
     pub fn finish(&self, request: &FinishRequest) -> Result<(), ClusterError> {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let member = Self::member_mut(
-            state,
-            Speaker {
-                worker_id: &request.worker_id,
-                rank: request.rank,
-                generation: request.generation,
-                credential: &request.session_credential,
-            },
-        )?;
+        let member = Self::member_mut(state, request.speaker())?;
         member.last_seen = Instant::now();
         member.step = member.step.max(request.step);
         member.finished = Some(if request.ok {

@@ -202,6 +202,12 @@ pub struct Model {
     pub kind: ModelKind,
     pub latent_dim: usize,
     pub batch_norm: bool,
+    /// Class-conditional generation, for every family: the data set's labels go into the
+    /// model (the GAN's generator and projection discriminator, the VAE's encoder and decoder,
+    /// a class bias in each autoregressive layer), samples are drawn by class, and the class
+    /// names are saved in every checkpoint. Needs a labelled data set: the MNIST family's
+    /// label files, or a `folder:` set with one sub-folder per class.
+    pub conditional: bool,
 }
 
 impl Default for Model {
@@ -211,6 +217,7 @@ impl Default for Model {
             kind: ModelKind::Mlp,
             latent_dim: 100,
             batch_norm: true,
+            conditional: false,
         }
     }
 }

@@ -13,6 +13,9 @@ pub struct Dataset {
     /// `len × channels × height × width` bytes.
     images: Vec<u8>,
     labels: Option<Vec<u8>>,
+    /// Name of each class, indexed by label byte; only ever set on a labelled
+    /// data set whose labels are all `< class_names.len()`.
+    class_names: Option<Vec<String>>,
     len: usize,
     channels: usize,
     height: usize,
@@ -60,6 +63,7 @@ impl Dataset {
             name,
             images,
             labels,
+            class_names: None,
             len,
             channels,
             height,
@@ -154,9 +158,92 @@ impl Dataset {
         self.labels.as_deref()
     }
 
+    /// The name of each class, indexed by label byte, if they were set (see
+    /// [`Dataset::with_class_names`]).
+    pub fn class_names(&self) -> Option<&[String]> {
+        self.class_names.as_deref()
+    }
+
+    /// Names the classes: `names[l]` is the class of label byte `l`.
+    ///
+    /// Fails, naming the data set, if it has no labels, if `names` is empty,
+    /// longer than 256 (labels are one byte) or holds a name twice, or if a
+    /// label is `>= names.len()`.
+    pub fn with_class_names(mut self, names: Vec<String>) -> Result<Self, DataError> {
+        let err = |reason: String| DataError::ClassNames {
+            name: self.name.clone(),
+            reason,
+        };
+        let Some(labels) = &self.labels else {
+            return Err(err("the data set has no labels".into()));
+        };
+        if names.is_empty() {
+            return Err(err("no class names given".into()));
+        }
+        if names.len() > 256 {
+            return Err(err(format!(
+                "{} class names, at most 256 (labels are one byte)",
+                names.len()
+            )));
+        }
+        let mut seen = std::collections::HashSet::with_capacity(names.len());
+        if let Some(dup) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(err(format!("class name {dup:?} appears more than once")));
+        }
+        if let Some((i, &l)) = labels
+            .iter()
+            .enumerate()
+            .find(|&(_, &l)| usize::from(l) >= names.len())
+        {
+            return Err(err(format!(
+                "example {i} has label {l}, but only {} class names are given",
+                names.len()
+            )));
+        }
+        self.class_names = Some(names);
+        Ok(self)
+    }
+
+    /// The number of classes of a labelled data set: the number of class names
+    /// if they are set, else the largest label + 1 (10 for MNIST and
+    /// Fashion-MNIST). Without names, a part that happens to lack the largest
+    /// label reports fewer classes, so set names on anything cut from a larger
+    /// set before relying on this. `None` for an unlabelled data set;
+    /// `Some(0)` for an empty labelled one without names.
+    pub fn classes(&self) -> Option<usize> {
+        let labels = self.labels.as_deref()?;
+        Some(match &self.class_names {
+            Some(names) => names.len(),
+            None => labels.iter().max().map_or(0, |&l| usize::from(l) + 1),
+        })
+    }
+
+    /// The examples at `indices`, in that order (repeats allowed), as a data
+    /// set named `NAME[subset of N]` (`N = indices.len()`) that keeps the
+    /// labels and class names.
+    ///
+    /// # Panics
+    /// If an index is `>= len()`.
+    pub fn subset(&self, indices: &[usize]) -> Dataset {
+        let mut images = Vec::with_capacity(indices.len() * self.image_size());
+        for &i in indices {
+            images.extend_from_slice(self.image(i));
+        }
+        Dataset {
+            name: format!("{}[subset of {}]", self.name, indices.len()),
+            images,
+            labels: self.labels.as_ref().map(|_| self.labels_of(indices)),
+            class_names: self.class_names.clone(),
+            len: indices.len(),
+            channels: self.channels,
+            height: self.height,
+            width: self.width,
+        }
+    }
+
     /// Splits by position into `[0, first_n)` and `[first_n, len)`, e.g. a
     /// training set and a held-out set. The parts are named
-    /// `NAME[..first_n]` and `NAME[first_n..]`.
+    /// `NAME[..first_n]` and `NAME[first_n..]`; both keep the class names.
     ///
     /// # Panics
     /// If `first_n > len()`.
@@ -172,6 +259,7 @@ impl Dataset {
             name,
             images: images.to_vec(),
             labels: labels.map(<[u8]>::to_vec),
+            class_names: self.class_names.clone(),
             len,
             channels: self.channels,
             height: self.height,
@@ -341,5 +429,81 @@ mod tests {
         let (all, none) = small().split(3);
         assert_eq!((all.len(), none.len()), (3, 0));
         assert!(none.is_empty());
+    }
+
+    fn names(n: &[&str]) -> Vec<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn class_names_are_checked_against_the_labels() {
+        let d = small()
+            .with_class_names(names(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]))
+            .unwrap();
+        assert_eq!(d.class_names().unwrap()[7], "7");
+        assert_eq!(d.classes(), Some(10));
+
+        let err = |d: Dataset, n: Vec<String>| d.with_class_names(n).unwrap_err().to_string();
+        let unlabelled = Dataset::new("u", vec![0; 4], None, 1, 2, 2).unwrap();
+        assert_eq!(
+            err(unlabelled, names(&["a"])),
+            "u: invalid class names: the data set has no labels"
+        );
+        assert!(err(small(), vec![]).contains("no class names"));
+        let too_few = err(small(), names(&["a", "b", "c", "d", "e", "f", "g", "h"]));
+        assert!(
+            too_few.contains("example 1 has label 8, but only 8 class names"),
+            "{too_few}"
+        );
+        let mut ten = names(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]);
+        ten[3] = "8".into();
+        assert!(err(small(), ten).contains("\"8\" appears more than once"));
+        let many: Vec<String> = (0..257).map(|i| i.to_string()).collect();
+        assert!(err(small(), many).contains("257 class names, at most 256"));
+    }
+
+    #[test]
+    fn classes_counts_from_labels_or_names() {
+        assert_eq!(small().classes(), Some(10), "largest label 9 → 10");
+        let unlabelled = Dataset::new("u", vec![0; 4], None, 1, 2, 2).unwrap();
+        assert_eq!(unlabelled.classes(), None);
+        let empty = Dataset::new("e", vec![], Some(vec![]), 1, 2, 2).unwrap();
+        assert_eq!(empty.classes(), Some(0));
+        let named = Dataset::new("n", vec![0; 8], Some(vec![0, 1]), 1, 2, 2)
+            .unwrap()
+            .with_class_names(names(&["cat", "dog", "emu"]))
+            .unwrap();
+        assert_eq!(named.classes(), Some(3), "names win over max label + 1");
+    }
+
+    #[test]
+    fn split_and_subset_keep_labels_and_names() {
+        let d = small()
+            .with_class_names(names(&["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"]))
+            .unwrap();
+        let (a, b) = d.split(2);
+        assert_eq!(a.class_names(), d.class_names());
+        assert_eq!(b.class_names(), d.class_names());
+        assert_eq!(b.classes(), Some(10));
+
+        let s = d.subset(&[2, 0, 2]);
+        assert_eq!(s.name(), "small[subset of 3]");
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.image(0), &[20, 21, 22, 23]);
+        assert_eq!(s.image(1), &[0, 1, 2, 3]);
+        assert_eq!(s.labels(), Some(&[9u8, 7, 9][..]));
+        assert_eq!(s.class_names(), d.class_names());
+        assert_eq!(s.image_shape(), (1, 2, 2));
+
+        let unlabelled = Dataset::new("u", vec![1, 2, 3, 4], None, 1, 1, 1).unwrap();
+        let s = unlabelled.subset(&[3]);
+        assert_eq!((s.images(), s.labels()), (&[4u8][..], None));
+        assert!(unlabelled.subset(&[]).is_empty());
+    }
+
+    #[test]
+    #[should_panic(expected = "out of range")]
+    fn subset_panics_on_bad_index() {
+        small().subset(&[0, 3]);
     }
 }

@@ -125,6 +125,20 @@ pub enum DataError {
     /// Sampler parameters that cannot produce any batch.
     #[error("invalid sampler: {0}")]
     InvalidSampler(String),
+
+    /// Class names that do not fit a data set's labels (or a folder whose class
+    /// sub-folders cannot be class names); `name` is the data set or folder.
+    #[error("{name}: invalid class names: {reason}")]
+    ClassNames { name: String, reason: String },
+
+    /// An export's final path is already taken; nothing was written.
+    #[error("{path}: already exists; not overwriting")]
+    AlreadyExists { path: String },
+
+    /// An export's input cannot be written as asked (shape, labels, class names);
+    /// `path` is the final path, which was left absent.
+    #[error("{path}: cannot export: {reason}")]
+    Export { path: String, reason: String },
 }
 
 fn list_failures(failures: &[(String, DataError)]) -> String {

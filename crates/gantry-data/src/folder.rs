@@ -2,9 +2,23 @@
 //!
 //! Every `*.png`, `*.jpg` and `*.jpeg` under the folder (recursively, any case of extension) is
 //! decoded, converted to grey or RGB, resized so its shortest side is `image_size` (bilinear),
-//! and centre-cropped to `image_size × image_size`. Files are visited in sorted path order, so
-//! example `i` is the same file on every rank and every run: the sampler's data order stays a
-//! pure function of `(seed, step)`.
+//! and centre-cropped to `image_size × image_size`; an image that already is
+//! `image_size × image_size` is taken as decoded, pixel for pixel. Files are visited in sorted
+//! path order, so example `i` is the same file on every rank and every run: the sampler's data
+//! order stays a pure function of `(seed, step)`.
+//!
+//! # Labels from sub-folders
+//!
+//! If every image file sits somewhere inside a first-level sub-folder (`PATH/<class>/…/*.png`),
+//! the data set is labelled: the classes are the names of those first-level sub-folders that
+//! hold at least one image file, sorted by name in byte order, and an image's label is the index
+//! of its first-level folder among them (so [`Dataset::class_names`] is set). A single image
+//! file directly in `PATH` makes the whole data set unlabelled, as does an empty listing; files
+//! that are not images (a `README.txt` next to the class folders) never count. Classes are
+//! decided from the file listing before anything is decoded, so a skipped file never renumbers
+//! them and labels stay aligned with the images kept; a class whose files all fail to decode
+//! keeps its index and has no examples. Class folder names must be UTF-8, and there can be at
+//! most 256 classes (labels are one byte).
 //!
 //! A file that does not decode is warned about by path and skipped; more than
 //! `max_bad_files` of them fail the load, naming them all, because at that point the folder
@@ -47,6 +61,7 @@ pub fn load(
     let mut files = Vec::new();
     collect(dir, &mut files)?;
     files.sort();
+    let classes = class_labels(dir, &files)?;
     let side = u32::try_from(image_size).map_err(|_| DataError::Shape {
         name: dir.display().to_string(),
         reason: format!("image_size {image_size} is too large"),
@@ -54,10 +69,17 @@ pub fn load(
 
     let per_image = channels * image_size * image_size;
     let mut pixels = Vec::with_capacity(files.len() * per_image);
+    let mut labels = Vec::with_capacity(files.len());
     let mut skipped = Vec::new();
-    for file in &files {
+    for (i, file) in files.iter().enumerate() {
         match image::open(file) {
-            Ok(img) => append_chw(&square(&img, side), channels, &mut pixels),
+            Ok(img) => {
+                append_chw(&square(&img, side), channels, &mut pixels);
+                // Pushed only for kept images, so labels stay aligned with pixels.
+                if let Some(classes) = &classes {
+                    labels.push(classes.file_labels[i]);
+                }
+            }
             Err(e) => {
                 tracing::warn!(file = %file.display(), error = %e, "skipping unreadable image");
                 skipped.push((file.clone(), e.to_string()));
@@ -83,8 +105,72 @@ pub fn load(
         });
     }
     let name = format!("folder:{}", dir.display());
-    let dataset = Dataset::new(name, pixels, None, channels, image_size, image_size)?;
+    let dataset = match classes {
+        Some(Classes { names, .. }) => {
+            Dataset::new(name, pixels, Some(labels), channels, image_size, image_size)?
+                .with_class_names(names)?
+        }
+        None => Dataset::new(name, pixels, None, channels, image_size, image_size)?,
+    };
     Ok(FolderData { dataset, skipped })
+}
+
+/// Class names from sub-folders, and the label of each listed file.
+struct Classes {
+    names: Vec<String>,
+    /// One per file of the sorted listing, kept or skipped.
+    file_labels: Vec<u8>,
+}
+
+/// The class names and one label per file of `files` (sorted, all under `dir`), or `None` if
+/// the folder is unlabelled because some image sits directly in `dir` (or there are none).
+fn class_labels(dir: &Path, files: &[PathBuf]) -> Result<Option<Classes>, DataError> {
+    let class_err = |reason: String| DataError::ClassNames {
+        name: dir.display().to_string(),
+        reason,
+    };
+    let mut folders = Vec::with_capacity(files.len());
+    for file in files {
+        // `collect` builds every path by joining onto `dir`, so the prefix is always there.
+        let rel = file.strip_prefix(dir).unwrap_or(file);
+        let mut parts = rel.components();
+        let (Some(first), Some(_)) = (parts.next(), parts.next()) else {
+            return Ok(None);
+        };
+        let folder = first.as_os_str().to_str().ok_or_else(|| {
+            class_err(format!(
+                "class folder {:?} is not UTF-8",
+                dir.join(first.as_os_str())
+            ))
+        })?;
+        folders.push(folder);
+    }
+    if folders.is_empty() {
+        return Ok(None);
+    }
+    // `str`'s order is byte order, the order promised in the module docs.
+    let mut names: Vec<&str> = folders.clone();
+    names.sort_unstable();
+    names.dedup();
+    if names.len() > 256 {
+        return Err(class_err(format!(
+            "{} class sub-folders hold images, at most 256 (labels are one byte)",
+            names.len()
+        )));
+    }
+    let file_labels = folders
+        .iter()
+        .map(|f| {
+            let index = names
+                .binary_search(f)
+                .expect("every folder is in the name list");
+            u8::try_from(index).expect("at most 256 classes")
+        })
+        .collect();
+    Ok(Some(Classes {
+        names: names.into_iter().map(str::to_owned).collect(),
+        file_labels,
+    }))
 }
 
 fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
@@ -111,6 +197,11 @@ fn collect(dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), DataError> {
 /// Resizes the shortest side to `side` and crops the centre `side × side`.
 fn square(img: &DynamicImage, side: u32) -> DynamicImage {
     let (w, h) = img.dimensions();
+    if (w, h) == (side, side) {
+        // Already the target size: keep the decoded pixels (and colour type) untouched, so
+        // an exported tree loads back bit for bit.
+        return img.clone();
+    }
     // Round the long side, never below `side`, so the crop always fits.
     let (nw, nh) = if w <= h {
         (
@@ -222,6 +313,91 @@ mod tests {
             "{err}"
         );
         assert!(load(dir.path(), 8, 1, 2).is_ok());
+    }
+
+    #[test]
+    fn a_top_level_image_makes_the_folder_unlabelled() {
+        // The fixture has `sub/b_grey.PNG` but also images directly in the folder.
+        let data = load(folder().path(), 4, 1, 10).unwrap();
+        assert_eq!(data.dataset.labels(), None);
+        assert_eq!(data.dataset.class_names(), None);
+        assert_eq!(data.dataset.classes(), None);
+    }
+
+    fn grey(dir: &Path, rel: &str, value: u8) {
+        let path = dir.join(rel);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        ImageBuffer::from_fn(3, 3, |_, _| Luma([value]))
+            .save(path)
+            .unwrap();
+    }
+
+    #[test]
+    fn sub_folders_are_classes_and_a_skipped_file_does_not_shift_labels() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        grey(root, "emu/y.png", 31);
+        grey(root, "emu/deep/x.png", 30);
+        grey(root, "cat/b.png", 11);
+        grey(root, "cat/a.png", 10);
+        grey(root, "dog/a.png", 20);
+        // Sorts first in `dog`: if skipping it shifted anything, `dog/a.png` would be mislabelled.
+        fs::write(root.join("dog/000_bad.png"), b"not a png").unwrap();
+        fs::create_dir_all(root.join("empty/nested")).unwrap();
+        fs::create_dir(root.join("notes")).unwrap();
+        fs::write(root.join("notes/readme.txt"), "no images here").unwrap();
+        fs::write(root.join("README.txt"), "top-level non-images do not count").unwrap();
+
+        let data = load(root, 3, 1, 1).unwrap();
+        let d = &data.dataset;
+        assert_eq!(data.skipped.len(), 1);
+        assert!(data.skipped[0].0.ends_with("dog/000_bad.png"));
+        assert_eq!(
+            d.class_names().unwrap(),
+            ["cat", "dog", "emu"],
+            "only folders holding images, sorted"
+        );
+        assert_eq!(d.classes(), Some(3));
+        // Sorted paths: cat/a, cat/b, dog/a, emu/deep/x, emu/y.
+        assert_eq!(d.labels(), Some(&[0u8, 0, 1, 2, 2][..]));
+        let firsts: Vec<u8> = (0..d.len()).map(|i| d.image(i)[0]).collect();
+        assert_eq!(firsts, [10, 11, 20, 30, 31]);
+    }
+
+    #[test]
+    fn class_names_sort_in_byte_order() {
+        let dir = tempfile::tempdir().unwrap();
+        grey(dir.path(), "a/1.png", 1);
+        grey(dir.path(), "B/1.png", 2);
+        grey(dir.path(), "a b/1.png", 3);
+        let d = load(dir.path(), 3, 1, 0).unwrap().dataset;
+        assert_eq!(d.class_names().unwrap(), ["B", "a", "a b"]);
+        // Files come in path order (component by component), labels follow the folder.
+        let firsts: Vec<u8> = (0..d.len()).map(|i| d.image(i)[0]).collect();
+        assert_eq!(firsts, [2, 1, 3]);
+        assert_eq!(d.labels(), Some(&[0u8, 1, 2][..]));
+    }
+
+    #[test]
+    fn images_already_at_the_target_size_load_bit_for_bit() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = ImageBuffer::from_fn(16, 16, |x, y| Luma([(y * 16 + x) as u8]));
+        all.save(dir.path().join("grey.png")).unwrap();
+        let d = load(dir.path(), 16, 1, 0).unwrap().dataset;
+        let want: Vec<u8> = (0..=255).collect();
+        assert_eq!(d.image(0), &want[..]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let rgb = ImageBuffer::from_fn(3, 3, |x, y| {
+            let v = (y * 3 + x) as u8;
+            Rgb([v, 100 + v, 200 + v])
+        });
+        rgb.save(dir.path().join("rgb.png")).unwrap();
+        let d = load(dir.path(), 3, 3, 0).unwrap().dataset;
+        let want: Vec<u8> = (0..3u8)
+            .flat_map(|c| (0..9u8).map(move |v| 100 * c + v))
+            .collect();
+        assert_eq!(d.image(0), &want[..], "CHW, unchanged");
     }
 
     #[test]

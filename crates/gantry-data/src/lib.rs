@@ -15,7 +15,10 @@
 //!   fallback; once cached, loading never touches the network.
 //! * [`folder`] reads a folder of PNG/JPEG files (grey or RGB), resized and
 //!   centre-cropped to one square size, skipping a bounded number of
-//!   unreadable files.
+//!   unreadable files; a folder of class sub-folders becomes a labelled set.
+//! * [`export`] writes a generated data set as an IDX pair or a tree of PNGs
+//!   per class, atomically and never over an existing path; both read back
+//!   through [`idx`] and [`folder`] unchanged.
 //! * [`sampler`] decides which examples make up each global batch as a pure
 //!   function of `(seed, step)`, so data order survives resume and does not
 //!   depend on how many ranks share the batch.
@@ -28,6 +31,7 @@ pub mod dataset;
 pub mod download;
 pub mod embedded;
 mod error;
+pub mod export;
 pub mod folder;
 pub mod idx;
 pub mod sampler;

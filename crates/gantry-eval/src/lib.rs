@@ -14,11 +14,21 @@
 //! - `class_histogram` and `classes_covered`: argmax predictions per digit, and how many digits
 //!   get at least [`stats::COVERAGE_PERCENT`]% of them (mode collapse shows here first).
 //!
+//! For images generated for known classes (a conditional model), [`Evaluator::score_labelled`]
+//! adds how often the classifier agrees with the class asked for, and a Fréchet distance per
+//! class against the held-out digits of that class.
+//!
+//! [`augment`] measures generated digits differently: as extra training data for a fresh copy
+//! of the same classifier, scored by its accuracy on the held-out digits. [`export`] writes a
+//! checkpoint's samples to disk.
+//!
 //! Everything runs on the CPU: scoring a thousand images takes a fraction of a second, and
 //! the numbers then do not depend on which device a run trained on.
 
+pub mod augment;
 mod cache;
 mod classifier;
+pub mod export;
 pub mod stats;
 
 use std::path::{Path, PathBuf};
@@ -95,6 +105,33 @@ pub struct Quality {
     pub class_histogram: [u32; NUM_CLASSES],
 }
 
+/// The scores of images generated for given classes (see [`Evaluator::score_labelled`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LabelledQuality {
+    /// The scores of the images as a whole, as [`Evaluator::score`] gives them.
+    #[serde(flatten)]
+    pub quality: Quality,
+    /// Fraction of the images the classifier assigns to the class they were generated for.
+    pub label_accuracy: f64,
+    /// One entry per class that occurs among the labels, in increasing class order.
+    pub per_class: Vec<ClassScore>,
+}
+
+/// The scores of the images generated for one class.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClassScore {
+    pub class: u8,
+    /// Images labelled with this class.
+    pub samples: usize,
+    /// Fraction of them the classifier assigns to this class.
+    pub accuracy: f64,
+    /// Fréchet distance in the classifier's feature space between them and the held-out real
+    /// digits of this class (about 100 of each). On the same scale as [`Quality::fid`] but
+    /// from far fewer samples, so biased upwards more: compare classes and models at equal
+    /// sample counts.
+    pub fid: f64,
+}
+
 /// Where the evaluator's classifier came from.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ClassifierSource {
@@ -113,6 +150,8 @@ pub struct Evaluator {
     /// Owns the weights `net` uses.
     _vs: VarStore,
     reference: Gaussian,
+    /// The held-out digits' fit per digit, indexed by digit.
+    class_reference: Vec<Gaussian>,
     accuracy: f64,
     source: ClassifierSource,
     weights_path: PathBuf,
@@ -142,7 +181,7 @@ impl Evaluator {
         }
 
         let start = Instant::now();
-        let (vs, net) = classifier::train(&data.train)?;
+        let (vs, net) = classifier::train(&data.train, classifier::Recipe::EVALUATOR)?;
         let seconds = start.elapsed().as_secs_f64();
         let evaluator = Self::new(
             vs,
@@ -189,10 +228,14 @@ impl Evaluator {
         let labels = held.labels().unwrap_or_default();
         let predicted = argmax(&logits)?;
         let correct = predicted.iter().zip(labels).filter(|(p, l)| p == l).count();
+        let class_reference = (0..NUM_CLASSES as u8)
+            .map(|digit| Gaussian::fit_tensor(&rows_of(&features, labels, digit)?))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             net,
             _vs: vs,
             reference: Gaussian::fit_tensor(&features)?,
+            class_reference,
             accuracy: correct as f64 / held.len() as f64,
             source,
             weights_path: weights_path.to_owned(),
@@ -223,14 +266,70 @@ impl Evaluator {
             )));
         }
         let (features, logits) = self.net.infer(images_u8, n)?;
-        let fid = stats::frechet_distance(&Gaussian::fit_tensor(&features)?, &self.reference)?;
+        self.quality(&features, &logits)
+    }
+
+    /// [`Evaluator::score`] of images that were generated for known classes: `labels[i]` is
+    /// the digit image `i` was asked to be (`images` holds `labels.len()` images).
+    ///
+    /// Every label must be a digit 0-9, and every class that occurs must occur at least twice
+    /// (its Fréchet distance needs a covariance); classes that do not occur are left out of
+    /// `per_class`. The whole-set scores compare against all held-out digits, so a set
+    /// generated for only some digits has a high `fid` by design; read `per_class` then.
+    pub fn score_labelled(
+        &self,
+        images_u8: &[u8],
+        labels: &[u8],
+    ) -> Result<LabelledQuality, EvalError> {
+        check_labelled(images_u8, labels)?;
+        let n = labels.len();
+        let mut counts = [0usize; NUM_CLASSES];
+        for &l in labels {
+            counts[usize::from(l)] += 1;
+        }
+
+        let (features, logits) = self.net.infer(images_u8, n)?;
+        let quality = self.quality(&features, &logits)?;
+        let predicted = argmax(&logits)?;
+        let agrees = |class: Option<u8>| {
+            predicted
+                .iter()
+                .zip(labels)
+                .filter(|&(p, l)| p == l && class.is_none_or(|c| c == *l))
+                .count()
+        };
+        let mut per_class = Vec::new();
+        for (class, &samples) in (0u8..).zip(&counts) {
+            if samples == 0 {
+                continue;
+            }
+            let fit = Gaussian::fit_tensor(&rows_of(&features, labels, class)?)?;
+            let fid = stats::frechet_distance(&fit, &self.class_reference[usize::from(class)])?;
+            per_class.push(ClassScore {
+                class,
+                samples,
+                accuracy: agrees(Some(class)) as f64 / samples as f64,
+                fid,
+            });
+        }
+        Ok(LabelledQuality {
+            quality,
+            label_accuracy: agrees(None) as f64 / n as f64,
+            per_class,
+        })
+    }
+
+    /// The whole-set scores from the images' features and logits.
+    fn quality(&self, features: &Tensor, logits: &Tensor) -> Result<Quality, EvalError> {
+        let n = features.size()[0] as usize;
+        let fid = stats::frechet_distance(&Gaussian::fit_tensor(features)?, &self.reference)?;
         let probs = stats::to_host(
             &logits
                 .f_to_kind(Kind::Double)?
                 .f_softmax(-1, Kind::Double)?,
         )?;
         let inception_score = stats::inception_score(&probs, n, NUM_CLASSES)?;
-        let class_histogram = stats::class_histogram(&argmax(&logits)?);
+        let class_histogram = stats::class_histogram(&argmax(logits)?);
         Ok(Quality {
             fid,
             inception_score,
@@ -246,21 +345,70 @@ impl Evaluator {
     }
 }
 
+/// Checks what [`Evaluator::score_labelled`] needs of its input, without a classifier: one
+/// 28×28 image per label, at least 2 images, every label a digit 0-9, and no class that
+/// occurs only once.
+pub fn check_labelled(images_u8: &[u8], labels: &[u8]) -> Result<(), EvalError> {
+    let n = labels.len();
+    if images_u8.len() != n * IMAGE_PIXELS {
+        return Err(EvalError::Input(format!(
+            "{n} labels need {n} × 28 × 28 = {} bytes of pixels, got {} ({} images)",
+            n * IMAGE_PIXELS,
+            images_u8.len(),
+            images_u8.len() as f64 / IMAGE_PIXELS as f64
+        )));
+    }
+    if n < 2 {
+        return Err(EvalError::Input(format!(
+            "scoring needs at least 2 images, got {n}"
+        )));
+    }
+    if let Some((i, &bad)) = labels
+        .iter()
+        .enumerate()
+        .find(|&(_, &l)| usize::from(l) >= NUM_CLASSES)
+    {
+        return Err(EvalError::Input(format!(
+            "label {bad} (image {i}) is not a digit: the classifier knows classes 0-9"
+        )));
+    }
+    let mut counts = [0usize; NUM_CLASSES];
+    for &l in labels {
+        counts[usize::from(l)] += 1;
+    }
+    if let Some(single) = counts.iter().position(|&c| c == 1) {
+        return Err(EvalError::Input(format!(
+            "class {single} has 1 image; a per-class score needs at least 2"
+        )));
+    }
+    Ok(())
+}
+
+/// The rows of `features` whose label is `class`.
+fn rows_of(features: &Tensor, labels: &[u8], class: u8) -> Result<Tensor, EvalError> {
+    let rows: Vec<i64> = (0..)
+        .zip(labels)
+        .filter(|&(_, &l)| l == class)
+        .map(|(i, _)| i)
+        .collect();
+    Ok(features.f_index_select(0, &Tensor::from_slice(&rows))?)
+}
+
 fn argmax(logits: &Tensor) -> Result<Vec<u8>, EvalError> {
     let idx = logits.f_argmax(-1, false)?.f_to_kind(Kind::Uint8)?;
     Ok(Vec::<u8>::try_from(&idx)?)
 }
 
 /// MNIST-10k, split into the classifier's training set and the held-out reference digits.
-struct Reference {
-    train: Dataset,
-    held_out: Dataset,
+pub(crate) struct Reference {
+    pub(crate) train: Dataset,
+    pub(crate) held_out: Dataset,
     /// SHA-256 of all images and labels: keys the cache, so other data means another entry.
     sha256: String,
 }
 
 impl Reference {
-    fn load() -> Result<Self, EvalError> {
+    pub(crate) fn load() -> Result<Self, EvalError> {
         let all = gantry_data::mnist_10k()?;
         let mut bytes = all.images().to_vec();
         bytes.extend_from_slice(all.labels().unwrap_or_default());

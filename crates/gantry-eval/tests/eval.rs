@@ -1,6 +1,8 @@
 //! End-to-end tests: one classifier, trained once into a cache shared by every test here
 //! (and by the binary runs), plus one deliberate retraining in the corruption test.
 
+mod common;
+use common::{assert_fails_with, json_of};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::{Mutex, MutexGuard, OnceLock};
@@ -301,22 +303,6 @@ fn run_bin(args: &[&std::ffi::OsStr]) -> Output {
         .unwrap()
 }
 
-fn json_of(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "exit {:?}, stderr:\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout.clone()).unwrap();
-    assert_eq!(
-        stdout.lines().count(),
-        1,
-        "one JSON line expected, got {stdout:?}"
-    );
-    serde_json::from_str(&stdout).unwrap()
-}
-
 fn quality_of(v: &serde_json::Value) -> Quality {
     serde_json::from_value(v.clone()).unwrap()
 }
@@ -414,7 +400,7 @@ fn generator(seed: u64) -> gantry_models::Gan {
 /// What the binary should print for `--checkpoint` with `gan`'s weights.
 fn expected_for(gan: &gantry_models::Gan, samples: usize, seed: u64) -> Quality {
     let z = gantry_models::latent::fixed(seed, samples, gan.latent_dim());
-    let images = gan.generate_u8(&gan.latents(&z));
+    let images = gan.generate_u8(&gan.latents(&z), None);
     evaluator().score(&images, samples).unwrap()
 }
 
@@ -526,4 +512,373 @@ fn binary_samples_a_vae_checkpoint() {
         (q.fid - expected.fid).abs() <= 1e-4 * expected.fid,
         "{q:?} vs {expected:?}"
     );
+}
+
+// ---- labelled scoring ----
+
+/// `labels` moved one digit on: every image is then scored as the wrong class.
+fn rotated(labels: &[u8]) -> Vec<u8> {
+    labels.iter().map(|&l| (l + 1) % 10).collect()
+}
+
+#[test]
+fn labelled_scores_reward_the_class_each_digit_was_made_for() {
+    let ev = evaluator();
+    let (held, labels) = held_out();
+    let right = ev.score_labelled(&held, &labels).unwrap();
+    let wrong = ev.score_labelled(&held, &rotated(&labels)).unwrap();
+    eprintln!("held-out, true labels:    {right:?}");
+    eprintln!("held-out, rotated labels: {wrong:?}");
+    // The whole-set scores do not look at the labels.
+    assert_eq!(right.quality, ev.score(&held, 1000).unwrap());
+    assert_eq!(wrong.quality, right.quality);
+    assert!(right.label_accuracy >= 0.9, "{}", right.label_accuracy);
+    assert!(wrong.label_accuracy < 0.1, "{}", wrong.label_accuracy);
+    assert_eq!(right.per_class.len(), 10);
+    let classes: Vec<u8> = right.per_class.iter().map(|c| c.class).collect();
+    assert_eq!(classes, (0..10).collect::<Vec<u8>>());
+    assert_eq!(
+        right.per_class.iter().map(|c| c.samples).sum::<usize>(),
+        1000
+    );
+    for (r, w) in right.per_class.iter().zip(&wrong.per_class) {
+        let digit = usize::from(r.class);
+        let count = labels.iter().filter(|&&l| usize::from(l) == digit).count();
+        assert_eq!(r.samples, count);
+        assert!(r.accuracy >= 0.8, "{r:?}");
+        assert!(r.fid.is_finite() && w.fid.is_finite(), "{r:?} {w:?}");
+        // The true class's digits are the class reference itself: a distance of rounding.
+        assert!(r.fid < 1e-3 * w.fid, "{r:?} vs {w:?}");
+    }
+}
+
+#[test]
+fn labelled_scores_of_other_real_digits_are_far_lower_with_their_true_labels() {
+    // Real digits the reference set does not contain, so no distance is trivially zero.
+    let ev = evaluator();
+    let all = gantry_data::mnist_10k().unwrap();
+    let images = &all.images()[..1000 * IMAGE_PIXELS];
+    let labels = &all.labels().unwrap()[..1000];
+    let right = ev.score_labelled(images, labels).unwrap();
+    let wrong = ev.score_labelled(images, &rotated(labels)).unwrap();
+    assert!(right.label_accuracy >= 0.9, "{}", right.label_accuracy);
+    for (r, w) in right.per_class.iter().zip(&wrong.per_class) {
+        eprintln!(
+            "digit {}: {} samples, FID {:.3} (true labels) vs {:.3} (rotated)",
+            r.class, r.samples, r.fid, w.fid
+        );
+        assert!(r.fid > 0.0, "{r:?}");
+        assert!(5.0 * r.fid < w.fid, "{r:?} vs {w:?}");
+    }
+}
+
+#[test]
+fn labelled_scoring_rejects_bad_labels() {
+    let ev = evaluator();
+    let (held, labels) = held_out();
+    let images = &held[..100 * IMAGE_PIXELS];
+    let mut bad = labels[..100].to_vec();
+    bad[17] = 12;
+    let err = ev.score_labelled(images, &bad).unwrap_err();
+    assert!(matches!(err, EvalError::Input(_)), "{err}");
+    assert!(err.to_string().contains("label 12 (image 17)"), "{err}");
+
+    let err = ev.score_labelled(images, &labels[..99]).unwrap_err();
+    assert!(matches!(err, EvalError::Input(_)), "{err}");
+    assert!(err.to_string().contains("99 labels"), "{err}");
+
+    // A class with one image has no covariance.
+    let mut lonely = vec![0u8; 100];
+    lonely[50] = 4;
+    let err = ev.score_labelled(images, &lonely).unwrap_err();
+    assert!(err.to_string().contains("class 4 has 1 image"), "{err}");
+    // Absent classes are left out rather than refused.
+    let mut two = vec![0u8; 100];
+    two[50] = 4;
+    two[51] = 4;
+    let q = ev.score_labelled(images, &two).unwrap();
+    let classes: Vec<u8> = q.per_class.iter().map(|c| c.class).collect();
+    assert_eq!(classes, [0, 4]);
+}
+
+fn write_labelled(dir: &Path, images: &[u8], labels: &[u8]) -> (PathBuf, PathBuf) {
+    let images_path = dir.join("digits-images-idx3-ubyte.gz");
+    let labels_path = dir.join("digits-labels-idx1-ubyte");
+    let n = images.len() / IMAGE_PIXELS;
+    gantry_data::idx::write_idx_images_file(&images_path, images, n, 28, 28, true).unwrap();
+    gantry_data::idx::write_idx_labels_file(&labels_path, labels, false).unwrap();
+    (images_path, labels_path)
+}
+
+#[test]
+fn binary_scores_an_idx_file_with_labels() {
+    let (held, labels) = held_out();
+    let (images, labels) = (&held[..300 * IMAGE_PIXELS], &labels[..300]);
+    let dir = tempfile::tempdir().unwrap();
+    let (images_path, labels_path) = write_labelled(dir.path(), images, labels);
+    let expected = evaluator().score_labelled(images, labels).unwrap();
+
+    let v = json_of(&run_bin(&[
+        "--images".as_ref(),
+        images_path.as_os_str(),
+        "--labels".as_ref(),
+        labels_path.as_os_str(),
+    ]));
+    assert_eq!(v["samples"], 300);
+    assert!(v.get("classifier_accuracy").is_some(), "{v}");
+    let got: gantry_eval::LabelledQuality = serde_json::from_value(v.clone()).unwrap();
+    assert_eq!(
+        got.quality.class_histogram,
+        expected.quality.class_histogram
+    );
+    assert_eq!(got.label_accuracy, expected.label_accuracy);
+    assert_eq!(got.per_class.len(), expected.per_class.len());
+    for (g, e) in got.per_class.iter().zip(&expected.per_class) {
+        assert_eq!(
+            (g.class, g.samples, g.accuracy),
+            (e.class, e.samples, e.accuracy)
+        );
+        // Another libtorch thread count may round the features differently.
+        assert!(
+            (g.fid - e.fid).abs() <= 1e-4 * e.fid.max(1e-3),
+            "{g:?} vs {e:?}"
+        );
+    }
+}
+
+#[test]
+fn binary_rejects_labels_that_do_not_fit_the_images() {
+    let (held, labels) = held_out();
+    let dir = tempfile::tempdir().unwrap();
+    let (images_path, labels_path) =
+        write_labelled(dir.path(), &held[..50 * IMAGE_PIXELS], &labels[..49]);
+    let args = [
+        "--images".as_ref(),
+        images_path.as_os_str(),
+        "--labels".as_ref(),
+        labels_path.as_os_str(),
+    ];
+    let out = run_bin(&args);
+    assert_fails_with(
+        &out,
+        &[
+            &labels_path.display().to_string(),
+            &images_path.display().to_string(),
+            "49 labels",
+            "50 images",
+        ],
+    );
+    // The error is one log line.
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim().lines().count(),
+        1
+    );
+
+    let mut bad = labels[..50].to_vec();
+    bad[3] = 10;
+    std::fs::remove_file(&labels_path).unwrap();
+    gantry_data::idx::write_idx_labels_file(&labels_path, &bad, false).unwrap();
+    assert_fails_with(
+        &run_bin(&args),
+        &[&labels_path.display().to_string(), "label 10 (image 3)"],
+    );
+
+    // --labels belongs to --images.
+    let out = run_bin(&["--labels".as_ref(), labels_path.as_os_str()]);
+    assert_fails_with(&out, &["--images"]);
+}
+
+#[test]
+fn binary_sample_rejects_zero_per_class_before_opening_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gantry-eval"))
+        .args(["sample", "--per-class", "0", "--checkpoint"])
+        .arg(dir.path())
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .output()
+        .unwrap();
+    assert_fails_with(&out, &["--per-class", "0"]);
+    assert!(!dir.path().join("out").exists());
+}
+
+// ---- conditional checkpoints ----
+
+/// Writes a sealed checkpoint of a fresh class-conditional GAN over the digits into `dir`, as
+/// the worker would (config.toml, the model's files, state.json naming the classes, MANIFEST).
+fn conditional_checkpoint(dir: &Path) -> Box<dyn gantry_models::task::TrainTask> {
+    let mut settings = gantry_config::Settings::default();
+    settings.model.conditional = true;
+    settings.train.seed = 21;
+    std::fs::write(dir.join("config.toml"), settings.to_toml().unwrap()).unwrap();
+    let shape = gantry_models::task::ModelShape {
+        image: [1, 28, 28],
+        classes: Some(10),
+    };
+    let task = gantry_models::task::build(&settings, shape, tch::Device::Cpu).unwrap();
+    task.save(dir).unwrap();
+    let optimizer_steps: serde_json::Map<String, serde_json::Value> = task
+        .optimizer_steps()
+        .into_iter()
+        .map(|(name, steps)| (name.to_owned(), steps.into()))
+        .collect();
+    let state = serde_json::json!({
+        "format": 2,
+        "step": 0,
+        "seed": 21,
+        "data_position": 0,
+        "optimizer_steps": optimizer_steps,
+        "nonfinite_total": 0,
+        "nonfinite_consecutive": 0,
+        "fingerprint": settings.fingerprint(),
+        "world_size": 1,
+        "rng_state": null,
+        "classes": ["0", "1", "2", "3", "4", "5", "6", "7", "8", "9"],
+    });
+    std::fs::write(dir.join("state.json"), state.to_string()).unwrap();
+    seal(dir);
+    task
+}
+
+#[test]
+fn binary_scores_a_conditional_checkpoint_by_class() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = conditional_checkpoint(dir.path());
+    let labels = gantry_models::task::cycled_labels(300, 10);
+    let expected = evaluator()
+        .score_labelled(&task.sample_u8(300, 4), &labels)
+        .unwrap();
+
+    let v = json_of(&run_bin(&[
+        "--checkpoint".as_ref(),
+        dir.path().as_os_str(),
+        "--samples".as_ref(),
+        "300".as_ref(),
+        "--seed".as_ref(),
+        "4".as_ref(),
+    ]));
+    assert_eq!(v["samples"], 300);
+    let got: gantry_eval::LabelledQuality = serde_json::from_value(v).unwrap();
+    assert_eq!(
+        got.quality.class_histogram,
+        expected.quality.class_histogram
+    );
+    assert_eq!(got.label_accuracy, expected.label_accuracy);
+    assert_eq!(got.per_class.len(), 10);
+    for (g, e) in got.per_class.iter().zip(&expected.per_class) {
+        assert_eq!((g.class, g.samples), (e.class, 30));
+        assert!((g.fid - e.fid).abs() <= 1e-4 * e.fid, "{g:?} vs {e:?}");
+    }
+
+    // Too few samples for every class to have two.
+    let out = run_bin(&[
+        "--checkpoint".as_ref(),
+        dir.path().as_os_str(),
+        "--samples".as_ref(),
+        "15".as_ref(),
+    ]);
+    assert_fails_with(&out, &["--samples 15", "10 classes"]);
+}
+
+fn run_sample(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gantry-eval"))
+        .arg("sample")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Fails with one line on stderr and nothing on stdout.
+fn assert_fails_on_one_line(out: &Output, needles: &[&str]) {
+    assert_fails_with(out, needles);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+}
+
+#[test]
+fn binary_sample_exports_by_class_for_labelled_scoring() {
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    std::fs::create_dir(&checkpoint).unwrap();
+    conditional_checkpoint(&checkpoint);
+    let out = dir.path().join("idx");
+    let args = [
+        "--checkpoint".as_ref(),
+        checkpoint.as_os_str(),
+        "--per-class".as_ref(),
+        "3".as_ref(),
+        "--format".as_ref(),
+        "idx".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ];
+    let v = json_of(&run_sample(&args));
+    assert_eq!(v["images"], 30, "{v}");
+    assert_eq!(v["per_class"], serde_json::json!(vec![3; 10]), "{v}");
+    let paths: Vec<PathBuf> = serde_json::from_value(v["paths"].clone()).unwrap();
+    let find = |tag: &str| {
+        let found: Vec<&PathBuf> = paths
+            .iter()
+            .filter(|p| p.to_string_lossy().contains(tag))
+            .collect();
+        assert_eq!(found.len(), 1, "one *{tag}* file in {paths:?}");
+        found[0].clone()
+    };
+    let (images, labels) = (find("idx3"), find("idx1"));
+    assert!(images.is_file() && labels.is_file(), "{paths:?}");
+
+    // What `sample` wrote is what `--images --labels` scores.
+    let report = json_of(&run_bin(&[
+        "--images".as_ref(),
+        images.as_os_str(),
+        "--labels".as_ref(),
+        labels.as_os_str(),
+    ]));
+    let q: gantry_eval::LabelledQuality = serde_json::from_value(report).unwrap();
+    let samples: Vec<usize> = q.per_class.iter().map(|c| c.samples).collect();
+    assert_eq!(samples, [3; 10]);
+
+    // An existing output is refused, and left as it was.
+    let before = std::fs::read(&images).unwrap();
+    assert_fails_on_one_line(&run_sample(&args), &[&out.display().to_string()]);
+    assert_eq!(std::fs::read(&images).unwrap(), before);
+
+    // A class the model does not have.
+    let other = dir.path().join("other");
+    let out = run_sample(&[
+        "--checkpoint".as_ref(),
+        checkpoint.as_os_str(),
+        "--classes".as_ref(),
+        "0,12".as_ref(),
+        "--out".as_ref(),
+        other.as_os_str(),
+    ]);
+    assert_fails_on_one_line(&out, &["12"]);
+    assert!(!other.exists());
+}
+
+#[test]
+fn binary_sample_refuses_classes_of_an_unconditional_checkpoint() {
+    use gantry_models::task::TrainTask;
+    let dir = tempfile::tempdir().unwrap();
+    let checkpoint = dir.path().join("checkpoint");
+    std::fs::create_dir(&checkpoint).unwrap();
+    let mut settings = gantry_config::Settings::default();
+    settings.model.family = gantry_config::Family::Vae;
+    std::fs::write(checkpoint.join("config.toml"), settings.to_toml().unwrap()).unwrap();
+    let vae = gantry_models::vae::Vae::new(&settings, [1, 28, 28], tch::Device::Cpu).unwrap();
+    vae.save(&checkpoint).unwrap();
+    seal(&checkpoint);
+    let out = dir.path().join("out");
+    let result = run_sample(&[
+        "--checkpoint".as_ref(),
+        checkpoint.as_os_str(),
+        "--per-class".as_ref(),
+        "2".as_ref(),
+        "--out".as_ref(),
+        out.as_os_str(),
+    ]);
+    assert_fails_on_one_line(&result, &[]);
+    assert!(!out.exists());
 }

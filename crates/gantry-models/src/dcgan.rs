@@ -19,6 +19,7 @@ use tch::nn::{self, ModuleT};
 
 use crate::ModelError;
 use crate::activation::LeakyRelu;
+use crate::conditional::Critic;
 
 const SLOPE: f64 = 0.2;
 /// Channels of the discriminator's first block and the generator's last hidden one.
@@ -175,12 +176,27 @@ impl Discriminator {
 
 impl ModuleT for Discriminator {
     fn forward_t(&self, images: &Tensor, _train: bool) -> Tensor {
+        self.head(&self.features(images))
+    }
+}
+
+impl Critic for Discriminator {
+    /// The last block's maps, flattened.
+    fn features(&self, images: &Tensor) -> Tensor {
         let mut xs = images.shallow_clone();
         for conv in &self.convs {
             // One ATen kernel each way, twice differentiable as the WGAN-GP penalty needs.
             xs = LeakyRelu::new(SLOPE).forward(&xs.apply(conv));
         }
-        xs.flatten(1, -1).apply(&self.out).view([-1])
+        xs.flatten(1, -1)
+    }
+
+    fn head(&self, features: &Tensor) -> Tensor {
+        features.apply(&self.out).view([-1])
+    }
+
+    fn feature_dim(&self) -> i64 {
+        self.out.ws.size()[1]
     }
 }
 

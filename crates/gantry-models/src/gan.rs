@@ -5,13 +5,17 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use gantry_config::{Family, Loss, ModelKind, Optimizer, Schedule, Settings};
-use tch::nn::{ModuleT, VarStore};
+use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
+use crate::conditional::{self, Critic};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
 use crate::precision::Autocast;
-use crate::task::{Batch, BatchSource, ExternalError, GradReduce, Part, StepOutcome, TrainTask};
+use crate::task::{
+    Batch, BatchSource, ExternalError, GradReduce, ModelShape, Part, StepOutcome, TrainTask,
+    cycled_labels,
+};
 use crate::{FlatParams, ModelError, dcgan, latent, loss, mlp};
 
 /// File names of a saved [`Gan`] (see [`Gan::save`]).
@@ -74,6 +78,9 @@ pub struct StepInput {
     /// Per-image interpolation coefficients in [0, 1) for the WGAN-GP penalty (`wgan-gp`
     /// only; see [`crate::latent::interpolation`]).
     pub alpha: Option<Tensor>,
+    /// The real images' labels (int64) for a conditional GAN; its fake images are generated
+    /// for the same labels, so D sees the data's class mix on both sides.
+    pub labels: Option<Tensor>,
 }
 
 /// An exponential moving average of the generator: a second generator module of the same
@@ -83,7 +90,7 @@ pub struct StepInput {
 pub struct Ema {
     pub decay: f64,
     pub vs: VarStore,
-    module: Box<dyn ModuleT>,
+    module: conditional::Generator,
     pub params: FlatParams,
     /// BatchNorm running statistics, copied (not averaged) from the live generator.
     buffers: Vec<Tensor>,
@@ -112,8 +119,10 @@ pub struct Gan {
     pub device: Device,
     pub generator_vs: VarStore,
     pub discriminator_vs: VarStore,
-    generator: Box<dyn ModuleT>,
-    discriminator: Box<dyn ModuleT>,
+    generator: conditional::Generator,
+    discriminator: conditional::Discriminator,
+    /// `Some(k)` for a conditional GAN over labels `0..k`.
+    shape: ModelShape,
     pub g_params: FlatParams,
     pub d_params: FlatParams,
     pub g_opt: FlatOptimizer,
@@ -146,15 +155,19 @@ pub struct Gan {
 fn build_generator(
     settings: &Settings,
     path: &tch::nn::Path<'_>,
-    image_shape: [i64; 3],
-) -> Result<Box<dyn ModuleT>, ModelError> {
+    shape: ModelShape,
+) -> Result<conditional::Generator, ModelError> {
     let latent =
         i64::try_from(settings.model.latent_dim).map_err(|e| ModelError::Invalid(e.to_string()))?;
+    // A conditional generator's first layer also reads the label embedding.
+    let inputs = latent + shape.classes.map_or(0, |_| conditional::EMBEDDING_DIM);
     let bn = settings.model.batch_norm;
-    Ok(match settings.model.kind {
-        ModelKind::Mlp => Box::new(mlp::Generator::new(path, latent, image_shape, bn)),
-        ModelKind::Dcgan => Box::new(dcgan::Generator::new(path, latent, image_shape, bn)?),
-    })
+    let image_shape = shape.image;
+    let net: Box<dyn tch::nn::ModuleT> = match settings.model.kind {
+        ModelKind::Mlp => Box::new(mlp::Generator::new(path, inputs, image_shape, bn)),
+        ModelKind::Dcgan => Box::new(dcgan::Generator::new(path, inputs, image_shape, bn)?),
+    };
+    Ok(conditional::Generator::new(path, net, shape.classes))
 }
 
 /// A network's non-trainable tensors (BatchNorm running statistics), sorted by name, so every
@@ -239,14 +252,12 @@ impl Gan {
     /// Builds both networks (and the EMA generator) with weights drawn from `train.seed`.
     pub fn new(
         settings: &Settings,
-        image_shape: [i64; 3],
+        shape: impl Into<ModelShape>,
         device: Device,
     ) -> Result<Self, ModelError> {
-        if image_shape.iter().any(|&d| d <= 0) {
-            return Err(ModelError::Invalid(format!(
-                "invalid image shape {image_shape:?}"
-            )));
-        }
+        let shape = shape.into();
+        shape.check(settings.model.conditional)?;
+        let image_shape = shape.image;
         let latent_dim = settings.model.latent_dim;
         // Initial weights come from libtorch's global generator: hold it for the whole
         // initialisation, so trainers built concurrently in one process (tests, several
@@ -255,8 +266,8 @@ impl Gan {
         tch::manual_seed(settings.train.seed as i64);
         let generator_vs = VarStore::new(device);
         let discriminator_vs = VarStore::new(device);
-        let generator = build_generator(settings, &generator_vs.root(), image_shape)?;
-        let discriminator: Box<dyn ModuleT> = match settings.model.kind {
+        let generator = build_generator(settings, &generator_vs.root(), shape)?;
+        let critic: Box<dyn Critic> = match settings.model.kind {
             ModelKind::Mlp => Box::new(mlp::Discriminator::new(
                 &discriminator_vs.root(),
                 image_shape,
@@ -266,6 +277,8 @@ impl Gan {
                 image_shape,
             )?),
         };
+        let discriminator =
+            conditional::Discriminator::new(&discriminator_vs.root(), critic, shape.classes);
         let g_params = FlatParams::new(&generator_vs);
         let d_params = FlatParams::new(&discriminator_vs);
         let g_buffers = buffers(&generator_vs);
@@ -274,7 +287,7 @@ impl Gan {
         // its own random init is overwritten with G's values at once.
         let ema = if t.ema_decay > 0.0 {
             let vs = VarStore::new(device);
-            let module = build_generator(settings, &vs.root(), image_shape)?;
+            let module = build_generator(settings, &vs.root(), shape)?;
             let params = FlatParams::new(&vs);
             let ema_buffers = buffers(&vs);
             tch::no_grad(|| {
@@ -305,6 +318,7 @@ impl Gan {
             discriminator_vs,
             generator,
             discriminator,
+            shape,
             g_params,
             d_params,
             g_opt,
@@ -375,7 +389,13 @@ impl Gan {
 
     /// This rank's step input for `batch`: its images, and the latents (and WGAN-GP
     /// coefficients) of its rows of the batch's global stream.
-    pub fn step_input(&mut self, batch: Batch) -> StepInput {
+    pub fn step_input(&mut self, batch: Batch) -> Result<StepInput, ModelError> {
+        if self.shape.classes.is_some() != batch.labels.is_some() {
+            return Err(ModelError::Invalid(match batch.labels {
+                None => "a conditional model needs labelled batches".into(),
+                Some(_) => "an unconditional model was given labelled batches".into(),
+            }));
+        }
         let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
         latent::fill(
             self.seed,
@@ -395,29 +415,34 @@ impl Gan {
             );
             self.coefficients(&self.host_alphas)
         });
-        StepInput {
+        Ok(StepInput {
             real: batch.images,
             z: self.latents(&self.host_latents),
             alpha,
-        }
+            labels: batch.labels,
+        })
     }
 
-    /// Images from the EMA generator (the live one when EMA is off), in inference mode.
-    pub fn generate(&self, z: &Tensor) -> Tensor {
+    /// Images from the EMA generator (the live one when EMA is off), in inference mode;
+    /// `labels` (int64, one per row of `z`) for a conditional GAN, `None` otherwise.
+    ///
+    /// # Panics
+    /// If `labels` is given to an unconditional GAN or missing for a conditional one.
+    pub fn generate(&self, z: &Tensor, labels: Option<&Tensor>) -> Tensor {
         match &self.ema {
-            Some(ema) => tch::no_grad(|| ema.module.forward_t(z, false)),
-            None => self.generate_live(z),
+            Some(ema) => tch::no_grad(|| ema.module.forward_t(z, labels, false)),
+            None => self.generate_live(z, labels),
         }
     }
 
     /// Images from the live (trained) generator in inference mode.
-    pub fn generate_live(&self, z: &Tensor) -> Tensor {
-        tch::no_grad(|| self.generator.forward_t(z, false))
+    pub fn generate_live(&self, z: &Tensor, labels: Option<&Tensor>) -> Tensor {
+        tch::no_grad(|| self.generator.forward_t(z, labels, false))
     }
 
     /// [`Gan::generate`]'s images as 8-bit grey/RGB values, NCHW.
-    pub fn generate_u8(&self, z: &Tensor) -> Vec<u8> {
-        let images = self.generate(z);
+    pub fn generate_u8(&self, z: &Tensor, labels: Option<&Tensor>) -> Vec<u8> {
+        let images = self.generate(z, labels);
         let bytes = ((images + 1.0) * 127.5)
             .round()
             .clamp(0.0, 255.0)
@@ -449,13 +474,14 @@ impl Gan {
         sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
-        let fake = self.generate_for_training(&input.z);
+        let labels = input.labels.as_ref();
+        let fake = self.generate_for_training(&input.z, labels);
         self.clock.lap(Phase::GeneratorForwardBackward);
         let (d_loss, g_loss, real_logits, fake_logits, applied) = match self.schedule {
             Schedule::Simultaneous => {
                 // One forward pass serves both losses, as in the reference tutorial; each
                 // network then takes the gradient of its own loss.
-                let (real_logits, fake_logits) = self.discriminate_pair(&input.real, &fake);
+                let (real_logits, fake_logits) = self.discriminate_pair(&input.real, &fake, labels);
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
                 let mut d_grad = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient());
@@ -481,7 +507,7 @@ impl Gan {
                 let (real_logits, fake_logits, d_loss, d_applied) =
                     self.critic_update(input, &fake.detach(), sync)?;
                 if d_applied {
-                    let g_logits = self.discriminate(&fake);
+                    let g_logits = self.discriminate(&fake, labels);
                     let g_loss = loss::generator(self.loss, &g_logits);
                     let mut g_grad =
                         flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
@@ -516,7 +542,7 @@ impl Gan {
         sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
-        let fake = tch::no_grad(|| self.generate_for_training(&input.z));
+        let fake = tch::no_grad(|| self.generate_for_training(&input.z, input.labels.as_ref()));
         self.clock.lap(Phase::GeneratorForwardBackward);
         let (real_logits, fake_logits, d_loss, applied) = self.critic_update(input, &fake, sync)?;
         if !applied {
@@ -533,7 +559,8 @@ impl Gan {
         fake: &Tensor,
         sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
     ) -> Result<(Tensor, Tensor, Tensor, bool), E> {
-        let (real_logits, fake_logits) = self.discriminate_pair(&input.real, fake);
+        let (real_logits, fake_logits) =
+            self.discriminate_pair(&input.real, fake, input.labels.as_ref());
         let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
         let mut d_grad = flat_gradient(&d_loss, &self.d_params, false, self.d_gradient());
         self.clock.lap(Phase::DiscriminatorForwardBackward);
@@ -563,18 +590,26 @@ impl Gan {
             .alpha
             .as_ref()
             .expect("wgan-gp needs interpolation coefficients (StepInput::alpha)");
-        base + self.gradient_penalty(&input.real, fake, alpha) * self.gp_weight
+        base + self.gradient_penalty(&input.real, fake, alpha, input.labels.as_ref())
+            * self.gp_weight
     }
 
     /// `E[(‖∇D(x̂)‖₂ − 1)²]` on `x̂ = α·real + (1 − α)·fake`, differentiable w.r.t. D's
-    /// parameters (the inner gradient is taken with `create_graph`).
-    pub fn gradient_penalty(&self, real: &Tensor, fake: &Tensor, alpha: &Tensor) -> Tensor {
+    /// parameters (the inner gradient is taken with `create_graph`). A conditional critic is
+    /// taken at the real rows' labels (the fake rows share them).
+    pub fn gradient_penalty(
+        &self,
+        real: &Tensor,
+        fake: &Tensor,
+        alpha: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Tensor {
         let n = real.size()[0];
         let a = alpha.to_kind(real.kind()).view([n, 1, 1, 1]);
         let x_hat = (real * &a + fake.detach() * (a.ones_like() - &a))
             .detach()
             .set_requires_grad(true);
-        let out = self.discriminate(&x_hat);
+        let out = self.discriminate(&x_hat, labels);
         let grads = Tensor::run_backward(&[&out.sum(Kind::Float)], &[&x_hat], true, true);
         // sqrt(sum + ε) rather than norm(): finite derivative where the gradient is zero.
         let norm = (grads[0].square().flatten(1, -1).sum_dim_intlist(
@@ -587,24 +622,33 @@ impl Gan {
     }
 
     /// The generator in training mode, in `train.precision`; fp32 images.
-    fn generate_for_training(&self, z: &Tensor) -> Tensor {
-        let images = self.autocast.run(|| self.generator.forward_t(z, true));
+    fn generate_for_training(&self, z: &Tensor, labels: Option<&Tensor>) -> Tensor {
+        let images = self
+            .autocast
+            .run(|| self.generator.forward_t(z, labels, true));
         images.to_kind(Kind::Float)
     }
 
     /// D's logits in `train.precision`, as fp32 (losses and the penalty are taken in fp32).
-    fn discriminate(&self, images: &Tensor) -> Tensor {
+    fn discriminate(&self, images: &Tensor, labels: Option<&Tensor>) -> Tensor {
         let logits = self
             .autocast
-            .run(|| self.discriminator.forward_t(images, true));
+            .run(|| self.discriminator.forward(images, labels));
         logits.to_kind(Kind::Float)
     }
 
     /// D on the real and the fake batch. The discriminator has no BatchNorm, so both go
     /// through in one batch: one GEMM per layer instead of two.
-    fn discriminate_pair(&self, real: &Tensor, fake: &Tensor) -> (Tensor, Tensor) {
+    fn discriminate_pair(
+        &self,
+        real: &Tensor,
+        fake: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> (Tensor, Tensor) {
         let n_real = real.size()[0];
-        let logits = self.discriminate(&Tensor::cat(&[real, fake], 0));
+        // The fake rows are of the real rows' classes.
+        let both = labels.map(|l| Tensor::cat(&[l, l], 0));
+        let logits = self.discriminate(&Tensor::cat(&[real, fake], 0), both.as_ref());
         let n_fake = logits.size()[0] - n_real;
         (
             logits.narrow(0, 0, n_real),
@@ -728,13 +772,38 @@ fn spans(joint: &Tensor, first: &Tensor, second: &Tensor) -> bool {
         && first.numel() + second.numel() == joint.numel()
 }
 
+impl Gan {
+    /// `n` images from [`latent::fixed`]`(seed, n)`, of `labels` (checked by the caller) for a
+    /// conditional GAN. Chunked only to bound memory: BatchNorm runs on running statistics in
+    /// inference, so chunking does not change the images.
+    fn sample_chunked(&self, n: usize, seed: u64, labels: Option<&[u8]>) -> Vec<u8> {
+        const CHUNK: usize = 500;
+        let z = latent::fixed(seed, n, self.latent_dim);
+        z.chunks(CHUNK * self.latent_dim.max(1))
+            .enumerate()
+            .flat_map(|(i, chunk)| {
+                let labels = labels.map(|l| {
+                    let rows = &l[i * CHUNK..(i * CHUNK + CHUNK).min(l.len())];
+                    self.shape
+                        .labels(rows, self.device)
+                        .expect("labels checked against the model's classes")
+                });
+                self.generate_u8(&self.latents(chunk), labels.as_ref())
+            })
+            .collect()
+    }
+}
+
 impl TrainTask for Gan {
     fn family(&self) -> Family {
         Family::Gan
     }
 
     fn describe(&self) -> String {
-        format!("{} GAN", self.kind)
+        match self.shape.classes {
+            None => format!("{} GAN", self.kind),
+            Some(k) => format!("conditional {} GAN ({k} classes)", self.kind),
+        }
     }
 
     fn parts(&self) -> Vec<Part<'_>> {
@@ -780,7 +849,7 @@ impl TrainTask for Gan {
         let simultaneous = self.schedule == Schedule::Simultaneous;
         let mut latest = None;
         for i in 0..n {
-            let input = self.step_input(data.batch(i)?);
+            let input = self.step_input(data.batch(i)?)?;
             self.clock.lap(Phase::Data);
             let last = i + 1 == n;
             let mut sync = GanSync {
@@ -823,11 +892,21 @@ impl TrainTask for Gan {
         ]
     }
 
+    fn classes(&self) -> Option<usize> {
+        self.shape.classes
+    }
+
     fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
-        let z = latent::fixed(seed, n, self.latent_dim);
-        z.chunks(500 * self.latent_dim.max(1))
-            .flat_map(|chunk| self.generate_u8(&self.latents(chunk)))
-            .collect()
+        match self.shape.classes {
+            None => self.sample_chunked(n, seed, None),
+            Some(k) => self.sample_chunked(n, seed, Some(&cycled_labels(n, k))),
+        }
+    }
+
+    fn sample_labelled_u8(&self, labels: &[u8], seed: u64) -> Result<Vec<u8>, ModelError> {
+        // Range-checked (and refused for an unconditional GAN) before any work.
+        self.shape.check_labels(labels)?;
+        Ok(self.sample_chunked(labels.len(), seed, Some(labels)))
     }
 
     fn save(&self, dir: &Path) -> Result<(), ModelError> {

@@ -15,6 +15,7 @@
 //! This crate never opens a socket: moving gradients between ranks is the worker's job.
 
 pub mod activation;
+pub mod conditional;
 pub mod dcgan;
 pub mod latent;
 pub mod loss;

@@ -14,6 +14,7 @@ use tch::Tensor;
 use tch::nn::{self, ModuleT};
 
 use crate::activation::LeakyRelu;
+use crate::conditional::Critic;
 
 const SLOPE: f64 = 0.3;
 
@@ -121,11 +122,28 @@ impl Discriminator {
 
 impl ModuleT for Discriminator {
     fn forward_t(&self, images: &Tensor, _train: bool) -> Tensor {
+        self.head(&self.features(images))
+    }
+}
+
+impl Critic for Discriminator {
+    /// The 256 activations of the last hidden layer.
+    fn features(&self, images: &Tensor) -> Tensor {
         let mut xs = images.flatten(1, -1);
         let last = self.layers.len() - 1;
         for layer in &self.layers[..last] {
             xs = self.activation.forward(&xs.apply(layer));
         }
-        xs.apply(&self.layers[last]).view([-1])
+        xs
+    }
+
+    fn head(&self, features: &Tensor) -> Tensor {
+        features
+            .apply(&self.layers[self.layers.len() - 1])
+            .view([-1])
+    }
+
+    fn feature_dim(&self) -> i64 {
+        self.layers[self.layers.len() - 1].ws.size()[1]
     }
 }

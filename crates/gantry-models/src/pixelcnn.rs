@@ -14,6 +14,16 @@
 //! exactly resumable; held-out digits are binarised once, with a fixed seed. Sampling runs the
 //! network once per pixel for the whole batch, on the rows above and at the pixel only (the
 //! masks make a pixel's logits independent of every later row, so this changes nothing).
+//!
+//! `model.conditional = true` (labels `0..k`) adds a learned class bias per layer: a `k × C`
+//! table each for the type-A convolution, every residual block and the output head's hidden
+//! layer (`input_class`, `block{i}_class`, `head_class`), whose row y is added at every
+//! position of that layer's output for an image of class y. A constant over the image leaves
+//! the masks' causality intact, and sampling a class adds the same biases. The tables start at
+//! zero and are created after every unconditional variable, so an unconditional model keeps
+//! exactly its variables and a seed's draws, and a conditional one starts as the unconditional
+//! model of its seed. A conditional model has no held-out likelihood: the trait hands the
+//! held-out images over without labels.
 
 use std::path::Path;
 
@@ -24,8 +34,10 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::gan::{averaged_update, load_into, load_moments, save_moments};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
-use crate::task::{BatchSource, GradReduce, Likelihood, Part, StepOutcome, TrainTask};
-use crate::vae::torch_default;
+use crate::task::{
+    BatchSource, GradReduce, Likelihood, ModelShape, Part, StepOutcome, TrainTask, cycled_labels,
+};
+use crate::vae::{check_batch_labels, torch_default};
 use crate::{FlatParams, ModelError, OPTIMIZER_FILE, latent};
 
 /// The network's tensors in a checkpoint.
@@ -99,6 +111,30 @@ struct Block {
     mix: nn::Conv2D,
 }
 
+/// A conditional PixelCNN's class biases (see the module docs): `classes × channels` each.
+#[derive(Debug)]
+struct ClassBiases {
+    input: Tensor,
+    blocks: Vec<Tensor>,
+    head: Tensor,
+}
+
+/// The class biases of a batch's images, `N × C × 1 × 1` each (broadcast over any crop).
+#[derive(Debug)]
+struct Biases {
+    input: Tensor,
+    blocks: Vec<Tensor>,
+    head: Tensor,
+}
+
+/// `h` plus its rows' class bias, when conditional.
+fn biased(h: Tensor, bias: Option<&Tensor>) -> Tensor {
+    match bias {
+        Some(b) => h + b,
+        None => h,
+    }
+}
+
 /// The PixelCNN being trained.
 #[derive(Debug)]
 pub struct PixelCnn {
@@ -108,23 +144,30 @@ pub struct PixelCnn {
     blocks: Vec<Block>,
     head: nn::Conv2D,
     out: nn::Conv2D,
+    /// `Some` for a conditional model.
+    class_biases: Option<ClassBiases>,
     pub params: FlatParams,
     pub optimizer: FlatOptimizer,
     gradient: Tensor,
     output: PixelOutput,
     channels: i64,
-    image_shape: [i64; 3],
+    shape: ModelShape,
     seed: u64,
     host_draws: Vec<f32>,
     pub clock: PhaseClock,
 }
 
 impl PixelCnn {
+    /// Builds the PixelCNN for `shape` (conditional when `model.conditional`, which needs the
+    /// shape's classes), with weights drawn from `train.seed`.
     pub fn new(
         settings: &Settings,
-        image_shape: [i64; 3],
+        shape: impl Into<ModelShape>,
         device: Device,
     ) -> Result<Self, ModelError> {
+        let shape = shape.into();
+        shape.check(settings.model.conditional)?;
+        let image_shape = shape.image;
         let a = &settings.autoregressive;
         if image_shape[0] != 1 {
             return Err(ModelError::Invalid(format!(
@@ -150,6 +193,19 @@ impl PixelCnn {
             PixelOutput::Softmax => 256,
         };
         let out = pointwise(&root / "out", c, logits);
+        // After every unconditional variable (zeros draw nothing, but the order is the
+        // contract either way).
+        let class_biases = shape.classes.map(|k| {
+            let table =
+                |name: String| (&root / name).var("weight", &[k as i64, c], nn::Init::Const(0.0));
+            ClassBiases {
+                input: table("input_class".into()),
+                blocks: (0..a.residual_blocks)
+                    .map(|i| table(format!("block{i}_class")))
+                    .collect(),
+                head: table("head_class".into()),
+            }
+        });
         let params = FlatParams::new(&vs);
         let optimizer = FlatOptimizer::new(settings.train.optimizer, a.lr, a.betas, &params.flat);
         let gradient = params.flat.zeros_like();
@@ -160,12 +216,13 @@ impl PixelCnn {
             blocks,
             head,
             out,
+            class_biases,
             params,
             optimizer,
             gradient,
             output: a.output,
             channels: c,
-            image_shape,
+            shape,
             seed: settings.train.seed,
             host_draws: Vec::new(),
             clock: PhaseClock::new(device),
@@ -173,32 +230,62 @@ impl PixelCnn {
     }
 
     /// Logits for every pixel of `x` (N×1×H×W network inputs in [0, 1]): N×1×H×W
-    /// (Bernoulli) or N×256×H×W (softmax).
-    pub fn logits(&self, x: &Tensor) -> Tensor {
-        self.output_head(&self.features(x))
+    /// (Bernoulli) or N×256×H×W (softmax). `labels` (int64, one per image) exactly when the
+    /// model is conditional.
+    pub fn logits(&self, x: &Tensor, labels: Option<&Tensor>) -> Result<Tensor, ModelError> {
+        let biases = self.biases(labels, x.size()[0] as usize)?;
+        Ok(self.logits_with(x, biases.as_ref()))
     }
 
-    /// The masked layers' features (N×C×H×W).
-    fn features(&self, x: &Tensor) -> Tensor {
+    /// The class biases of images of `labels` for a conditional model (`None` for an
+    /// unconditional one, which must get no labels).
+    fn biases(&self, labels: Option<&Tensor>, rows: usize) -> Result<Option<Biases>, ModelError> {
+        check_batch_labels(self.shape.classes, labels, rows)?;
+        let (Some(tables), Some(labels)) = (&self.class_biases, labels) else {
+            return Ok(None);
+        };
+        let rows = |table: &Tensor| -> Result<Tensor, ModelError> {
+            Ok(table
+                .f_index_select(0, labels)?
+                .view([-1, self.channels, 1, 1]))
+        };
+        Ok(Some(Biases {
+            input: rows(&tables.input)?,
+            blocks: tables.blocks.iter().map(rows).collect::<Result<_, _>>()?,
+            head: rows(&tables.head)?,
+        }))
+    }
+
+    fn logits_with(&self, x: &Tensor, biases: Option<&Biases>) -> Tensor {
+        self.output_head(&self.features(x, biases), biases)
+    }
+
+    /// The masked layers' features (N×C×H×W), with the images' class biases when conditional.
+    fn features(&self, x: &Tensor, biases: Option<&Biases>) -> Tensor {
         use tch::nn::Module;
-        let mut h = self.input.forward(x);
-        for block in &self.blocks {
-            h = &h + block.mix.forward(&block.masked.forward(&h.relu()).relu());
+        let mut h = biased(self.input.forward(x), biases.map(|b| &b.input));
+        for (i, block) in self.blocks.iter().enumerate() {
+            h = biased(
+                &h + block.mix.forward(&block.masked.forward(&h.relu()).relu()),
+                biases.map(|b| &b.blocks[i]),
+            );
         }
         h
     }
 
-    /// Per-pixel logits of features: 1×1 layers, so any crop of `h` gives its own pixels'.
-    fn output_head(&self, h: &Tensor) -> Tensor {
+    /// Per-pixel logits of features: 1×1 layers (and biases constant over the image), so any
+    /// crop of `h` gives its own pixels'.
+    fn output_head(&self, h: &Tensor, biases: Option<&Biases>) -> Tensor {
         use tch::nn::Module;
-        self.out.forward(&self.head.forward(&h.relu()).relu())
+        let hidden = biased(self.head.forward(&h.relu()), biases.map(|b| &b.head));
+        self.out.forward(&hidden.relu())
     }
 
     /// Per-image negative log-likelihood in nats of `targets` (binary pixels as 0/1 floats,
     /// or 8-bit intensities as integer classes), from the logits of `inputs`.
-    fn nll(&self, inputs: &Tensor, targets: &Tensor) -> Tensor {
+    fn nll(&self, inputs: &Tensor, targets: &Tensor, biases: Option<&Biases>) -> Tensor {
         let n = inputs.size()[0];
-        let logits = self.logits(inputs);
+        let logits = self.logits_with(inputs, biases);
         let per_pixel = match self.output {
             PixelOutput::Bernoulli => logits.binary_cross_entropy_with_logits::<Tensor>(
                 targets,
@@ -232,7 +319,7 @@ impl PixelCnn {
     }
 
     fn draws(&mut self, seed: u64, stream: u64, first_row: usize, rows: usize) -> Tensor {
-        let [c, h, w] = self.image_shape;
+        let [c, h, w] = self.shape.image;
         latent::uniforms(
             seed,
             stream,
@@ -245,77 +332,26 @@ impl PixelCnn {
             .view([rows as i64, c, h, w])
             .to_device(self.device)
     }
-}
 
-impl TrainTask for PixelCnn {
-    fn family(&self) -> Family {
-        Family::Autoregressive
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "PixelCNN ({} maps, {} residual blocks, {})",
-            self.channels,
-            self.blocks.len(),
-            self.output
-        )
-    }
-
-    fn parts(&self) -> Vec<Part<'_>> {
-        vec![Part {
-            name: "pixelcnn",
-            params: &self.params,
-            vs: &self.vs,
-            optimizer: &self.optimizer,
-        }]
-    }
-
-    fn step(
-        &mut self,
-        data: &mut dyn BatchSource,
-        reduce: &mut dyn GradReduce,
-    ) -> Result<StepOutcome, ModelError> {
-        let batch = data.batch(0)?;
-        let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
-        // [-1, 1] back to the 8-bit scale the images came from.
-        let v = (&batch.images + 1.0) * 127.5;
-        let draws = (self.output == PixelOutput::Bernoulli)
-            .then(|| self.draws(self.seed, batch.stream, batch.first_row, rows));
-        let (inputs, targets) = self.inputs_and_targets(&v, draws.as_ref());
-        self.clock.lap(Phase::Data);
-        let nll = self.nll(&inputs, &targets).mean(Kind::Float);
-        let applied = averaged_update(
-            &nll,
-            &self.params,
-            &mut self.optimizer,
-            &self.gradient,
-            &mut self.clock,
-            reduce,
-        )?;
-        let pixels = self.image_shape.iter().product::<i64>() as f64;
-        Ok(StepOutcome {
-            applied,
-            statistics: tch::no_grad(|| {
-                let nll = nll.detach();
-                let bits = &nll / (pixels * std::f64::consts::LN_2);
-                vec![("nll", nll), ("bits_per_dim", bits)]
-            }),
-        })
-    }
-
-    fn gradients(&self) -> Vec<(&'static str, Tensor)> {
-        vec![("pixelcnn", self.gradient.shallow_clone())]
-    }
-
-    /// Pixel by pixel in raster order, the whole batch at once; the draws of row r are
-    /// [`latent::uniforms`]`(seed, 0, pixels, r, 1)`.
-    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
-        let [_, h, w] = self.image_shape;
+    /// `n` samples, pixel by pixel in raster order, the whole batch at once, of class
+    /// `labels[i]` for image `i` of a conditional model (`None` for an unconditional one); the
+    /// draws of row r are [`latent::uniforms`]`(seed, 0, pixels, r, 1)`.
+    fn sample_pixels(
+        &self,
+        n: usize,
+        seed: u64,
+        labels: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ModelError> {
+        let [_, h, w] = self.shape.image;
         let pixels = (h * w) as usize;
         let mut out = Vec::with_capacity(n * pixels);
         let mut host = Vec::new();
         for first in (0..n).step_by(500) {
             let rows = 500.min(n - first);
+            let labels = labels
+                .map(|l| self.shape.labels(&l[first..first + rows], self.device))
+                .transpose()?;
+            let biases = self.biases(labels.as_ref(), rows)?;
             latent::uniforms(seed, 0, pixels, first, rows, &mut host);
             let u = Tensor::from_slice(&host).view([rows as i64, 1, h, w]);
             let x = Tensor::zeros([rows as i64, 1, h, w], (Kind::Float, self.device));
@@ -325,8 +361,9 @@ impl TrainTask for PixelCnn {
                         // One pass per pixel; rows after i do not affect its logits, so
                         // they are left out of the pass, and the 1×1 output layers run on
                         // the pixel alone.
-                        let h = self.features(&x.narrow(2, 0, i + 1));
-                        let at = self.output_head(&h.narrow(2, i, 1).narrow(3, j, 1));
+                        let h = self.features(&x.narrow(2, 0, i + 1), biases.as_ref());
+                        let at =
+                            self.output_head(&h.narrow(2, i, 1).narrow(3, j, 1), biases.as_ref());
                         let draw = u.narrow(2, i, 1).narrow(3, j, 1).to_device(self.device);
                         let value = match self.output {
                             PixelOutput::Bernoulli => {
@@ -351,7 +388,92 @@ impl TrainTask for PixelCnn {
                 Vec::<u8>::try_from(bytes.to_device(Device::Cpu).reshape([-1])).unwrap_or_default(),
             );
         }
-        out
+        Ok(out)
+    }
+}
+
+impl TrainTask for PixelCnn {
+    fn family(&self) -> Family {
+        Family::Autoregressive
+    }
+
+    fn describe(&self) -> String {
+        let conditional = match self.shape.classes {
+            Some(k) => format!("conditional on {k} classes, "),
+            None => String::new(),
+        };
+        format!(
+            "PixelCNN ({conditional}{} maps, {} residual blocks, {})",
+            self.channels,
+            self.blocks.len(),
+            self.output
+        )
+    }
+
+    fn parts(&self) -> Vec<Part<'_>> {
+        vec![Part {
+            name: "pixelcnn",
+            params: &self.params,
+            vs: &self.vs,
+            optimizer: &self.optimizer,
+        }]
+    }
+
+    fn step(
+        &mut self,
+        data: &mut dyn BatchSource,
+        reduce: &mut dyn GradReduce,
+    ) -> Result<StepOutcome, ModelError> {
+        let batch = data.batch(0)?;
+        let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
+        let biases = self.biases(batch.labels.as_ref(), rows)?;
+        // [-1, 1] back to the 8-bit scale the images came from.
+        let v = (&batch.images + 1.0) * 127.5;
+        let draws = (self.output == PixelOutput::Bernoulli)
+            .then(|| self.draws(self.seed, batch.stream, batch.first_row, rows));
+        let (inputs, targets) = self.inputs_and_targets(&v, draws.as_ref());
+        self.clock.lap(Phase::Data);
+        let nll = self
+            .nll(&inputs, &targets, biases.as_ref())
+            .mean(Kind::Float);
+        let applied = averaged_update(
+            &nll,
+            &self.params,
+            &mut self.optimizer,
+            &self.gradient,
+            &mut self.clock,
+            reduce,
+        )?;
+        let pixels = self.shape.image.iter().product::<i64>() as f64;
+        Ok(StepOutcome {
+            applied,
+            statistics: tch::no_grad(|| {
+                let nll = nll.detach();
+                let bits = &nll / (pixels * std::f64::consts::LN_2);
+                vec![("nll", nll), ("bits_per_dim", bits)]
+            }),
+        })
+    }
+
+    fn gradients(&self) -> Vec<(&'static str, Tensor)> {
+        vec![("pixelcnn", self.gradient.shallow_clone())]
+    }
+
+    fn classes(&self) -> Option<usize> {
+        self.shape.classes
+    }
+
+    /// [`PixelCnn::sample_pixels`] of the classes of [`cycled_labels`] when conditional.
+    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
+        let labels = self.shape.classes.map(|k| cycled_labels(n, k));
+        self.sample_pixels(n, seed, labels.as_deref())
+            .expect("cycled labels are within the model's classes")
+    }
+
+    fn sample_labelled_u8(&self, labels: &[u8], seed: u64) -> Result<Vec<u8>, ModelError> {
+        // Refused for an unconditional model, or on a class out of range, before any work.
+        self.shape.check_labels(labels)?;
+        self.sample_pixels(labels.len(), seed, Some(labels))
     }
 
     fn likelihood(
@@ -359,7 +481,11 @@ impl TrainTask for PixelCnn {
         images: &[u8],
         _settings: &Settings,
     ) -> Option<Result<Likelihood, ModelError>> {
-        let [c, h, w] = self.image_shape;
+        // A conditional model's likelihood is of (x, y), and the images come without labels.
+        if self.shape.classes.is_some() {
+            return None;
+        }
+        let [c, h, w] = self.shape.image;
         let pixels = (c * h * w) as usize;
         let n = images.len() / pixels;
         let mut host = Vec::new();
@@ -379,7 +505,7 @@ impl TrainTask for PixelCnn {
                 });
                 let (inputs, targets) = self.inputs_and_targets(&v, draws.as_ref());
                 total += self
-                    .nll(&inputs, &targets)
+                    .nll(&inputs, &targets, None)
                     .sum(Kind::Double)
                     .double_value(&[]);
             }
@@ -422,7 +548,7 @@ impl TrainTask for PixelCnn {
     }
 
     fn image_shape(&self) -> [i64; 3] {
-        self.image_shape
+        self.shape.image
     }
 }
 
@@ -430,34 +556,65 @@ impl TrainTask for PixelCnn {
 mod tests {
     use super::*;
 
-    /// A pixel's logit depends on the pixels before it in raster order and on nothing else.
+    /// A pixel's logit depends on the pixels before it in raster order and on nothing else,
+    /// with or without (non-zero) class biases.
     #[test]
     fn every_logit_sees_only_earlier_pixels() {
         let mut settings = Settings::default();
         settings.autoregressive.channels = 4;
         settings.autoregressive.residual_blocks = 2;
-        let model = PixelCnn::new(&settings, [1, 10, 10], Device::Cpu).unwrap();
+        let plain = PixelCnn::new(&settings, [1, 10, 10], Device::Cpu).unwrap();
+        settings.model.conditional = true;
+        let shape = ModelShape {
+            image: [1, 10, 10],
+            classes: Some(3),
+        };
+        let conditional = PixelCnn::new(&settings, shape, Device::Cpu).unwrap();
+        let tables = conditional.class_biases.as_ref().unwrap();
+        tch::no_grad(|| {
+            for table in [&tables.input, &tables.head]
+                .into_iter()
+                .chain(&tables.blocks)
+            {
+                table.shallow_clone().copy_(&table.randn_like());
+            }
+        });
+        let labels = Tensor::from_slice(&[2i64]);
         let (h, w) = (10i64, 10i64);
-        for (i, j) in [(0, 0), (0, 5), (4, 0), (4, 7), (9, 9)] {
-            let x = Tensor::rand([1, 1, h, w], (Kind::Float, Device::Cpu)).set_requires_grad(true);
-            let logit = model.logits(&x).get(0).get(0).get(i).get(j);
-            let grad = Tensor::run_backward(&[logit], &[&x], false, false)
-                .pop()
-                .unwrap()
-                .abs()
-                .view([-1]);
-            let grad = Vec::<f32>::try_from(grad).unwrap();
-            let at = (i * w + j) as usize;
-            assert!(
-                grad[at..].iter().all(|g| *g == 0.0),
-                "pixel ({i}, {j}) sees itself or a later pixel"
-            );
-            if at > 0 {
+        for (model, labels) in [(&plain, None), (&conditional, Some(&labels))] {
+            for (i, j) in [(0, 0), (0, 5), (4, 0), (4, 7), (9, 9)] {
+                let x =
+                    Tensor::rand([1, 1, h, w], (Kind::Float, Device::Cpu)).set_requires_grad(true);
+                let logit = model
+                    .logits(&x, labels)
+                    .unwrap()
+                    .get(0)
+                    .get(0)
+                    .get(i)
+                    .get(j);
+                let grad = Tensor::run_backward(&[logit], &[&x], false, false)
+                    .pop()
+                    .unwrap()
+                    .abs()
+                    .view([-1]);
+                let grad = Vec::<f32>::try_from(grad).unwrap();
+                let at = (i * w + j) as usize;
                 assert!(
-                    grad[..at].iter().any(|g| *g != 0.0),
-                    "pixel ({i}, {j}) sees none of the earlier pixels"
+                    grad[at..].iter().all(|g| *g == 0.0),
+                    "pixel ({i}, {j}) sees itself or a later pixel"
                 );
+                if at > 0 {
+                    assert!(
+                        grad[..at].iter().any(|g| *g != 0.0),
+                        "pixel ({i}, {j}) sees none of the earlier pixels"
+                    );
+                }
             }
         }
+        // The labels must match the model.
+        let x = Tensor::rand([1, 1, h, w], (Kind::Float, Device::Cpu));
+        assert!(plain.logits(&x, Some(&labels)).is_err());
+        let err = conditional.logits(&x, None).unwrap_err().to_string();
+        assert!(err.contains("needs labelled batches"), "{err}");
     }
 }

@@ -70,6 +70,86 @@ pub struct Batch {
     pub first_row: usize,
     /// This rank's images, NCHW in [-1, 1], on the task's device.
     pub images: Tensor,
+    /// Their class labels (int64, one per image, on the task's device) when the task is
+    /// conditional ([`TrainTask::classes`] is `Some`); `None` otherwise. They come from the
+    /// same sampler indices as the images, so they obey the same contracts.
+    pub labels: Option<Tensor>,
+}
+
+/// What a task is built for: the data's image shape and, for a conditional model, how many
+/// classes its labels range over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelShape {
+    /// `[channels, height, width]`.
+    pub image: [i64; 3],
+    /// `Some(k)` builds a class-conditional model over labels `0..k` (`model.conditional`);
+    /// `None` an unconditional one.
+    pub classes: Option<usize>,
+}
+
+impl From<[i64; 3]> for ModelShape {
+    /// An unconditional model of images of this shape.
+    fn from(image: [i64; 3]) -> Self {
+        Self {
+            image,
+            classes: None,
+        }
+    }
+}
+
+impl ModelShape {
+    /// Checks the shape against `model.conditional`: a conditional model needs classes (at
+    /// least two; one class is no condition), an unconditional one none.
+    pub fn check(&self, conditional: bool) -> Result<(), ModelError> {
+        if self.image.iter().any(|&d| d <= 0) {
+            return Err(ModelError::Invalid(format!(
+                "invalid image shape {:?}",
+                self.image
+            )));
+        }
+        match (conditional, self.classes) {
+            (true, None) => Err(ModelError::Invalid(
+                "model.conditional = true needs a labelled data set".into(),
+            )),
+            (true, Some(k)) if !(2..=256).contains(&k) => Err(ModelError::Invalid(format!(
+                "model.conditional = true needs 2 to 256 classes, the data set has {k}"
+            ))),
+            (false, Some(_)) => Err(ModelError::Invalid(
+                "class labels given to an unconditional model (model.conditional = false)".into(),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// The labels as a device tensor for a conditional model, checked against its classes.
+    pub fn labels(&self, labels: &[u8], device: Device) -> Result<Tensor, ModelError> {
+        self.check_labels(labels)?;
+        let wide: Vec<i64> = labels.iter().map(|&l| i64::from(l)).collect();
+        Ok(Tensor::from_slice(&wide).to_device(device))
+    }
+
+    /// Fails for an unconditional model, or on the first label out of `0..classes`.
+    pub fn check_labels(&self, labels: &[u8]) -> Result<(), ModelError> {
+        let Some(k) = self.classes else {
+            return Err(ModelError::Invalid(
+                "this model is unconditional: it cannot generate by class".into(),
+            ));
+        };
+        if let Some(&bad) = labels.iter().find(|&&l| usize::from(l) >= k) {
+            return Err(ModelError::Invalid(format!(
+                "class {bad} is out of range: the model has {k} classes (0..{})",
+                k - 1
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// The labels [`TrainTask::sample_u8`] draws for a conditional model of `classes` classes:
+/// image `i` is of class `i mod classes`, so a grid `classes` wide shows one class a column
+/// and equal numbers of every class.
+pub fn cycled_labels(n: usize, classes: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % classes.max(1)) as u8).collect()
 }
 
 /// Where a step gets its batches from.
@@ -158,9 +238,18 @@ pub trait TrainTask: std::fmt::Debug + Send {
     /// Each part's group-averaged flat gradient of the latest step, by part name.
     fn gradients(&self) -> Vec<(&'static str, Tensor)>;
 
+    /// The number of classes of a conditional model; `None` for an unconditional one.
+    fn classes(&self) -> Option<usize>;
+
     /// `n` samples as 8-bit pixels, NCHW, a pure function of `seed` (EMA weights where the
-    /// family has them).
+    /// family has them). A conditional model draws the classes of [`cycled_labels`].
     fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8>;
+
+    /// One sample of each of `labels`' classes, as 8-bit pixels, NCHW: image `i` is the
+    /// image [`TrainTask::sample_u8`] would draw at position `i` for the seed, but of class
+    /// `labels[i]`. A pure function of `(seed, labels)`. An error for an unconditional model
+    /// or a class out of range.
+    fn sample_labelled_u8(&self, labels: &[u8], seed: u64) -> Result<Vec<u8>, ModelError>;
 
     /// Side by side: `images` (8-bit, NCHW) and the model's reconstructions of them, for
     /// families that reconstruct (the VAE).
@@ -220,16 +309,15 @@ pub fn checkpoint_files(family: Family) -> &'static [&'static str] {
 /// Builds the task `settings.model.family` names, with weights drawn from `train.seed`.
 pub fn build(
     settings: &Settings,
-    image_shape: [i64; 3],
+    shape: impl Into<ModelShape>,
     device: Device,
 ) -> Result<Box<dyn TrainTask>, ModelError> {
+    let shape = shape.into();
     Ok(match settings.model.family {
-        Family::Gan => Box::new(crate::Gan::new(settings, image_shape, device)?),
-        Family::Vae => Box::new(crate::vae::Vae::new(settings, image_shape, device)?),
-        Family::Autoregressive => Box::new(crate::pixelcnn::PixelCnn::new(
-            settings,
-            image_shape,
-            device,
-        )?),
+        Family::Gan => Box::new(crate::Gan::new(settings, shape, device)?),
+        Family::Vae => Box::new(crate::vae::Vae::new(settings, shape, device)?),
+        Family::Autoregressive => {
+            Box::new(crate::pixelcnn::PixelCnn::new(settings, shape, device)?)
+        }
     })
 }

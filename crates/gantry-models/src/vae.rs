@@ -12,6 +12,20 @@
 //! [`crate::latent::fill`]'s row r of stream s: a pure function of (seed, s, r), so the step is
 //! world-size invariant and resumes exactly. Every layer is initialised as PyTorch's default
 //! (weights and biases U(±1/√fan_in)), so `bench/torch_vae.py` builds the same network.
+//!
+//! `model.conditional = true` (labels `0..k`) gives both networks the label's one-hot y: the
+//! encoder reads [x, y] and the decoder [z, y]. The mlp encoder takes y at its first layer
+//! (joined to the flattened pixels); the conv encoder at its μ and log σ² heads (joined to the
+//! flattened conv features, rather than as k constant input planes, which would cost the
+//! convolutions k mostly-zero channels); both decoders at their first layer. Each such layer
+//! keeps its unconditional weights and gains y's columns as a bias-free linear map of its own,
+//! W·[a; y] = W_a·a + W_y·y, named `<layer>_class` and created after every unconditional
+//! variable: an unconditional model keeps exactly its variables and a seed's draws, and a
+//! conditional one starts from the same unconditional weights. y's columns take the bound of a
+//! PyTorch layer over the concatenation, U(±1/√(fan_in + k)).
+//!
+//! A conditional VAE neither reconstructs nor scores held-out images: the trait hands those
+//! images over without labels, and both need q(z|x, y).
 
 use std::path::Path;
 
@@ -22,7 +36,9 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::gan::{averaged_update, load_into, load_moments, save_moments};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
-use crate::task::{BatchSource, GradReduce, Likelihood, Part, StepOutcome, TrainTask};
+use crate::task::{
+    BatchSource, GradReduce, Likelihood, ModelShape, Part, StepOutcome, TrainTask, cycled_labels,
+};
 use crate::{FlatParams, ModelError, OPTIMIZER_FILE, latent};
 
 /// The encoder and decoder's tensors in a checkpoint.
@@ -79,6 +95,74 @@ fn deconv(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::ConvTranspose2D 
     nn::conv_transpose2d(path, inputs, outputs, 4, config)
 }
 
+/// The columns of a layer that read a conditional model's one-hot label (see the module docs).
+fn class_columns(path: nn::Path<'_>, classes: i64, outputs: i64, fan_in: i64) -> nn::Linear {
+    nn::linear(
+        path,
+        classes,
+        outputs,
+        nn::LinearConfig {
+            ws_init: torch_default(fan_in + classes),
+            bs_init: None,
+            bias: false,
+        },
+    )
+}
+
+/// Checks a conditional (`classes` is `Some`) or unconditional model's `labels` for `rows`
+/// images: present exactly when the model is conditional, int64, one per image. Their range is
+/// the data's contract ([`ModelShape::labels`]); one out of range still comes back as
+/// libtorch's error where the labels are used, not as a panic.
+pub(crate) fn check_batch_labels(
+    classes: Option<usize>,
+    labels: Option<&Tensor>,
+    rows: usize,
+) -> Result<(), ModelError> {
+    match (classes, labels) {
+        (None, None) => Ok(()),
+        (Some(_), None) => Err(ModelError::Invalid(
+            "a conditional model needs labelled batches".into(),
+        )),
+        (None, Some(_)) => Err(ModelError::Invalid(
+            "an unconditional model was given labelled batches".into(),
+        )),
+        (Some(_), Some(labels)) => {
+            if labels.kind() != Kind::Int64 || labels.size() != [rows as i64] {
+                return Err(ModelError::Invalid(format!(
+                    "labels must be int64, one per image: got {:?} of shape {:?} for {rows} images",
+                    labels.kind(),
+                    labels.size()
+                )));
+            }
+            Ok(())
+        }
+    }
+}
+
+/// The one-hot label's columns of the layers that read it, in a conditional VAE.
+#[derive(Debug)]
+struct ClassInputs {
+    classes: i64,
+    /// The encoder's: of `enc_hidden` (mlp), or of the μ then the log σ² head (conv).
+    encoder: Vec<nn::Linear>,
+    /// The decoder's first layer's (`dec_hidden` / `dec_expand`).
+    decoder: nn::Linear,
+}
+
+/// `layer` applied to `[input, y]`: its own weights on `input`, plus y's `columns`.
+fn joined(layer: &nn::Linear, input: &Tensor, class: Option<(&nn::Linear, &Tensor)>) -> Tensor {
+    let out = layer.forward(input);
+    match class {
+        Some((columns, y)) => out + columns.forward(y),
+        None => out,
+    }
+}
+
+/// Width of the conv encoder's flattened features: 64 maps of a quarter of each side.
+fn conv_features([_, h, w]: [i64; 3]) -> i64 {
+    64 * (h / 4) * (w / 4)
+}
+
 /// The encoder and decoder of either kind (built once; the size difference is irrelevant).
 #[derive(Debug)]
 #[allow(clippy::large_enum_variant)]
@@ -107,26 +191,32 @@ pub struct Vae {
     device: Device,
     pub vs: VarStore,
     networks: Networks,
+    /// `Some` for a conditional model.
+    class_inputs: Option<ClassInputs>,
     pub params: FlatParams,
     pub optimizer: FlatOptimizer,
     /// The latest step's (averaged) flat gradient.
     gradient: Tensor,
     kind: VaeKind,
     latent_dim: usize,
-    image_shape: [i64; 3],
+    shape: ModelShape,
     seed: u64,
     host_noise: Vec<f32>,
     pub clock: PhaseClock,
 }
 
 impl Vae {
+    /// Builds the VAE for `shape` (conditional when `model.conditional`, which needs the
+    /// shape's classes), with weights drawn from `train.seed`.
     pub fn new(
         settings: &Settings,
-        image_shape: [i64; 3],
+        shape: impl Into<ModelShape>,
         device: Device,
     ) -> Result<Self, ModelError> {
+        let shape = shape.into();
+        shape.check(settings.model.conditional)?;
         let v = &settings.vae;
-        let [c, h, w] = image_shape;
+        let [c, h, w] = shape.image;
         let pixels = c * h * w;
         let latent = v.latent_dim as i64;
         let hidden = v.hidden as i64;
@@ -148,7 +238,7 @@ impl Vae {
                         "vae.kind = \"conv\" needs image sides divisible by 4 (data.image_size), got {h}×{w}"
                     )));
                 }
-                let flat = 64 * (h / 4) * (w / 4);
+                let flat = conv_features(shape.image);
                 Networks::Conv {
                     down1: conv(&root / "enc_conv1", c, 32),
                     down2: conv(&root / "enc_conv2", 32, 64),
@@ -160,6 +250,28 @@ impl Vae {
                 }
             }
         };
+        // After every unconditional variable: their draws stay those of the seed.
+        let class_inputs = shape.classes.map(|k| {
+            let k = k as i64;
+            match v.kind {
+                VaeKind::Mlp => ClassInputs {
+                    classes: k,
+                    encoder: vec![class_columns(&root / "enc_hidden_class", k, hidden, pixels)],
+                    decoder: class_columns(&root / "dec_hidden_class", k, hidden, latent),
+                },
+                VaeKind::Conv => {
+                    let flat = conv_features(shape.image);
+                    ClassInputs {
+                        classes: k,
+                        encoder: vec![
+                            class_columns(&root / "enc_mu_class", k, latent, flat),
+                            class_columns(&root / "enc_log_var_class", k, latent, flat),
+                        ],
+                        decoder: class_columns(&root / "dec_expand_class", k, flat, latent),
+                    }
+                }
+            }
+        });
         let params = FlatParams::new(&vs);
         let t = &settings.train;
         let optimizer = FlatOptimizer::new(t.optimizer, v.lr, v.betas, &params.flat);
@@ -168,20 +280,69 @@ impl Vae {
             device,
             vs,
             networks,
+            class_inputs,
             params,
             optimizer,
             gradient,
             kind: v.kind,
             latent_dim: v.latent_dim,
-            image_shape,
+            shape,
             seed: t.seed,
             host_noise: Vec::new(),
             clock: PhaseClock::new(device),
         })
     }
 
-    /// μ and log σ² of q(z|x) for intensities `x` (NCHW in [0, 1]).
-    pub fn encode(&self, x: &Tensor) -> (Tensor, Tensor) {
+    /// The one-hot (float, `rows × classes`) of `labels` (int64, one per row) that a
+    /// conditional model's networks read; `None` for an unconditional model (which must get
+    /// no labels). An error for labels that do not fit the model.
+    fn condition(
+        &self,
+        labels: Option<&Tensor>,
+        rows: usize,
+    ) -> Result<Option<Tensor>, ModelError> {
+        check_batch_labels(self.shape.classes, labels, rows)?;
+        match (&self.class_inputs, labels) {
+            (Some(inputs), Some(labels)) => {
+                Ok(Some(labels.f_one_hot(inputs.classes)?.to_kind(Kind::Float)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// y's columns of the encoder's layer `i` (see [`ClassInputs::encoder`]) with y, when
+    /// conditional. [`Vae::condition`] made `y` for exactly the conditional models.
+    fn encoder_class<'a>(
+        &'a self,
+        i: usize,
+        y: Option<&'a Tensor>,
+    ) -> Option<(&'a nn::Linear, &'a Tensor)> {
+        self.class_inputs
+            .as_ref()
+            .zip(y)
+            .map(|(c, y)| (&c.encoder[i], y))
+    }
+
+    /// μ and log σ² of q(z|x) (q(z|x, y) for a conditional model: `labels`, int64, one per
+    /// image, exactly when conditional) for intensities `x` (NCHW in [0, 1]).
+    pub fn encode(
+        &self,
+        x: &Tensor,
+        labels: Option<&Tensor>,
+    ) -> Result<(Tensor, Tensor), ModelError> {
+        let y = self.condition(labels, x.size()[0] as usize)?;
+        Ok(self.encode_with(x, y.as_ref()))
+    }
+
+    /// Per-pixel Bernoulli logits of p(x|z) (p(x|z, y) with `labels` for a conditional model,
+    /// as [`Vae::encode`]), NCHW.
+    pub fn decode(&self, z: &Tensor, labels: Option<&Tensor>) -> Result<Tensor, ModelError> {
+        let y = self.condition(labels, z.size()[0] as usize)?;
+        Ok(self.decode_with(z, y.as_ref()))
+    }
+
+    /// [`Vae::encode`] with the labels' one-hot `y` from [`Vae::condition`].
+    fn encode_with(&self, x: &Tensor, y: Option<&Tensor>) -> (Tensor, Tensor) {
         let n = x.size()[0];
         match &self.networks {
             Networks::Mlp {
@@ -190,7 +351,7 @@ impl Vae {
                 log_var,
                 ..
             } => {
-                let h = hidden.forward(&x.view([n, -1])).relu();
+                let h = joined(hidden, &x.view([n, -1]), self.encoder_class(0, y)).relu();
                 (mu.forward(&h), log_var.forward(&h))
             }
             Networks::Conv {
@@ -201,34 +362,43 @@ impl Vae {
                 ..
             } => {
                 let h = down2.forward(&down1.forward(x).relu()).relu().view([n, -1]);
-                (mu.forward(&h), log_var.forward(&h))
+                (
+                    joined(mu, &h, self.encoder_class(0, y)),
+                    joined(log_var, &h, self.encoder_class(1, y)),
+                )
             }
         }
     }
 
-    /// Per-pixel Bernoulli logits of p(x|z), NCHW.
-    pub fn decode(&self, z: &Tensor) -> Tensor {
+    /// [`Vae::decode`] with the labels' one-hot `y` from [`Vae::condition`].
+    fn decode_with(&self, z: &Tensor, y: Option<&Tensor>) -> Tensor {
         let n = z.size()[0];
-        let [c, h, w] = self.image_shape;
+        let [c, h, w] = self.shape.image;
+        let class = self
+            .class_inputs
+            .as_ref()
+            .zip(y)
+            .map(|(i, y)| (&i.decoder, y));
         match &self.networks {
-            Networks::Mlp { expand, out, .. } => {
-                out.forward(&expand.forward(z).relu()).view([n, c, h, w])
-            }
+            Networks::Mlp { expand, out, .. } => out
+                .forward(&joined(expand, z, class).relu())
+                .view([n, c, h, w]),
             Networks::Conv {
                 expand, up1, up2, ..
             } => {
-                let h0 = expand.forward(z).relu().view([n, 64, h / 4, w / 4]);
+                let h0 = joined(expand, z, class).relu().view([n, 64, h / 4, w / 4]);
                 up2.forward(&up1.forward(&h0).relu())
             }
         }
     }
 
     /// Per-image −log p(x|z) (summed Bernoulli cross-entropy) and KL(q ‖ N(0, I)), in nats,
-    /// for intensities `x` and noise `eps` (`n × latent`).
-    fn terms(&self, x: &Tensor, eps: &Tensor) -> (Tensor, Tensor) {
-        let (mu, log_var) = self.encode(x);
+    /// for intensities `x`, noise `eps` (`n × latent`) and, when conditional, the labels'
+    /// one-hot `y`.
+    fn terms(&self, x: &Tensor, eps: &Tensor, y: Option<&Tensor>) -> (Tensor, Tensor) {
+        let (mu, log_var) = self.encode_with(x, y);
         let z = &mu + (&log_var * 0.5).exp() * eps;
-        let reconstruction = self.reconstruction_nats(x, &self.decode(&z));
+        let reconstruction = self.reconstruction_nats(x, &self.decode_with(&z, y));
         let kl = ((&log_var + 1.0) - mu.square() - log_var.exp()).sum_dim_intlist(
             [1i64].as_slice(),
             false,
@@ -247,7 +417,7 @@ impl Vae {
 
     /// Host 8-bit pixels as intensities in [0, 1] on the device.
     fn intensities(&self, images: &[u8]) -> Tensor {
-        let [c, h, w] = self.image_shape;
+        let [c, h, w] = self.shape.image;
         Tensor::from_slice(images)
             .to_device(self.device)
             .to_kind(Kind::Float)
@@ -263,10 +433,42 @@ impl Vae {
         Vec::<u8>::try_from(bytes.to_device(Device::Cpu).reshape([-1])).unwrap_or_default()
     }
 
+    /// Decoder means of z drawn from the prior with [`latent::fixed`]`(seed, n)`, of class
+    /// `labels[i]` for image `i` of a conditional model (`None` for an unconditional one).
+    fn sample_means(
+        &self,
+        n: usize,
+        seed: u64,
+        labels: Option<&[u8]>,
+    ) -> Result<Vec<u8>, ModelError> {
+        const CHUNK: usize = 500;
+        let dim = self.latent_dim.max(1);
+        let z = latent::fixed(seed, n, self.latent_dim);
+        let mut out = Vec::new();
+        for (i, chunk) in z.chunks(CHUNK * dim).enumerate() {
+            let rows = chunk.len() / dim;
+            let labels = labels
+                .map(|l| {
+                    self.shape
+                        .labels(&l[i * CHUNK..i * CHUNK + rows], self.device)
+                })
+                .transpose()?;
+            let y = self.condition(labels.as_ref(), rows)?;
+            let z = Tensor::from_slice(chunk)
+                .view([rows as i64, self.latent_dim as i64])
+                .to_device(self.device);
+            out.extend(Self::to_u8(&tch::no_grad(|| {
+                self.decode_with(&z, y.as_ref()).sigmoid()
+            })));
+        }
+        Ok(out)
+    }
+
     /// Held-out negative ELBO (with the posterior mean's noise drawn from `IMPORTANCE_SEED`)
-    /// and the importance-weighted bound on −log p(x) with `k` samples, nats per image.
+    /// and the importance-weighted bound on −log p(x) with `k` samples, nats per image, of an
+    /// unconditional model.
     fn heldout(&self, images: &[u8], k: usize) -> Likelihood {
-        let pixels: i64 = self.image_shape.iter().product();
+        let pixels: i64 = self.shape.image.iter().product();
         let n = images.len() / pixels as usize;
         let dim = self.latent_dim;
         let (mut elbo_sum, mut nll_sum) = (0.0, 0.0);
@@ -276,7 +478,7 @@ impl Vae {
                 let rows = chunk_rows.min(n - first);
                 let x =
                     self.intensities(&images[first * pixels as usize..][..rows * pixels as usize]);
-                let (mu, log_var) = self.encode(&x);
+                let (mu, log_var) = self.encode_with(&x, None);
                 let std = (&log_var * 0.5).exp();
                 // k noise draws per image: stream j of the evaluation seed, rows = images.
                 let mut log_weights = Vec::with_capacity(k);
@@ -287,7 +489,7 @@ impl Vae {
                         .view([rows as i64, dim as i64])
                         .to_device(self.device);
                     let z = &mu + &std * &eps;
-                    let log_px_z = -self.reconstruction_nats(&x, &self.decode(&z));
+                    let log_px_z = -self.reconstruction_nats(&x, &self.decode_with(&z, None));
                     let sum1 = |t: Tensor| t.sum_dim_intlist([1i64].as_slice(), false, Kind::Float);
                     // log N(z; 0, I) − log N(z; μ, σ²); the 2π terms cancel.
                     let log_pz = sum1(z.square()) * -0.5;
@@ -319,7 +521,13 @@ impl TrainTask for Vae {
     }
 
     fn describe(&self) -> String {
-        format!("{} VAE (latent {})", self.kind, self.latent_dim)
+        match self.shape.classes {
+            None => format!("{} VAE (latent {})", self.kind, self.latent_dim),
+            Some(k) => format!(
+                "conditional {} VAE (latent {}, {k} classes)",
+                self.kind, self.latent_dim
+            ),
+        }
     }
 
     fn parts(&self) -> Vec<Part<'_>> {
@@ -338,6 +546,7 @@ impl TrainTask for Vae {
     ) -> Result<StepOutcome, ModelError> {
         let batch = data.batch(0)?;
         let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
+        let y = self.condition(batch.labels.as_ref(), rows)?;
         let x = (&batch.images + 1.0) * 0.5;
         latent::fill(
             self.seed,
@@ -351,7 +560,7 @@ impl TrainTask for Vae {
             .view([rows as i64, self.latent_dim as i64])
             .to_device(self.device);
         self.clock.lap(Phase::Data);
-        let (reconstruction, kl) = self.terms(&x, &eps);
+        let (reconstruction, kl) = self.terms(&x, &eps, y.as_ref());
         let loss = (&reconstruction + &kl).mean(Kind::Float);
         let applied = averaged_update(
             &loss,
@@ -377,25 +586,36 @@ impl TrainTask for Vae {
         vec![("vae", self.gradient.shallow_clone())]
     }
 
-    /// Decoder means of z drawn from the prior with [`latent::fixed`]`(seed, n)`.
-    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
-        let z = latent::fixed(seed, n, self.latent_dim);
-        z.chunks(500 * self.latent_dim.max(1))
-            .flat_map(|chunk| {
-                let rows = (chunk.len() / self.latent_dim.max(1)) as i64;
-                let z = Tensor::from_slice(chunk)
-                    .view([rows, self.latent_dim as i64])
-                    .to_device(self.device);
-                Self::to_u8(&tch::no_grad(|| self.decode(&z).sigmoid()))
-            })
-            .collect()
+    fn classes(&self) -> Option<usize> {
+        self.shape.classes
     }
 
-    /// Original, reconstruction (from the posterior mean), original, … image by image.
+    /// Decoder means of z drawn from the prior with [`latent::fixed`]`(seed, n)` (of the
+    /// classes of [`cycled_labels`] when conditional).
+    fn sample_u8(&self, n: usize, seed: u64) -> Vec<u8> {
+        let labels = self.shape.classes.map(|k| cycled_labels(n, k));
+        self.sample_means(n, seed, labels.as_deref())
+            .expect("cycled labels are within the model's classes")
+    }
+
+    fn sample_labelled_u8(&self, labels: &[u8], seed: u64) -> Result<Vec<u8>, ModelError> {
+        // Refused for an unconditional model, or on a class out of range, before any work.
+        self.shape.check_labels(labels)?;
+        self.sample_means(labels.len(), seed, Some(labels))
+    }
+
+    /// Original, reconstruction (from the posterior mean), original, … image by image; `None`
+    /// for a conditional model, whose encoder needs the images' labels.
     fn reconstruct_u8(&self, images: &[u8]) -> Option<Vec<u8>> {
-        let pixels = self.image_shape.iter().product::<i64>() as usize;
+        if self.shape.classes.is_some() {
+            return None;
+        }
+        let pixels = self.shape.image.iter().product::<i64>() as usize;
         let x = self.intensities(images);
-        let again = Self::to_u8(&tch::no_grad(|| self.decode(&self.encode(&x).0).sigmoid()));
+        let again = Self::to_u8(&tch::no_grad(|| {
+            self.decode_with(&self.encode_with(&x, None).0, None)
+                .sigmoid()
+        }));
         Some(
             images
                 .chunks(pixels)
@@ -410,6 +630,10 @@ impl TrainTask for Vae {
         images: &[u8],
         settings: &Settings,
     ) -> Option<Result<Likelihood, ModelError>> {
+        // A conditional model's bound needs q(z|x, y), and the images come without labels.
+        if self.shape.classes.is_some() {
+            return None;
+        }
         Some(Ok(self.heldout(images, settings.eval.importance_samples)))
     }
 
@@ -440,6 +664,6 @@ impl TrainTask for Vae {
     }
 
     fn image_shape(&self) -> [i64; 3] {
-        self.image_shape
+        self.shape.image
     }
 }

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 
 use gantry_config::{Loss, ModelKind, Precision, Schedule, Settings};
+use gantry_models::task::{Batch, ModelShape, TrainTask};
 use gantry_models::{GENERATOR_EMA_FILE, Gan, Network, StepInput, ema_update, latent};
 use tch::{Device, Kind, Tensor};
 
@@ -31,6 +32,7 @@ fn input(gan: &Gan, step: u64) -> StepInput {
         real: gan.images(&pixels),
         z: gan.latents(&z),
         alpha: Some(gan.coefficients(&alpha)),
+        labels: None,
     }
 }
 
@@ -136,8 +138,9 @@ fn wgan_gp_penalty_is_added_to_the_critic_loss() {
     let gp = a
         .gradient_penalty(
             &inp.real,
-            &a.generate_live(&inp.z),
+            &a.generate_live(&inp.z, None),
             inp.alpha.as_ref().unwrap(),
+            None,
         )
         .double_value(&[]);
     assert!(gp.is_finite() && gp > 0.0, "penalty {gp}");
@@ -190,14 +193,14 @@ fn gan_ema_follows_the_generator_and_samples_use_it() {
     assert!(ema.params.flat.allclose(&want, 1e-6, 1e-7, false));
     let z = input(&gan, 5).z;
     assert!(
-        !gan.generate(&z).equal(&gan.generate_live(&z)),
+        !gan.generate(&z, None).equal(&gan.generate_live(&z, None)),
         "samples come from the EMA"
     );
 
     s.train.ema_decay = 0.0;
     let gan = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
     assert!(gan.ema.is_none());
-    assert!(gan.generate(&z).equal(&gan.generate_live(&z)));
+    assert!(gan.generate(&z, None).equal(&gan.generate_live(&z, None)));
 }
 
 #[test]
@@ -286,14 +289,14 @@ fn save_load_round_trips_and_the_ema_file_loads_into_a_fresh_generator() {
             && other.d_opt.exp_avg_sq.equal(&gan.d_opt.exp_avg_sq)
     );
     let z = input(&gan, 9).z;
-    assert!(other.generate(&z).equal(&gan.generate(&z)));
+    assert!(other.generate(&z, None).equal(&gan.generate(&z, None)));
 
     // The evaluator's path: Gan::new + generator_vs.load(generator_ema.safetensors).
     let mut eval = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
     eval.generator_vs
         .load(dir.path().join(GENERATOR_EMA_FILE))
         .unwrap();
-    assert!(eval.generate_live(&z).equal(&gan.generate(&z)));
+    assert!(eval.generate_live(&z, None).equal(&gan.generate(&z, None)));
 
     // A different architecture is refused by name and shape.
     let mut mlp = Gan::new(
@@ -308,4 +311,158 @@ fn save_load_round_trips_and_the_ema_file_loads_into_a_fresh_generator() {
             && (err.contains("no tensor") || err.contains("the model needs")),
         "{err}"
     );
+}
+
+/// A conditional GAN over `classes` classes (`model.conditional = true`).
+fn conditional(kind: ModelKind, loss: Loss, classes: usize) -> Gan {
+    let mut s = settings(kind, loss, Schedule::Simultaneous);
+    s.model.conditional = true;
+    let shape = ModelShape {
+        image: [1, 28, 28],
+        classes: Some(classes),
+    };
+    Gan::new(&s, shape, Device::Cpu).unwrap()
+}
+
+/// Labels 0, 1, 2, 0 for [`input`]'s four rows.
+fn labelled(gan: &Gan, step: u64) -> StepInput {
+    StepInput {
+        labels: Some(Tensor::from_slice(&[0i64, 1, 2, 0])),
+        ..input(gan, step)
+    }
+}
+
+#[test]
+fn conditioning_needs_classes_and_an_unconditional_model_refuses_them() {
+    let mut s = settings(ModelKind::Mlp, Loss::Bce, Schedule::Simultaneous);
+    s.model.conditional = true;
+    let err = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("labelled data set"), "{err}");
+    let shape = ModelShape {
+        image: [1, 28, 28],
+        classes: Some(1),
+    };
+    let err = Gan::new(&s, shape, Device::Cpu).unwrap_err();
+    assert!(err.to_string().contains("2 to 256 classes"), "{err}");
+    s.model.conditional = false;
+    let shape = ModelShape {
+        image: [1, 28, 28],
+        classes: Some(10),
+    };
+    assert!(Gan::new(&s, shape, Device::Cpu).is_err());
+    // The unconditional model keeps exactly its variables: no embedding appears.
+    let plain = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
+    assert!(
+        plain
+            .generator_vs
+            .variables()
+            .keys()
+            .all(|k| !k.contains("class"))
+    );
+    assert_eq!(plain.classes(), None);
+}
+
+#[test]
+fn a_conditional_gan_trains_on_every_loss_and_its_labels_change_the_samples() {
+    for (kind, loss) in [
+        (ModelKind::Mlp, Loss::Bce),
+        (ModelKind::Mlp, Loss::Hinge),
+        (ModelKind::Dcgan, Loss::WganGp),
+    ] {
+        let mut gan = conditional(kind, loss, 3);
+        let before = gan.g_params.flat.copy();
+        let d_before = gan.d_params.flat.copy();
+        for step in 0..2 {
+            let stats = gan
+                .train_step(&labelled(&gan, step), &mut no_sync())
+                .unwrap();
+            assert!(stats.applied, "{kind:?} {loss:?}: step skipped");
+            assert!(stats.to_host().d_loss.is_finite());
+        }
+        assert!(
+            !gan.g_params.flat.equal(&before),
+            "{kind:?} {loss:?}: G frozen"
+        );
+        assert!(
+            !gan.d_params.flat.equal(&d_before),
+            "{kind:?} {loss:?}: D frozen"
+        );
+        // The projection and the embedding were trained (they have gradients).
+        let g_names = gan.generator_vs.variables();
+        assert!(
+            g_names.contains_key("class_embedding.weight"),
+            "{g_names:?}"
+        );
+        assert!(
+            gan.discriminator_vs
+                .variables()
+                .contains_key("class_projection.weight")
+        );
+
+        let zeros = gan.sample_labelled_u8(&[0; 4], 7).unwrap();
+        let ones = gan.sample_labelled_u8(&[1; 4], 7).unwrap();
+        assert_ne!(zeros, ones, "{kind:?} {loss:?}: the label is ignored");
+        assert_eq!(zeros, gan.sample_labelled_u8(&[0; 4], 7).unwrap());
+        assert_ne!(zeros, gan.sample_labelled_u8(&[0; 4], 8).unwrap());
+        // Image i is position i of the seed's latents, whatever the other labels.
+        let mixed = gan.sample_labelled_u8(&[0, 1, 0, 1], 7).unwrap();
+        let pixels = 28 * 28;
+        assert_eq!(mixed[..pixels], zeros[..pixels]);
+        assert_eq!(mixed[pixels..2 * pixels], ones[pixels..2 * pixels]);
+        // sample_u8 cycles the classes.
+        assert_eq!(
+            gan.sample_u8(4, 7),
+            gan.sample_labelled_u8(&[0, 1, 2, 0], 7).unwrap()
+        );
+    }
+}
+
+#[test]
+fn conditional_sampling_refuses_bad_classes_and_unlabelled_batches() {
+    let gan = conditional(ModelKind::Mlp, Loss::Bce, 3);
+    let err = gan.sample_labelled_u8(&[0, 3], 1).unwrap_err();
+    assert!(err.to_string().contains("class 3 is out of range"), "{err}");
+    let plain = Gan::new(
+        &settings(ModelKind::Mlp, Loss::Bce, Schedule::Simultaneous),
+        [1, 28, 28],
+        Device::Cpu,
+    )
+    .unwrap();
+    let err = plain.sample_labelled_u8(&[0], 1).unwrap_err();
+    assert!(err.to_string().contains("unconditional"), "{err}");
+
+    let mut gan = gan;
+    let batch = |labels: Option<Tensor>| Batch {
+        stream: 0,
+        first_row: 0,
+        images: Tensor::zeros([4, 1, 28, 28], (Kind::Float, Device::Cpu)),
+        labels,
+    };
+    let err = gan.step_input(batch(None)).unwrap_err();
+    assert!(err.to_string().contains("needs labelled batches"), "{err}");
+    assert!(
+        gan.step_input(batch(Some(Tensor::from_slice(&[0i64, 1, 2, 0]))))
+            .is_ok()
+    );
+}
+
+#[test]
+fn a_saved_conditional_gan_loads_to_the_same_samples() {
+    let mut gan = conditional(ModelKind::Mlp, Loss::Bce, 3);
+    gan.train_step(&labelled(&gan, 0), &mut no_sync()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    gan.save(dir.path()).unwrap();
+    let mut other = conditional(ModelKind::Mlp, Loss::Bce, 3);
+    assert_ne!(
+        other.sample_labelled_u8(&[2; 3], 5).unwrap(),
+        gan.sample_labelled_u8(&[2; 3], 5).unwrap()
+    );
+    other.load(dir.path()).unwrap();
+    assert_eq!(
+        other.sample_labelled_u8(&[2; 3], 5).unwrap(),
+        gan.sample_labelled_u8(&[2; 3], 5).unwrap()
+    );
+    // A model of another class count does not load it.
+    let mut wrong = conditional(ModelKind::Mlp, Loss::Bce, 4);
+    assert!(wrong.load(dir.path()).is_err());
 }

@@ -52,6 +52,7 @@ pub const SHAPE_KEYS: &[&str] = &[
     "model.kind",
     "model.latent_dim",
     "model.batch_norm",
+    "model.conditional",
     "data.image_size",
     "data.channels",
     "train.optimizer",
@@ -83,6 +84,10 @@ pub struct CheckpointState {
     /// RNG state the run still depends on: none (see the module docs); kept explicit so a
     /// future stateful RNG has an obvious home.
     pub rng_state: Option<String>,
+    /// A conditional model's class names, label `i` being `classes[i]`; absent for an
+    /// unconditional one (and in checkpoints written before conditioning existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub classes: Option<Vec<String>>,
 }
 
 /// A complete checkpoint, found and verified.

@@ -86,6 +86,10 @@ pub struct QualityReport {
     pub heldout_nll_nats: Option<f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bits_per_dim: Option<f64>,
+    /// A conditional model of the ten digits: the fraction of its samples the classifier
+    /// assigns to the class they were generated for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_accuracy: Option<f64>,
 }
 
 /// An open run directory.

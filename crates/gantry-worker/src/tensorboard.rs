@@ -483,6 +483,7 @@ mod tests {
             heldout_neg_elbo_nats: None,
             heldout_nll_nats: None,
             bits_per_dim: None,
+            label_accuracy: None,
         };
         tb.quality(40, &report).unwrap();
         let events = read_events(&only_file(dir.path()));

@@ -9,7 +9,7 @@ use gantry_data::Dataset;
 use gantry_data::sampler::GlobalSampler;
 use gantry_metrics::WorkerMetrics;
 use gantry_models::runtime;
-use gantry_models::task::{Batch, BatchSource, ExternalError, StepOutcome, TrainTask};
+use gantry_models::task::{Batch, BatchSource, ExternalError, ModelShape, StepOutcome, TrainTask};
 use tch::{Device, Tensor};
 
 use crate::checkpoint::{self, CheckpointDir, CheckpointState};
@@ -21,6 +21,8 @@ use crate::tensorboard::{self, StepDetail};
 
 /// Images of every sample grid (8 × 8).
 const GRID_IMAGES: usize = 64;
+/// Columns of the sample grid: a conditional model's grid has one row of this many per class.
+const GRID_COLUMNS: usize = 8;
 
 /// Images a family with a likelihood never trains on: the last ones of the training set
 /// (for the embedded MNIST-10k, the evaluator's 1,000 held-out digits), at most a tenth.
@@ -111,6 +113,9 @@ pub struct Trainer {
     dataset: Dataset,
     /// Images held out for the likelihood (families that have one).
     heldout: Option<Dataset>,
+    /// The class names of a conditional model (label `i` is `class_names[i]`), saved in
+    /// every checkpoint; `None` for an unconditional one.
+    class_names: Option<Vec<String>>,
     /// What is trained: the family behind the seam.
     pub task: Box<dyn TrainTask>,
     sampler: GlobalSampler,
@@ -174,7 +179,15 @@ impl Trainer {
         };
         let (c, h, w) = dataset.image_shape();
         check_batch_fits(settings.train.batch_size, (c, h, w), device)?;
-        let task = gantry_models::task::build(settings, [c as i64, h as i64, w as i64], device)?;
+        let class_names = class_names(settings, &dataset)?;
+        if let (Some(c), Some(names)) = (resume, &class_names) {
+            check_same_classes(c, names)?;
+        }
+        let shape = ModelShape {
+            image: [c as i64, h as i64, w as i64],
+            classes: class_names.as_ref().map(Vec::len),
+        };
+        let task = gantry_models::task::build(settings, shape, device)?;
         let mut group = group;
         group.set_overlap(overlap_pays(threads, workers_on_host));
         group
@@ -191,6 +204,7 @@ impl Trainer {
             settings: settings.clone(),
             dataset,
             heldout,
+            class_names,
             task,
             sampler,
             group,
@@ -262,6 +276,7 @@ impl Trainer {
             fingerprint: self.settings.fingerprint(),
             world_size: self.group.world,
             rng_state: None,
+            classes: self.class_names.clone(),
         }
     }
 
@@ -374,6 +389,7 @@ impl Trainer {
             pixels: &mut self.pixels,
             device: self.device,
             shape: self.grid_shape,
+            labelled: self.class_names.is_some(),
         };
         let outcome = self.task.step(&mut source, &mut self.group)?;
         if outcome.applied {
@@ -391,7 +407,17 @@ impl Trainer {
         let Some(run) = &mut self.run else {
             return Ok(None);
         };
-        let images = self.task.sample_u8(GRID_IMAGES, self.settings.train.seed);
+        let seed = self.settings.train.seed;
+        let images = match &self.class_names {
+            None => self.task.sample_u8(GRID_IMAGES, seed),
+            Some(names) => {
+                // One row per class, the same fixed latents every time.
+                let labels: Vec<u8> = (0..names.len())
+                    .flat_map(|class| std::iter::repeat_n(class as u8, GRID_COLUMNS))
+                    .collect();
+                self.task.sample_labelled_u8(&labels, seed)?
+            }
+        };
         let written = samples::write_grid(&run.samples_dir(), self.step, &images, self.grid_shape)?;
         image_to_tensorboard(run, self.step, tensorboard::SAMPLES_TAG, &written)?;
         // A family that reconstructs also shows held-out originals beside their
@@ -607,22 +633,36 @@ impl Trainer {
             heldout_neg_elbo_nats: likelihood.map(|l| l.neg_elbo_nats),
             heldout_nll_nats: likelihood.map(|l| l.nll_nats),
             bits_per_dim: likelihood.map(|l| l.bits_per_dim),
+            label_accuracy: None,
         };
         if digits {
             let evaluator =
                 gantry_eval::Evaluator::load_or_train(&gantry_eval::default_cache_dir())
                     .context("preparing the evaluation classifier")?;
             let seed = self.settings.train.seed.wrapping_add(1);
-            let quality = evaluator
-                .score(&self.task.sample_u8(n, seed), n)
-                .context("scoring samples")?;
+            let samples = self.task.sample_u8(n, seed);
+            let quality = evaluator.score(&samples, n).context("scoring samples")?;
+            // The classifier knows the ten digits: a conditional model of exactly those is
+            // also scored on whether each sample is of the class it was drawn for.
+            let digit_classes = (0..gantry_eval::NUM_CLASSES).map(|d| d.to_string());
+            if let Some(names) = &self.class_names
+                && names.iter().cloned().eq(digit_classes)
+            {
+                let labels = gantry_models::task::cycled_labels(n, names.len());
+                report.label_accuracy = Some(
+                    evaluator
+                        .score_labelled(&samples, &labels)
+                        .context("scoring samples by class")?
+                        .label_accuracy,
+                );
+            }
             if baseline {
                 // The untrained model is a pure function of the seed: rebuild it.
-                let initial = gantry_models::task::build(
-                    &self.settings,
-                    self.task.image_shape(),
-                    self.device,
-                )?;
+                let shape = ModelShape {
+                    image: self.task.image_shape(),
+                    classes: self.task.classes(),
+                };
+                let initial = gantry_models::task::build(&self.settings, shape, self.device)?;
                 report.fid_initial = evaluator
                     .score(&initial.sample_u8(n, seed), n)
                     .context("scoring the untrained model")?
@@ -677,6 +717,8 @@ struct RankBatches<'a> {
     pixels: &'a mut Vec<f32>,
     device: Device,
     shape: [usize; 3],
+    /// Whether batches carry labels (a conditional task).
+    labelled: bool,
 }
 
 impl BatchSource for RankBatches<'_> {
@@ -688,10 +730,21 @@ impl BatchSource for RankBatches<'_> {
         let images = Tensor::from_slice(self.pixels)
             .view([-1, c, h, w])
             .to_device(self.device);
+        // The labels of the same indices: they follow the images through the sampler.
+        let labels = self.labelled.then(|| {
+            let wide: Vec<i64> = self
+                .dataset
+                .labels_of(&indices)
+                .into_iter()
+                .map(i64::from)
+                .collect();
+            Tensor::from_slice(&wide).to_device(self.device)
+        });
         Ok(Batch {
             stream,
             first_row: self.rank * self.local,
             images,
+            labels,
         })
     }
 }
@@ -748,6 +801,47 @@ fn describe(logged: &LoggedStep) -> String {
 /// Refuses a `train.batch_size` whose images alone, as floats, would take more than half of
 /// the host's available memory (the activations of a step need several times more): a clear
 /// error instead of an allocation failure that aborts the process.
+/// The class names a conditional model is built for: the data set's own (a `folder:` set's
+/// sub-folders) or its label values `0..k` as text; `None` for an unconditional model.
+fn class_names(settings: &Settings, dataset: &Dataset) -> Result<Option<Vec<String>>> {
+    if !settings.model.conditional {
+        return Ok(None);
+    }
+    if let Some(names) = dataset.class_names() {
+        return Ok(Some(names.to_vec()));
+    }
+    match dataset.classes() {
+        // Zero-padded, so that the names sort in label order (an exported `folder:` tree
+        // reads back with the same labels).
+        Some(k) => {
+            let width = (k - 1).max(1).to_string().len();
+            Ok(Some((0..k).map(|c| format!("{c:0width$}")).collect()))
+        }
+        None => bail!(
+            "model.conditional = true needs a labelled data set, and {} ({}) has no labels; \
+             a folder: data set is labelled by its sub-folders (PATH/<class>/*.png)",
+            settings.data.dataset,
+            dataset.name()
+        ),
+    }
+}
+
+/// Refuses to resume a conditional model on a data set whose classes differ from the
+/// checkpoint's: every label would mean something else.
+fn check_same_classes(checkpoint: &CheckpointDir, names: &[String]) -> Result<()> {
+    match &checkpoint.state.classes {
+        Some(saved) if saved.as_slice() == names => Ok(()),
+        Some(saved) => bail!(
+            "cannot resume {}: it was trained on the classes {saved:?}, the data set has {names:?}",
+            checkpoint.path.display()
+        ),
+        None => bail!(
+            "cannot resume {}: it records no classes (an unconditional model's checkpoint)",
+            checkpoint.path.display()
+        ),
+    }
+}
+
 fn check_batch_fits(
     batch_size: usize,
     (c, h, w): (usize, usize, usize),

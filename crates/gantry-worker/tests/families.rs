@@ -142,7 +142,10 @@ fn each_family_trains_and_writes_every_artefact() {
     }
 }
 
-/// One step's parameters and averaged gradient of the task's only part, per step.
+/// One step's parameters and averaged gradients of every part of the task (in
+/// [`TrainTask::parts`] order, concatenated), per step.
+///
+/// [`TrainTask::parts`]: gantry_models::task::TrainTask::parts
 type Trace = Vec<(Vec<f32>, Vec<f32>)>;
 
 fn to_vec(t: &tch::Tensor) -> Vec<f32> {
@@ -153,17 +156,33 @@ fn to_vec(t: &tch::Tensor) -> Vec<f32> {
 fn trace(trainer: &mut Trainer, steps: usize, teacher: Option<&Trace>) -> Trace {
     let mut out = Vec::new();
     for step in 0..steps {
-        let flat = trainer.task.parts()[0].params.flat.shallow_clone();
+        let flats: Vec<tch::Tensor> = trainer
+            .task
+            .parts()
+            .iter()
+            .map(|p| p.params.flat.shallow_clone())
+            .collect();
         if let Some(teacher) = teacher {
-            tch::no_grad(|| {
-                flat.shallow_clone()
-                    .copy_(&tch::Tensor::from_slice(&teacher[step].0))
-            });
+            let mut offset = 0;
+            for flat in &flats {
+                let n = flat.numel();
+                let values = &teacher[step].0[offset..offset + n];
+                tch::no_grad(|| flat.shallow_clone().copy_(&tch::Tensor::from_slice(values)));
+                offset += n;
+            }
         }
-        let params = to_vec(&flat);
+        let params: Vec<f32> = flats.iter().flat_map(to_vec).collect();
         trainer.step_plain().unwrap();
-        let (_, gradient) = &trainer.task.gradients()[0];
-        out.push((params, to_vec(gradient)));
+        let gradients = trainer.task.gradients();
+        let mut gradient = Vec::new();
+        for part in trainer.task.parts() {
+            let (_, g) = gradients
+                .iter()
+                .find(|(name, _)| *name == part.name)
+                .unwrap();
+            gradient.extend(to_vec(g));
+        }
+        out.push((params, gradient));
     }
     out
 }
@@ -245,4 +264,23 @@ fn two_pixelcnn_ranks_average_the_gradient_of_one() {
     // batch shape: √12544 · 2⁻²⁴ ≈ 7e-6 typical, 12544 · 2⁻²⁴ ≈ 7.5e-4 at worst; measured
     // 1.2e-5 to 6.3e-5 over 8 steps.
     assert_world_size_invariant("pixelcnn", 5e-4, |s| pixelcnn(s, PixelOutput::Bernoulli));
+}
+
+/// A conditional model's labels follow its images through the sampler: 2 ranks × 8 still
+/// average the gradient of 1 rank × 16, for every family. (BatchNorm off for the GAN: its
+/// batch statistics are per rank by nature.)
+#[test]
+fn conditional_ranks_average_the_gradient_of_one() {
+    assert_world_size_invariant("conditional gan", 1e-5, |s| {
+        s.model.conditional = true;
+        s.model.batch_norm = false;
+    });
+    assert_world_size_invariant("conditional vae", 1e-5, |s| {
+        vae(s, VaeKind::Mlp);
+        s.model.conditional = true;
+    });
+    assert_world_size_invariant("conditional pixelcnn", 5e-4, |s| {
+        pixelcnn(s, PixelOutput::Bernoulli);
+        s.model.conditional = true;
+    });
 }

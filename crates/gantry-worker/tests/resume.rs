@@ -87,6 +87,11 @@ fn assert_exact_resume(configure: impl Fn(&mut Settings)) {
         assert!(!sa[key].is_null(), "state.json {key} missing");
         assert_eq!(sa[key], sb[key], "state.json {key}");
     }
+    // A conditional model's class map is saved (the MNIST digits' names are their labels).
+    let digits: Vec<String> = (0..10).map(|d| d.to_string()).collect();
+    let expected = full.model.conditional.then(|| serde_json::json!(digits));
+    assert_eq!(sa.get("classes"), expected.as_ref(), "state.json classes");
+    assert_eq!(sa["classes"], sb["classes"], "state.json classes");
 
     let strip = |rows: Vec<MetricsRow>| -> Vec<MetricsRow> {
         rows.into_iter()
@@ -129,6 +134,25 @@ fn resumed_vae_runs_are_bit_identical() {
             s.eval.samples = 0;
         });
     }
+}
+
+/// Labels are a pure function of (seed, step) like the images: a resumed conditional run
+/// replays exactly, for every family.
+#[test]
+fn resumed_conditional_runs_are_bit_identical() {
+    assert_exact_resume(|s| s.model.conditional = true);
+    assert_exact_resume(|s| {
+        s.model.conditional = true;
+        s.model.family = Family::Vae;
+        s.eval.samples = 0;
+    });
+    assert_exact_resume(|s| {
+        s.model.conditional = true;
+        s.model.family = Family::Autoregressive;
+        s.autoregressive.channels = 8;
+        s.autoregressive.residual_blocks = 1;
+        s.eval.samples = 0;
+    });
 }
 
 #[test]

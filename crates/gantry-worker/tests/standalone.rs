@@ -94,7 +94,7 @@ fn generated_images_stay_in_the_tanh_range() {
     let settings = Settings::default();
     let gan = gantry_models::Gan::new(&settings, [1, 28, 28], tch::Device::Cpu).unwrap();
     let z = gan.latents(&gantry_models::latent::fixed(1, 32, 100));
-    let images = gan.generate(&z);
+    let images = gan.generate(&z, None);
     assert_eq!(images.size(), vec![32, 1, 28, 28]);
     let (min, max) = (
         images.min().double_value(&[]),

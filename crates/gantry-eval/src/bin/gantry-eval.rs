@@ -475,6 +475,11 @@ fn sample(args: SampleArgs) -> Result<()> {
         // clap's group requires one of them.
         (None, None) => bail!("give --per-class N or --classes LIST"),
     };
+    // Refused again by `export` at the last moment; checked here too so that a taken path
+    // fails before the (possibly slow) model load.
+    if args.out.symlink_metadata().is_ok() {
+        bail!("{}: already exists; not overwriting", args.out.display());
+    }
     let checkpoint = export::open_checkpoint(&args.checkpoint, args.device)?;
     let request = ExportRequest {
         classes,

@@ -390,13 +390,8 @@ impl Gan {
     /// This rank's step input for `batch`: its images, and the latents (and WGAN-GP
     /// coefficients) of its rows of the batch's global stream.
     pub fn step_input(&mut self, batch: Batch) -> Result<StepInput, ModelError> {
-        if self.shape.classes.is_some() != batch.labels.is_some() {
-            return Err(ModelError::Invalid(match batch.labels {
-                None => "a conditional model needs labelled batches".into(),
-                Some(_) => "an unconditional model was given labelled batches".into(),
-            }));
-        }
         let rows = usize::try_from(batch.images.size()[0]).unwrap_or(0);
+        crate::vae::check_batch_labels(self.shape.classes, batch.labels.as_ref(), rows)?;
         latent::fill(
             self.seed,
             batch.stream,

@@ -124,6 +124,57 @@ impl CollectiveError {
         text
     }
 
+    /// The same error with every peer it names replaced by `rename(peer)`: the ring of host
+    /// leaders numbers its ranks by host, and its errors must name the leaders' ranks of the
+    /// group instead.
+    pub(crate) fn renaming_peer(self, rename: impl Fn(Peer) -> Peer) -> Self {
+        use CollectiveError as E;
+        match self {
+            E::ConnectTimeout {
+                peer,
+                timeout,
+                source,
+            } => E::ConnectTimeout {
+                peer: rename(peer),
+                timeout,
+                source,
+            },
+            E::AcceptTimeout { peer, timeout } => E::AcceptTimeout {
+                peer: rename(peer),
+                timeout,
+            },
+            E::Handshake { peer, reason } => E::Handshake {
+                peer: rename(peer),
+                reason,
+            },
+            E::Timeout { peer, op, timeout } => E::Timeout {
+                peer: rename(peer),
+                op,
+                timeout,
+            },
+            E::PeerDisconnected { peer, op, source } => E::PeerDisconnected {
+                peer: rename(peer),
+                op,
+                source,
+            },
+            E::Io { peer, op, source } => E::Io {
+                peer: rename(peer),
+                op,
+                source,
+            },
+            E::LengthMismatch { peer, ours, theirs } => E::LengthMismatch {
+                peer: rename(peer),
+                ours,
+                theirs,
+            },
+            E::Protocol { peer, detail } => E::Protocol {
+                peer: rename(peer),
+                detail,
+            },
+            other => other,
+        }
+    }
+
     /// Classifies a socket error so callers can tell a silent peer (timeout)
     /// from a dead one (reset/EOF).
     pub(crate) fn from_io(peer: Peer, op: &'static str, timeout: Duration, e: io::Error) -> Self {

@@ -13,9 +13,23 @@
 //!   element count) that the receiver checks, every socket call has a timeout,
 //!   and a failing rank shuts its sockets so the failure travels round the
 //!   ring instead of leaving peers hanging.
-//!   When every rank is on one host (`RingConfig::shared_memory`), its
-//!   all-reduce skips the sockets: ranks sum each other's buffers in one
-//!   shared-memory region (`shm.rs`), with one barrier per operation.
+//!   With [`RingConfig::shared_memory`], joining gathers every rank's host
+//!   ([`RingConfig::host`], by default the machine's hostname and boot id) and
+//!   picks an [`AllReducePath`] that every rank agrees on:
+//!   - every rank on one host: all-reduces skip the sockets; ranks sum each
+//!     other's buffers in one shared-memory region (`shm.rs`), with one barrier
+//!     per operation ([`AllReducePath::SharedMemory`]);
+//!   - several hosts, one of them with two ranks or more: hierarchical
+//!     ([`AllReducePath::Hierarchical`], as in NCCL and Horovod): each host's
+//!     ranks sum through a region of their own host, the host's leader (its
+//!     lowest rank) all-reduces that host sum with the other hosts' leaders
+//!     over a second TCP ring, and the result goes back out through the region;
+//!   - otherwise (every rank alone on its host, slot sizes that differ, or a
+//!     rank that cannot map its region or a leader that cannot join the
+//!     leaders' ring): the TCP ring ([`AllReducePath::Tcp`]).
+//!
+//!   Broadcasts always travel the TCP ring, whose connections also carry the
+//!   liveness checks and failure propagation of every path.
 //! * [`nccl::NcclCollective`] (GPU): NCCL through `cudarc`, loaded at run time,
 //!   so building needs neither CUDA nor NCCL. When the libraries or a GPU are
 //!   missing, construction returns [`CollectiveError::NcclUnavailable`] or
@@ -23,6 +37,40 @@
 //!   created non-blocking (`ncclCommInitRankConfig` with `blocking = 0`): the
 //!   calling thread polls its creation and every operation to completion, so each
 //!   is bounded by the collective's timeout and can be aborted.
+//!
+//! # Summation order
+//!
+//! Every path gives every rank the same bits; the orders differ, so the paths agree with each
+//! other only to within rounding.
+//!
+//! * TCP ring of `n` ranks: the buffer is cut into `n` segments (the first `len % n` one
+//!   element longer); segment `j` is summed cyclically from rank `j`: `((x_j + x_{j+1}) + …) +
+//!   x_{j-1}`. An average divides each complete segment by `n` once.
+//! * Shared memory, one host: every element is summed in rank order, `((x_0 + x_1) + …) +
+//!   x_{n-1}`, then divided by `n` for an average.
+//! * Hierarchical: the buffer goes in pieces of `shared_memory_slot_bytes / 4` elements
+//!   (every rank must use the same size, or the group stays on TCP). Per piece, each host's
+//!   ranks are summed in rank order (`h_g = (x_a + x_b) + …` for the host's ranks `a < b <
+//!   …`); hosts are numbered by their lowest rank; the host sums are then added as the TCP
+//!   ring of the `H` leaders adds them: the piece is cut into `H` segments as above and
+//!   segment `j` is summed cyclically from host `j`, `((h_j + h_{j+1}) + …) + h_{j-1}`. For
+//!   two hosts that is simply `h_0 + h_1`. An average divides that total by the world size
+//!   `n`, once, at the end.
+//!
+//! # Hierarchical failures and limits
+//!
+//! The leaders' ring has the same timeout as the group's ring, proves a secret derived from the
+//! group's ring secret (so it is authenticated as strongly, and neither ring accepts the
+//! other's proofs), and its sockets are registered with the collective's [`AbortHandle`], so an
+//! abort wakes a leader blocked on another host. Any failure poisons the collective, marks the
+//! host's region failed and shuts both rings' sockets, so every rank on every host fails with a
+//! named peer. A member (a non-leader) waits for its leader's result with twice the timeout,
+//! since its leader's own waits are bounded by the timeout and a failing leader marks the
+//! region. A member whose ring neighbours are both on other hosts cannot tell their closing
+//! from the end of their last operation, so it relies on its own host's region for news of
+//! failures: a rank that exits cleanly or fails marks it, but a leader killed outright (no
+//! chance to mark it) is only noticed at that deadline, unless a ring neighbour on the same
+//! host notices first, as it always does when each host's ranks are consecutive.
 //!
 //! The seam deliberately uses plain host slices, not tensors: the worker copies
 //! gradients into a flat buffer (or, with NCCL, hands device pointers to the
@@ -53,7 +101,7 @@ mod wire;
 
 pub use abort::AbortHandle;
 pub use error::{CollectiveError, Peer};
-pub use ring::{RingCollective, RingConfig};
+pub use ring::{AllReducePath, RingCollective, RingConfig};
 
 /// How [`Collective::all_reduce_f32`] combines the ranks' buffers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -11,6 +11,16 @@
 //! allocation per chunk. Because the sender never waits for the receiver
 //! (except for data it has not produced yet), a rank cannot deadlock with a
 //! blocking send while its neighbour does the same, whatever the buffer size.
+//!
+//! With [`RingConfig::shared_memory`], joining picks one of three all-reduce paths
+//! ([`AllReducePath`]; the crate docs give the summation orders): every rank learns every
+//! rank's host ([`RingConfig::host`]) over this ring; all on one host → one shared region
+//! (`shm.rs`); several hosts, one of them with two ranks or more → hierarchical: a region per
+//! host, and a second ring of the hosts' leaders (their lowest ranks) between the reduction in
+//! and the result out of each region; otherwise, or when any rank cannot join its region or
+//! the leaders cannot form their ring (one all-reduce over this ring votes, so the decision is
+//! unanimous), this TCP ring. Broadcasts, barriers' liveness and failure propagation keep
+//! using this ring's connections whatever the path.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -25,7 +35,7 @@ use crate::abort::AbortHandle;
 use crate::shm::{self, SharedRegion, WaitError};
 use crate::wire::{
     ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, NONCE_LEN, OpKind, PROOF_LEN, Side,
-    VERSION, proof, proven,
+    VERSION, derived_secret, proof, proven,
 };
 use crate::{Collective, CollectiveError, Peer, ReduceOp};
 
@@ -40,6 +50,10 @@ pub const DEFAULT_CHUNK_BYTES: usize = 256 * 1024;
 pub const DEFAULT_SOCKET_BUFFER_BYTES: usize = 512 << 10;
 /// Default for [`RingConfig::timeout`].
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Derives the leaders' ring secret from the group's (see [`derived_secret`]): a leader's
+/// handshake proves the group's secret as strongly as the group's ring does, yet neither ring
+/// accepts a proof made for the other.
+const LEADERS_SECRET_LABEL: &[u8] = b"gantry ring: host leaders";
 
 /// How to build a [`RingCollective`].
 #[derive(Debug, Clone)]
@@ -74,6 +88,15 @@ pub struct RingConfig {
     pub shared_memory: bool,
     /// Size of each rank's two shared-memory slots; larger all-reduces go in pieces.
     pub shared_memory_slot_bytes: usize,
+    /// With [`Self::shared_memory`]: the host this rank claims to be on. Ranks that claim the
+    /// same host are grouped to share memory (and, when there are several hosts, to reduce
+    /// through their host's region before their leader talks to the other hosts). `None`
+    /// claims this machine's identity (hostname and boot id). Set it where that is not
+    /// distinctive (containers with one hostname on several machines) or to simulate hosts
+    /// (tests, benchmarks). A claim cannot make ranks on different machines share memory: the
+    /// region is only mapped where the machine's own identity matches its creator's, and
+    /// otherwise every rank stays on the TCP ring.
+    pub host: Option<String>,
 }
 
 impl RingConfig {
@@ -90,6 +113,7 @@ impl RingConfig {
             socket_buffer_bytes: Some(DEFAULT_SOCKET_BUFFER_BYTES),
             shared_memory: false,
             shared_memory_slot_bytes: shm::DEFAULT_SLOT_BYTES,
+            host: None,
         }
     }
 
@@ -129,7 +153,106 @@ impl RingConfig {
                 self.shared_memory_slot_bytes
             ));
         }
+        if self.host.as_deref() == Some("") {
+            return bad("host must not be empty (None claims this machine)".into());
+        }
         Ok(())
+    }
+}
+
+/// Which way a [`RingCollective`]'s all-reduces (and barriers) go; see the crate docs for each
+/// path's summation order. Broadcasts always travel the TCP ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AllReducePath {
+    /// The TCP ring: reduce-scatter, then all-gather.
+    Tcp,
+    /// One shared-memory region: every rank is on one host.
+    SharedMemory,
+    /// A region per host, joined by a TCP ring of the hosts' leaders.
+    Hierarchical {
+        /// Number of hosts (the leaders' ring's size).
+        hosts: usize,
+    },
+}
+
+/// The chosen path, with what it needs.
+#[derive(Debug)]
+enum Route {
+    Tcp,
+    SharedMemory(SharedRegion),
+    Hierarchical(Box<Hierarchy>),
+}
+
+/// One rank's part of the hierarchical all-reduce.
+#[derive(Debug)]
+struct Hierarchy {
+    /// This host's ranks in rank order; the index is the local rank in `region`, and the first
+    /// (the lowest rank) leads.
+    host_ranks: Vec<usize>,
+    /// This host's region; `None` when this rank is alone on its host.
+    region: Option<SharedRegion>,
+    /// Every host's leader, by host index (hosts numbered by their lowest rank): the ranks of
+    /// the leaders' ring.
+    leader_ranks: Vec<usize>,
+    /// On the leader only: the ring of the hosts' leaders, rank = host index. It shares this
+    /// collective's abort handle (its sockets are registered there too) and timeout.
+    leaders: Option<Box<RingCollective>>,
+    /// Elements per piece: `shared_memory_slot_bytes / 4`, the same on every rank.
+    piece_elems: usize,
+    /// Whether the left and right ring neighbours are on other hosts.
+    neighbour_elsewhere: [bool; 2],
+}
+
+/// Where the gathered host claims point (see [`plan_hosts`]).
+#[derive(Debug, PartialEq, Eq)]
+enum HostPlan {
+    OneHost,
+    /// The ranks of each host, hosts in the order of their lowest ranks.
+    Hierarchical(Vec<Vec<usize>>),
+    Tcp(&'static str),
+}
+
+/// Groups ranks by the host they claim (each claim is `"<slot bytes>\n<host>"`). Every rank
+/// computes this from the same gathered bytes, so every rank reaches the same plan.
+fn plan_hosts(claims: &[Vec<u8>]) -> HostPlan {
+    let mut slots: Option<&[u8]> = None;
+    let mut slots_differ = false;
+    let mut groups: Vec<(&[u8], Vec<usize>)> = Vec::new();
+    for (rank, claim) in claims.iter().enumerate() {
+        let Some(split) = claim.iter().position(|&b| b == b'\n') else {
+            return HostPlan::Tcp("a rank's host claim is malformed");
+        };
+        let (slot, host) = (&claim[..split], &claim[split + 1..]);
+        slots_differ |= *slots.get_or_insert(slot) != slot;
+        match groups.iter_mut().find(|(h, _)| *h == host) {
+            Some((_, ranks)) => ranks.push(rank),
+            None => groups.push((host, vec![rank])),
+        }
+    }
+    if groups.len() <= 1 {
+        return HostPlan::OneHost;
+    }
+    if slots_differ {
+        return HostPlan::Tcp("the ranks' shared_memory_slot_bytes differ");
+    }
+    if groups.iter().all(|(_, ranks)| ranks.len() == 1) {
+        return HostPlan::Tcp("every rank is alone on its host");
+    }
+    if groups.iter().any(|(_, ranks)| ranks.len() > shm::MAX_RANKS) {
+        return HostPlan::Tcp("a host has more ranks than a shared region holds");
+    }
+    HostPlan::Hierarchical(groups.into_iter().map(|(_, ranks)| ranks).collect())
+}
+
+/// Removes a region's file when dropped: once every rank has mapped it (or given up) the name
+/// is no longer needed, and the mappings stay valid.
+struct RegionFile(Option<std::path::PathBuf>);
+
+impl Drop for RegionFile {
+    fn drop(&mut self) {
+        if let Some(path) = &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
     }
 }
 
@@ -178,8 +301,8 @@ pub struct RingCollective {
     scratch: Vec<f32>,
     /// Every rank's listen address, to name peers in errors.
     peers: Vec<SocketAddr>,
-    /// The same-host all-reduce region, when every rank joined it.
-    shm: Option<SharedRegion>,
+    /// How all-reduces go (decided when joining).
+    route: Route,
 }
 
 impl RingCollective {
@@ -333,25 +456,86 @@ impl RingCollective {
             strangers,
             scratch: Vec::new(),
             peers: config.peers.clone(),
-            shm: None,
+            route: Route::Tcp,
         };
         if config.shared_memory {
-            ring.join_shared_memory(config.shared_memory_slot_bytes)?;
+            ring.join_shared_memory(&config)?;
         }
         Ok(ring)
     }
 
-    /// Whether all-reduces go through shared memory (see [`RingConfig::shared_memory`]).
+    /// Whether all-reduces go through one shared-memory region, every rank on one host (see
+    /// [`RingConfig::shared_memory`]). `false` for the hierarchical path, which uses shared
+    /// memory only within each host: see [`Self::all_reduce_path`].
     pub fn uses_shared_memory(&self) -> bool {
-        self.shm.is_some()
+        self.all_reduce_path() == AllReducePath::SharedMemory
     }
 
-    /// Rank 0 creates a region and broadcasts its host identity and path; each rank maps it
-    /// if it is on the same host and can; only if every rank could (one all-reduce over TCP
-    /// says) does the group switch. Rank 0 then removes the file: the mappings stay valid and
-    /// nothing is left behind in `/dev/shm`, however the processes end. The sequence number is
-    /// reset afterwards, so joining costs callers no operations.
-    fn join_shared_memory(&mut self, slot_bytes: usize) -> Result<(), CollectiveError> {
+    /// Which way all-reduces and barriers go, as decided (unanimously) when joining.
+    pub fn all_reduce_path(&self) -> AllReducePath {
+        match &self.route {
+            Route::Tcp => AllReducePath::Tcp,
+            Route::SharedMemory(_) => AllReducePath::SharedMemory,
+            Route::Hierarchical(h) => AllReducePath::Hierarchical {
+                hosts: h.leader_ranks.len(),
+            },
+        }
+    }
+
+    /// Every rank's bytes, in rank order, on every rank (one broadcast per root in `roots`).
+    fn broadcast_from_each(
+        &mut self,
+        roots: &[usize],
+        mine: &[u8],
+    ) -> Result<Vec<Vec<u8>>, CollectiveError> {
+        let mut all = Vec::with_capacity(roots.len());
+        for &root in roots {
+            let mut bytes = if root == self.rank {
+                mine.to_vec()
+            } else {
+                Vec::new()
+            };
+            self.broadcast_bytes(&mut bytes, root)?;
+            all.push(bytes);
+        }
+        Ok(all)
+    }
+
+    /// Whether `ok` holds on every rank (an all-reduce over the current path).
+    fn unanimous(&mut self, ok: bool) -> Result<bool, CollectiveError> {
+        let mut votes = [if ok { 1.0f32 } else { 0.0 }];
+        self.all_reduce_f32(&mut votes, ReduceOp::Sum)?;
+        Ok(votes[0] == self.world_size as f32)
+    }
+
+    /// Gathers every rank's host claim and slot size, then joins the path they point to (see
+    /// the module docs). The sequence number is reset afterwards, so joining costs callers no
+    /// operations.
+    fn join_shared_memory(&mut self, config: &RingConfig) -> Result<(), CollectiveError> {
+        let claim = config.host.clone().unwrap_or_else(shm::host_identity);
+        let mine = format!("{}\n{claim}", config.shared_memory_slot_bytes);
+        let every_rank: Vec<usize> = (0..self.world_size).collect();
+        let outcome = self
+            .broadcast_from_each(&every_rank, mine.as_bytes())
+            .and_then(|claims| match plan_hosts(&claims) {
+                HostPlan::OneHost => self.join_single_region(config.shared_memory_slot_bytes),
+                HostPlan::Hierarchical(groups) => self.join_hierarchy(config, groups),
+                HostPlan::Tcp(why) => {
+                    tracing::info!(rank = self.rank, why, "all-reduce stays on the TCP ring");
+                    Ok(())
+                }
+            });
+        self.seq = 0;
+        self.abort.set_sequence(0);
+        outcome
+    }
+
+    /// Every rank claims one host: rank 0 creates a region and broadcasts its machine identity
+    /// and path; each rank maps it if it is on the same machine and can; only if every rank
+    /// could (one all-reduce over TCP says) does the group switch. Rank 0 then removes the
+    /// file: the mappings stay valid and nothing is left behind in `/dev/shm`, however the
+    /// processes end.
+    fn join_single_region(&mut self, slot_bytes: usize) -> Result<(), CollectiveError> {
         let n = self.world_size;
         if n > shm::MAX_RANKS {
             return Ok(());
@@ -381,10 +565,195 @@ impl RingCollective {
         if let Some(path) = created_path {
             let _ = std::fs::remove_file(path);
         }
-        self.shm = outcome?;
+        if let Some(region) = outcome? {
+            self.route = Route::SharedMemory(region);
+        }
         self.seq = 0;
         self.abort.set_sequence(0);
         Ok(())
+    }
+
+    /// Several hosts: each host's leader (its lowest rank) creates the host's region (unless
+    /// it is alone there) and binds a listener for the leaders' ring on its ring address's IP,
+    /// and broadcasts both; the others map their host's region. Only if every rank managed
+    /// (one vote) do the leaders form their ring, and only if every leader did (a second vote)
+    /// does the group switch; otherwise it stays on this TCP ring.
+    fn join_hierarchy(
+        &mut self,
+        config: &RingConfig,
+        groups: Vec<Vec<usize>>,
+    ) -> Result<(), CollectiveError> {
+        let (rank, n) = (self.rank, self.world_size);
+        let slot_bytes = config.shared_memory_slot_bytes;
+        let host_of = |r: usize| groups.iter().position(|g| g.contains(&r));
+        let host = host_of(rank).expect("the plan groups every rank");
+        let host_ranks = groups[host].clone();
+        let local = host_ranks
+            .iter()
+            .position(|&r| r == rank)
+            .expect("this rank is in its own group");
+        let leader_ranks: Vec<usize> = groups.iter().map(|g| g[0]).collect();
+        let leads = local == 0;
+        let identity = shm::host_identity();
+
+        let mut region = None;
+        let mut file = RegionFile(None);
+        let mut listener = None;
+        let mut offer = Vec::new();
+        if leads {
+            if host_ranks.len() > 1 {
+                match SharedRegion::create(host_ranks.len(), slot_bytes) {
+                    Ok((path, created)) => {
+                        file.0 = Some(path);
+                        region = Some(created);
+                    }
+                    Err(e) => {
+                        tracing::warn!(rank, error = %e, "could not create this host's region")
+                    }
+                }
+            }
+            let addr = SocketAddr::new(self.peers[rank].ip(), 0);
+            match bind_listener(addr, config.socket_buffer_bytes) {
+                Ok(l) => listener = Some(l),
+                Err(e) => {
+                    tracing::warn!(rank, error = %e.chain_text(), "could not listen for the leaders' ring")
+                }
+            }
+            // "<leaders' ring address>\n<region path>\n<machine identity>": the identity last,
+            // since only it could hold a line break.
+            let addr = listener.as_ref().and_then(|l| l.local_addr().ok());
+            offer = format!(
+                "{}\n{}\n{identity}",
+                addr.map(|a| a.to_string()).unwrap_or_default(),
+                file.0
+                    .as_deref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            )
+            .into_bytes();
+        }
+        let offers = self.broadcast_from_each(&leader_ranks, &offer)?;
+        let parsed: Vec<Option<(SocketAddr, &str, &str)>> = offers
+            .iter()
+            .map(|o| {
+                let text = std::str::from_utf8(o).ok()?;
+                let mut parts = text.splitn(3, '\n');
+                let addr = parts.next()?.parse().ok()?;
+                Some((addr, parts.next()?, parts.next()?))
+            })
+            .collect();
+        if !leads && let Some((_, path, theirs)) = parsed[host] {
+            region = (theirs == identity && !path.is_empty())
+                .then(|| {
+                    SharedRegion::open(Path::new(path), host_ranks.len(), local, slot_bytes).ok()
+                })
+                .flatten();
+        }
+        let leader_addrs: Option<Vec<SocketAddr>> =
+            parsed.iter().map(|p| p.map(|(addr, _, _)| addr)).collect();
+        let ready = leader_addrs.is_some()
+            && (host_ranks.len() == 1 || region.is_some())
+            && (!leads || listener.is_some());
+        let mapped = self.unanimous(ready)?;
+        drop(file);
+        if !mapped {
+            tracing::info!(
+                rank,
+                "a rank could not join its host's region: all-reduce stays on the TCP ring"
+            );
+            return Ok(());
+        }
+
+        let leaders = match (leads, listener, leader_addrs) {
+            (true, Some(listener), Some(addrs)) => {
+                match self.connect_leaders(config, listener, addrs, host) {
+                    Ok(ring) => Some(ring),
+                    Err(e) => {
+                        let e = e.renaming_peer(|p| self.peer(leader_ranks[p.rank]));
+                        tracing::warn!(rank, error = %e.chain_text(), "the leaders' ring did not form");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        if !self.unanimous(!leads || leaders.is_some())? {
+            tracing::info!(
+                rank,
+                "the leaders' ring did not form: all-reduce stays on the TCP ring"
+            );
+            return Ok(());
+        }
+        let left = (rank + n - 1) % n;
+        let right = (rank + 1) % n;
+        tracing::info!(
+            rank,
+            hosts = groups.len(),
+            host_ranks = ?host_ranks,
+            leads,
+            "hierarchical all-reduce"
+        );
+        self.route = Route::Hierarchical(Box::new(Hierarchy {
+            neighbour_elsewhere: [host_of(left) != Some(host), host_of(right) != Some(host)],
+            host_ranks,
+            region,
+            leader_ranks,
+            leaders,
+            piece_elems: slot_bytes / size_of::<f32>(),
+        }));
+        Ok(())
+    }
+
+    /// The leader's side of forming the leaders' ring: the ring constructor on `listener`, with
+    /// the leaders' addresses, this host's index as rank and a secret derived from the
+    /// group's. It gets half the timeout to form (the other ranks wait for the outcome in a
+    /// vote bounded by the whole timeout), then the whole one for its operations, and this
+    /// collective's abort handle, so an abort wakes a leader blocked on it too. Its errors
+    /// name peers by host index.
+    fn connect_leaders(
+        &self,
+        config: &RingConfig,
+        listener: TcpListener,
+        addrs: Vec<SocketAddr>,
+        host: usize,
+    ) -> Result<Box<RingCollective>, CollectiveError> {
+        let leaders_config = RingConfig {
+            rank: host,
+            world_size: addrs.len(),
+            peers: addrs,
+            timeout: (config.timeout / 2).max(Duration::from_millis(1)),
+            secret: derived_secret(&config.secret, LEADERS_SECRET_LABEL),
+            shared_memory: false,
+            host: None,
+            ..config.clone()
+        };
+        let mut ring = Box::new(RingCollective::from_listener(listener, leaders_config)?);
+        ring.timeout = config.timeout;
+        let links = ring
+            .links
+            .as_ref()
+            .expect("two hosts or more: the leaders' ring has neighbours");
+        set_op_timeouts(&links.right, config.timeout, links.right_peer)?;
+        set_op_timeouts(&links.left, config.timeout, links.left_peer)?;
+        self.abort.shut_down_on_abort(vec![
+            links
+                .right
+                .try_clone()
+                .map_err(|e| io_err(links.right_peer, "setup", e))?,
+            links
+                .left
+                .try_clone()
+                .map_err(|e| io_err(links.left_peer, "setup", e))?,
+        ]);
+        ring.abort = self.abort.clone();
+        Ok(ring)
+    }
+
+    fn peer(&self, rank: usize) -> Peer {
+        Peer {
+            rank,
+            addr: self.peers[rank],
+        }
     }
 
     fn single(config: &RingConfig) -> Result<Self, CollectiveError> {
@@ -400,7 +769,7 @@ impl RingCollective {
             strangers: 0,
             scratch: Vec::new(),
             peers: config.peers.clone(),
-            shm: None,
+            route: Route::Tcp,
         })
     }
 
@@ -435,13 +804,28 @@ impl RingCollective {
                     e
                 };
                 self.poisoned = Some(e.chain_text());
-                if let Some(region) = &self.shm {
-                    region.mark_failed();
-                }
+                self.tell_peers_we_failed();
                 if let Some(l) = &self.links {
                     l.shutdown();
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// Marks this rank failed in its region (so the host's ranks learn of it at once) and, on a
+    /// host leader, shuts the leaders' ring (so the other hosts do too).
+    fn tell_peers_we_failed(&self) {
+        match &self.route {
+            Route::Tcp => {}
+            Route::SharedMemory(region) => region.mark_failed(),
+            Route::Hierarchical(h) => {
+                if let Some(region) = &h.region {
+                    region.mark_failed();
+                }
+                if let Some(links) = h.leaders.as_ref().and_then(|l| l.links.as_ref()) {
+                    links.shutdown();
+                }
             }
         }
     }
@@ -475,22 +859,39 @@ impl RingCollective {
         buf: &mut [f32],
         op: ReduceOp,
     ) -> Result<(), CollectiveError> {
-        let Some(links) = &self.links else {
+        if self.links.is_none() {
             // One rank: the sum is the buffer, and so is the average.
             return Ok(());
-        };
-        if self.shm.is_some() {
-            return self.shared_memory_all_reduce(kind, buf, op);
         }
-        let n = self.world_size;
-        let r = self.rank;
-        let len = buf.len();
+        match self.route {
+            Route::SharedMemory(_) => return self.shared_memory_all_reduce(kind, buf, op),
+            Route::Hierarchical(_) => return self.hierarchical_all_reduce(kind, buf, op),
+            Route::Tcp => {}
+        }
         let ours = Header {
             kind,
             seq: self.seq,
-            count: len as u64,
+            count: buf.len() as u64,
             extra: op.code(),
         };
+        self.ring_all_reduce(ours, buf, op == ReduceOp::Average)
+    }
+
+    /// The TCP ring all-reduce of `buf`, announced by `ours` (the leaders' ring announces the
+    /// group's operation, not its own); `average` divides by this ring's size.
+    fn ring_all_reduce(
+        &mut self,
+        ours: Header,
+        buf: &mut [f32],
+        average: bool,
+    ) -> Result<(), CollectiveError> {
+        let Some(links) = &self.links else {
+            return Ok(());
+        };
+        let kind = ours.kind;
+        let n = self.world_size;
+        let r = self.rank;
+        let len = buf.len();
         let theirs = self.exchange_headers(links, ours)?;
         check_same_reduction(links.left_peer, &ours, &theirs)?;
 
@@ -511,7 +912,6 @@ impl RingCollective {
             rest = tail;
         }
         let n_f32 = n as f32;
-        let average = op == ReduceOp::Average;
 
         run_pipelined(links, &self.abort, self.timeout, kind.name(), |pipe| {
             let mut take = |i: usize| segs[i].take().expect("each segment is taken once");
@@ -570,7 +970,7 @@ impl RingCollective {
     ) -> Result<(), CollectiveError> {
         let Self {
             links: Some(links),
-            shm: Some(region),
+            route: Route::SharedMemory(region),
             abort,
             peers,
             timeout,
@@ -607,45 +1007,132 @@ impl RingCollective {
                 average,
                 |waiter| {
                     waiter
-                        .wait(timeout, || abort.is_aborted(), [&links.left, &links.right])
-                        .map_err(|e| match e {
-                            WaitError::Aborted => CollectiveError::Aborted,
-                            WaitError::PeerFailed { rank } => CollectiveError::PeerDisconnected {
-                                peer: peer(rank),
-                                op: name,
-                                source: io::Error::other("it failed during a shared-memory operation"),
-                            },
-                            WaitError::NeighbourClosed { left } => {
-                                CollectiveError::PeerDisconnected {
-                                    peer: links.neighbour(left),
-                                    op: name,
-                                    source: io::ErrorKind::UnexpectedEof.into(),
-                                }
-                            }
-                            WaitError::NeighbourOnTcp { left } => CollectiveError::Protocol {
-                                peer: links.neighbour(left),
-                                detail: format!(
-                                    "it runs an operation over TCP while we run {name} in shared memory"
-                                ),
-                            },
-                            WaitError::Timeout { rank } => CollectiveError::Timeout {
-                                peer: peer(rank),
-                                op: name,
-                                timeout,
-                            },
-                            WaitError::Io { left, source } => CollectiveError::from_io(
-                                links.neighbour(left),
-                                name,
-                                timeout,
-                                source,
-                            ),
-                        })
+                        .wait(
+                            timeout,
+                            || abort.is_aborted(),
+                            [&links.left, &links.right],
+                            [None, None],
+                        )
+                        .map_err(|e| wait_failure(e, links, peer, name, timeout))
                 },
                 |rank, theirs| {
                     let theirs = check_same_operation(peer(rank), &ours, theirs)?;
                     check_same_reduction(peer(rank), &ours, &theirs)
                 },
             )?;
+        }
+        Ok(())
+    }
+
+    /// [`Self::all_reduce_inner`] over several hosts, piece by piece: each host's ranks sum
+    /// through its region, the leaders all-reduce the host sums over their ring and divide by
+    /// the world size for an average, and each leader's result goes back out through its
+    /// region (see `shm.rs`).
+    fn hierarchical_all_reduce(
+        &mut self,
+        kind: OpKind,
+        buf: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<(), CollectiveError> {
+        let Self {
+            links: Some(links),
+            route: Route::Hierarchical(hierarchy),
+            abort,
+            peers,
+            timeout,
+            seq,
+            world_size,
+            ..
+        } = self
+        else {
+            unreachable!("called with links and a hierarchy");
+        };
+        let Hierarchy {
+            host_ranks,
+            region,
+            leader_ranks,
+            leaders,
+            piece_elems,
+            neighbour_elsewhere,
+        } = &mut **hierarchy;
+        let name = kind.name();
+        let timeout = *timeout;
+        let ours = Header {
+            kind,
+            seq: *seq,
+            count: buf.len() as u64,
+            extra: op.code(),
+        };
+        let global = |rank: usize| Peer {
+            rank,
+            addr: peers[rank],
+        };
+        let local_peer = |local: usize| global(host_ranks[local]);
+        let scale = *world_size as f32;
+        // The leader's last step on each piece: the sum over hosts (the leaders' ring names
+        // its peers by host index), then the average over every rank, once.
+        let finish = |data: &mut [f32], leaders: &mut RingCollective| {
+            leaders
+                .ring_all_reduce(ours, data, false)
+                .map_err(|e| e.renaming_peer(|p| global(leader_ranks[p.rank])))?;
+            if op == ReduceOp::Average {
+                for x in data.iter_mut() {
+                    *x /= scale;
+                }
+            }
+            Ok(())
+        };
+        let check = |local: usize, theirs: Result<Header, String>| {
+            let theirs = check_same_operation(local_peer(local), &ours, theirs)?;
+            check_same_reduction(local_peer(local), &ours, &theirs)
+        };
+        // A member's wait spans its leader's wait for the other members and the leaders'
+        // ring, each bounded by the timeout, and a leader that fails marks the region; the
+        // member's own deadline only catches a leader that stopped without failing.
+        let result_timeout = timeout.saturating_mul(2);
+        let may_be_ahead = neighbour_elsewhere.map(|elsewhere| elsewhere.then_some(ours.seq));
+        // An empty buffer still meets the others once, so mismatches are seen.
+        let mut empty: [f32; 0] = [];
+        let mut parts: Vec<&mut [f32]> = buf.chunks_mut(*piece_elems).collect();
+        if parts.is_empty() {
+            parts.push(&mut empty);
+        }
+        for part in parts {
+            match (region.as_mut(), leaders.as_deref_mut()) {
+                (None, Some(leaders)) => finish(part, leaders)?,
+                (Some(region), Some(leaders)) => region.lead_piece(
+                    part,
+                    &ours,
+                    |waiter| {
+                        waiter
+                            .wait(
+                                timeout,
+                                || abort.is_aborted(),
+                                [&links.left, &links.right],
+                                [None, None],
+                            )
+                            .map_err(|e| wait_failure(e, links, local_peer, name, timeout))
+                    },
+                    check,
+                    |data| finish(data, leaders),
+                )?,
+                (Some(region), None) => region.follow_piece(
+                    part,
+                    &ours,
+                    |waiter| {
+                        waiter
+                            .wait(
+                                result_timeout,
+                                || abort.is_aborted(),
+                                [&links.left, &links.right],
+                                may_be_ahead,
+                            )
+                            .map_err(|e| wait_failure(e, links, local_peer, name, result_timeout))
+                    },
+                    |theirs| check(0, theirs),
+                )?,
+                (None, None) => unreachable!("a member always has its host's region"),
+            }
         }
         Ok(())
     }
@@ -795,9 +1282,7 @@ impl Collective for RingCollective {
     }
 
     fn abort(&mut self) {
-        if let Some(region) = &self.shm {
-            region.mark_failed();
-        }
+        self.tell_peers_we_failed();
         self.abort.abort();
         self.poisoned.get_or_insert_with(|| "aborted".into());
     }
@@ -809,6 +1294,15 @@ impl Collective for RingCollective {
 
 impl Drop for RingCollective {
     fn drop(&mut self) {
+        // A rank leaving the hierarchical path marks its host's region too: a member whose ring
+        // neighbours are all on other hosts tolerates their closing (see `shm.rs`), so it
+        // learns of its leader's end here. A peer still waiting for an operation this rank
+        // finished sees the arrival before the mark.
+        if let Route::Hierarchical(h) = &self.route
+            && let Some(region) = &h.region
+        {
+            region.mark_failed();
+        }
         // An AbortHandle may keep clones of the sockets alive; shut them down
         // explicitly so neighbours see the connection end now.
         if let Some(l) = &self.links {
@@ -914,6 +1408,42 @@ fn run_pipelined<'d>(
     {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Names the rank behind a failed shared-memory wait, as the TCP path would; `peer` maps a
+/// rank of the region to the group's.
+fn wait_failure(
+    e: WaitError,
+    links: &Links,
+    peer: impl Fn(usize) -> Peer,
+    op: &'static str,
+    timeout: Duration,
+) -> CollectiveError {
+    match e {
+        WaitError::Aborted => CollectiveError::Aborted,
+        WaitError::PeerFailed { rank } => CollectiveError::PeerDisconnected {
+            peer: peer(rank),
+            op,
+            source: io::Error::other("it failed during a shared-memory operation"),
+        },
+        WaitError::NeighbourClosed { left } => CollectiveError::PeerDisconnected {
+            peer: links.neighbour(left),
+            op,
+            source: io::ErrorKind::UnexpectedEof.into(),
+        },
+        WaitError::NeighbourOnTcp { left } => CollectiveError::Protocol {
+            peer: links.neighbour(left),
+            detail: format!("it runs an operation over TCP while we run {op} in shared memory"),
+        },
+        WaitError::Timeout { rank } => CollectiveError::Timeout {
+            peer: peer(rank),
+            op,
+            timeout,
+        },
+        WaitError::Io { left, source } => {
+            CollectiveError::from_io(links.neighbour(left), op, timeout, source)
+        }
     }
 }
 
@@ -1236,4 +1766,58 @@ fn check_same_reduction(peer: Peer, ours: &Header, theirs: &Header) -> Result<()
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn claims(of: &[(&str, &str)]) -> Vec<Vec<u8>> {
+        of.iter()
+            .map(|(slot, host)| format!("{slot}\n{host}").into_bytes())
+            .collect()
+    }
+
+    #[test]
+    fn plan_groups_ranks_by_claimed_host_in_order_of_their_lowest_rank() {
+        let plan = plan_hosts(&claims(&[
+            ("64", "b"),
+            ("64", "a"),
+            ("64", "b"),
+            ("64", "a\nx"),
+        ]));
+        assert_eq!(
+            plan,
+            HostPlan::Hierarchical(vec![vec![0, 2], vec![1], vec![3]])
+        );
+        assert_eq!(
+            plan_hosts(&claims(&[("64", "a"), ("128", "a")])),
+            HostPlan::OneHost,
+            "one host keeps the single region, which checks the slot sizes itself"
+        );
+    }
+
+    #[test]
+    fn plan_stays_on_tcp_when_nothing_can_be_shared_or_pieces_would_not_line_up() {
+        assert!(matches!(
+            plan_hosts(&claims(&[("64", "a"), ("64", "b")])),
+            HostPlan::Tcp(why) if why.contains("alone")
+        ));
+        assert!(matches!(
+            plan_hosts(&claims(&[("64", "a"), ("64", "a"), ("128", "b")])),
+            HostPlan::Tcp(why) if why.contains("slot")
+        ));
+        assert!(matches!(
+            plan_hosts(&[b"64\na".to_vec(), b"garbage".to_vec()]),
+            HostPlan::Tcp(why) if why.contains("malformed")
+        ));
+        let crowded: Vec<_> = (0..=shm::MAX_RANKS)
+            .map(|_| ("64", "a"))
+            .chain([("64", "b")])
+            .collect();
+        assert!(matches!(
+            plan_hosts(&claims(&crowded)),
+            HostPlan::Tcp(why) if why.contains("more ranks")
+        ));
+    }
 }

@@ -20,10 +20,26 @@
 //! sends: kind, sequence, length, reduce operation) that every peer checks, so mismatched
 //! calls fail on every rank instead of summing unrelated data.
 //!
+//! Hierarchical all-reduce (ranks on several hosts) uses one region per host, with the host's
+//! ranks numbered by rank order (local rank 0, the lowest rank, leads). Each piece takes two
+//! tickets: members (local ranks above 0) copy their piece into their slot and announce the
+//! first; the leader waits for them, sums every slot in local rank order (its own term from
+//! its buffer), turns the host sum into the result (the cross-host ring, see `ring.rs`), copies
+//! the result into its own slot and announces the second, which the members wait for and copy
+//! out. Piece `k` uses slot parity `k % 2`; a member cannot write parity `k % 2` again before
+//! the leader has published piece `k + 1`, by which time it has read piece `k`, and the leader
+//! cannot overwrite its result slot of piece `k` before every member has announced piece
+//! `k + 1`, which each does only after copying piece `k` out.
+//!
 //! Failure: neighbours still hold the ring's TCP connections. A rank waiting here peeks at
 //! them between sleeps: end-of-file means a neighbour died (or failed and shut them), data
 //! means a neighbour runs a different, TCP-path operation. Both fail the wait with the
-//! neighbour named, as the TCP path would.
+//! neighbour named, as the TCP path would. Except where the neighbour is on another host and
+//! this rank waits for its leader's result (hierarchical): such a neighbour may legitimately
+//! have finished the operation already (its own leader was quicker) and moved on to the next
+//! operation's TCP header, or closed its sockets after its last operation, so there only a
+//! header of the same or an earlier operation counts as a mismatch; the neighbour's failures
+//! reach this rank through the leaders' ring and this host's failure mark instead.
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -351,6 +367,112 @@ impl SharedRegion {
     }
 }
 
+impl SharedRegion {
+    /// Hierarchical, the leader's side of one piece (see the module docs): waits for every
+    /// member's piece, sums all of them in local rank order into `data`, lets `finish` turn
+    /// the host sum into the result, and publishes that for the members. `wait` and `check`
+    /// are as for [`Self::all_reduce_piece`].
+    pub(crate) fn lead_piece<E>(
+        &mut self,
+        data: &mut [f32],
+        ours: &Header,
+        mut wait: impl FnMut(&mut Waiter<'_>) -> Result<(), E>,
+        mut check: impl FnMut(usize, Result<Header, String>) -> Result<(), E>,
+        finish: impl FnOnce(&mut [f32]) -> Result<(), E>,
+    ) -> Result<(), E> {
+        assert!(data.len() <= self.slot_elems(), "piece larger than a slot");
+        debug_assert_eq!(self.rank, 0, "local rank 0 leads");
+        let (contributed, published, parity) = self.piece_tickets();
+        let n = data.len();
+        for peer in 1..self.world_size {
+            wait(&mut Waiter {
+                region: self,
+                peer,
+                ticket: contributed,
+            })?;
+            // SAFETY: the member wrote it before announcing `contributed` (Acquire in the
+            // wait), and does not write this parity again before we publish.
+            let theirs = unsafe { self.header_ptr(peer, parity).read() };
+            check(peer, Header::decode(&theirs))?;
+        }
+        {
+            let slots: Vec<&[f32]> = (0..self.world_size)
+                .map(|r| {
+                    // SAFETY: every member's piece is in place (waited for above) and stays so
+                    // until we publish; our own slot is not read (`reduce_into` takes our term
+                    // from `data`).
+                    unsafe { std::slice::from_raw_parts(self.slot_ptr(r, parity).cast_const(), n) }
+                })
+                .collect();
+            reduce_into(data, &slots, 0, false);
+        }
+        finish(data)?;
+        // SAFETY: our slot and header of this parity: members last read them for the piece
+        // before the previous one, and have all announced the previous piece since.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot_ptr(0, parity), n);
+            self.header_ptr(0, parity).write(ours.encode());
+        }
+        self.ticket = published;
+        self.ticket_of(0).store(published, Ordering::Release);
+        futex_wake(self.ticket_of(0));
+        Ok(())
+    }
+
+    /// Hierarchical, a member's side of one piece: hands `data` to the leader and replaces it
+    /// with the leader's result. `check` gets the leader's header (as it decoded).
+    pub(crate) fn follow_piece<E>(
+        &mut self,
+        data: &mut [f32],
+        ours: &Header,
+        wait: impl FnOnce(&mut Waiter<'_>) -> Result<(), E>,
+        check: impl FnOnce(Result<Header, String>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        assert!(data.len() <= self.slot_elems(), "piece larger than a slot");
+        debug_assert_ne!(self.rank, 0, "local rank 0 leads");
+        let (contributed, published, parity) = self.piece_tickets();
+        let n = data.len();
+        // SAFETY: our own slot and header of this parity: the leader read them for the piece
+        // before the previous one before publishing that, which we waited for.
+        unsafe {
+            std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot_ptr(self.rank, parity), n);
+            self.header_ptr(self.rank, parity).write(ours.encode());
+        }
+        self.ticket_of(self.rank)
+            .store(contributed, Ordering::Release);
+        futex_wake(self.ticket_of(self.rank));
+        wait(&mut Waiter {
+            region: self,
+            peer: 0,
+            ticket: published,
+        })?;
+        // SAFETY: the leader wrote its header and result before publishing (Acquire in the
+        // wait) and does not write this parity again before we announce the next piece.
+        let theirs = unsafe { self.header_ptr(0, parity).read() };
+        check(Header::decode(&theirs))?;
+        // SAFETY: as above; `n` elements, since the header check found the same operation.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                self.slot_ptr(0, parity).cast_const(),
+                data.as_mut_ptr(),
+                n,
+            )
+        };
+        self.ticket = published;
+        Ok(())
+    }
+
+    /// The tickets of the next hierarchical piece (members announce the first, the leader
+    /// the second) and its slot parity.
+    fn piece_tickets(&self) -> (u32, u32, usize) {
+        let contributed = self.ticket.wrapping_add(1);
+        let published = self.ticket.wrapping_add(2);
+        // `ticket` is even here (two per piece), so this is the piece number's parity.
+        let parity = ((self.ticket / 2) % 2) as usize;
+        (contributed, published, parity)
+    }
+}
+
 /// `data ← (Σ_r slots[r]) [/ n]`, summed in rank order so every rank gets the same bits, in
 /// one pass over memory: blocks small enough to stay in L1 collect the sum, and this rank's
 /// own term is read from `data` (equal to its slot) rather than from shared memory.
@@ -406,11 +528,16 @@ impl Waiter<'_> {
     /// sleeps on the peer's futex word in short slices, checking between them for this rank's
     /// abort flag, a failure recorded by any rank, the neighbours' TCP connections and the
     /// deadline.
+    ///
+    /// `may_be_ahead[i]` is `Some(seq)` when neighbour `i` (left, right) may already have
+    /// finished operation `seq` (see the module docs): its closing is then no failure, nor its
+    /// TCP data if that starts with a header of a later operation.
     pub(crate) fn wait(
         &mut self,
         timeout: Duration,
         aborted: impl Fn() -> bool,
         neighbours: [&TcpStream; 2],
+        may_be_ahead: [Option<u64>; 2],
     ) -> Result<(), WaitError> {
         let word = self.region.ticket_of(self.peer);
         let arrived = |seen: u32| (seen.wrapping_sub(self.ticket) as i32) >= 0;
@@ -426,7 +553,7 @@ impl Waiter<'_> {
             if arrived(seen) {
                 return Ok(());
             }
-            if let Err(e) = self.trouble(&aborted, neighbours, deadline) {
+            if let Err(e) = self.trouble(&aborted, neighbours, may_be_ahead, deadline) {
                 // The peer may have arrived, finished, and moved on to a TCP operation or
                 // closed its connections (its last operation done) since the load above:
                 // that is not a failure of this operation.
@@ -445,6 +572,7 @@ impl Waiter<'_> {
         &self,
         aborted: &impl Fn() -> bool,
         neighbours: [&TcpStream; 2],
+        may_be_ahead: [Option<u64>; 2],
         deadline: Instant,
     ) -> Result<(), WaitError> {
         if aborted() {
@@ -458,8 +586,15 @@ impl Waiter<'_> {
                 });
             }
         }
-        for (left, stream) in [(true, neighbours[0]), (false, neighbours[1])] {
-            match peek(stream) {
+        for ((left, stream), ahead) in [(true, neighbours[0]), (false, neighbours[1])]
+            .into_iter()
+            .zip(may_be_ahead)
+        {
+            let peeked = match ahead {
+                None => peek(stream),
+                Some(seq) => peek_tolerating_later(stream, seq),
+            };
+            match peeked {
                 Ok(Peeked::Nothing) => {}
                 Ok(Peeked::Closed) => return Err(WaitError::NeighbourClosed { left }),
                 Ok(Peeked::Data) => return Err(WaitError::NeighbourOnTcp { left }),
@@ -501,6 +636,40 @@ fn peek(stream: &TcpStream) -> io::Result<Peeked> {
                 io::ErrorKind::ConnectionReset
                 | io::ErrorKind::NotConnected
                 | io::ErrorKind::BrokenPipe => Ok(Peeked::Closed),
+                _ => Err(e),
+            }
+        }
+    }
+}
+
+/// [`peek`] for a neighbour that may have finished operation `seq` (see the module docs):
+/// closed, or a header of a later operation, or part of a header, reads as nothing; only a
+/// whole header of operation `seq` or earlier (or garbage) as data.
+fn peek_tolerating_later(stream: &TcpStream, seq: u64) -> io::Result<Peeked> {
+    let mut raw = [0u8; HEADER_LEN];
+    // SAFETY: a valid socket and a buffer of HEADER_LEN bytes.
+    let got = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            raw.as_mut_ptr().cast(),
+            HEADER_LEN,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match got {
+        n if n >= HEADER_LEN as isize => match Header::decode(&raw) {
+            Ok(header) if header.seq > seq => Ok(Peeked::Nothing),
+            _ => Ok(Peeked::Data),
+        },
+        n if n >= 0 => Ok(Peeked::Nothing),
+        _ => {
+            let e = io::Error::last_os_error();
+            match e.kind() {
+                io::ErrorKind::WouldBlock
+                | io::ErrorKind::Interrupted
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::NotConnected
+                | io::ErrorKind::BrokenPipe => Ok(Peeked::Nothing),
                 _ => Err(e),
             }
         }

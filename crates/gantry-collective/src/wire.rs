@@ -6,8 +6,9 @@
 /// "GNTRYCOL": rejects connections from unrelated programs early.
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"GNTRYCOL");
 /// Bumped whenever any message layout or the data order changes (2: the handshake proves
-/// the ring secret).
-pub(crate) const VERSION: u32 = 2;
+/// the ring secret; 3: joining shared memory starts by gathering every rank's host, and may
+/// build a ring of host leaders).
+pub(crate) const VERSION: u32 = 3;
 
 /// Random bytes each side of a handshake contributes, so that no proof can be replayed.
 pub(crate) const NONCE_LEN: usize = 16;
@@ -77,6 +78,18 @@ pub(crate) fn proven(
     keyed(secret, side, dialer, acceptor, nonces)
         .verify_slice(presented)
         .is_ok()
+}
+
+/// The secret of a ring that the group's ring secret authorises but that must not accept a
+/// handshake proven for the group's own ring (nor the reverse): HMAC-SHA256 of `label` under
+/// the group's secret. Only a holder of the group's secret can compute it; an empty group
+/// secret gives a key anyone can compute, as it does for the group's ring.
+pub(crate) fn derived_secret(secret: &[u8], label: &[u8]) -> Vec<u8> {
+    use hmac::Mac;
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+    mac.update(label);
+    mac.finalize().into_bytes().to_vec()
 }
 
 /// Sent by the connecting rank right after connecting.
@@ -234,6 +247,16 @@ mod tests {
         assert_eq!(Header::decode(&b), Ok(h));
         b[0] ^= 1;
         assert!(Header::decode(&b).unwrap_err().contains("magic"));
+    }
+
+    #[test]
+    fn derived_secrets_differ_by_label_and_by_secret() {
+        let leaders = derived_secret(b"s", b"leaders");
+        assert_eq!(leaders, derived_secret(b"s", b"leaders"));
+        assert_eq!(leaders.len(), 32);
+        assert_ne!(leaders, derived_secret(b"s", b"other"));
+        assert_ne!(leaders, derived_secret(b"t", b"leaders"));
+        assert_ne!(leaders, b"s".to_vec());
     }
 
     #[test]

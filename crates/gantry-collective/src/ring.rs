@@ -175,6 +175,17 @@ pub enum AllReducePath {
     },
 }
 
+/// How logs and metrics name the path: `tcp`, `shared-memory`, `hierarchical(2 hosts)`.
+impl std::fmt::Display for AllReducePath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllReducePath::Tcp => f.write_str("tcp"),
+            AllReducePath::SharedMemory => f.write_str("shared-memory"),
+            AllReducePath::Hierarchical { hosts } => write!(f, "hierarchical({hosts} hosts)"),
+        }
+    }
+}
+
 /// The chosen path, with what it needs.
 #[derive(Debug)]
 enum Route {

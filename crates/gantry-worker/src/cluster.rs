@@ -423,6 +423,13 @@ impl Joined {
                         source,
                     }
                 })?;
+                // Which path the group chose (one host, hosts with shared memory each, or
+                // plain TCP) decides its speed and its summation order: say it.
+                tracing::info!(
+                    all_reduce_path = %ring.all_reduce_path(),
+                    "ring formed: all-reduce path {}",
+                    ring.all_reduce_path()
+                );
                 Box::new(ring)
             }
             CollectiveBackend::Nccl => {

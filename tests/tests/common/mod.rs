@@ -8,6 +8,8 @@ use std::sync::OnceLock;
 
 use serde_json::Value;
 
+pub mod cluster;
+pub mod netns;
 pub mod pods;
 
 /// The repository root (this package lives in `<root>/tests`).

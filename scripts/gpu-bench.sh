@@ -11,7 +11,13 @@
 # 2. NCCL through Gantry's backend, one rank: all-reduce correctness and bandwidth, 1-256 MiB;
 # 3. (one host thread each side, as bench/torch_gan.py's default) images/s of the MLP GAN (batch 64 and 1024) and the DCGAN (batch 256): Gantry fp32 and
 #    bf16 (train.precision), PyTorch eager fp32 and bf16 autocast, torch.compile fp32; one
-#    table. Budget: under 8 minutes.
+#    table, then the DCGAN's Gantry fp32 with TF32 off (train.tf32 = false). Budget: under 8
+#    minutes.
+#
+# TF32: libtorch 2.11, like PyTorch, runs CUDA float32 convolutions (cuDNN) in TF32 by default
+# and cuBLAS matmuls in full fp32. Gantry's `train.tf32 = true` (the default) keeps exactly
+# that, so every "fp32" column below has TF32 convolutions on both sides (the DCGAN; the MLP
+# has none); the last line turns TF32 off for cuDNN and cuBLAS.
 set -uo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
@@ -43,10 +49,10 @@ echo "== worker --list-devices"
 echo "== NCCL all-reduce, one rank (MiB, algbw GB/s, median ms, check)"
 "$nccl_bench" || echo "nccl_bench failed (exit $?)"
 
-gantry() { # kind batch precision -> images/s
+gantry() { # kind batch precision [tf32] -> images/s
     local dir; dir=$(mktemp -d)
     timeout 300 "$worker" --standalone --device "$device" --run-dir "$dir/run" \
-        --set model.kind="$1" --set train.batch_size="$2" --set train.precision="$3" \
+        --set model.kind="$1" --set train.batch_size="$2" --set train.precision="$3" --set train.tf32="${4:-true}" \
         --set train.steps=$((warmup + steps)) \
         --set train.log_every="$warmup" --set samples.every=0 --set checkpoint.every=0 \
         --set eval.samples=0 --set train.ema_decay=0 --set metrics.worker_addr=127.0.0.1:0 \
@@ -80,3 +86,5 @@ for job in "mlp 64" "mlp 1024" "dcgan 256"; do
         "$(pytorch "$model" "$batch")" "$(pytorch "$model" "$batch" --bf16)" \
         "$(pytorch "$model" "$batch" --compile)"
 done
+echo "TF32: fp32 columns use libtorch's defaults (cuDNN convolutions in TF32, cuBLAS matmuls in fp32)"
+echo "dcgan 256, Gantry fp32 with train.tf32=false: $(gantry dcgan 256 fp32 false) images/s"

@@ -26,4 +26,7 @@ fn main() {
         .flag("-DGLOG_USE_GLOG_EXPORT")
         .file("src/kernels.cpp")
         .compile("gantry_kernels");
+    // dlopen/dlsym (the shim resolves libc10_cuda's stream functions at run time); part of
+    // libc since glibc 2.34, a separate library before.
+    println!("cargo:rustc-link-lib=dl");
 }

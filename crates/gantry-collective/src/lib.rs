@@ -155,15 +155,17 @@ pub trait Collective: Send {
         self.abort_handle().sequence()
     }
     /// In-place all-reduce of `len` f32s of GPU memory at `ptr`, enqueued on
-    /// the legacy default stream (libtorch's default), so it runs after the
-    /// kernels that produced the buffer and before those that read it.
+    /// the backend's device stream (NCCL: the stream its owner set with
+    /// `NcclCollective::set_device_stream`, the worker libtorch's current one; else
+    /// the legacy default stream), so it runs after the kernels that produced the
+    /// buffer and before those that read it.
     /// Returns `Ok(false)` when the backend has no device path; the caller
     /// then stages the buffer through host memory. A backend may return only
     /// once the reduction has completed (NCCL does, to bound and abort it).
     ///
     /// # Safety
     /// `ptr` must address at least `len` f32s on the backend's device, and
-    /// nothing may use them on another stream until the default stream has
+    /// nothing may use them on another stream until the backend's stream has
     /// passed this operation.
     unsafe fn all_reduce_device_f32(
         &mut self,
@@ -174,7 +176,7 @@ pub trait Collective: Send {
         Ok(false)
     }
     /// Overwrites `len` f32s of GPU memory at `ptr` on every rank with `root`'s,
-    /// on the legacy default stream, like [`Self::all_reduce_device_f32`]; lengths
+    /// on the backend's device stream, like [`Self::all_reduce_device_f32`]; lengths
     /// must match. `Ok(false)` when the backend has no device path: the caller then
     /// stages the buffer through host memory and calls [`Self::broadcast_f32`].
     ///

@@ -89,6 +89,17 @@ fn ensure_nccl() -> Result<(), CollectiveError> {
 /// and `version`. Checked before the first non-blocking call.
 const OLDEST_NCCL: u32 = nccl_version(2, 28, 0);
 
+/// `ncclGetVersion` of the loaded library, e.g. 22809 for 2.28.9 (see [`nccl_version`]'s
+/// encoding). Needs libnccl, not a GPU.
+pub fn nccl_version_code() -> Result<u32, CollectiveError> {
+    ensure_nccl()?;
+    let version = cudarc::nccl::result::get_nccl_version().map_err(nccl_err("ncclGetVersion"))?;
+    u32::try_from(version).map_err(|_| CollectiveError::Nccl {
+        call: "ncclGetVersion",
+        detail: format!("negative version code {version}"),
+    })
+}
+
 fn ensure_nonblocking_nccl() -> Result<(), CollectiveError> {
     let version = cudarc::nccl::result::get_nccl_version().map_err(nccl_err("ncclGetVersion"))?;
     if u32::try_from(version).is_ok_and(|v| v >= OLDEST_NCCL) {
@@ -105,7 +116,7 @@ fn ensure_nonblocking_nccl() -> Result<(), CollectiveError> {
 /// `NCCL_VERSION(major, minor, patch)` of nccl.h: releases up to 2.8 are encoded as
 /// `1000 * major + 100 * minor + patch`, later ones as `10000 * major + 100 * minor + patch`
 /// (2.28.9 is 22809).
-pub(crate) const fn nccl_version(major: u32, minor: u32, patch: u32) -> u32 {
+pub const fn nccl_version(major: u32, minor: u32, patch: u32) -> u32 {
     if major <= 2 && minor <= 8 {
         major * 1000 + minor * 100 + patch
     } else {
@@ -286,6 +297,14 @@ struct RawComm(nccl::ncclComm_t);
 // `&self` inside such a call), never from the `AbortHandle`.
 unsafe impl Send for RawComm {}
 
+/// Where the [`Collective`] device methods of [`NcclCollective`] enqueue their work: called
+/// on the thread making each call, it returns that thread's stream for the communicator's
+/// device (a raw `cudaStream_t` of the device's primary context; null is the legacy default
+/// stream), or why there is none. The worker passes libtorch's current stream
+/// (`gantry_models::runtime::current_cuda_stream`), so the gradient all-reduce is ordered
+/// with the kernels that produce and read the gradient whichever stream libtorch uses.
+pub type StreamSource = Box<dyn FnMut() -> Result<*mut c_void, String> + Send>;
+
 /// One rank of an NCCL communicator on one GPU. See the [module docs](self).
 pub struct NcclCollective {
     rank: usize,
@@ -296,6 +315,8 @@ pub struct NcclCollective {
     stream: Arc<CudaStream>,
     /// Recorded after each operation on its stream and polled: the operation's completion.
     done: CudaEvent,
+    /// The stream of the [`Collective`] device methods; `None`: the legacy default stream.
+    device_stream: Option<StreamSource>,
     comm: RawComm,
     /// Bound on creation and on each operation (enqueue to completion).
     timeout: Duration,
@@ -313,6 +334,10 @@ impl fmt::Debug for NcclCollective {
             .field("seq", &self.seq)
             .field("timeout", &self.timeout)
             .field("aborted", &self.abort.is_aborted())
+            .field(
+                "device_stream",
+                &self.device_stream.as_ref().map(|_| "source"),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -400,6 +425,7 @@ impl NcclCollective {
             ctx,
             stream,
             done,
+            device_stream: None,
             comm: RawComm(comm),
             timeout,
             abort,
@@ -597,6 +623,26 @@ impl NcclCollective {
         })
     }
 
+    /// Makes the [`Collective`] device methods ([`Collective::all_reduce_device_f32`],
+    /// [`Collective::broadcast_device_f32`]) enqueue on the stream `source` returns at each
+    /// call, instead of the legacy default stream. `source` must return streams of this
+    /// communicator's device's primary context (libtorch's streams are).
+    pub fn set_device_stream(&mut self, source: StreamSource) {
+        self.device_stream = Some(source);
+    }
+
+    /// The stream for a [`Collective`] device method: the source's, or null (the legacy
+    /// default stream). A source that fails fails the operation before anything is enqueued.
+    fn trait_stream(&mut self) -> Result<*mut c_void, CollectiveError> {
+        match self.device_stream.as_mut() {
+            None => Ok(std::ptr::null_mut()),
+            Some(source) => source().map_err(|detail| CollectiveError::Cuda {
+                call: "the current CUDA stream",
+                detail,
+            }),
+        }
+    }
+
     /// In-place all-reduce of `len` elements at device address `ptr`,
     /// enqueued on `stream` (e.g. libtorch's current stream). Returns once the
     /// reduction has completed on the GPU (or failed, timed out or been aborted:
@@ -617,13 +663,33 @@ impl NcclCollective {
         op: ReduceOp,
         stream: *mut c_void,
     ) -> Result<(), CollectiveError> {
+        // SAFETY: this function's contract, with the same buffer read and written.
+        unsafe { self.all_reduce_device_into(ptr, ptr, len, dtype, op, stream) }
+    }
+
+    /// Out-of-place all-reduce: reduces `len` elements at device address `send` of every
+    /// rank into `recv`, on `stream`; returns once complete, like [`Self::all_reduce_device`].
+    /// `send == recv` is the in-place form.
+    ///
+    /// # Safety
+    /// As for [`Self::all_reduce_device`], for both buffers; `send` and `recv` either are
+    /// equal or do not overlap.
+    pub unsafe fn all_reduce_device_into(
+        &mut self,
+        send: u64,
+        recv: u64,
+        len: usize,
+        dtype: DeviceDType,
+        op: ReduceOp,
+        stream: *mut c_void,
+    ) -> Result<(), CollectiveError> {
         self.run(|me| {
             me.complete(ALL_REDUCE, stream.cast(), |comm| {
                 // SAFETY: guaranteed by this function's contract; `comm` is live.
                 unsafe {
                     nccl::ncclAllReduce(
-                        ptr as *const c_void,
-                        ptr as *mut c_void,
+                        send as *const c_void,
+                        recv as *mut c_void,
                         len,
                         dtype.raw(),
                         raw_op(op),
@@ -787,10 +853,12 @@ impl Collective for NcclCollective {
         self.run(|me| me.host_all_reduce(buf, op))
     }
 
-    /// Completion is observed with the event recorded behind the reduction on the legacy
-    /// default stream, polled together with the abort flag and the deadline, so a training
-    /// step that waits on a dead or stuck peer ends within `timeout` or at an abort instead
-    /// of hanging in libtorch's next synchronisation. The cost: the host waits for the
+    /// Enqueued on the stream of [`NcclCollective::set_device_stream`]'s source (the worker:
+    /// libtorch's current stream), else on the legacy default stream. Completion is observed
+    /// with the event recorded behind the reduction on that stream, polled together with the
+    /// abort flag and the deadline, so a training step that waits on a dead or stuck peer
+    /// ends within `timeout` or at an abort instead of hanging in libtorch's next
+    /// synchronisation. The cost: the host waits for the
     /// reduction (and for the backward kernels queued before it) instead of queueing the
     /// optimizer step behind it at once; the optimizer step's own reads of the gradients
     /// made the host wait for them soon after anyway, so only the launch overlap is lost.
@@ -800,10 +868,15 @@ impl Collective for NcclCollective {
         len: usize,
         op: ReduceOp,
     ) -> Result<bool, CollectiveError> {
-        // SAFETY: the trait method's contract; the null stream is the legacy default stream
-        // of the primary context libtorch also uses.
+        let stream = match self.trait_stream() {
+            Ok(stream) => stream,
+            Err(e) => return self.run(|_| Err(e)),
+        };
+        // SAFETY: the trait method's contract; the stream is the source's (a stream of the
+        // primary context libtorch also uses, by `set_device_stream`'s contract) or null, the
+        // legacy default stream of that context.
         unsafe {
-            self.all_reduce_device(ptr, len, DeviceDType::F32, op, std::ptr::null_mut())?;
+            self.all_reduce_device(ptr, len, DeviceDType::F32, op, stream)?;
         }
         Ok(true)
     }
@@ -814,9 +887,13 @@ impl Collective for NcclCollective {
         len: usize,
         root: usize,
     ) -> Result<bool, CollectiveError> {
+        let stream = match self.trait_stream() {
+            Ok(stream) => stream,
+            Err(e) => return self.run(|_| Err(e)),
+        };
         // SAFETY: as in `all_reduce_device_f32`.
         unsafe {
-            self.broadcast_device(ptr, len, DeviceDType::F32, root, std::ptr::null_mut())?;
+            self.broadcast_device(ptr, len, DeviceDType::F32, root, stream)?;
         }
         Ok(true)
     }

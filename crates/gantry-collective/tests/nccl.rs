@@ -208,3 +208,53 @@ fn nccl_world_one_device_broadcast_through_the_trait() {
     assert_eq!(stream.clone_dtoh(&dev).unwrap(), host);
     assert_eq!(c.sequence(), 1);
 }
+
+#[test]
+fn nccl_trait_device_path_enqueues_on_the_stream_source() {
+    use cudarc::driver::{CudaContext, DevicePtrMut};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if !gpu_ready() {
+        return;
+    }
+    let id = NcclId::new().unwrap();
+    let mut c = NcclCollective::new(0, 1, id.as_bytes(), 0, TIMEOUT).unwrap();
+    let ctx = CudaContext::new(0).unwrap();
+    // A stream of the primary context that is not the default one, as libtorch's current
+    // stream is once something selects a side stream.
+    let stream = ctx.new_stream().unwrap();
+    let raw = stream.cu_stream() as usize;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = calls.clone();
+    c.set_device_stream(Box::new(move || {
+        counted.fetch_add(1, Ordering::SeqCst);
+        Ok(raw as *mut std::ffi::c_void)
+    }));
+    let host: Vec<f32> = (0..4096).map(|i| (i % 11) as f32).collect();
+    let mut dev = stream.clone_htod(&host).unwrap();
+    {
+        let (ptr, _sync) = dev.device_ptr_mut(&stream);
+        // SAFETY: `dev` holds 4096 f32s on device 0, used only on `stream`, the source's.
+        let done = unsafe { c.all_reduce_device_f32(ptr, host.len(), ReduceOp::Average) }.unwrap();
+        assert!(done);
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        1,
+        "one stream lookup per operation"
+    );
+    assert_eq!(stream.clone_dtoh(&dev).unwrap(), host);
+
+    // A source that cannot name a stream fails the operation, names why, and poisons it.
+    c.set_device_stream(Box::new(|| Err("no CUDA here".into())));
+    let mut dev = stream.clone_htod(&host).unwrap();
+    let (ptr, _sync) = dev.device_ptr_mut(&stream);
+    // SAFETY: as above; nothing is enqueued, the source fails first.
+    let err = unsafe { c.all_reduce_device_f32(ptr, host.len(), ReduceOp::Sum) }.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("no CUDA here"), "{text}");
+    assert!(
+        c.barrier().is_err(),
+        "a failed operation poisons the collective"
+    );
+}

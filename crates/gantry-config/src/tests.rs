@@ -62,6 +62,22 @@ fn set_parses_typed_and_bare_values() {
 }
 
 #[test]
+fn train_tf32_defaults_to_libtorchs_and_takes_a_bool() {
+    let s = load(None, no_env(), &Overrides::new()).unwrap();
+    assert!(
+        s.train.tf32,
+        "libtorch's defaults (TF32 cuDNN convolutions) by default"
+    );
+    let mut o = Overrides::new();
+    o.push_assignment("train.tf32=false").unwrap();
+    assert!(!load(None, no_env(), &o).unwrap().train.tf32);
+    let mut o = Overrides::new();
+    o.push_assignment("train.tf32=sometimes").unwrap();
+    let err = load(None, no_env(), &o).unwrap_err().to_string();
+    assert!(err.contains("tf32"), "{err}");
+}
+
+#[test]
 fn env_lists_are_comma_separated() {
     let s = load(
         None,

@@ -5,10 +5,14 @@
 // the exception's message in `error`. Calls go through the dispatcher, so autograd records
 // them exactly as it would from Python.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <dlfcn.h>
 
+#include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <mutex>
 
 extern "C" {
 
@@ -47,6 +51,130 @@ void gantry_autocast_exit(int cuda, int prev_enabled, int prev_dtype) {
     }
     at::autocast::set_autocast_enabled(device, prev_enabled != 0);
     at::autocast::set_autocast_dtype(device, static_cast<at::ScalarType>(prev_dtype));
+}
+
+// TF32 for CUDA float32 work (train.tf32, mapped in gantry_models::runtime::set_tf32):
+// `cudnn` for cuDNN convolutions (libtorch's default: on), `cublas` for cuBLAS matmuls
+// (default: off). Process-wide plain flags of at::globalContext() in libtorch_cpu, so
+// callable without CUDA. The legacy setters and getters are used as a pair: mixing them with
+// setFloat32Precision makes libtorch 2.9+ refuse to answer the legacy getters.
+void gantry_set_tf32(int cudnn, int cublas) {
+    at::globalContext().setAllowTF32CuDNN(cudnn != 0);
+    at::globalContext().setAllowTF32CuBLAS(cublas != 0);
+}
+
+void gantry_tf32_state(int* cudnn, int* cublas) {
+    *cudnn = at::globalContext().allowTF32CuDNN() ? 1 : 0;
+    *cublas = at::globalContext().allowTF32CuBLAS() ? 1 : 0;
+}
+
+// c10::cuda::CUDAStream's layout (c10/cuda/CUDAStream.h: one c10::Stream, which is a
+// c10::Device {int8 type, int8 index} and an int64 id). Trivially copyable, so the Itanium
+// ABI returns it in registers, as it does this struct.
+struct GantryCudaStream {
+    int8_t device_type;
+    int8_t device_index;
+    int64_t id;
+};
+static_assert(sizeof(GantryCudaStream) == 16, "c10::cuda::CUDAStream is 16 bytes");
+
+// c10::cuda's stream functions, resolved at run time in libc10_cuda.so so that this shim
+// (linked into every binary) needs no CUDA library: a CPU-only libtorch has none. libc10_cuda
+// is loaded (RTLD_GLOBAL) with libtorch_cuda by gantry_models::runtime::load_cuda; before
+// that, or without it, these report "no CUDA". Itanium-mangled names of libtorch's C++ API:
+// a libtorch that changed these signatures fails the lookup (an error, not a crash).
+struct CudaStreamFns {
+    GantryCudaStream (*get_current)(int8_t);            // getCurrentCUDAStream(DeviceIndex)
+    GantryCudaStream (*get_default)(int8_t);            // getDefaultCUDAStream(DeviceIndex)
+    GantryCudaStream (*get_from_pool)(bool, int8_t);    // getStreamFromPool(bool, DeviceIndex)
+    void (*set_current)(GantryCudaStream);              // setCurrentCUDAStream(CUDAStream)
+    void* (*raw)(const GantryCudaStream*);              // CUDAStream::stream() const
+};
+static CudaStreamFns stream_fns;
+static bool stream_fns_ready = false;
+static std::mutex stream_fns_mutex;
+
+static bool resolve_stream_fns(char* error, size_t error_len) {
+    std::lock_guard<std::mutex> lock(stream_fns_mutex);
+    if (stream_fns_ready) {
+        return true;
+    }
+    // RTLD_NOLOAD: only find it if libtorch_cuda already brought it in; never load it here.
+    // The handle stays open: the library is never unloaded (libtorch_cuda needs it).
+    void* lib = dlopen("libc10_cuda.so", RTLD_NOW | RTLD_NOLOAD);
+    if (lib == nullptr) {
+        std::snprintf(error, error_len,
+                      "libc10_cuda.so is not loaded (libtorch_cuda absent or not loaded "
+                      "yet)");
+        return false;
+    }
+    const char* names[] = {
+        "_ZN3c104cuda20getCurrentCUDAStreamEa", "_ZN3c104cuda20getDefaultCUDAStreamEa",
+        "_ZN3c104cuda17getStreamFromPoolEba", "_ZN3c104cuda20setCurrentCUDAStreamENS0_10CUDAStreamE",
+        "_ZNK3c104cuda10CUDAStream6streamEv"};
+    void* found[5];
+    for (int i = 0; i < 5; ++i) {
+        found[i] = dlsym(lib, names[i]);
+        if (found[i] == nullptr) {
+            std::snprintf(error, error_len, "libc10_cuda.so lacks %s (another libtorch ABI?)",
+                          names[i]);
+            return false;
+        }
+    }
+    stream_fns.get_current = reinterpret_cast<decltype(stream_fns.get_current)>(found[0]);
+    stream_fns.get_default = reinterpret_cast<decltype(stream_fns.get_default)>(found[1]);
+    stream_fns.get_from_pool = reinterpret_cast<decltype(stream_fns.get_from_pool)>(found[2]);
+    stream_fns.set_current = reinterpret_cast<decltype(stream_fns.set_current)>(found[3]);
+    stream_fns.raw = reinterpret_cast<decltype(stream_fns.raw)>(found[4]);
+    stream_fns_ready = true;
+    return true;
+}
+
+static bool stream_prelude(int device, char* error, size_t error_len) {
+    if (device < -1 || device > INT8_MAX) {
+        std::snprintf(error, error_len, "CUDA device index %d out of range", device);
+        return false;
+    }
+    return resolve_stream_fns(error, error_len);
+}
+
+// at::cuda::getCurrentCUDAStream(device).stream(): the calling thread's current stream on
+// CUDA device `device` (-1: the current device) as a cudaStream_t, into `*stream`. Returns 0,
+// or -1 with the reason in `error` (no CUDA support loaded, no device, a bad index).
+int gantry_current_cuda_stream(int device, void** stream, char* error, size_t error_len) {
+    try {
+        if (!stream_prelude(device, error, error_len)) {
+            return -1;
+        }
+        const GantryCudaStream current = stream_fns.get_current(static_cast<int8_t>(device));
+        *stream = stream_fns.raw(&current);
+        return 0;
+    } catch (const std::exception& e) {
+        std::snprintf(error, error_len, "%s", e.what());
+        return -1;
+    }
+}
+
+// Makes a stream of libtorch's pool (`side != 0`) or device `device`'s default stream the
+// calling thread's current stream (at::cuda::setCurrentCUDAStream), and writes its
+// cudaStream_t into `*stream`. For checks that the NCCL path follows libtorch's current
+// stream. Returns 0, or -1 with the reason in `error`.
+int gantry_select_cuda_stream(int device, int side, void** stream, char* error,
+                              size_t error_len) {
+    try {
+        if (!stream_prelude(device, error, error_len)) {
+            return -1;
+        }
+        const auto index = static_cast<int8_t>(device);
+        const GantryCudaStream chosen =
+            side ? stream_fns.get_from_pool(false, index) : stream_fns.get_default(index);
+        stream_fns.set_current(chosen);
+        *stream = stream_fns.raw(&chosen);
+        return 0;
+    } catch (const std::exception& e) {
+        std::snprintf(error, error_len, "%s", e.what());
+        return -1;
+    }
 }
 
 }  // extern "C"

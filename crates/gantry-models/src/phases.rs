@@ -62,7 +62,8 @@ impl Phase {
 #[derive(Debug)]
 pub struct PhaseClock {
     running: bool,
-    cuda: bool,
+    /// The CUDA device the step runs on, synchronised at each mark of a timed step.
+    cuda: Option<i64>,
     last: Instant,
     seconds: [f64; PHASES],
 }
@@ -71,7 +72,10 @@ impl PhaseClock {
     pub fn new(device: Device) -> Self {
         Self {
             running: false,
-            cuda: device.is_cuda(),
+            cuda: match device {
+                Device::Cuda(index) => Some(index as i64),
+                _ => None,
+            },
             last: Instant::now(),
             seconds: [0.0; PHASES],
         }
@@ -79,7 +83,7 @@ impl PhaseClock {
 
     /// Whether steps on this device need synchronising to be timed (sample them, then).
     pub fn needs_sync(&self) -> bool {
-        self.cuda
+        self.cuda.is_some()
     }
 
     /// Starts timing a step (or, with `timed == false`, leaves it untimed).
@@ -111,10 +115,12 @@ impl PhaseClock {
         Some(Phase::ALL.map(|p| (p, self.seconds[p.index()])))
     }
 
+    /// Waits for the step's device, so a lap covers the GPU work queued in its phase and not
+    /// only its enqueueing (an NCCL all-reduce, a backward pass return long before their
+    /// kernels finish). Timed steps only: untimed ones keep the host running ahead.
     fn sync(&self) {
-        if self.cuda {
-            // Any device of the process: the step runs on one.
-            tch::Cuda::synchronize(0);
+        if let Some(index) = self.cuda {
+            tch::Cuda::synchronize(index);
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Process-wide libtorch set-up.
 
+use std::ffi::{c_char, c_void};
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
@@ -73,6 +74,97 @@ pub fn load_cuda() -> &'static CudaSupport {
     })
 }
 
+unsafe extern "C" {
+    fn gantry_set_tf32(cudnn: i32, cublas: i32);
+    fn gantry_tf32_state(cudnn: *mut i32, cublas: *mut i32);
+    fn gantry_current_cuda_stream(
+        device: i32,
+        stream: *mut *mut c_void,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> i32;
+    fn gantry_select_cuda_stream(
+        device: i32,
+        side: i32,
+        stream: *mut *mut c_void,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> i32;
+}
+
+/// Whether CUDA float32 work may use TF32 tensor cores, per library (libtorch's flags).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tf32 {
+    /// cuDNN convolutions (`torch.backends.cudnn.allow_tf32`); libtorch's default: true.
+    pub cudnn: bool,
+    /// cuBLAS float32 matmuls (`torch.backends.cuda.matmul.allow_tf32`); default: false.
+    pub cublas: bool,
+}
+
+/// Applies `train.tf32` to the process: `true` is libtorch's defaults (cuDNN convolutions in
+/// TF32, cuBLAS matmuls in full fp32), `false` turns TF32 off for both. Process-wide flags,
+/// read by CUDA kernels at launch; on the CPU they change nothing.
+pub fn set_tf32(allow: bool) -> Tf32 {
+    // SAFETY: sets two plain flags of libtorch's global context.
+    unsafe { gantry_set_tf32(i32::from(allow), 0) };
+    tf32()
+}
+
+/// libtorch's current TF32 flags.
+pub fn tf32() -> Tf32 {
+    let (mut cudnn, mut cublas) = (0, 0);
+    // SAFETY: reads two flags of libtorch's global context into valid pointers.
+    unsafe { gantry_tf32_state(&mut cudnn, &mut cublas) };
+    Tf32 {
+        cudnn: cudnn != 0,
+        cublas: cublas != 0,
+    }
+}
+
+/// The calling thread's current libtorch CUDA stream on device `ordinal`
+/// (`at::cuda::getCurrentCUDAStream(ordinal).stream()`), as a raw `cudaStream_t`, for NCCL
+/// calls that must run in order with libtorch's kernels. Usually the legacy default stream
+/// (null) unless something set another current stream (a side stream, CUDA-graph capture).
+///
+/// Resolved at run time in `libc10_cuda.so`, so binaries link and start without CUDA: fails
+/// with [`ModelError::NoCuda`] when CUDA support is not loaded ([`load_cuda`]) or there is
+/// no such device.
+pub fn current_cuda_stream(ordinal: usize) -> Result<*mut c_void, ModelError> {
+    // SAFETY: the shim's contract, see `stream_call`.
+    stream_call(ordinal, |device, stream, error, len| unsafe {
+        gantry_current_cuda_stream(device, stream, error, len)
+    })
+}
+
+/// Makes a stream of libtorch's pool (`side == true`) or device `ordinal`'s default stream
+/// the calling thread's current libtorch stream (`at::cuda::setCurrentCUDAStream`) and
+/// returns it as a raw `cudaStream_t`. For checks that the NCCL path follows libtorch's
+/// current stream; errors as [`current_cuda_stream`].
+pub fn select_cuda_stream(ordinal: usize, side: bool) -> Result<*mut c_void, ModelError> {
+    // SAFETY: the shim's contract, see `stream_call`.
+    stream_call(ordinal, |device, stream, error, len| unsafe {
+        gantry_select_cuda_stream(device, i32::from(side), stream, error, len)
+    })
+}
+
+/// Runs a shim stream function: `call(device, &mut stream, error, error_len)` returns 0, or
+/// -1 with a NUL-terminated reason in `error` (the shim catches C++ exceptions).
+fn stream_call(
+    ordinal: usize,
+    call: impl FnOnce(i32, *mut *mut c_void, *mut c_char, usize) -> i32,
+) -> Result<*mut c_void, ModelError> {
+    let device = i32::try_from(ordinal)
+        .map_err(|_| ModelError::NoCuda(format!("CUDA device {ordinal} out of range")))?;
+    let mut stream = std::ptr::null_mut();
+    let mut error = [0 as c_char; 512];
+    if call(device, &mut stream, error.as_mut_ptr(), error.len()) == 0 {
+        return Ok(stream);
+    }
+    // SAFETY: NUL-terminated by the shim (snprintf) on failure.
+    let text = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
+    Err(ModelError::NoCuda(text.to_string_lossy().into_owned()))
+}
+
 /// Sets libtorch's intra-op thread count. `threads = 0` shares the machine's cores evenly
 /// between the `workers_on_host` processes, so N workers never oversubscribe the CPU.
 pub fn set_threads(threads: usize, workers_on_host: usize) -> usize {
@@ -138,4 +230,50 @@ pub fn describe_devices() -> String {
         tch::get_num_threads()
     ));
     lines.join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tf32_follows_train_tf32_and_back_to_libtorchs_defaults() {
+        let off = set_tf32(false);
+        assert_eq!(
+            off,
+            Tf32 {
+                cudnn: false,
+                cublas: false
+            }
+        );
+        assert_eq!(tf32(), off);
+        // `true` is libtorch's default state: TF32 for cuDNN convolutions only.
+        let on = set_tf32(true);
+        assert_eq!(
+            on,
+            Tf32 {
+                cudnn: true,
+                cublas: false
+            }
+        );
+    }
+
+    #[test]
+    fn current_cuda_stream_says_no_cuda_without_a_device() {
+        load_cuda();
+        if tch::Cuda::is_available() {
+            // A GPU machine: the current stream of a fresh thread is the default stream.
+            let stream = current_cuda_stream(0).expect("device 0's current stream");
+            assert!(stream.is_null(), "{stream:?}");
+        } else {
+            let err = current_cuda_stream(0).expect_err("no CUDA device, no stream");
+            assert!(matches!(err, ModelError::NoCuda(_)), "{err}");
+            assert!(!err.to_string().is_empty());
+        }
+        // An index no c10 DeviceIndex can hold is refused before any CUDA call.
+        let err = current_cuda_stream(1000).expect_err("index out of range");
+        assert!(err.to_string().contains("1000"), "{err}");
+        let err = select_cuda_stream(1000, true).expect_err("index out of range");
+        assert!(err.to_string().contains("1000"), "{err}");
+    }
 }

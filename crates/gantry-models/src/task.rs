@@ -313,6 +313,8 @@ pub fn build(
     device: Device,
 ) -> Result<Box<dyn TrainTask>, ModelError> {
     let shape = shape.into();
+    // `train.tf32` is process-wide in libtorch; every worker builds its task once at start.
+    crate::runtime::set_tf32(settings.train.tf32);
     Ok(match settings.model.family {
         Family::Gan => Box::new(crate::Gan::new(settings, shape, device)?),
         Family::Vae => Box::new(crate::vae::Vae::new(settings, shape, device)?),

@@ -439,7 +439,7 @@ impl Joined {
                 self.shared.set_collective(handle.clone());
                 let timeout = crate::group::collective_timeout(&self.settings);
                 let nccl_id = self.share_nccl_id(rt, timeout)?;
-                let nccl = gantry_collective::nccl::NcclCollective::with_abort_handle(
+                let mut nccl = gantry_collective::nccl::NcclCollective::with_abort_handle(
                     rank,
                     world,
                     &nccl_id,
@@ -451,6 +451,13 @@ impl Joined {
                     context: "forming the NCCL communicator",
                     source,
                 })?;
+                // The gradient all-reduce then runs on libtorch's current stream of the
+                // training thread (the thread that calls it), in order with the backward
+                // kernels that wrote the gradient and the optimiser kernels that read it.
+                let ordinal = self.device_ordinal();
+                nccl.set_device_stream(Box::new(move || {
+                    runtime::current_cuda_stream(ordinal).map_err(|e| e.to_string())
+                }));
                 Box::new(nccl)
             }
             CollectiveBackend::Unspecified => {

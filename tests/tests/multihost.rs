@@ -101,6 +101,19 @@ impl<'a> Job<'a> {
         index
     }
 
+    /// Starts new workers on hosts "a" and "b" (their supervisors' restarts) and checks that
+    /// they resume from the checkpoint of `checkpoint` and finish all `steps`, nothing lost.
+    fn finish_with_new_workers(&mut self, steps: u64, restarts: u64, checkpoint: u64) {
+        self.workers.clear();
+        self.worker("a", "a-1");
+        self.worker("b", "b-1");
+        self.finish();
+        self.cluster.assert_summary(2, steps, restarts);
+        assert_final_checkpoint(&self.cluster, steps);
+        assert_metrics_complete(&self.cluster, steps);
+        assert_resumed_from(&self.cluster, checkpoint);
+    }
+
     /// Waits for every worker and the coordinator to exit 0.
     fn finish(&mut self) {
         for w in self.workers.clone() {
@@ -229,14 +242,7 @@ fn a_worker_hosts_cut_link_fails_the_generation_and_the_job_restarts_from_its_ch
 
     // The link comes back; the hosts' supervisors start the workers again.
     bed.restore("b");
-    job.workers.clear();
-    job.worker("a", "a-1");
-    job.worker("b", "b-1");
-    job.finish();
-    job.cluster.assert_summary(2, steps, 1);
-    assert_final_checkpoint(&job.cluster, steps);
-    assert_metrics_complete(&job.cluster, steps);
-    assert_resumed_from(&job.cluster, checkpoint);
+    job.finish_with_new_workers(steps, 1, checkpoint);
 }
 
 #[test]
@@ -311,14 +317,7 @@ fn a_coordinator_cut_off_stops_its_workers_and_one_resumed_on_another_host_finis
         "{}",
         job.url
     );
-    job.workers.clear();
-    job.worker("a", "a-1");
-    job.worker("b", "b-1");
-    job.finish();
-    job.cluster.assert_summary(2, steps, 0);
-    assert_final_checkpoint(&job.cluster, steps);
-    assert_metrics_complete(&job.cluster, steps);
-    assert_resumed_from(&job.cluster, checkpoint);
+    job.finish_with_new_workers(steps, 0, checkpoint);
 }
 
 #[test]

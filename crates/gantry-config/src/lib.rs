@@ -138,6 +138,11 @@ pub struct Train {
     pub steps: u64,
     /// Images per worker per step; the global batch is `batch_size × world size`.
     pub batch_size: usize,
+    /// Images per step over the whole group; 0 = `batch_size ×` the requested worker count.
+    /// It stays fixed when an elastic group shrinks (`cluster.min_workers`): the ranks
+    /// present split it in contiguous slices that differ by at most one image, so data
+    /// order, latents and the averaged gradient are those of the full group.
+    pub global_batch_size: usize,
     /// Seeds initial weights, the data order and every latent batch.
     pub seed: u64,
     pub lr_g: f64,
@@ -166,6 +171,11 @@ pub struct Train {
     /// Arithmetic of the forward passes: `fp32`, or `bf16` (autocast: matrix products and
     /// convolutions in bfloat16, parameters, gradients, losses and optimiser state in fp32).
     pub precision: Precision,
+    /// Whether CUDA float32 convolutions (cuDNN) may use TF32 tensor cores: `true` keeps
+    /// libtorch's defaults (cuDNN convolutions in TF32, cuBLAS matmuls in full fp32); `false`
+    /// turns TF32 off for both cuDNN and cuBLAS. Set once per worker process at start; no
+    /// effect on the CPU.
+    pub tf32: bool,
 }
 
 impl Default for Train {
@@ -173,6 +183,7 @@ impl Default for Train {
         Self {
             steps: 2000,
             batch_size: 64,
+            global_batch_size: 0,
             seed: 42,
             lr_g: 1e-3,
             lr_d: 1e-3,
@@ -187,6 +198,7 @@ impl Default for Train {
             ema_decay: 0.999,
             max_nonfinite: 20,
             precision: Precision::Fp32,
+            tf32: true,
         }
     }
 }
@@ -370,6 +382,14 @@ pub struct Cluster {
     pub heartbeat_timeout: f64,
     /// Restarts of the whole group from the newest checkpoint before the job fails.
     pub max_restarts: u32,
+    /// Fewest workers a generation may run with; 0 = the requested count (no shrinking).
+    /// When a worker is lost and no replacement joins within `rejoin_grace` seconds, the
+    /// next generation restarts from the newest checkpoint with the survivors, if there are
+    /// at least this many.
+    pub min_workers: u32,
+    /// Seconds a generation that lost workers waits for replacements before it shrinks to
+    /// the survivors (with `min_workers` below the requested count).
+    pub rejoin_grace: f64,
     /// Seconds to wait for all workers to join.
     pub rendezvous_timeout: f64,
     /// Port of each worker's ring all-reduce listener (0 = any free port).
@@ -395,6 +415,8 @@ impl Default for Cluster {
             heartbeat_interval: 1.0,
             heartbeat_timeout: 10.0,
             max_restarts: 3,
+            min_workers: 0,
+            rejoin_grace: 30.0,
             rendezvous_timeout: 300.0,
             ring_port: 7071,
             tls_cert: String::new(),
@@ -676,6 +698,7 @@ impl Settings {
             ("cluster.heartbeat_interval", k.heartbeat_interval),
             ("cluster.heartbeat_timeout", k.heartbeat_timeout),
             ("cluster.rendezvous_timeout", k.rendezvous_timeout),
+            ("cluster.rejoin_grace", k.rejoin_grace),
         ] {
             if !(secs.is_finite() && secs > 0.0) {
                 return invalid(

@@ -116,6 +116,8 @@ impl CoordinatorRoutes {
             "step": status.step,
             "total_steps": status.total_steps,
             "world_size": status.world_size,
+            // The requested count; above `world_size` while a shrunken group trains.
+            "workers_expected": view.workers_expected,
             "workers_alive": status.workers_alive,
             "restarts": status.restarts,
             // The family's named statistics, in its own order (e.g. d_loss, g_loss, d_real,

@@ -17,6 +17,14 @@
 //!      └──stop──▶ Stopped (no group formed: nothing to checkpoint)
 //! ```
 //!
+//! Elastic membership (`cluster.min_workers` below the requested count): the rendezvous
+//! that follows a failure waits up to `cluster.rejoin_grace` for the whole group, then forms
+//! with the workers present if there are at least `min_workers` of them (ranks 0..k-1,
+//! world size k). Such a shrunken group shows as [`JobPhase::Degraded`]. Every generation
+//! trains the same global batch (`train.global_batch_size`, resolved by the coordinator), so
+//! a smaller group computes the same averaged gradient. Each formed group is recorded
+//! ([`GenerationRecord`]) for summary.json.
+//!
 //! RPCs and the supervisor's observations move the state; [`Job::poll`] tells the supervisor
 //! what to act on ([`Event`]). A failed generation stays `Recovering` (heartbeats are told to
 //! abort, joins to wait) until the supervisor has stopped its processes and called
@@ -41,9 +49,25 @@ use tonic::Status;
 pub struct JobSpec {
     pub run_id: String,
     pub version: String,
+    /// The configuration handed to every worker, with `train.global_batch_size` resolved
+    /// (never 0): a smaller generation trains the same global batch.
     pub settings_toml: String,
+    /// [`gantry_config::Settings::fingerprint`] of `settings_toml`'s settings.
     pub fingerprint: String,
+    /// The fingerprint of the same job spelt with `train.global_batch_size = 0` (what a worker
+    /// whose own configuration leaves it unresolved sends); `None` where that spelling would
+    /// mean another global batch.
+    pub unresolved_fingerprint: Option<String>,
+    /// The requested worker count (`--workers` / `--expect-workers`).
     pub world_size: u32,
+    /// Fewest ranks a generation after a failure may form with (`cluster.min_workers`,
+    /// resolved: 1..=world_size; `world_size` means the group never shrinks).
+    pub min_workers: u32,
+    /// How long a rendezvous after a failure waits for the whole group before it forms
+    /// with the workers present (`cluster.rejoin_grace`; only when `min_workers` allows it).
+    pub rejoin_grace: Duration,
+    /// The step the first generation starts from (a resume's newest checkpoint, else 0).
+    pub first_step: u64,
     pub total_steps: u64,
     /// The configured backend; `auto` is resolved when the group forms.
     pub backend: Backend,
@@ -62,6 +86,8 @@ pub struct JobSpec {
 pub enum JobPhase {
     Rendezvous,
     Training,
+    /// Training with fewer ranks than requested (an elastic group that shrank).
+    Degraded,
     Recovering,
     Done,
     Stopped,
@@ -73,6 +99,7 @@ impl JobPhase {
         match self {
             JobPhase::Rendezvous => "rendezvous",
             JobPhase::Training => "training",
+            JobPhase::Degraded => "degraded",
             JobPhase::Recovering => "recovering",
             JobPhase::Done => "done",
             JobPhase::Stopped => "stopped",
@@ -163,6 +190,31 @@ impl GiveUp {
     }
 }
 
+/// One formed group, as summary.json's `generations` lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GenerationRecord {
+    pub generation: u64,
+    pub world_size: u32,
+    /// The step it started from (the checkpoint it resumed, 0 for a fresh run).
+    pub first_step: u64,
+    /// The last step it contributed: the final step for the generation that finished, the
+    /// checkpoint the next generation resumed from for one that failed (steps past that
+    /// checkpoint were lost with it). Contiguous: each `first_step` is the previous
+    /// `last_step`.
+    pub last_step: u64,
+}
+
+impl GenerationRecord {
+    pub fn to_json(self) -> serde_json::Value {
+        serde_json::json!({
+            "generation": self.generation,
+            "world_size": self.world_size,
+            "first_step": self.first_step,
+            "last_step": self.last_step,
+        })
+    }
+}
+
 /// What [`Job::request_stop`] arranged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StopPlan {
@@ -214,6 +266,9 @@ struct Rendezvous {
     since: Instant,
     /// Joins answered once the group is complete (dropping one cancels that Join).
     pending: Vec<PendingJoin>,
+    /// From this instant the group may form with the workers present, if there are at
+    /// least `min_workers` (elastic jobs, after a failure); `None`: only a full group forms.
+    shrink_after: Option<Instant>,
 }
 
 /// The group trains.
@@ -338,6 +393,10 @@ struct State {
     stop_requested: bool,
     /// The workers' counters, accumulated over every generation.
     totals: ClusterTotals,
+    /// The step the next group to form starts from (see [`Job::resumes_from`]).
+    next_first_step: u64,
+    /// Every group that formed, in order.
+    records: Vec<GenerationRecord>,
 }
 
 /// How long a worker-reported failure waits for a process exit or a missed heartbeat that
@@ -354,19 +413,23 @@ pub struct Job {
 impl Job {
     pub fn new(spec: JobSpec, resume: bool) -> Self {
         Self {
-            spec,
             state: Mutex::new(State {
                 generation: 0,
                 current: Generation::Rendezvous(Rendezvous {
                     since: Instant::now(),
                     pending: Vec::new(),
+                    // The first group forms whole: there is nobody to wait for yet.
+                    shrink_after: None,
                 }),
                 restarts: 0,
                 resume,
                 paused: false,
                 stop_requested: false,
                 totals: ClusterTotals::default(),
+                next_first_step: spec.first_step,
+                records: Vec::new(),
             }),
+            spec,
         }
     }
 
@@ -381,7 +444,40 @@ impl Job {
 
     #[cfg(test)]
     pub fn phase(&self) -> JobPhase {
-        self.lock().current.phase()
+        self.shown_phase(&self.lock().current)
+    }
+
+    /// The phase as reported: a training group with fewer ranks than requested is
+    /// [`JobPhase::Degraded`].
+    fn shown_phase(&self, current: &Generation) -> JobPhase {
+        match current {
+            Generation::Training(t) if t.members.len() < self.spec.world_size as usize => {
+                JobPhase::Degraded
+            }
+            other => other.phase(),
+        }
+    }
+
+    /// Ranks of the current generation; the requested count while no group exists.
+    fn current_world(&self, current: &Generation) -> u32 {
+        match current.members().len() {
+            0 => self.spec.world_size,
+            n => n as u32,
+        }
+    }
+
+    /// Every group formed so far, in order (summary.json's `generations`).
+    pub fn records(&self) -> Vec<GenerationRecord> {
+        self.lock().records.clone()
+    }
+
+    /// The step the next generation resumes from (the newest complete checkpoint), as the
+    /// supervisor found it once the failed generation's processes stopped; call it before
+    /// [`Job::recover`], which ends the failed generation's record there. The next group's
+    /// record starts there.
+    pub fn resumes_from(&self, step: u64) {
+        let mut state = self.lock();
+        state.next_first_step = step;
     }
 
     pub fn restarts(&self) -> u32 {
@@ -403,7 +499,9 @@ impl Job {
                 coordinator: spec.version.clone(),
             });
         }
-        if !request.config_hash.is_empty() && request.config_hash != spec.fingerprint {
+        let same_job = request.config_hash == spec.fingerprint
+            || spec.unresolved_fingerprint.as_ref() == Some(&request.config_hash);
+        if !request.config_hash.is_empty() && !same_job {
             return Err(ClusterError::Mismatch {
                 field: "config hash",
                 worker: request.config_hash,
@@ -424,7 +522,8 @@ impl Job {
                 coordinator: "cuda (cluster.backend = nccl)".into(),
             });
         }
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let generation = state.generation;
         let rendezvous = match &mut state.current {
             Generation::Rendezvous(r) => r,
@@ -455,22 +554,24 @@ impl Job {
         rendezvous.pending.push((request, tx));
         if rendezvous.pending.len() == spec.world_size as usize {
             let pending = std::mem::take(&mut rendezvous.pending);
-            let resume = state.resume;
-            state.current = self.form_group(pending, generation, resume, state.paused);
+            self.form_group(state, pending);
         }
         Ok(rx)
     }
 
-    /// Assigns ranks, answers every pending Join, and returns the training generation. A
-    /// group that forms while the job is paused holds after its first step (all ranks start
-    /// from the same step, so that one is common).
-    fn form_group(
-        &self,
-        mut pending: Vec<PendingJoin>,
-        generation: u64,
-        resume: bool,
-        paused: bool,
-    ) -> Generation {
+    /// Assigns ranks 0..k-1 to the `k` pending joins, answers them (world size k), records
+    /// the group and makes it the current, training generation. A group that forms while
+    /// the job is paused holds after its first step (all ranks start from the same step, so
+    /// that one is common).
+    fn form_group(&self, state: &mut State, mut pending: Vec<PendingJoin>) {
+        let (generation, resume, paused) = (state.generation, state.resume, state.paused);
+        let world_size = pending.len() as u32;
+        state.records.push(GenerationRecord {
+            generation,
+            world_size,
+            first_step: state.next_first_step,
+            last_step: state.next_first_step,
+        });
         let now = Instant::now();
         // The coordinator's own local workers take the rank their id names (local-g0-w1 is
         // rank 1, whichever joined first); other workers keep their join order, after them.
@@ -517,19 +618,20 @@ impl Job {
             let _ = tx.send(Ok(JoinResponse {
                 local_rank,
                 rank: member.rank,
-                world_size: self.spec.world_size,
+                world_size,
                 run_id: self.spec.run_id.clone(),
                 generation,
                 config_toml: self.spec.settings_toml.clone(),
                 ring_peers: peers.clone(),
                 backend: backend as i32,
                 resume,
-                workers_on_host: self.spec.workers_on_host,
+                // Local workers share this host; a shrunken group has fewer of them.
+                workers_on_host: self.spec.workers_on_host.min(world_size),
                 session_credential: member.credential.clone(),
                 ring_secret: ring_secret.to_vec(),
             }));
         }
-        Generation::Training(Training {
+        state.current = Generation::Training(Training {
             members,
             backend,
             nccl_id: NcclIdRelay::Waiting(Vec::new()),
@@ -539,7 +641,7 @@ impl Job {
             pause_at: paused.then_some(0),
             summary_json: None,
             reported: None,
-        })
+        });
     }
 
     /// The member a worker RPC speaks for, once it has proven to be that member: the worker
@@ -733,6 +835,10 @@ impl Job {
                     }
                     None => {
                         if t.members.iter().all(|m| matches!(m.finished, Some(Ok(())))) {
+                            let last_step = t.members.iter().map(|m| m.step).max().unwrap_or(0);
+                            if let Some(record) = state.records.last_mut() {
+                                record.last_step = last_step;
+                            }
                             state.current = finished(t);
                         }
                     }
@@ -759,7 +865,14 @@ impl Job {
     /// silence, stall or reported failure, and a rendezvous' timeout, are noticed: the
     /// generation is then `Recovering` and stays so until [`Job::recover`].
     pub fn poll(&self, now: Instant) -> Option<Event> {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        if let Generation::Rendezvous(r) = &mut state.current
+            && let Some(pending) = self.shrunken_group(r, now)
+        {
+            self.form_group(state, pending);
+            return None;
+        }
         let paused = state.paused;
         let found = match &state.current {
             Generation::Rendezvous(r) => self.rendezvous_overdue(r, now),
@@ -782,6 +895,25 @@ impl Job {
         let failure = found?;
         state.current.fail(failure.clone());
         Some(Event::GenerationFailed(failure))
+    }
+
+    /// The joins a shrunken group forms with: once the rejoin grace is over, the live ones,
+    /// when there are at least `min_workers` (fewer: the rendezvous keeps waiting, up to its
+    /// timeout).
+    fn shrunken_group(
+        &self,
+        rendezvous: &mut Rendezvous,
+        now: Instant,
+    ) -> Option<Vec<PendingJoin>> {
+        if rendezvous.shrink_after.is_none_or(|after| now < after) {
+            return None;
+        }
+        // A worker that gave up waiting (its Join call dropped) is not present.
+        rendezvous.pending.retain(|(_, tx)| !tx.is_closed());
+        if rendezvous.pending.len() < self.spec.min_workers as usize {
+            return None;
+        }
+        Some(std::mem::take(&mut rendezvous.pending))
     }
 
     fn rendezvous_overdue(&self, rendezvous: &Rendezvous, now: Instant) -> Option<Failure> {
@@ -862,8 +994,12 @@ impl Job {
         let mut state = self.lock();
         let generation = state.generation;
         let (rank, said) = match &state.current {
-            Generation::Rendezvous(_) => {
-                if crate::spawn::local_worker_index(generation, worker_id).is_none() {
+            Generation::Rendezvous(r) => {
+                // An elastic rendezvous forms without a replacement that could not start:
+                // its place stays empty until the rejoin grace decides.
+                if crate::spawn::local_worker_index(generation, worker_id).is_none()
+                    || r.shrink_after.is_some()
+                {
                     return;
                 }
                 (None, None)
@@ -934,12 +1070,24 @@ impl Job {
             };
             return Recovery::GiveUp { failure, why };
         }
+        // The failed group's kept steps end where the next one resumes (a group that
+        // formed in this generation; a failed rendezvous formed none).
+        let formed = state
+            .records
+            .last_mut()
+            .filter(|r| r.generation == state.generation);
+        if let Some(record) = formed {
+            record.last_step = state.next_first_step.max(record.first_step);
+        }
         state.restarts += 1;
         state.generation += 1;
         state.resume = true;
+        let now = Instant::now();
+        let elastic = self.spec.min_workers < self.spec.world_size;
         state.current = Generation::Rendezvous(Rendezvous {
-            since: Instant::now(),
+            since: now,
             pending: Vec::new(),
+            shrink_after: elastic.then(|| now + self.spec.rejoin_grace),
         });
         Recovery::Restart {
             failure,
@@ -1066,12 +1214,14 @@ impl Job {
                 }),
             }
         });
+        let world = self.current_world(&state.current);
         ClusterView {
-            phase: state.current.phase().as_str(),
+            phase: self.shown_phase(&state.current).as_str(),
             generation: state.generation,
             restarts: u64::from(state.restarts),
             auth_failures,
             workers_expected: u64::from(self.spec.world_size),
+            world_size: u64::from(world),
             workers_alive: alive as u64,
             step: members.iter().map(|m| m.step).min().unwrap_or(0),
             total_steps: self.spec.total_steps,
@@ -1083,7 +1233,7 @@ impl Job {
                     step: m.step,
                     step_seconds: m.step_seconds,
                     // Workers report the group's throughput; this rank's share is 1/world.
-                    images_per_second: m.images_per_second / f64::from(self.spec.world_size.max(1)),
+                    images_per_second: m.images_per_second / f64::from(world.max(1)),
                     heartbeat_age_seconds: now.duration_since(m.last_seen).as_secs_f64(),
                     phase_seconds: m
                         .figures
@@ -1131,10 +1281,11 @@ impl Job {
         StatusResponse {
             run_id: self.spec.run_id.clone(),
             generation: state.generation,
-            phase: state.current.phase().as_str().into(),
+            phase: self.shown_phase(&state.current).as_str().into(),
             step: members.iter().map(|m| m.step).min().unwrap_or(0),
             total_steps: self.spec.total_steps,
-            world_size: self.spec.world_size,
+            // The current generation's ranks; `degraded` says when that is fewer than asked.
+            world_size: self.current_world(&state.current),
             workers_alive: self.alive(members, now) as u32,
             restarts: state.restarts,
             paused: state.paused,
@@ -1229,7 +1380,11 @@ mod tests {
             version: "1.0".into(),
             settings_toml: String::new(),
             fingerprint: "abc".into(),
+            unresolved_fingerprint: None,
             world_size: world,
+            min_workers: world,
+            rejoin_grace: Duration::from_secs(30),
+            first_step: 0,
             total_steps: 100,
             backend: Backend::Ring,
             workers_on_host: 1,
@@ -1893,6 +2048,178 @@ mod tests {
             (reply.command, reply.at_step),
             (WorkerCommand::Stop as i32, at)
         );
+    }
+
+    /// A spec of `world` ranks that may shrink to `min` after a failure, waiting `grace`.
+    fn elastic(world: u32, min: u32, grace: Duration) -> JobSpec {
+        JobSpec {
+            min_workers: min,
+            rejoin_grace: grace,
+            max_restarts: 5,
+            ..spec(world)
+        }
+    }
+
+    /// Every member of `replies` (ids `ids`) finishes successfully at `step`.
+    fn finish_all(job: &Job, replies: &[JoinResponse], ids: &[&str], step: u64) {
+        for (reply, id) in replies.iter().zip(ids) {
+            job.finish(&FinishRequest {
+                worker_id: (*id).into(),
+                rank: reply.rank,
+                generation: reply.generation,
+                session_credential: reply.session_credential.clone(),
+                ok: true,
+                summary_json: if reply.rank == 0 {
+                    "{}".into()
+                } else {
+                    String::new()
+                },
+                step,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn an_elastic_group_waits_out_the_grace_then_shrinks_to_the_workers_present() {
+        let grace = Duration::from_millis(200);
+        let job = Job::new(elastic(3, 2, grace), false);
+        // The first group forms whole only: two of three never start training alone.
+        let _waiting = [
+            job.join(join_request("a")).unwrap(),
+            job.join(join_request("b")).unwrap(),
+        ];
+        assert!(job.poll(Instant::now() + grace * 5).is_none());
+        assert_eq!(job.phase(), JobPhase::Rendezvous);
+        let first = {
+            let mut c = job.join(join_request("c")).unwrap();
+            let mut replies: Vec<JoinResponse> = _waiting
+                .into_iter()
+                .map(|mut rx| rx.try_recv().unwrap().unwrap())
+                .collect();
+            replies.push(c.try_recv().unwrap().unwrap());
+            replies
+        };
+        assert!(first.iter().all(|r| r.world_size == 3));
+        assert_eq!(job.phase(), JobPhase::Training);
+
+        // Rank 2 goes silent; the newest checkpoint is step 20.
+        for (reply, id) in first.iter().zip(["a", "b"]) {
+            job.heartbeat(&HeartbeatRequest {
+                step: 25,
+                ..beat(reply, id)
+            })
+            .unwrap();
+        }
+        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        job.resumes_from(20);
+        assert!(matches!(job.recover(|_| {}), Recovery::Restart { .. }));
+
+        // Within the grace the two that came back wait for the third...
+        let mut back: Vec<_> = ["a2", "b2"]
+            .iter()
+            .map(|id| job.join(join_request(id)).unwrap())
+            .collect();
+        assert!(job.poll(Instant::now()).is_none());
+        assert!(back[0].try_recv().is_err(), "no answer within the grace");
+        // ...after it, they form generation 1 on their own: ranks 0 and 1 of 2.
+        assert!(job.poll(Instant::now() + grace * 2).is_none());
+        let second: Vec<JoinResponse> = back
+            .iter_mut()
+            .map(|rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        let assigned: Vec<(u32, u32, u64, bool)> = second
+            .iter()
+            .map(|r| (r.rank, r.world_size, r.generation, r.resume))
+            .collect();
+        assert_eq!(assigned, [(0, 2, 1, true), (1, 2, 1, true)]);
+        // Degraded, not failed: shown as such, with the ranks it has and those asked for.
+        assert_eq!(job.phase(), JobPhase::Degraded);
+        let status = job.status();
+        assert_eq!((status.phase.as_str(), status.world_size), ("degraded", 2));
+        let view = job.cluster_view(0);
+        assert_eq!(
+            (view.phase, view.world_size, view.workers_expected),
+            ("degraded", 2, 3)
+        );
+        // A late worker is refused while it trains (admission at a boundary is not built).
+        assert_eq!(
+            job.join(join_request("late")).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+
+        finish_all(&job, &second, &["a2", "b2"], 100);
+        assert!(matches!(job.poll(Instant::now()), Some(Event::Done { .. })));
+        let ranges: Vec<(u64, u32, u64, u64)> = job
+            .records()
+            .iter()
+            .map(|r| (r.generation, r.world_size, r.first_step, r.last_step))
+            .collect();
+        assert_eq!(ranges, [(0, 3, 0, 20), (1, 2, 20, 100)]);
+    }
+
+    #[test]
+    fn fewer_than_min_workers_keep_waiting_and_a_non_elastic_group_never_shrinks() {
+        let grace = Duration::from_millis(100);
+        let mut quick = elastic(3, 2, grace);
+        quick.rendezvous_timeout = Duration::from_secs(5);
+        let job = Job::new(quick, false);
+        form(&job, &["a", "b", "c"]);
+        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        job.recover(|_| {});
+        // One worker is not enough for min_workers = 2: it waits, until the timeout.
+        let mut alone = job.join(join_request("a2")).unwrap();
+        assert!(job.poll(Instant::now() + grace * 3).is_none());
+        assert!(alone.try_recv().is_err());
+        assert_eq!(job.phase(), JobPhase::Rendezvous);
+        let failure = failed_at(&job, Instant::now() + Duration::from_secs(6)).unwrap();
+        assert!(
+            failure.reason.contains("1 of 3 workers joined"),
+            "{}",
+            failure.reason
+        );
+
+        // min_workers = the requested count (the default): no shrink, however long it waits.
+        let job = Job::new(spec(2), false);
+        form(&job, &["a", "b"]);
+        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        job.recover(|_| {});
+        let mut alone = job.join(join_request("a2")).unwrap();
+        assert!(job.poll(Instant::now() + Duration::from_secs(30)).is_none());
+        assert!(alone.try_recv().is_err());
+        assert_eq!(job.phase(), JobPhase::Rendezvous);
+    }
+
+    #[test]
+    fn a_local_replacement_that_dies_in_an_elastic_rendezvous_leaves_its_place_empty() {
+        let job = Job::new(elastic(2, 1, Duration::from_millis(50)), false);
+        form(&job, &["local-g0-w0", "local-g0-w1"]);
+        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        job.recover(|_| {});
+        let mut survivor = job.join(join_request("local-g1-w0")).unwrap();
+        job.worker_exited("local-g1-w1", "exit status 75", true);
+        assert!(job.poll(Instant::now() + Duration::from_secs(1)).is_none());
+        let reply = survivor.try_recv().unwrap().unwrap();
+        assert_eq!((reply.rank, reply.world_size), (0, 1));
+    }
+
+    #[test]
+    fn a_worker_with_the_unresolved_global_batch_joins_the_same_job() {
+        let job = Job::new(
+            JobSpec {
+                unresolved_fingerprint: Some("unresolved".into()),
+                ..spec(1)
+            },
+            false,
+        );
+        let with = |hash: &str| JoinRequest {
+            config_hash: hash.into(),
+            ..join_request("a")
+        };
+        let err = job.join(with("other")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+        assert!(job.join(with("unresolved")).is_ok());
     }
 
     #[test]

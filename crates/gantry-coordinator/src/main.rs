@@ -12,9 +12,11 @@
 //! - [`service`], [`auth`], [`admit`]: the gRPC face, its credentials and Join validation.
 //! - [`http`], [`history`]: the status page, `/metrics` and the charts' history.
 //! - [`spawn`]: local worker processes; [`operate`]: the operator's commands.
+//! - [`elastic`]: the elastic-membership settings (`cluster.min_workers`, the global batch).
 
 mod admit;
 mod auth;
+mod elastic;
 mod history;
 mod http;
 mod job;
@@ -136,7 +138,8 @@ fn run(cli: &Cli) -> Result<i32> {
     if local && !cli.oversubscribe {
         spawn::check_host_fits(world)?;
     }
-    let (settings, resume) = load_settings(cli)?;
+    let (mut settings, resume) = load_settings(cli)?;
+    let min_workers = elastic::resolve(&mut settings, world)?;
     let token = match (settings.cluster.token.is_empty(), local) {
         (false, _) => settings.cluster.token.clone(),
         (true, true) => auth::generate_token(),
@@ -171,6 +174,7 @@ fn run(cli: &Cli) -> Result<i32> {
         .context("starting the async runtime")?;
     let launch = Launch {
         world,
+        min_workers,
         local,
         token,
         listen,
@@ -225,6 +229,8 @@ fn load_settings(cli: &Cli) -> Result<(Settings, bool)> {
 #[derive(Debug)]
 struct Launch {
     world: u32,
+    /// `cluster.min_workers`, resolved (see [`elastic::resolve`]).
+    min_workers: u32,
     local: bool,
     token: String,
     listen: SocketAddr,
@@ -237,6 +243,7 @@ struct Launch {
 async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
     let Launch {
         world,
+        min_workers,
         local,
         token,
         listen,
@@ -251,7 +258,18 @@ async fn supervise(settings: Settings, launch: Launch) -> Result<i32> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         settings_toml: settings.to_toml()?,
         fingerprint: settings.fingerprint(),
+        unresolved_fingerprint: elastic::unresolved_fingerprint(&settings, world),
         world_size: world,
+        min_workers,
+        rejoin_grace: Duration::from_secs_f64(cluster.rejoin_grace),
+        first_step: if resume {
+            gantry_store::run_dir::checkpoint_steps(&settings.run.dir)?
+                .last()
+                .copied()
+                .unwrap_or(0)
+        } else {
+            0
+        },
         total_steps: settings.train.steps,
         backend: cluster.backend,
         workers_on_host: if local { world } else { 1 },

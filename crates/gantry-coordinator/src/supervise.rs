@@ -126,6 +126,12 @@ impl Supervisor {
             self.exits.extend(workers.stop_all(FAILED_GENERATION_GRACE));
         }
         let exits = std::mem::take(&mut self.exits);
+        // The processes are stopped (or, external ones, cut off): no checkpoint appears any
+        // more, so the newest one is what the next generation resumes from.
+        match gantry_store::run_dir::checkpoint_steps(&self.run_dir) {
+            Ok(steps) => self.job.resumes_from(steps.last().copied().unwrap_or(0)),
+            Err(e) => tracing::warn!("coordinator: cannot list the checkpoints: {e}"),
+        }
         let recovery = self.job.recover(|failure| {
             failure.reason = with_exit_statuses(std::mem::take(&mut failure.reason), &exits);
         });
@@ -225,13 +231,22 @@ fn with_exit_statuses(mut reason: String, exits: &[(String, ExitStatus)]) -> Str
     reason
 }
 
-/// Rank 0's summary plus what only the coordinator knows, written atomically.
+/// Rank 0's summary plus what only the coordinator knows, written atomically: the restarts,
+/// and each group that formed (`generations`: world size and step range), the final one's
+/// world size as `world_size`.
 fn write_summary(path: &Path, rank0: &str, job: &Job) -> Result<()> {
     let mut summary: serde_json::Value = serde_json::from_str(rank0).context("rank 0's summary")?;
+    let records = job.records();
     if let Some(object) = summary.as_object_mut() {
         object.insert("restarts".into(), job.restarts().into());
         object.insert("generation".into(), job.generation().into());
         object.insert("run_id".into(), job.spec.run_id.clone().into());
+        object.insert("workers_expected".into(), job.spec.world_size.into());
+        if let Some(last) = records.last() {
+            object.insert("world_size".into(), last.world_size.into());
+        }
+        let generations = records.iter().map(|r| r.to_json()).collect();
+        object.insert("generations".into(), serde_json::Value::Array(generations));
     }
     let text = serde_json::to_string_pretty(&summary)? + "\n";
     gantry_store::atomic::write(path, text.as_bytes())?;

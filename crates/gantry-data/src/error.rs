@@ -106,9 +106,11 @@ pub enum DataError {
         failures: Vec<(String, DataError)>,
     },
 
-    /// The global batch cannot be split evenly between the ranks.
-    #[error("global batch {global_batch} is not divisible by world size {world}")]
-    BatchNotDivisible { global_batch: usize, world: usize },
+    /// The global batch has fewer images than there are ranks (or there are no ranks).
+    #[error(
+        "global batch {global_batch} cannot be shared by {world} ranks: every rank needs at least one image"
+    )]
+    BatchSmallerThanWorld { global_batch: usize, world: usize },
 
     /// A rank outside `0..world` asked for its share of a batch.
     #[error("rank {rank} is out of range for world size {world}")]

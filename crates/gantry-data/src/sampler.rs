@@ -12,8 +12,11 @@
 //!   `global_batch > dataset_len`, more) epochs; no example is skipped or
 //!   repeated at an epoch boundary.
 //! * Rank `r` of `world` takes the contiguous slice
-//!   `[r × global_batch / world, (r + 1) × global_batch / world)` of that batch,
-//!   so concatenating the slices of ranks `0..world` gives the world-1 batch.
+//!   `[⌊r × global_batch / world⌋, ⌊(r + 1) × global_batch / world⌋)` of that
+//!   batch ([`rank_slice`]), so concatenating the slices of ranks `0..world`
+//!   gives the world-1 batch. When `world` does not divide `global_batch` (an
+//!   elastic group that lost ranks) the slices differ in length by at most one;
+//!   when it does, every slice is `global_batch / world` long.
 //!
 //! `perm_e`, the permutation for epoch `e`, is defined exactly (changing any
 //! of this changes every run's data order, and breaks resume across
@@ -35,10 +38,36 @@
 //!    `rand::Rng::gen_range`, fixed by this crate rather than by a
 //!    dependency's version.
 
+use std::ops::Range;
+
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 use crate::DataError;
+
+/// The rows of a `global_batch`-row batch that rank `rank` of `world` owns:
+/// `[⌊rank × global_batch / world⌋, ⌊(rank + 1) × global_batch / world⌋)`.
+/// Every rank's slice, latents and other per-row draws are cut by this one
+/// definition. Fails if `world` is 0 or larger than `global_batch` (a rank
+/// would get no rows), or if `rank >= world`.
+pub fn rank_slice(
+    global_batch: usize,
+    rank: usize,
+    world: usize,
+) -> Result<Range<usize>, DataError> {
+    if world == 0 || world > global_batch {
+        return Err(DataError::BatchSmallerThanWorld {
+            global_batch,
+            world,
+        });
+    }
+    if rank >= world {
+        return Err(DataError::RankOutOfRange { rank, world });
+    }
+    // u128: rank × global_batch may overflow usize for absurd batches.
+    let bound = |r: usize| (r as u128 * global_batch as u128 / world as u128) as usize;
+    Ok(bound(rank)..bound(rank + 1))
+}
 
 /// Maps `(step, rank, world)` to example indices; see the [module docs](self)
 /// for the exact definition.
@@ -83,9 +112,9 @@ impl GlobalSampler {
     }
 
     /// The examples rank `rank` of `world` uses at `step`: its contiguous
-    /// `global_batch / world` share of the global batch.
+    /// [`rank_slice`] of the global batch.
     ///
-    /// Fails if `world` is 0 or does not divide `global_batch`, or if
+    /// Fails if `world` is 0 or larger than `global_batch`, or if
     /// `rank >= world`.
     pub fn indices(
         &mut self,
@@ -93,23 +122,14 @@ impl GlobalSampler {
         rank: usize,
         world: usize,
     ) -> Result<Vec<usize>, DataError> {
-        if world == 0 || !self.global_batch.is_multiple_of(world) {
-            return Err(DataError::BatchNotDivisible {
-                global_batch: self.global_batch,
-                world,
-            });
-        }
-        if rank >= world {
-            return Err(DataError::RankOutOfRange { rank, world });
-        }
-        let share = self.global_batch / world;
+        let rows = rank_slice(self.global_batch, rank, world)?;
         // u128 because step × global_batch can exceed u64 for absurd steps,
         // and wrapping would silently reuse early batches.
-        let start = u128::from(step) * self.global_batch as u128 + (rank * share) as u128;
+        let start = u128::from(step) * self.global_batch as u128 + rows.start as u128;
         let len = self.dataset_len as u128;
-        let mut out = Vec::with_capacity(share);
+        let mut out = Vec::with_capacity(rows.len());
         let mut pos = start;
-        let end = start + share as u128;
+        let end = start + rows.len() as u128;
         while pos < end {
             let epoch = u64::try_from(pos / len).expect("epoch number overflows u64");
             let offset = (pos % len) as usize;
@@ -196,6 +216,31 @@ mod tests {
     }
 
     #[test]
+    fn uneven_slices_concatenate_to_the_world_one_batch() {
+        // 64 images over 3 ranks: 21, 21, 22 (an elastic group of 4 × 16 that lost one);
+        // 10 over 4 straddles epoch boundaries of a 7-example set.
+        for (dataset_len, global, world, lengths) in [
+            (100, 64, 3, vec![21, 21, 22]),
+            (7, 10, 4, vec![2, 3, 2, 3]),
+            (50, 5, 5, vec![1; 5]),
+        ] {
+            let mut s = GlobalSampler::new(11, dataset_len, global).unwrap();
+            for step in 0..12 {
+                let whole = s.indices(step, 0, 1).unwrap();
+                let slices: Vec<Vec<usize>> = (0..world)
+                    .map(|r| s.indices(step, r, world).unwrap())
+                    .collect();
+                let got: Vec<usize> = slices.iter().map(Vec::len).collect();
+                assert_eq!(got, lengths, "global {global}, world {world}");
+                assert_eq!(slices.concat(), whole, "step {step}, world {world}");
+            }
+        }
+        // Even splits keep their old bounds: rank r of w owns [r·G/w, (r+1)·G/w).
+        assert_eq!(rank_slice(64, 1, 2).unwrap(), 32..64);
+        assert_eq!(rank_slice(64, 2, 3).unwrap(), 42..64);
+    }
+
+    #[test]
     fn the_stream_is_a_sequence_of_permutations() {
         // 60 positions of a 10-example set = 6 whole epochs, read through
         // batches of 4 that straddle every other boundary.
@@ -261,14 +306,14 @@ mod tests {
     #[test]
     fn invalid_arguments_are_errors() {
         let mut s = GlobalSampler::new(0, 10, 6).unwrap();
-        let err = s.indices(0, 0, 4).unwrap_err();
+        let err = s.indices(0, 0, 7).unwrap_err();
         assert_eq!(
             err.to_string(),
-            "global batch 6 is not divisible by world size 4"
+            "global batch 6 cannot be shared by 7 ranks: every rank needs at least one image"
         );
         assert!(matches!(
             s.indices(0, 0, 0),
-            Err(DataError::BatchNotDivisible { .. })
+            Err(DataError::BatchSmallerThanWorld { .. })
         ));
         assert!(matches!(
             s.indices(0, 3, 3),

@@ -17,9 +17,12 @@ use crate::MetricsError;
 use crate::worker::Quality;
 
 /// The phases a job goes through, as exported in `gantry_job_phase{phase}`.
-pub const JOB_PHASES: [&str; 6] = [
+/// `degraded` is training with fewer ranks than requested (an elastic group that shrank,
+/// see `cluster.min_workers`): the job makes progress, unlike `recovering` or `failed`.
+pub const JOB_PHASES: [&str; 7] = [
     "rendezvous",
     "training",
+    "degraded",
     "recovering",
     "done",
     "stopped",
@@ -68,7 +71,10 @@ pub struct ClusterView {
     pub generation: u64,
     pub restarts: u64,
     pub auth_failures: u64,
+    /// The worker count the job was started with (`--workers` / `--expect-workers`).
     pub workers_expected: u64,
+    /// Ranks of the current generation: `workers_expected`, or fewer in a shrunken one.
+    pub world_size: u64,
     pub workers_alive: u64,
     /// The slowest rank's step.
     pub step: u64,
@@ -119,6 +125,7 @@ struct Series {
     restarts: IntCounter,
     auth_failures: IntCounter,
     workers_expected: IntGauge,
+    world_size: IntGauge,
     workers_alive: IntGauge,
     step: IntGauge,
     steps_target: IntGauge,
@@ -180,7 +187,17 @@ impl ClusterMetrics {
                 "job_auth_failures_total",
                 "RPCs refused for a missing or wrong join token.",
             )?,
-            workers_expected: int_gauge(r, "job_workers_expected", "Ranks the job trains with.")?,
+            workers_expected: int_gauge(
+                r,
+                "job_workers_expected",
+                "Workers the job was started with (--workers / --expect-workers).",
+            )?,
+            world_size: int_gauge(
+                r,
+                "job_world_size",
+                "Ranks of the current generation (below gantry_job_workers_expected while an \
+                 elastic group runs shrunken).",
+            )?,
             workers_alive: int_gauge(
                 r,
                 "job_workers_alive",
@@ -321,6 +338,7 @@ impl ClusterMetrics {
         catch_up(&s.restarts, view.restarts);
         catch_up(&s.auth_failures, view.auth_failures);
         s.workers_expected.set(view.workers_expected as i64);
+        s.world_size.set(view.world_size as i64);
         s.workers_alive.set(view.workers_alive as i64);
         s.step.set(view.step as i64);
         s.steps_target.set(view.total_steps as i64);
@@ -453,6 +471,7 @@ mod tests {
             phase: "training",
             generation: 0,
             workers_expected: 3,
+            world_size: 3,
             workers_alive: 3,
             step: 10,
             total_steps: 100,
@@ -485,6 +504,26 @@ mod tests {
             1.0
         );
         assert_eq!(value(&text, "gantry_job_phase", &[("phase", "done")]), 0.0);
+
+        // A shrunken elastic group: its own phase, and the ranks it has next to those asked for.
+        let shrunken = ClusterView {
+            phase: "degraded",
+            world_size: 2,
+            workers_alive: 2,
+            ..view()
+        };
+        m.refresh(&shrunken).unwrap();
+        let text = m.render();
+        assert_eq!(value(&text, "gantry_job_world_size", &[]), 2.0);
+        assert_eq!(value(&text, "gantry_job_workers_expected", &[]), 3.0);
+        assert_eq!(
+            value(&text, "gantry_job_phase", &[("phase", "degraded")]),
+            1.0
+        );
+        assert_eq!(
+            value(&text, "gantry_job_phase", &[("phase", "training")]),
+            0.0
+        );
     }
 
     #[test]

@@ -80,7 +80,14 @@ pub struct CheckpointState {
     pub nonfinite_consecutive: u64,
     /// [`Settings::fingerprint`] of the run that wrote it.
     pub fingerprint: String,
+    /// Ranks of the group that wrote it. A group of another size may resume it when the
+    /// global batch is the same ([`check_resumable`]).
     pub world_size: usize,
+    /// Images per step over the whole group; absent in checkpoints written before it was
+    /// recorded, where it is `train.batch_size × world_size` of the saved settings (or their
+    /// `train.global_batch_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global_batch_size: Option<usize>,
     /// RNG state the run still depends on: none (see the module docs); kept explicit so a
     /// future stateful RNG has an obvious home.
     pub rng_state: Option<String>,
@@ -312,11 +319,57 @@ pub fn prune(checkpoints: &Path, keep: usize, current: u64) -> Result<()> {
 /// under `run`, `cluster`, `metrics` and `logging`, which only say where and how a run is
 /// run and observed.
 pub fn check_compatible(saved: &Settings, current: &Settings) -> Result<Vec<String>> {
+    compare(saved, current, &[])
+}
+
+/// The keys that set the global batch: when it is unchanged, how it is spelt (a per-rank
+/// `train.batch_size` or a fixed `train.global_batch_size`) changes nothing.
+const GLOBAL_BATCH_KEYS: &[&str] = &["train.batch_size", "train.global_batch_size"];
+
+/// [`check_compatible`] for a group of `world` ranks resuming `checkpoint`, which may have
+/// been written by a group of another size (an elastic job that shrank or grew back). The
+/// global batch must be the same (it fixes the data order and what each gradient averages
+/// over); a different one is refused naming `train.global_batch_size`. With the same global
+/// batch, changes of `train.batch_size` / `train.global_batch_size` are not warned about.
+pub fn check_resumable(
+    checkpoint: &CheckpointDir,
+    current: &Settings,
+    world: usize,
+) -> Result<Vec<String>> {
+    let saved = saved_global_batch(checkpoint);
+    let now = crate::batch::global_batch_size(&current.train, world);
+    if saved != now {
+        let how = |train: &gantry_config::Train, world: usize| match train.global_batch_size {
+            0 => format!("train.batch_size {} × {world} rank(s)", train.batch_size),
+            _ => "train.global_batch_size".to_owned(),
+        };
+        bail!(
+            "cannot resume {}: its global batch was {saved} images ({}), this run's is {now} \
+             ({}); the data order and the averaged gradient depend on it, so set \
+             train.global_batch_size = {saved} to continue the same run, or start a new run",
+            checkpoint.path.display(),
+            how(&checkpoint.settings.train, checkpoint.state.world_size),
+            how(&current.train, world)
+        );
+    }
+    compare(&checkpoint.settings, current, GLOBAL_BATCH_KEYS)
+}
+
+/// The global batch `checkpoint` was trained with: recorded in `state.json`, or (older
+/// checkpoints) resolved from its settings and world size.
+pub fn saved_global_batch(checkpoint: &CheckpointDir) -> usize {
+    checkpoint.state.global_batch_size.unwrap_or_else(|| {
+        crate::batch::global_batch_size(&checkpoint.settings.train, checkpoint.state.world_size)
+    })
+}
+
+/// [`check_compatible`], not warning about the keys in `quiet`.
+fn compare(saved: &Settings, current: &Settings, quiet: &[&str]) -> Result<Vec<String>> {
     let (old, new) = (leaves(saved)?, leaves(current)?);
     let mut warnings = Vec::new();
     for (key, value) in &new {
         let before = old.iter().find(|(k, _)| k == key).map(|(_, v)| v);
-        if before == Some(value) {
+        if before == Some(value) || quiet.contains(&key.as_str()) {
             continue;
         }
         let before = before.map_or_else(|| "(absent)".to_owned(), ToString::to_string);

@@ -45,6 +45,10 @@ pub struct Group {
     overlap: bool,
     /// The background average in flight, if any (it holds the collective meanwhile).
     pending: Option<PendingAverage>,
+    /// `Some(slice / global)` when the ranks' slices of the global batch differ in length:
+    /// each gradient is scaled by it and the group sums, so the result is the global-batch
+    /// mean; `None` (even slices): the plain average. See [`crate::batch`].
+    gradient_weight: Option<f64>,
 }
 
 /// What the all-reduce thread hands back: the collective, the result, its seconds.
@@ -116,6 +120,7 @@ impl Group {
             traffic: Traffic::default(),
             overlap: false,
             pending: None,
+            gradient_weight: None,
         }
     }
 
@@ -130,6 +135,7 @@ impl Group {
             traffic: Traffic::default(),
             overlap: false,
             pending: None,
+            gradient_weight: None,
         }
     }
 
@@ -144,17 +150,55 @@ impl Group {
         }
     }
 
-    /// Averages a flat f32 tensor across ranks, in place, bucket by bucket.
+    /// Weights this rank's gradients by `weight` and sums them across the group from now on
+    /// (`Some(slice / global)`, for uneven slices of the global batch), or averages them
+    /// plainly (`None`, the default). Every rank of the group must make the same choice.
+    pub fn set_gradient_weight(&mut self, weight: Option<f64>) {
+        self.gradient_weight = weight;
+    }
+
+    /// See [`Group::set_gradient_weight`].
+    pub fn gradient_weight(&self) -> Option<f64> {
+        self.gradient_weight
+    }
+
+    /// Scales `flat` by the gradient weight, where there is one, and returns the reduction
+    /// that then makes it the global-batch mean.
+    fn prepare_gradient(&self, flat: &Tensor) -> ReduceOp {
+        match self.gradient_weight {
+            None => ReduceOp::Average,
+            Some(weight) => {
+                tch::no_grad(|| {
+                    let _ = flat.shallow_clone().g_mul_scalar_(weight);
+                });
+                ReduceOp::Sum
+            }
+        }
+    }
+
+    /// Averages a flat f32 tensor of gradients across ranks, in place, bucket by bucket:
+    /// plainly, or weighted by each rank's slice of the global batch (see
+    /// [`Group::set_gradient_weight`]).
     pub fn average(&mut self, flat: &mut Tensor) -> Result<()> {
+        if self.collective.is_none() {
+            return Ok(());
+        }
+        let op = self.prepare_gradient(flat);
         let Some(collective) = self.collective.as_mut() else {
             return Ok(());
         };
+        if let Device::Cuda(index) = flat.device() {
+            // The device path returns once NCCL finished, so without this wait the timer
+            // would also cover the backward kernels still queued ahead of it. The host waits
+            // for them either way; waiting here first costs one launch latency.
+            tch::Cuda::synchronize(index as i64);
+        }
         let started = std::time::Instant::now();
-        if flat.device().is_cuda() && device_all_reduce(collective.as_mut(), flat)? {
-            // NCCL reduced the gradient in GPU memory, on the default stream.
+        if flat.device().is_cuda() && device_all_reduce(collective.as_mut(), flat, op)? {
+            // NCCL reduced the gradient in GPU memory, on libtorch's current stream.
         } else {
             for_each_bucket(flat, self.bucket_elems, &mut self.staging, |buf| {
-                collective.all_reduce_f32(buf, ReduceOp::Average)
+                collective.all_reduce_f32(buf, op)
             })?;
         }
         self.traffic.bytes += (flat.numel() * std::mem::size_of::<f32>()) as u64;
@@ -312,9 +356,11 @@ impl GradReduce for Group {
             && flat.kind() == Kind::Float
             && flat.is_contiguous()
             && flat.dim() == 1;
-        if !self.overlap || !host_f32 || self.pending.is_some() {
+        if !self.overlap || !host_f32 || self.pending.is_some() || self.collective.is_none() {
             return false;
         }
+        // Scaled here, on the training thread, before the helper owns the memory.
+        let op = self.prepare_gradient(flat);
         let Some(mut collective) = self.collective.take() else {
             return false;
         };
@@ -331,7 +377,7 @@ impl GradReduce for Group {
             let all = unsafe { memory.into_slice() };
             let result = all
                 .chunks_mut(bucket)
-                .try_for_each(|chunk| collective.all_reduce_f32(chunk, ReduceOp::Average));
+                .try_for_each(|chunk| collective.all_reduce_f32(chunk, op));
             (collective, result, started.elapsed().as_secs_f64())
         });
         self.pending = Some(PendingAverage {
@@ -377,18 +423,20 @@ fn signature_text(params: &FlatParams) -> String {
         .join("\n")
 }
 
-/// Averages a contiguous f32 GPU tensor in place through the backend's device path (one
-/// call: NCCL pipelines large buffers itself). `false` when the backend has none.
-fn device_all_reduce(collective: &mut dyn Collective, flat: &Tensor) -> Result<bool> {
+/// Reduces (`op`) a contiguous f32 GPU tensor in place through the backend's device path
+/// (one call: NCCL pipelines large buffers itself). `false` when the backend has none.
+fn device_all_reduce(collective: &mut dyn Collective, flat: &Tensor, op: ReduceOp) -> Result<bool> {
     if flat.kind() != Kind::Float || !flat.is_contiguous() {
         return Ok(false);
     }
     let ptr = flat.data_ptr() as u64;
     // SAFETY: a contiguous f32 CUDA tensor of numel() elements on the communicator's device
-    // (the worker trains on the device its NCCL communicator was created for); libtorch and
-    // NCCL both use the default stream, so no other stream touches it meanwhile.
-    let done = unsafe { collective.all_reduce_device_f32(ptr, flat.numel(), ReduceOp::Average) }
-        .context("all-reduce")?;
+    // (the worker trains on the device its NCCL communicator was created for). NCCL runs on
+    // the stream the worker gave the collective (libtorch's current stream, the one whose
+    // kernels wrote the tensor: `NcclCollective::set_device_stream` in cluster.rs), so stream
+    // order puts the reduction after them and nothing else touches the buffer meanwhile.
+    let done =
+        unsafe { collective.all_reduce_device_f32(ptr, flat.numel(), op) }.context("all-reduce")?;
     Ok(done)
 }
 
@@ -400,7 +448,7 @@ fn device_broadcast(collective: &mut dyn Collective, flat: &Tensor) -> Result<bo
     }
     let ptr = flat.data_ptr() as u64;
     // SAFETY: as in `device_all_reduce`: a contiguous f32 CUDA tensor of numel() elements on
-    // the communicator's device, only used on the default stream meanwhile.
+    // the communicator's device, ordered behind its writers by libtorch's current stream.
     let done =
         unsafe { collective.broadcast_device_f32(ptr, flat.numel(), 0) }.context("broadcast")?;
     Ok(done)

@@ -5,6 +5,8 @@
 //! data indices and latents are pure functions of (seed, step), sliced by rank.
 //!
 //! - [`train`]: the loop (data → step → metrics → samples → summary).
+//! - [`batch`]: how the ranks present share each step's global batch (uneven slices
+//!   included), and the weights that keep the averaged gradient the global-batch mean.
 //! - [`checkpoint`]: crash-safe checkpoints, and finding the one to resume from.
 //! - [`run_dir`]: the files a run leaves behind, written atomically.
 //! - [`samples`]: the 8×8 sample grid as PNG.
@@ -15,6 +17,7 @@
 //!   broadcast and start-up checks over the collective.
 //! - [`cluster`]: one session with a coordinator (connect, join, train, report).
 
+pub mod batch;
 pub mod checkpoint;
 pub mod cluster;
 pub mod endpoint;

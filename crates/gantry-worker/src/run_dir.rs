@@ -41,7 +41,13 @@ pub struct MetricsRow {
 pub struct Summary {
     pub steps: u64,
     pub world_size: usize,
+    /// Images per rank per step: the largest rank's slice of the global batch (slices
+    /// differ by at most one image when the world size does not divide it).
     pub batch_size: usize,
+    /// Images per step over the whole group (`batch_size × world_size` with even slices).
+    /// 0 in summaries written before it was recorded.
+    #[serde(default)]
+    pub global_batch_size: usize,
     /// Training images per second over the whole run, all ranks together.
     pub images_per_second: f64,
     /// Wall time from start-up to the end, set-up included.

@@ -12,6 +12,7 @@ use gantry_models::runtime;
 use gantry_models::task::{Batch, BatchSource, ExternalError, ModelShape, StepOutcome, TrainTask};
 use tch::{Device, Tensor};
 
+use crate::batch::BatchSplit;
 use crate::checkpoint::{self, CheckpointDir, CheckpointState};
 use crate::group::Group;
 use crate::progress::Progress;
@@ -119,6 +120,8 @@ pub struct Trainer {
     /// What is trained: the family behind the seam.
     pub task: Box<dyn TrainTask>,
     sampler: GlobalSampler,
+    /// This rank's share of every global batch.
+    split: BatchSplit,
     pub group: Group,
     /// Only rank 0 writes the run directory.
     run: Option<RunDir>,
@@ -163,8 +166,9 @@ impl Trainer {
         resume: Option<&CheckpointDir>,
     ) -> Result<Self> {
         if let Some(c) = resume {
-            checkpoint::check_compatible(&c.settings, settings)?;
+            checkpoint::check_resumable(c, settings, group.world)?;
         }
+        let split = BatchSplit::new(&settings.train, group.rank, group.world)?;
         let started = Instant::now();
         let threads = runtime::set_threads(settings.train.threads, workers_on_host);
         let device = runtime::resolve_device(settings.run.device, device_ordinal)?;
@@ -178,7 +182,10 @@ impl Trainer {
             }
         };
         let (c, h, w) = dataset.image_shape();
-        check_batch_fits(settings.train.batch_size, (c, h, w), device)?;
+        check_batch_fits(&settings.train, &split, (c, h, w), device)?;
+        if group.rank == 0 {
+            warn_if_batch_norm_slices_changed(settings, &split);
+        }
         let class_names = class_names(settings, &dataset)?;
         if let (Some(c), Some(names)) = (resume, &class_names) {
             check_same_classes(c, names)?;
@@ -190,11 +197,11 @@ impl Trainer {
         let task = gantry_models::task::build(settings, shape, device)?;
         let mut group = group;
         group.set_overlap(overlap_pays(threads, workers_on_host));
+        group.set_gradient_weight(split.gradient_weight());
         group
             .synchronise_start(task.as_ref())
             .context("synchronising initial weights")?;
-        let global_batch = settings.train.batch_size * group.world;
-        let sampler = GlobalSampler::new(settings.train.seed, dataset.len(), global_batch)?;
+        let sampler = GlobalSampler::new(settings.train.seed, dataset.len(), split.global)?;
         let run = match (group.rank, resume) {
             (0, None) => Some(RunDir::create(&settings.run.dir, settings)?),
             // A resumed rank 0's run directory is opened by `restore`, once.
@@ -207,6 +214,7 @@ impl Trainer {
             class_names,
             task,
             sampler,
+            split,
             group,
             run,
             grid_shape: [c, h, w],
@@ -232,7 +240,7 @@ impl Trainer {
     /// of `metrics.jsonl` after the checkpoint's step are dropped, and TensorBoard's stream
     /// continues in a new file that supersedes the earlier ones after that step.
     pub fn restore(&mut self, checkpoint: &CheckpointDir) -> Result<()> {
-        for warning in checkpoint::check_compatible(&checkpoint.settings, &self.settings)? {
+        for warning in checkpoint::check_resumable(checkpoint, &self.settings, self.group.world)? {
             tracing::warn!("warning: resuming {}: {warning}", checkpoint.path.display());
         }
         let state = &checkpoint.state;
@@ -275,6 +283,7 @@ impl Trainer {
             nonfinite_consecutive: self.nonfinite_consecutive,
             fingerprint: self.settings.fingerprint(),
             world_size: self.group.world,
+            global_batch_size: Some(self.split.global),
             rng_state: None,
             classes: self.class_names.clone(),
         }
@@ -319,8 +328,14 @@ impl Trainer {
         self.metrics = Some(metrics);
     }
 
+    /// Images per step over the whole group.
     pub fn global_batch(&self) -> usize {
-        self.settings.train.batch_size * self.group.world
+        self.split.global
+    }
+
+    /// This rank's share of every global batch.
+    pub fn batch_split(&self) -> &BatchSplit {
+        &self.split
     }
 
     /// Runs step `self.step + 1`: the task's step on this rank's batches, with gradient
@@ -365,7 +380,8 @@ impl Trainer {
         }
         let traffic = self.group.take_traffic();
         metrics.allreduce(traffic.bytes, traffic.seconds);
-        let images = (self.settings.train.batch_size as u64) * self.task.batches_per_step();
+        // This rank's images: its slice of each of the step's batches.
+        let images = (self.split.local() as u64) * self.task.batches_per_step();
         metrics.step_done(
             self.step,
             started.elapsed().as_secs_f64(),
@@ -378,13 +394,12 @@ impl Trainer {
     /// [`Self::step_once`] without metrics. Afterwards, [`TrainTask::gradients`] shows each
     /// part's group-averaged gradient of the step (for checking equivalences).
     pub fn step_plain(&mut self) -> Result<StepOutcome> {
-        let t = &self.settings.train;
         let mut source = RankBatches {
             dataset: &self.dataset,
             sampler: &mut self.sampler,
             rank: self.group.rank,
             world: self.group.world,
-            local: t.batch_size,
+            first_row: self.split.rows.start,
             first_stream: self.step * self.task.batches_per_step(),
             pixels: &mut self.pixels,
             device: self.device,
@@ -455,10 +470,9 @@ impl Trainer {
         let mut progress = Progress::new(total, first_step);
         if self.group.rank == 0 {
             progress.println(&format!(
-                "gantry: {} steps, {} rank(s) × batch {}, {} on {:?} with {} threads, data {} ({} images), run dir {}",
+                "gantry: {} steps, {}, {} on {:?} with {} threads, data {} ({} images), run dir {}",
                 total,
-                self.group.world,
-                self.settings.train.batch_size,
+                self.split.describe(),
                 self.task.describe(),
                 self.device,
                 self.threads,
@@ -563,7 +577,8 @@ impl Trainer {
         let summary = Summary {
             steps: self.step,
             world_size: self.group.world,
-            batch_size: self.settings.train.batch_size,
+            batch_size: self.split.largest(),
+            global_batch_size: self.split.global,
             images_per_second: ((self.step - first_step) * global_batch) as f64 / train_seconds,
             wall_seconds: self.started.elapsed().as_secs_f64(),
             train_seconds,
@@ -689,14 +704,23 @@ impl Trainer {
         Ok(Some(report))
     }
 
-    /// Averages a step's statistics over the group, so logs describe the global batch.
+    /// Averages a step's statistics over the group, so logs describe the global batch: the
+    /// plain mean of the ranks' values with even slices, else weighted by each rank's slice
+    /// (each value is a mean over the rank's slice, like the loss).
     fn group_mean(&mut self, mut statistics: Statistics) -> Result<Statistics> {
         if self.group.world == 1 {
             return Ok(statistics);
         }
-        let mut values: Vec<f32> = statistics.iter().map(|(_, v)| *v as f32).collect();
+        let weight = self.split.gradient_weight();
+        let mut values: Vec<f32> = statistics
+            .iter()
+            .map(|(_, v)| weight.map_or(*v, |w| *v * w) as f32)
+            .collect();
         self.group.sum_host(&mut values)?;
-        let n = self.group.world as f64;
+        let n = match weight {
+            Some(_) => 1.0,
+            None => self.group.world as f64,
+        };
         for ((_, value), sum) in statistics.iter_mut().zip(values) {
             *value = f64::from(sum) / n;
         }
@@ -710,8 +734,8 @@ struct RankBatches<'a> {
     sampler: &'a mut GlobalSampler,
     rank: usize,
     world: usize,
-    /// Rows per rank.
-    local: usize,
+    /// The global row of this rank's first image ([`BatchSplit::rows`]).
+    first_row: usize,
     /// The data stream of the step's first batch.
     first_stream: u64,
     pixels: &'a mut Vec<f32>,
@@ -742,7 +766,7 @@ impl BatchSource for RankBatches<'_> {
         });
         Ok(Batch {
             stream,
-            first_row: self.rank * self.local,
+            first_row: self.first_row,
             images,
             labels,
         })
@@ -798,9 +822,6 @@ fn describe(logged: &LoggedStep) -> String {
     line.join(" ")
 }
 
-/// Refuses a `train.batch_size` whose images alone, as floats, would take more than half of
-/// the host's available memory (the activations of a step need several times more): a clear
-/// error instead of an allocation failure that aborts the process.
 /// The class names a conditional model is built for: the data set's own (a `folder:` set's
 /// sub-folders) or its label values `0..k` as text; `None` for an unconditional model.
 fn class_names(settings: &Settings, dataset: &Dataset) -> Result<Option<Vec<String>>> {
@@ -842,11 +863,43 @@ fn check_same_classes(checkpoint: &CheckpointDir, names: &[String]) -> Result<()
     }
 }
 
+/// BatchNorm normalises over the rank's own slice: when the slices are not the
+/// `train.batch_size` images the full group would use (an elastic group that shrank), the
+/// statistics, and so the math, differ from the full group's. Warned once, at the start of
+/// each generation; see docs/elastic.md.
+fn warn_if_batch_norm_slices_changed(settings: &Settings, split: &BatchSplit) {
+    let batch_norm =
+        settings.model.family == gantry_config::Family::Gan && settings.model.batch_norm;
+    let full = settings.train.batch_size;
+    if !batch_norm || settings.train.global_batch_size == 0 {
+        return;
+    }
+    if split.smallest() == full && split.largest() == full {
+        return;
+    }
+    let slices = if split.is_even() {
+        split.smallest().to_string()
+    } else {
+        format!("{}–{}", split.smallest(), split.largest())
+    };
+    tracing::warn!(
+        "warning: model.batch_norm is on and {} rank(s) share train.global_batch_size = {}:          BatchNorm's batch statistics are taken over each rank's slice of {slices} images, not          the train.batch_size = {full} of the full group, so this generation's math is not          identical to the full group's (see docs/elastic.md)",
+        split.world,
+        split.global
+    );
+}
+
+/// Refuses a rank's slice of the global batch whose images alone, as floats, would take more
+/// than half of the host's available memory (the activations of a step need several times
+/// more): a clear error instead of an allocation failure that aborts the process. Checked on
+/// the largest slice of any rank, naming the key that sets it.
 fn check_batch_fits(
-    batch_size: usize,
+    train: &gantry_config::Train,
+    split: &BatchSplit,
     (c, h, w): (usize, usize, usize),
     device: Device,
 ) -> Result<()> {
+    let batch_size = split.largest();
     let bytes = (batch_size as u64)
         .saturating_mul((c * h * w) as u64)
         .saturating_mul(size_of::<f32>() as u64);
@@ -862,9 +915,22 @@ fn check_batch_fits(
         return Ok(());
     };
     if bytes > available / 2 {
+        let (setting, key) = match train.global_batch_size {
+            0 => (
+                format!("train.batch_size = {batch_size}"),
+                "train.batch_size",
+            ),
+            global => (
+                format!(
+                    "train.global_batch_size = {global} over {} rank(s), {batch_size} per rank",
+                    split.world
+                ),
+                "train.global_batch_size",
+            ),
+        };
         bail!(
-            "train.batch_size = {batch_size}: one batch of {c}×{h}×{w} images takes {} MiB as \
-             floats, more than half of the {} MiB {what}; choose a smaller train.batch_size",
+            "{setting}: one batch of {c}×{h}×{w} images takes {} MiB as floats, more than half \
+             of the {} MiB {what}; choose a smaller {key}",
             bytes >> 20,
             available >> 20
         );

@@ -1,6 +1,9 @@
 //! World-size invariance through the real training loop: with the data order and latents
 //! defined per global step, 2 ranks × 32 and 4 ranks × 16 compute the same averaged gradients
-//! as 1 rank × 64 (BatchNorm off: its batch statistics are per rank by nature). Ranks run as
+//! as 1 rank × 64, and so do 3 ranks sharing a fixed `train.global_batch_size` of 64 in
+//! uneven slices of 21, 21 and 22 (an elastic group that lost a rank), whose gradients are
+//! weighted by slice; a checkpoint of such a group resumes at another world size with the
+//! same global batch (BatchNorm off: its batch statistics are per rank by nature). Ranks run as
 //! threads joined by the real ring on 127.0.0.1, through its shared-memory all-reduce (the
 //! default on one host) or over TCP.
 //!
@@ -17,8 +20,10 @@ use std::thread;
 
 use gantry_collective::RingCollective;
 use gantry_config::{Optimizer, Settings};
+use gantry_worker::checkpoint::{self, CheckpointDir};
 use gantry_worker::group::{Group, ring_config};
-use gantry_worker::train::Trainer;
+use gantry_worker::run_dir::Summary;
+use gantry_worker::train::{NoObserver, Trainer};
 
 const STEPS: u64 = 30;
 const GLOBAL_BATCH: usize = 64;
@@ -80,11 +85,15 @@ fn train_rank(
     settings: &Settings,
     group: Group,
     overlap: bool,
+    plain_average: bool,
     steps: u64,
     teacher: Option<&[StepRecord]>,
 ) -> Outcome {
     let mut trainer = Trainer::new(settings, group, 1, 0).unwrap();
     trainer.set_overlap_allreduce(overlap);
+    if plain_average {
+        trainer.group.set_gradient_weight(None);
+    }
     let mut records = Vec::new();
     let before = trainer.group.sequence();
     for step in 0..steps as usize {
@@ -143,6 +152,12 @@ struct Setup {
     /// The ring's all-reduce through shared memory (else TCP).
     shared_memory: bool,
     steps: u64,
+    /// `train.global_batch_size`: 0 = `train.batch_size` (64 / world) × world; else fixed,
+    /// with `train.batch_size` 16 as an elastic job of 4 requested workers has it.
+    global_batch_size: usize,
+    /// Average the ranks' gradients plainly even where slices are uneven (the negative
+    /// control of the weighting).
+    plain_average: bool,
 }
 
 impl Setup {
@@ -153,27 +168,86 @@ impl Setup {
             overlap: false,
             shared_memory: true,
             steps: STEPS,
+            global_batch_size: 0,
+            plain_average: false,
         }
     }
+
+    /// `world` ranks sharing a fixed global batch of 64 (uneven slices where `world` does
+    /// not divide it).
+    fn sharing(world: usize, optimizer: Optimizer) -> Self {
+        Self {
+            global_batch_size: GLOBAL_BATCH,
+            ..Self::new(world, optimizer)
+        }
+    }
+}
+
+/// The settings of a group run of `setup` (its ring options aside).
+fn group_settings(setup: Setup, run_dir: &std::path::Path) -> Settings {
+    let mut settings = settings(setup.world, setup.optimizer, run_dir);
+    settings.collective.shared_memory = setup.shared_memory;
+    if setup.global_batch_size != 0 {
+        settings.train.global_batch_size = setup.global_batch_size;
+        settings.train.batch_size = 16;
+    }
+    settings
+}
+
+/// Runs `body(rank, group)` on `world` threads joined by the real ring (shared memory), or
+/// on this thread with a solo group for a world of one; returns every rank's result.
+fn on_ring<T: Send + 'static>(
+    settings: &Settings,
+    world: usize,
+    body: impl Fn(usize, Group) -> T + Send + Sync + 'static,
+) -> Vec<T> {
+    if world == 1 {
+        return vec![body(0, Group::solo())];
+    }
+    let listeners: Vec<TcpListener> = (0..world)
+        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    let peers: Vec<_> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let body = std::sync::Arc::new(body);
+    let handles: Vec<_> = listeners
+        .into_iter()
+        .enumerate()
+        .map(|(rank, listener)| {
+            let (settings, peers, body) = (settings.clone(), peers.clone(), body.clone());
+            thread::spawn(move || {
+                let ring = RingCollective::from_listener(
+                    listener,
+                    ring_config(&settings, rank, world, peers),
+                )
+                .unwrap();
+                body(rank, Group::new(Box::new(ring), 25.0))
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .map(|h| h.join().expect("rank thread panicked"))
+        .collect()
 }
 
 /// Trains `setup.world` ranks as threads; returns every rank's outcome.
 fn train_group(setup: Setup, teacher: Option<&[StepRecord]>) -> Vec<Outcome> {
     let Setup {
         world,
-        optimizer,
         overlap,
         shared_memory,
         steps,
+        plain_average,
+        ..
     } = setup;
     let dir = tempfile::tempdir().unwrap();
-    let mut settings = settings(world, optimizer, dir.path());
-    settings.collective.shared_memory = shared_memory;
+    let settings = group_settings(setup, dir.path());
     if world == 1 {
         return vec![train_rank(
             &settings,
             Group::solo(),
             overlap,
+            plain_average,
             steps,
             teacher,
         )];
@@ -200,6 +274,7 @@ fn train_group(setup: Setup, teacher: Option<&[StepRecord]>) -> Vec<Outcome> {
                     &settings,
                     group,
                     overlap,
+                    plain_average,
                     steps,
                     teacher.as_deref().map(|t| &t[..]),
                 )
@@ -242,8 +317,14 @@ const KINK_TOLERANCE: f64 = 1e-2;
 /// Teacher-forced: for every step, the n-rank group's averaged gradient at the 1-rank run's
 /// parameters equals the 1-rank gradient at those parameters.
 fn assert_same_gradients(world: usize, optimizer: Optimizer) {
+    assert_same_gradients_as_one(Setup::new(world, optimizer));
+}
+
+/// [`assert_same_gradients`] for any group `setup`, against one rank × 64.
+fn assert_same_gradients_as_one(setup: Setup) {
+    let (world, optimizer) = (setup.world, setup.optimizer);
     let single = train_group(Setup::new(1, optimizer), None).pop().unwrap();
-    let group = train_group(Setup::new(world, optimizer), Some(&single.steps));
+    let group = train_group(setup, Some(&single.steps));
     let mut at_rounding = 0;
     for (rank, outcome) in group.iter().enumerate() {
         assert_eq!(outcome.steps.len(), single.steps.len());
@@ -312,6 +393,38 @@ fn four_ranks_average_the_gradient_of_one() {
 }
 
 #[test]
+fn three_ranks_sharing_64_images_unevenly_average_the_gradient_of_one() {
+    // Slices of 21, 21 and 22 images: each rank's gradient is weighted by slice / 64 and
+    // summed. A plain average of the three would be off by ~(1/3 − 21/64) ≈ 0.5% of the
+    // slices' spread, far above the rounding bound.
+    assert_same_gradients_as_one(Setup::sharing(3, Optimizer::Sgd));
+}
+
+#[test]
+fn a_plain_average_of_uneven_slices_is_not_the_gradient_of_one() {
+    // The negative control of the test above: the same group averaging plainly misses the
+    // one-rank gradient by far more than rounding, at every step.
+    let single = train_group(Setup::new(1, Optimizer::Sgd), None)
+        .pop()
+        .unwrap();
+    let plain = train_group(
+        Setup {
+            plain_average: true,
+            ..Setup::sharing(3, Optimizer::Sgd)
+        },
+        Some(&single.steps),
+    );
+    let smallest = plain[0]
+        .steps
+        .iter()
+        .zip(&single.steps)
+        .map(|(ours, theirs)| relative_l2(&ours.d_grad, &theirs.d_grad))
+        .fold(f64::INFINITY, f64::min);
+    println!("plain average of 21/21/22 slices: D's relative L2 difference ≥ {smallest:e}");
+    assert!(smallest > 10.0 * ROUNDING_TOLERANCE, "{smallest:e}");
+}
+
+#[test]
 fn four_ranks_follow_one_for_a_short_free_run() {
     assert_short_free_run_agrees(4);
 }
@@ -362,4 +475,117 @@ fn same_gradients(a: &[StepRecord], b: &[StepRecord]) -> bool {
         && a.iter()
             .zip(b)
             .all(|(x, y)| x.d_grad == y.d_grad && x.g_grad == y.g_grad)
+}
+
+/// What a rank of [`run_from`] ends with.
+struct RunEnd {
+    step: u64,
+    /// The step the trainer started from (after restoring a checkpoint).
+    first_step: u64,
+    /// The generator's flat parameters when training started, and at the end.
+    generator_at_start: Vec<f32>,
+    generator: Vec<f32>,
+    summary: Summary,
+}
+
+/// Trains `world` ranks with `settings` through the real loop (checkpoints, run directory),
+/// from `resume` when given.
+fn run_from(settings: &Settings, world: usize, resume: Option<CheckpointDir>) -> Vec<RunEnd> {
+    let settings_for_ranks = settings.clone();
+    on_ring(settings, world, move |_, group| {
+        let mut trainer =
+            Trainer::with_resume(&settings_for_ranks, group, 1, 0, resume.as_ref()).unwrap();
+        let first_step = trainer.step;
+        let generator_at_start = to_vec(&flat(&trainer, "generator"));
+        let summary = trainer.run(&mut NoObserver).unwrap();
+        RunEnd {
+            step: trainer.step,
+            first_step,
+            generator_at_start,
+            generator: to_vec(&flat(&trainer, "generator")),
+            summary,
+        }
+    })
+}
+
+#[test]
+fn a_checkpoint_of_three_ranks_resumes_on_two_with_the_same_global_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut three = group_settings(Setup::sharing(3, Optimizer::Sgd), dir.path());
+    three.train.steps = 10;
+    three.train.log_every = 5;
+    three.checkpoint.every = 10;
+    three.eval.samples = 0;
+    let before = run_from(&three, 3, None);
+    assert_eq!(before[0].summary.global_batch_size, GLOBAL_BATCH);
+    assert_eq!(
+        before[0].summary.batch_size, 22,
+        "the largest slice of 21/21/22"
+    );
+
+    let found = checkpoint::resume_from(dir.path()).unwrap().unwrap();
+    assert_eq!(found.step(), 10);
+    assert_eq!(found.state.world_size, 3);
+    assert_eq!(found.state.global_batch_size, Some(GLOBAL_BATCH));
+
+    // Two survivors, the same settings (the coordinator hands every generation the same
+    // resolved global batch): accepted without warnings, and training goes on from step 10.
+    let mut two = three.clone();
+    two.train.steps = 20;
+    let warnings = checkpoint::check_resumable(&found, &two, 2).unwrap();
+    assert_eq!(
+        warnings,
+        ["`train.steps` changed from 10 to 20 since the checkpoint"]
+    );
+    let after = run_from(&two, 2, Some(found.clone()));
+    for (rank, end) in after.iter().enumerate() {
+        assert_eq!((end.first_step, end.step), (10, 20), "rank {rank}");
+        assert_eq!(
+            end.generator_at_start, before[0].generator,
+            "rank {rank} did not start from the step-10 checkpoint"
+        );
+        assert_ne!(
+            end.generator, end.generator_at_start,
+            "rank {rank} did not train"
+        );
+        assert_eq!(
+            end.generator, after[0].generator,
+            "rank {rank} diverged from rank 0"
+        );
+    }
+    assert_eq!(after[0].summary.world_size, 2);
+    assert_eq!(after[0].summary.batch_size, 32);
+    assert_eq!(after[0].summary.global_batch_size, GLOBAL_BATCH);
+    let rows: Vec<u64> = std::fs::read_to_string(dir.path().join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["step"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(rows, [5, 10, 15, 20]);
+    let last = checkpoint::resume_from(dir.path()).unwrap().unwrap();
+    assert_eq!(last.step(), 20);
+    assert_eq!(
+        (last.state.world_size, last.state.global_batch_size),
+        (2, Some(GLOBAL_BATCH))
+    );
+
+    // A different global batch would replay other data and average over other images:
+    // refused before anything is built, naming the key and both values.
+    let mut per_rank = two.clone();
+    per_rank.train.global_batch_size = 0;
+    let at_two = checkpoint::check_resumable(&found, &per_rank, 2)
+        .unwrap_err()
+        .to_string();
+    let alone = Trainer::with_resume(&per_rank, Group::solo(), 1, 0, Some(&found))
+        .map(|_| ())
+        .unwrap_err()
+        .to_string();
+    for (err, now) in [(at_two, 32), (alone, 16)] {
+        assert!(err.contains("train.global_batch_size = 64"), "{err}");
+        assert!(err.contains(&format!("this run's is {now}")), "{err}");
+    }
 }

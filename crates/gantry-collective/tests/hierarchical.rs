@@ -8,7 +8,6 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::thread;
 use std::time::Duration;
 
@@ -505,50 +504,17 @@ fn sum_against_average_across_hosts_fails() {
 /// survivor fails with a peer named and because the failure reached it, not by its timeout
 /// (a minute here, far above the test's run time).
 fn check_abort_mid_operation(host_of: &[usize], victim: usize, len: usize) {
-    let progress = Arc::new(AtomicU64::new(0));
     let results = run_on_hosts(
         host_of,
         |_, c| {
             c.timeout = Duration::from_secs(60);
             c.shared_memory_slot_bytes = 1 << 16;
         },
-        move |rank, ring| {
-            let mut ring = ring.unwrap();
-            let mut buf = vec![1.0f32; len];
-            if rank == victim {
-                let handle = ring.abort_handle();
-                let progress = Arc::clone(&progress);
-                thread::spawn(move || {
-                    while progress.load(Ordering::SeqCst) < 1 {
-                        thread::sleep(Duration::from_millis(1));
-                    }
-                    thread::sleep(Duration::from_millis(5));
-                    handle.abort();
-                });
-            }
-            for i in 0..10_000u64 {
-                if let Err(e) = ring.all_reduce_f32(&mut buf, ReduceOp::Sum) {
-                    return (i, e);
-                }
-                if rank == victim {
-                    progress.store(i + 1, Ordering::SeqCst);
-                }
-            }
-            panic!("rank {rank} never noticed the abort");
-        },
+        common::all_reduce_until_a_rank_aborts(victim, len, 10_000, Duration::from_millis(5)),
     );
-    for (rank, (completed, err)) in results.iter().enumerate() {
-        assert!(*completed >= 1, "rank {rank} failed too early: {err}");
-        if rank == victim {
-            assert!(matches!(err, CollectiveError::Aborted), "victim: {err}");
-        } else {
-            assert!(
-                matches!(err, CollectiveError::PeerDisconnected { .. }),
-                "victim {victim}, rank {rank}: {err}"
-            );
-            assert!(err.to_string().contains("rank "), "names no peer: {err}");
-        }
-    }
+    common::assert_the_abort_reached_every_rank(&results, victim, |err| {
+        matches!(err, CollectiveError::PeerDisconnected { .. })
+    });
 }
 
 #[test]

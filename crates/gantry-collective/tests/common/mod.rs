@@ -157,45 +157,72 @@ pub fn check_peer_aborted_mid_all_reduce_fails_every_survivor(
 ) {
     let n = 4;
     let victim = 2;
-    let progress = Arc::new(AtomicU64::new(0));
-    let progress2 = Arc::clone(&progress);
     let results = run_ranks(
         n,
         |_, c| c.shared_memory = shared_memory,
-        move |rank, ring| {
-            let mut ring = ring.unwrap();
-            let mut buf = vec![1.0f32; len];
-            if rank == victim {
-                let handle = ring.abort_handle();
-                let progress = Arc::clone(&progress2);
-                // Abort from another thread once the first operation is done and
-                // the second is (very likely) under way; either way the ring
-                // must fail on every rank rather than hang.
-                thread::spawn(move || {
-                    while progress.load(Ordering::SeqCst) < 1 {
-                        thread::sleep(Duration::from_millis(1));
-                    }
-                    thread::sleep(Duration::from_millis(20));
-                    handle.abort();
-                });
-            }
-            for i in 0..max_ops {
-                if let Err(e) = ring.all_reduce_f32(&mut buf, ReduceOp::Sum) {
-                    return (i, e);
-                }
-                if rank == victim {
-                    progress2.store(i + 1, Ordering::SeqCst);
-                }
-            }
-            panic!("rank {rank} never noticed the abort");
-        },
+        // Abort once the first operation is done and the second is (very likely) under way;
+        // either way the ring must fail on every rank rather than hang.
+        all_reduce_until_a_rank_aborts(victim, len, max_ops, Duration::from_millis(20)),
     );
+    assert_the_abort_reached_every_rank(&results, victim, survivor_error_ok);
+}
+
+/// A rank's part in an abort test: up to `max_ops` Sum all-reduces of `len` ones, where rank
+/// `victim` aborts itself from another thread `delay` after its first operation completed.
+/// Returns the operations completed and the error that ended them; panics if none did.
+pub fn all_reduce_until_a_rank_aborts(
+    victim: usize,
+    len: usize,
+    max_ops: u64,
+    delay: Duration,
+) -> impl Fn(usize, Result<RingCollective, CollectiveError>) -> (u64, CollectiveError)
++ Send
++ Sync
++ 'static {
+    let progress = Arc::new(AtomicU64::new(0));
+    move |rank, ring| {
+        let mut ring = ring.unwrap();
+        let mut buf = vec![1.0f32; len];
+        if rank == victim {
+            let handle = ring.abort_handle();
+            let progress = Arc::clone(&progress);
+            thread::spawn(move || {
+                while progress.load(Ordering::SeqCst) < 1 {
+                    thread::sleep(Duration::from_millis(1));
+                }
+                thread::sleep(delay);
+                handle.abort();
+            });
+        }
+        for i in 0..max_ops {
+            if let Err(e) = ring.all_reduce_f32(&mut buf, ReduceOp::Sum) {
+                return (i, e);
+            }
+            if rank == victim {
+                progress.store(i + 1, Ordering::SeqCst);
+            }
+        }
+        panic!("rank {rank} never noticed the abort");
+    }
+}
+
+/// What [`all_reduce_until_a_rank_aborts`] returned on each rank: every rank completed an
+/// operation first, the victim ended with `Aborted`, every survivor with an error
+/// `survivor_error_ok` accepts that names a peer.
+pub fn assert_the_abort_reached_every_rank(
+    results: &[(u64, CollectiveError)],
+    victim: usize,
+    survivor_error_ok: impl Fn(&CollectiveError) -> bool,
+) {
     for (rank, (completed, err)) in results.iter().enumerate() {
         assert!(*completed >= 1, "rank {rank} failed too early: {err}");
         if rank == victim {
             assert!(matches!(err, CollectiveError::Aborted), "victim: {err}");
         } else {
-            assert!(survivor_error_ok(err), "rank {rank}: {err}");
+            assert!(
+                survivor_error_ok(err),
+                "victim {victim}, rank {rank}: {err}"
+            );
             assert!(
                 err.to_string().contains("rank "),
                 "error names no peer: {err}"

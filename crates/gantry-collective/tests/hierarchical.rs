@@ -242,19 +242,7 @@ fn integer_sums_and_averages_are_exact_on_every_rank() {
         |_, c| c.shared_memory_slot_bytes = 256,
         move |rank, ring| {
             let mut ring = ring.unwrap();
-            for len in [0usize, 1, 63, 64, 65, 4097] {
-                for op in [ReduceOp::Sum, ReduceOp::Average] {
-                    let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
-                    ring.all_reduce_f32(&mut buf, op).unwrap();
-                    for (i, &got) in buf.iter().enumerate() {
-                        let want = match op {
-                            ReduceOp::Sum => expected_sum(n, i),
-                            ReduceOp::Average => expected_sum(n, i) / n as f32,
-                        };
-                        assert_eq!(got, want, "len={len} {op:?} rank={rank} i={i}");
-                    }
-                }
-            }
+            common::assert_exact_all_reduces(&mut ring, rank, n, &[0, 1, 63, 64, 65, 4097]);
             ring.barrier().unwrap();
             ring.sequence()
         },

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
-use common::{expected_sum, loopback_listeners, run_ranks, value};
+use common::{loopback_listeners, run_ranks, value};
 use gantry_collective::{Collective, CollectiveError, ReduceOp, RingCollective, RingConfig};
 
 fn check_all_reduce(n: usize, lengths: &'static [usize], chunk_bytes: usize) {
@@ -19,19 +19,7 @@ fn check_all_reduce(n: usize, lengths: &'static [usize], chunk_bytes: usize) {
         |_, c| c.chunk_bytes = chunk_bytes,
         move |rank, ring| {
             let mut ring = ring.unwrap();
-            for &len in lengths {
-                for op in [ReduceOp::Sum, ReduceOp::Average] {
-                    let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
-                    ring.all_reduce_f32(&mut buf, op).unwrap();
-                    for (i, &got) in buf.iter().enumerate() {
-                        let want = match op {
-                            ReduceOp::Sum => expected_sum(n, i),
-                            ReduceOp::Average => expected_sum(n, i) / n as f32,
-                        };
-                        assert_eq!(got, want, "n={n} len={len} {op:?} rank={rank} i={i}");
-                    }
-                }
-            }
+            common::assert_exact_all_reduces(&mut ring, rank, n, lengths);
             ring.sequence()
         },
     );

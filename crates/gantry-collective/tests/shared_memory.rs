@@ -39,19 +39,7 @@ fn all_reduce_results(n: usize, slot_bytes: usize, lengths: &'static [usize]) ->
         move |rank, ring| {
             let mut ring = ring.unwrap();
             let shared = ring.uses_shared_memory();
-            for &len in lengths {
-                for op in [ReduceOp::Sum, ReduceOp::Average] {
-                    let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
-                    ring.all_reduce_f32(&mut buf, op).unwrap();
-                    for (i, &got) in buf.iter().enumerate() {
-                        let want = match op {
-                            ReduceOp::Sum => expected_sum(n, i),
-                            ReduceOp::Average => expected_sum(n, i) / n as f32,
-                        };
-                        assert_eq!(got, want, "n={n} len={len} {op:?} rank={rank} i={i}");
-                    }
-                }
-            }
+            common::assert_exact_all_reduces(&mut ring, rank, n, lengths);
             // Joining the region costs callers no operations.
             assert_eq!(ring.sequence(), 2 * lengths.len() as u64);
             ring.barrier().unwrap();

@@ -55,6 +55,29 @@ where
     out.into_iter().map(Option::unwrap).collect()
 }
 
+/// On rank `rank` of `n`: a Sum and an Average all-reduce of [`value`]s for each length,
+/// each result equal to [`expected_sum`] (divided by `n`) exactly, element by element.
+pub fn assert_exact_all_reduces(
+    ring: &mut RingCollective,
+    rank: usize,
+    n: usize,
+    lengths: &[usize],
+) {
+    for &len in lengths {
+        for op in [ReduceOp::Sum, ReduceOp::Average] {
+            let mut buf: Vec<f32> = (0..len).map(|i| value(rank, i)).collect();
+            ring.all_reduce_f32(&mut buf, op).unwrap();
+            for (i, &got) in buf.iter().enumerate() {
+                let want = match op {
+                    ReduceOp::Sum => expected_sum(n, i),
+                    ReduceOp::Average => expected_sum(n, i) / n as f32,
+                };
+                assert_eq!(got, want, "n={n} len={len} {op:?} rank={rank} i={i}");
+            }
+        }
+    }
+}
+
 /// Integer-valued, so sums are exact in any order.
 pub fn value(rank: usize, i: usize) -> f32 {
     ((rank * 7 + i * 3) % 101) as f32 - 50.0

@@ -300,8 +300,20 @@ fn external_workers_complete_and_bad_joins_are_refused() {
     let a = c.worker("worker-a", &url, token, &[]);
     let b = c.worker("worker-b", &url, token, &[]);
     c.wait_step(5);
-    // While training: the group is full.
-    let third = c.worker("worker-c", &url, token, &[]);
+    // While training: up to two more wait for a next generation (replacements whose
+    // predecessors' loss is not noticed yet); beyond that the group is full.
+    let waiting = [
+        c.worker("worker-c", &url, token, &[]),
+        c.worker("worker-d", &url, token, &[]),
+    ];
+    c.wait_until("both to wait for the next generation", START, |c| {
+        let said = c.stderr(coord);
+        ["worker-c", "worker-d"]
+            .iter()
+            .all(|id| coordinator_line(&said, &format!("worker {id} waits for the next")))
+            .then_some(())
+    });
+    let third = c.worker("worker-e", &url, token, &[]);
     let code = c.exit_code(third, START);
     let err = c.stderr(third);
     assert_ne!(code, 0, "{err}");
@@ -318,6 +330,11 @@ fn external_workers_complete_and_bad_joins_are_refused() {
     c.assert_exit(a, 0, JOB);
     c.assert_exit(b, 0, JOB);
     c.assert_exit(coord, 0, JOB);
+    // No failure opened a next generation: the waiting joins are cancelled (retryable).
+    for w in waiting {
+        c.assert_exit(w, EXIT_RETRYABLE, JOB);
+        assert!(c.stderr(w).contains("cancelled"), "{}", c.stderr(w));
+    }
     c.assert_summary(2, steps, 0);
     assert_final_checkpoint(&c, steps);
 }
@@ -908,7 +925,8 @@ fn copy_run_with_global_batch(
 }
 
 #[test]
-fn an_elastic_job_shrinks_to_the_survivors_and_trains_the_same_global_batch() {
+fn an_elastic_job_shrinks_to_the_survivors_grows_back_at_a_regroup_and_trains_the_same_global_batch()
+ {
     let token = "test-token-elastic";
     let mut c = Cluster::new();
     let root = c.root.clone();
@@ -947,27 +965,47 @@ fn an_elastic_job_shrinks_to_the_survivors_and_trains_the_same_global_batch() {
         "trained to the end ({at}) before the kill"
     );
     c.procs[victim].signal(libc::SIGKILL);
+    // Paused, so the shrunken group holds after its first step until the late worker has
+    // joined (60 steps would otherwise be over before a new process is up); the pause holds
+    // across generations.
+    let file = c.run_dir.join("operator-token").display().to_string();
+    let control = |verb: &str| {
+        let (code, out, err) = operate(&[verb, "--addr", &url, "--token-file", &file]);
+        assert_eq!(code, 0, "{verb}: {out}{err}");
+    };
+    control("pause");
     for w in survivors {
         c.assert_exit(w, EXIT_RETRYABLE, JOB);
     }
-    // Restarted once the coordinator has ended generation 0 (a worker that joins while the
-    // old group still counts as training is refused: the group is full).
-    c.wait_until("the coordinator to end generation 0", JOB, |c| {
-        c.stderr(coord)
-            .contains("generation 0 failed")
-            .then_some(())
-    });
     let back = [
         c.worker("worker-a2", &url, token, &[]),
         c.worker("worker-b2", &url, token, &[]),
     ];
-    for w in back {
+    c.wait_until("generation 1 to train with two workers", JOB, |_| {
+        let (_, out, _) = operate(&["status", "--addr", &url, "--token-file", &file, "--json"]);
+        let s: Value = serde_json::from_str(&out).ok()?;
+        (s["phase"] == "degraded" && s["world_size"] == 2).then_some(())
+    });
+    // A worker joins the shrunken group: it waits, the group regroups at one step after the
+    // resume, and generation 2 trains with all three.
+    let late = c.worker("worker-c2", &url, token, &[]);
+    c.wait_until("the late worker to wait for a regroup", JOB, |c| {
+        coordinator_line(&c.stderr(coord), "worker-c2 is waiting to join").then_some(())
+    });
+    control("resume");
+    for w in back.into_iter().chain([late]) {
         c.assert_exit(w, 0, JOB);
     }
     c.assert_exit(coord, 0, JOB);
     let s = c.summary();
     let diag = || format!("summary {s:#}\n{}", c.diag());
-    assert_eq!(s["world_size"].as_u64(), Some(2), "{}", diag());
+    assert!(
+        coordinator_line(&c.stderr(back[0]), "left generation 1 at step"),
+        "{}",
+        diag()
+    );
+    assert_eq!(s["world_size"].as_u64(), Some(3), "{}", diag());
+    assert_eq!(s["restarts"].as_u64(), Some(1), "{}", diag());
     assert_eq!(s["workers_expected"].as_u64(), Some(3), "{}", diag());
     assert_eq!(s["global_batch_size"].as_u64(), Some(48), "{}", diag());
     assert_eq!(s["steps"].as_u64(), Some(ELASTIC_STEPS), "{}", diag());
@@ -984,20 +1022,31 @@ fn an_elastic_job_shrinks_to_the_survivors_and_trains_the_same_global_batch() {
             )
         })
         .collect();
-    assert_eq!(ranges.len(), 2, "{}", diag());
-    let resumed = ranges[1].2;
+    eprintln!("generations (generation, world size, first step, last step): {ranges:?}");
+    assert_eq!(ranges.len(), 3, "{}", diag());
+    let (resumed, regrouped) = (ranges[1].2, ranges[2].2);
     assert!(
         resumed > 0 && resumed.is_multiple_of(20) && resumed <= at,
         "{}",
         diag()
     );
+    assert!(
+        regrouped > resumed && regrouped < ELASTIC_STEPS,
+        "{}",
+        diag()
+    );
     assert_eq!(
         ranges,
-        [(0, 3, 0, resumed), (1, 2, resumed, ELASTIC_STEPS)],
+        [
+            (0, 3, 0, resumed),
+            (1, 2, resumed, regrouped),
+            (2, 3, regrouped, ELASTIC_STEPS)
+        ],
         "{}",
         diag()
     );
     assert_resumed_from(&c, resumed);
+    assert_resumed_from(&c, regrouped);
     assert_metrics_complete(&c, ELASTIC_STEPS);
     let elastic = gan_parameters(&c.run_dir, ELASTIC_STEPS);
 

@@ -25,6 +25,20 @@
 //! a smaller group computes the same averaged gradient. Each formed group is recorded
 //! ([`GenerationRecord`]) for summary.json.
 //!
+//! A Join that arrives while a group trains waits for the next generation
+//! ([`Training::waiting`]): a failure carries it into the next rendezvous (so a worker that
+//! its orchestrator restarted before the coordinator noticed its predecessor's death is not
+//! turned away), and in a shrunken group it triggers a regroup: every rank is told to
+//! checkpoint after one common step and leave (`REGROUP`), and once all have left, the next
+//! generation's rendezvous opens with them and the waiting workers, growing the group back
+//! up to the requested count. A regroup is not a failure: no restart is counted and no step
+//! is lost.
+//!
+//! ```text
+//!  Training (degraded) ──a worker waits──▶ regroup at step S ──every rank left──▶
+//!      Rendezvous of the next generation (the ranks rejoin, with the waiting workers)
+//! ```
+//!
 //! RPCs and the supervisor's observations move the state; [`Job::poll`] tells the supervisor
 //! what to act on ([`Event`]). A failed generation stays `Recovering` (heartbeats are told to
 //! abort, joins to wait) until the supervisor has stopped its processes and called
@@ -127,6 +141,8 @@ pub struct Member {
     /// The newest figures from its heartbeats.
     pub figures: Option<WorkerFigures>,
     pub finished: Option<Result<(), String>>,
+    /// It finished by leaving for a regroup (its Finish said `regrouping`).
+    pub regrouping: bool,
     /// The session credential handed out in this member's Join reply.
     credential: String,
 }
@@ -269,6 +285,43 @@ struct Rendezvous {
     /// From this instant the group may form with the workers present, if there are at
     /// least `min_workers` (elastic jobs, after a failure); `None`: only a full group forms.
     shrink_after: Option<Instant>,
+    /// The group forms as soon as this many have joined: the requested count, or after a
+    /// regroup the ranks that left plus the workers that waited (at most the requested count).
+    target: usize,
+    /// After a regroup, the worker ids of the group that left, in rank order: they keep
+    /// their order in the next group, whenever they join again.
+    rank_order: Vec<String>,
+}
+
+impl Rendezvous {
+    fn open(
+        now: Instant,
+        pending: Vec<PendingJoin>,
+        shrink_after: Option<Instant>,
+        target: usize,
+    ) -> Self {
+        Self {
+            since: now,
+            pending,
+            shrink_after,
+            target,
+            rank_order: Vec::new(),
+        }
+    }
+
+    /// The joins to form the group with: the ranks of a regrouped group first, in their
+    /// order, then the others in join order.
+    fn take_pending(&mut self) -> Vec<PendingJoin> {
+        let mut pending = std::mem::take(&mut self.pending);
+        let order = &self.rank_order;
+        pending.sort_by_key(|(r, _)| {
+            order
+                .iter()
+                .position(|id| *id == r.worker_id)
+                .unwrap_or(usize::MAX)
+        });
+        pending
+    }
 }
 
 /// The group trains.
@@ -292,6 +345,27 @@ struct Training {
     /// A failure a worker reported about itself. Often it is the echo of another rank's
     /// death (its peer vanished mid all-reduce), so it waits briefly for the root cause.
     reported: Option<(Instant, Failure)>,
+    /// Joins that arrived while this group trains, answered by the next generation's
+    /// rendezvous (a failure's or a regroup's); cancelled when the job ends instead. Members
+    /// that left to regroup and joined again wait here too until every rank has left.
+    waiting: Vec<PendingJoin>,
+    /// The regroup a waiting worker triggered in a shrunken group.
+    regroup: Option<Regroup>,
+}
+
+/// A scheduled regroup: every rank checkpoints after step `at` and leaves, and the next
+/// generation forms with the waiting workers.
+///
+/// A worker keeps only the newest command it heard, so once any rank has been told to
+/// regroup (`announced`) nothing but a stop replaces that command: a later checkpoint
+/// request is served by the regroup's checkpoint, and a pause takes hold in the next
+/// generation (the pause outlives generations). A regroup scheduled during a pause is
+/// announced once every rank holds at one step (and then happens at that step), or at the
+/// resume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Regroup {
+    at: u64,
+    announced: bool,
 }
 
 /// NCCL's unique id, from rank 0 to the others ([`Job::share_nccl_id`]). Created by rank 0
@@ -315,10 +389,12 @@ enum Generation {
     Rendezvous(Rendezvous),
     Training(Training),
     /// Failed; its processes are being stopped. The members stay to be told to abort, and to
-    /// report (their Finish may still name the root cause).
+    /// report (their Finish may still name the root cause). The joins that waited for the
+    /// next generation move into its rendezvous.
     Recovering {
         members: Vec<Member>,
         failure: Failure,
+        waiting: Vec<PendingJoin>,
     },
     Done {
         members: Vec<Member>,
@@ -368,12 +444,19 @@ impl Generation {
     /// Moves a live generation (rendezvous or training) to `Recovering` with `failure`;
     /// pending joins are cancelled. Does nothing in any other phase.
     fn fail(&mut self, failure: Failure) {
-        let members = match self {
-            Generation::Rendezvous(_) => Vec::new(),
-            Generation::Training(t) => std::mem::take(&mut t.members),
+        let (members, waiting) = match self {
+            Generation::Rendezvous(_) => (Vec::new(), Vec::new()),
+            Generation::Training(t) => (
+                std::mem::take(&mut t.members),
+                std::mem::take(&mut t.waiting),
+            ),
             _ => return,
         };
-        *self = Generation::Recovering { members, failure };
+        *self = Generation::Recovering {
+            members,
+            failure,
+            waiting,
+        };
     }
 }
 
@@ -415,12 +498,13 @@ impl Job {
         Self {
             state: Mutex::new(State {
                 generation: 0,
-                current: Generation::Rendezvous(Rendezvous {
-                    since: Instant::now(),
-                    pending: Vec::new(),
-                    // The first group forms whole: there is nobody to wait for yet.
-                    shrink_after: None,
-                }),
+                // The first group forms whole: there is nobody to wait for yet.
+                current: Generation::Rendezvous(Rendezvous::open(
+                    Instant::now(),
+                    Vec::new(),
+                    None,
+                    spec.world_size as usize,
+                )),
                 restarts: 0,
                 resume,
                 paused: false,
@@ -527,12 +611,7 @@ impl Job {
         let generation = state.generation;
         let rendezvous = match &mut state.current {
             Generation::Rendezvous(r) => r,
-            Generation::Training(_) => {
-                return Err(ClusterError::WorldFull {
-                    world_size: spec.world_size,
-                    generation,
-                });
-            }
+            Generation::Training(_) => return self.wait_for_next_generation(state, request),
             Generation::Recovering { .. } => return Err(ClusterError::Recovering { generation }),
             Generation::Done { .. } | Generation::Stopped { .. } | Generation::Failed { .. } => {
                 return Err(ClusterError::ShuttingDown);
@@ -552,11 +631,134 @@ impl Job {
         rendezvous.pending.retain(|(_, tx)| !tx.is_closed());
         let (tx, rx) = oneshot::channel();
         rendezvous.pending.push((request, tx));
-        if rendezvous.pending.len() == spec.world_size as usize {
-            let pending = std::mem::take(&mut rendezvous.pending);
+        if rendezvous.pending.len() >= rendezvous.target {
+            let pending = rendezvous.take_pending();
             self.form_group(state, pending);
         }
         Ok(rx)
+    }
+
+    /// A Join while a group trains: it waits for the next generation, as one more member
+    /// of it. In a shrunken group (an elastic job after a loss) its arrival schedules a
+    /// regroup, so the group grows back at one common step. A full group takes up to the
+    /// requested count of such workers: replacements for members whose loss is not noticed
+    /// yet (an orchestrator restarts a pod faster than the heartbeat timeout).
+    fn wait_for_next_generation(
+        &self,
+        state: &mut State,
+        request: JoinRequest,
+    ) -> Result<oneshot::Receiver<Result<JoinResponse, Status>>, ClusterError> {
+        let spec = &self.spec;
+        let generation = state.generation;
+        let stopping = state.stop_requested;
+        let Generation::Training(t) = &mut state.current else {
+            unreachable!("called for a training generation");
+        };
+        // A worker that gave up waiting (its Join call dropped) frees its place.
+        t.waiting.retain(|(_, tx)| !tx.is_closed());
+        if t.waiting
+            .iter()
+            .any(|(r, _)| r.worker_id == request.worker_id)
+        {
+            return Err(ClusterError::InvalidArgument(format!(
+                "worker {:?} already joined",
+                request.worker_id
+            )));
+        }
+        let is_member = |id: &str| t.members.iter().any(|m| m.worker_id == id);
+        let newcomers = t
+            .waiting
+            .iter()
+            .filter(|(r, _)| !is_member(&r.worker_id))
+            .count();
+        let degraded = t.members.len() < spec.world_size as usize;
+        // A shrunken group grows back to the requested count; a full one holds replacements.
+        let room = if degraded {
+            spec.world_size as usize - t.members.len()
+        } else {
+            spec.world_size as usize
+        };
+        let newcomer = !is_member(&request.worker_id);
+        if stopping || (newcomer && newcomers >= room) {
+            return Err(ClusterError::WorldFull {
+                world_size: spec.world_size,
+                generation,
+            });
+        }
+        let (tx, rx) = oneshot::channel();
+        let worker_id = request.worker_id.clone();
+        t.waiting.push((request, tx));
+        if newcomer && !degraded {
+            tracing::info!(
+                "coordinator: worker {worker_id} waits for the next generation (generation \
+                 {generation} trains with all {} rank(s))",
+                spec.world_size
+            );
+        }
+        if newcomer && degraded && t.regroup.is_none() {
+            let at = self.common_future_step(t);
+            // A group about to finish needs no regroup: the waiting worker is told the job
+            // ended when it does.
+            if at < spec.total_steps {
+                t.regroup = Some(Regroup {
+                    at,
+                    announced: false,
+                });
+                tracing::info!(
+                    "coordinator: worker {worker_id} is waiting to join; generation {generation} \
+                     of {} rank(s) ({} requested) regroups",
+                    t.members.len(),
+                    spec.world_size
+                );
+            }
+        }
+        Ok(rx)
+    }
+
+    /// Every rank of the training group left at its regroup step: the next generation's
+    /// rendezvous opens with them (in their old rank order) and the workers that waited, and
+    /// resumes from the checkpoint of that step. Not a restart.
+    fn regroup(&self, state: &mut State, at: u64) {
+        let Generation::Training(t) = &mut state.current else {
+            return;
+        };
+        let mut members = std::mem::take(&mut t.members);
+        members.sort_by_key(|m| m.rank);
+        let mut waiting = std::mem::take(&mut t.waiting);
+        waiting.retain(|(_, tx)| !tx.is_closed());
+        let newcomers = waiting
+            .iter()
+            .filter(|(r, _)| !members.iter().any(|m| m.worker_id == r.worker_id))
+            .count();
+        let target = (members.len() + newcomers).min(self.spec.world_size as usize);
+        if let Some(record) = state
+            .records
+            .last_mut()
+            .filter(|r| r.generation == state.generation)
+        {
+            record.last_step = at;
+        }
+        tracing::info!(
+            "coordinator: generation {} regrouped after step {at}: {} rank(s) and \
+             {newcomers} waiting worker(s) form generation {}",
+            state.generation,
+            members.len(),
+            state.generation + 1
+        );
+        state.next_first_step = at;
+        state.generation += 1;
+        state.resume = true;
+        let now = Instant::now();
+        // A rank that does not come back is waited for as after a failure.
+        let mut rendezvous =
+            Rendezvous::open(now, waiting, Some(now + self.spec.rejoin_grace), target);
+        rendezvous.rank_order = members.into_iter().map(|m| m.worker_id).collect();
+        if rendezvous.pending.len() >= target {
+            let pending = rendezvous.take_pending();
+            self.form_group(state, pending);
+        } else {
+            state.current = Generation::Rendezvous(rendezvous);
+        }
     }
 
     /// Assigns ranks 0..k-1 to the `k` pending joins, answers them (world size k), records
@@ -565,6 +767,14 @@ impl Job {
     /// that one is common).
     fn form_group(&self, state: &mut State, mut pending: Vec<PendingJoin>) {
         let (generation, resume, paused) = (state.generation, state.resume, state.paused);
+        // Joins carried over from a training generation can outnumber the group.
+        for (_, tx) in pending.split_off(pending.len().min(self.spec.world_size as usize)) {
+            let _ = tx.send(Err(ClusterError::WorldFull {
+                world_size: self.spec.world_size,
+                generation,
+            }
+            .into()));
+        }
         let world_size = pending.len() as u32;
         state.records.push(GenerationRecord {
             generation,
@@ -607,6 +817,7 @@ impl Job {
                 metrics_addr: r.metrics_addr.clone(),
                 figures: None,
                 finished: None,
+                regrouping: false,
                 credential: crate::auth::generate_token(),
             })
             .collect();
@@ -641,6 +852,8 @@ impl Job {
             pause_at: paused.then_some(0),
             summary_json: None,
             reported: None,
+            waiting: Vec::new(),
+            regroup: None,
         });
     }
 
@@ -784,9 +997,23 @@ impl Job {
                 if hb.step > t.progress.0 {
                     t.progress = (hb.step, Instant::now());
                 }
-                match (t.stop_at, t.checkpoint_at) {
-                    (Some(at), _) => (WorkerCommand::Stop, at),
-                    (None, Some(at)) if hb.step < at => (WorkerCommand::Checkpoint, at),
+                // Every rank holds at one step (a pause): a regroup can happen right there,
+                // since each leaves from its hold at that step.
+                let held = all_held(&t.members);
+                if let (Some(regroup), Some(step), true) = (&mut t.regroup, held, paused)
+                    && !regroup.announced
+                {
+                    regroup.at = step;
+                    regroup.announced = true;
+                }
+                match (t.stop_at, &mut t.regroup, t.checkpoint_at) {
+                    (Some(at), _, _) => (WorkerCommand::Stop, at),
+                    // See [`Regroup`] for why an announced one outranks the rest.
+                    (None, Some(regroup), _) if regroup.announced || !paused => {
+                        regroup.announced = true;
+                        (WorkerCommand::Regroup, regroup.at)
+                    }
+                    (None, _, Some(at)) if hb.step < at => (WorkerCommand::Checkpoint, at),
                     _ if paused => (WorkerCommand::Pause, t.pause_at.unwrap_or(0)),
                     _ => (WorkerCommand::Continue, 0),
                 }
@@ -811,6 +1038,7 @@ impl Job {
         } else {
             Err(request.error.clone())
         });
+        member.regrouping = request.ok && request.regrouping;
         if request.ok {
             member.state = WorkerState::Done;
         }
@@ -822,8 +1050,15 @@ impl Job {
             ),
             retryable: request.retryable,
         });
+        let stopping = state.stop_requested;
         match &mut state.current {
             Generation::Training(t) => {
+                if request.ok && request.regrouping && t.regroup.is_none() {
+                    return Err(ClusterError::InvalidArgument(format!(
+                        "rank {} left to regroup, but no regroup was asked of generation {}",
+                        request.rank, request.generation
+                    )));
+                }
                 if request.rank == 0 && request.ok && !request.summary_json.is_empty() {
                     t.summary_json = Some(request.summary_json.clone());
                 }
@@ -833,15 +1068,33 @@ impl Job {
                     Some(failure) => {
                         t.reported.get_or_insert((Instant::now(), failure));
                     }
-                    None => {
-                        if t.members.iter().all(|m| matches!(m.finished, Some(Ok(())))) {
-                            let last_step = t.members.iter().map(|m| m.step).max().unwrap_or(0);
-                            if let Some(record) = state.records.last_mut() {
-                                record.last_step = last_step;
+                    None if t.members.iter().all(|m| matches!(m.finished, Some(Ok(())))) => {
+                        let regrouped = t.members.iter().any(|m| m.regrouping);
+                        match t.regroup {
+                            // A stop asked for during the regroup ends the job at its step
+                            // instead (every rank checkpointed there).
+                            Some(regroup) if regrouped && !stopping => {
+                                self.regroup(state, regroup.at);
                             }
-                            state.current = finished(t);
+                            Some(regroup) if regrouped && t.summary_json.is_none() => {
+                                state.current = Generation::Stopped {
+                                    reason: format!(
+                                        "stopped at the regroup after step {}: every rank \
+                                         checkpointed there (continue with --resume)",
+                                        regroup.at
+                                    ),
+                                };
+                            }
+                            _ => {
+                                let last_step = t.members.iter().map(|m| m.step).max().unwrap_or(0);
+                                if let Some(record) = state.records.last_mut() {
+                                    record.last_step = last_step;
+                                }
+                                state.current = finished(t);
+                            }
                         }
                     }
+                    None => {}
                 }
             }
             Generation::Recovering {
@@ -913,7 +1166,7 @@ impl Job {
         if rendezvous.pending.len() < self.spec.min_workers as usize {
             return None;
         }
-        Some(std::mem::take(&mut rendezvous.pending))
+        Some(rendezvous.take_pending())
     }
 
     fn rendezvous_overdue(&self, rendezvous: &Rendezvous, now: Instant) -> Option<Failure> {
@@ -1038,7 +1291,12 @@ impl Job {
     pub fn recover(&self, account: impl FnOnce(&mut Failure)) -> Recovery {
         let mut guard = self.lock();
         let state = &mut *guard;
-        let Generation::Recovering { members, failure } = &mut state.current else {
+        let Generation::Recovering {
+            members,
+            failure,
+            waiting,
+        } = &mut state.current
+        else {
             let failure = Failure {
                 rank: None,
                 reason: format!(
@@ -1084,11 +1342,14 @@ impl Job {
         state.resume = true;
         let now = Instant::now();
         let elastic = self.spec.min_workers < self.spec.world_size;
-        state.current = Generation::Rendezvous(Rendezvous {
-            since: now,
-            pending: Vec::new(),
-            shrink_after: elastic.then(|| now + self.spec.rejoin_grace),
-        });
+        // The joins that waited during the failed generation are the first of the next one.
+        let waiting = std::mem::take(waiting);
+        state.current = Generation::Rendezvous(Rendezvous::open(
+            now,
+            waiting,
+            elastic.then(|| now + self.spec.rejoin_grace),
+            self.spec.world_size as usize,
+        ));
         Recovery::Restart {
             failure,
             generation: state.generation,
@@ -1105,10 +1366,16 @@ impl Job {
         let generation = state.generation;
         match &mut state.current {
             Generation::Training(t) => {
-                let at = match t.stop_at {
-                    Some(at) => at,
-                    None => self.common_future_step(t),
+                // Ranks told to regroup may already be leaving at its step: stop them all
+                // there. One not announced yet (held by a pause) is dropped.
+                let at = match (t.stop_at, t.regroup) {
+                    (Some(at), _) => at,
+                    (None, Some(regroup)) if regroup.announced => regroup.at,
+                    _ => self.common_future_step(t),
                 };
+                if t.regroup.is_some_and(|r| !r.announced) {
+                    t.regroup = None;
+                }
                 t.stop_at = Some(at);
                 StopPlan::AtStep(at)
             }
@@ -1135,6 +1402,10 @@ impl Job {
                 phase: phase.as_str(),
             });
         };
+        // An announced regroup checkpoints at its step anyway (see [`Regroup`]).
+        if let Some(regroup) = t.regroup.filter(|r| r.announced) {
+            return Ok(regroup.at);
+        }
         let at = self.common_future_step(t);
         t.checkpoint_at = Some(at);
         Ok(at)
@@ -1316,6 +1587,15 @@ impl Job {
     }
 }
 
+/// The step every member holds at, when all report [`WorkerState::Paused`] at the same one.
+fn all_held(members: &[Member]) -> Option<u64> {
+    let first = members.first()?.step;
+    members
+        .iter()
+        .all(|m| m.state == WorkerState::Paused && m.step == first)
+        .then_some(first)
+}
+
 /// The generation after every rank of `training` finished: done with rank 0's summary, or
 /// recovering (not retryable) when rank 0 sent none.
 fn finished(training: &mut Training) -> Generation {
@@ -1327,6 +1607,7 @@ fn finished(training: &mut Training) -> Generation {
         },
         None => Generation::Recovering {
             members,
+            waiting: Vec::new(),
             failure: Failure {
                 rank: Some(0),
                 reason: "every rank finished, but rank 0 reported no summary".into(),
@@ -1543,8 +1824,9 @@ mod tests {
         assert_eq!(a.ring_peers, vec!["127.0.0.1:1000".to_owned(); 2]);
         assert_eq!(a.backend(), CollectiveBackend::Ring);
         assert_eq!(job.phase(), JobPhase::Training);
-        let err = job.join(join_request("c")).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+        // A third waits for the next generation (see the full-group test below).
+        let mut c = job.join(join_request("c")).unwrap();
+        assert!(c.try_recv().is_err(), "a third joined a group of two");
     }
 
     #[test]
@@ -2143,12 +2425,6 @@ mod tests {
             (view.phase, view.world_size, view.workers_expected),
             ("degraded", 2, 3)
         );
-        // A late worker is refused while it trains (admission at a boundary is not built).
-        assert_eq!(
-            job.join(join_request("late")).unwrap_err().code(),
-            tonic::Code::ResourceExhausted
-        );
-
         finish_all(&job, &second, &["a2", "b2"], 100);
         assert!(matches!(job.poll(Instant::now()), Some(Event::Done { .. })));
         let ranges: Vec<(u64, u32, u64, u64)> = job
@@ -2157,6 +2433,208 @@ mod tests {
             .map(|r| (r.generation, r.world_size, r.first_step, r.last_step))
             .collect();
         assert_eq!(ranges, [(0, 3, 0, 20), (1, 2, 20, 100)]);
+    }
+
+    /// An elastic job of 3 (min 2) that lost worker c after the checkpoint of step 20 and
+    /// trains generation 1 with a2 and b2; their Join replies.
+    fn shrunken_job(job: &Job, grace: Duration) -> Vec<JoinResponse> {
+        let first = form(job, &["a", "b", "c"]);
+        for (reply, id) in first.iter().zip(["a", "b"]) {
+            job.heartbeat(&HeartbeatRequest {
+                step: 25,
+                ..beat(reply, id)
+            })
+            .unwrap();
+        }
+        failed_at(job, Instant::now() + Duration::from_secs(2)).unwrap();
+        job.resumes_from(20);
+        assert!(matches!(job.recover(|_| {}), Recovery::Restart { .. }));
+        let mut back: Vec<_> = ["a2", "b2"]
+            .iter()
+            .map(|id| job.join(join_request(id)).unwrap())
+            .collect();
+        assert!(job.poll(Instant::now() + grace * 2).is_none());
+        let replies: Vec<JoinResponse> = back
+            .iter_mut()
+            .map(|rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        assert_eq!(job.phase(), JobPhase::Degraded);
+        replies
+    }
+
+    /// Every member of `replies` (ids `ids`) leaves for the regroup at `step`.
+    fn leave_all(job: &Job, replies: &[JoinResponse], ids: &[&str], step: u64) {
+        for (reply, id) in replies.iter().zip(ids) {
+            job.finish(&FinishRequest {
+                worker_id: (*id).into(),
+                rank: reply.rank,
+                generation: reply.generation,
+                session_credential: reply.session_credential.clone(),
+                ok: true,
+                regrouping: true,
+                step,
+                ..Default::default()
+            })
+            .unwrap();
+        }
+    }
+
+    fn command(job: &Job, reply: &JoinResponse, id: &str, step: u64) -> (WorkerCommand, u64) {
+        let r = job
+            .heartbeat(&HeartbeatRequest {
+                step,
+                step_seconds: 0.01,
+                ..beat(reply, id)
+            })
+            .unwrap();
+        (r.command(), r.at_step)
+    }
+
+    #[test]
+    fn a_worker_that_joins_a_shrunken_group_is_admitted_at_a_regroup() {
+        let grace = Duration::from_millis(200);
+        let job = Job::new(elastic(3, 2, grace), false);
+        let second = shrunken_job(&job, grace);
+        let ids = ["a2", "b2"];
+        assert_eq!(
+            command(&job, &second[0], "a2", 30).0,
+            WorkerCommand::Continue
+        );
+
+        // A worker joins during a pause: it waits, and the regroup waits for the resume.
+        job.set_paused(true);
+        let mut late = job.join(join_request("late")).unwrap();
+        assert!(
+            late.try_recv().is_err(),
+            "answered before the group regrouped"
+        );
+        assert_eq!(command(&job, &second[0], "a2", 32).0, WorkerCommand::Pause);
+        // The group has room for one more: a second newcomer is refused, naming the group.
+        assert_eq!(
+            job.join(join_request("late2")).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        job.set_paused(false);
+        let (told, at) = command(&job, &second[0], "a2", 32);
+        assert_eq!(told, WorkerCommand::Regroup);
+        assert!(at > 32 && at < 100, "regroup at {at}");
+        // Announced, it outranks a pause and a checkpoint request (its own checkpoint).
+        job.set_paused(true);
+        assert_eq!(job.request_checkpoint().unwrap(), at);
+        assert_eq!(
+            command(&job, &second[1], "b2", 32),
+            (WorkerCommand::Regroup, at)
+        );
+        job.set_paused(false);
+
+        // Both ranks leave at that step (a Finish that is not the job's end)...
+        leave_all(&job, &second, &ids, at);
+        assert!(job.poll(Instant::now()).is_none());
+        assert_eq!(job.phase(), JobPhase::Rendezvous);
+        assert_eq!(job.generation(), 2);
+        assert!(
+            late.try_recv().is_err(),
+            "formed before the ranks came back"
+        );
+        // ...and join again: generation 2 forms with all three, the old ranks first.
+        let mut again: Vec<_> = ids
+            .iter()
+            .map(|id| job.join(join_request(id)).unwrap())
+            .collect();
+        let mut third: Vec<JoinResponse> = again
+            .iter_mut()
+            .map(|rx| rx.try_recv().unwrap().unwrap())
+            .collect();
+        third.push(late.try_recv().unwrap().unwrap());
+        let assigned: Vec<(u32, u32, u64, bool)> = third
+            .iter()
+            .map(|r| (r.rank, r.world_size, r.generation, r.resume))
+            .collect();
+        assert_eq!(
+            assigned,
+            [(0, 3, 2, true), (1, 3, 2, true), (2, 3, 2, true)]
+        );
+        assert_eq!(job.phase(), JobPhase::Training);
+        // Not a restart, and no step lost: the ranges are contiguous at the regroup step.
+        assert_eq!(job.restarts(), 1);
+        finish_all(&job, &third, &["a2", "b2", "late"], 100);
+        assert!(matches!(job.poll(Instant::now()), Some(Event::Done { .. })));
+        let ranges: Vec<(u64, u32, u64, u64)> = job
+            .records()
+            .iter()
+            .map(|r| (r.generation, r.world_size, r.first_step, r.last_step))
+            .collect();
+        assert_eq!(ranges, [(0, 3, 0, 20), (1, 2, 20, at), (2, 3, at, 100)]);
+    }
+
+    #[test]
+    fn a_regroup_is_refused_where_none_was_asked_and_a_stop_ends_the_job_at_its_step() {
+        let grace = Duration::from_millis(200);
+        let job = Job::new(elastic(3, 2, grace), false);
+        let second = shrunken_job(&job, grace);
+        let ids = ["a2", "b2"];
+        // No worker waits: leaving to regroup is not this rank's to decide.
+        let refused = job.finish(&FinishRequest {
+            worker_id: "a2".into(),
+            rank: 0,
+            generation: second[0].generation,
+            session_credential: second[0].session_credential.clone(),
+            ok: true,
+            regrouping: true,
+            step: 30,
+            ..Default::default()
+        });
+        assert!(
+            refused
+                .unwrap_err()
+                .to_string()
+                .contains("no regroup was asked"),
+            "a regroup nobody asked for was taken"
+        );
+        let mut late = job.join(join_request("late")).unwrap();
+        let (_, at) = command(&job, &second[0], "a2", 30);
+        // A stop during the announced regroup stops every rank at the regroup's step.
+        assert_eq!(job.request_stop(), StopPlan::AtStep(at));
+        leave_all(&job, &second, &ids, at);
+        assert!(matches!(
+            job.poll(Instant::now()),
+            Some(Event::Stopped { .. })
+        ));
+        assert!(
+            late.try_recv().is_err(),
+            "the waiting worker was admitted to a stopped job"
+        );
+    }
+
+    #[test]
+    fn a_join_while_a_full_group_trains_waits_for_the_next_generation() {
+        let job = Job::new(spec(2), false);
+        let first = form(&job, &["a", "b"]);
+        // b's replacement joins before b's death is noticed: it waits, and no regroup is
+        // asked of a full group.
+        let mut replacement = job.join(join_request("b-restarted")).unwrap();
+        assert!(replacement.try_recv().is_err());
+        assert_eq!(command(&job, &first[0], "a", 10).0, WorkerCommand::Continue);
+        // At most the requested count waits.
+        let _second = job.join(join_request("spare")).unwrap();
+        assert_eq!(
+            job.join(join_request("one-too-many")).unwrap_err().code(),
+            tonic::Code::ResourceExhausted
+        );
+        drop(_second);
+        // b goes silent; the next generation's rendezvous starts with the waiting worker.
+        command(&job, &first[0], "a", 12);
+        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
+        assert!(matches!(job.recover(|_| {}), Recovery::Restart { .. }));
+        let mut a = job.join(join_request("a-restarted")).unwrap();
+        let ranks: Vec<(u32, u64)> = [&mut replacement, &mut a]
+            .into_iter()
+            .map(|rx| {
+                let r = rx.try_recv().unwrap().unwrap();
+                (r.rank, r.generation)
+            })
+            .collect();
+        assert_eq!(ranks, [(0, 1), (1, 1)]);
     }
 
     #[test]

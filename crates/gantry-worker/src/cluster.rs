@@ -8,6 +8,10 @@
 //!   progress out and the coordinator's commands in.
 //! * [`Joined::report`]: the Finish call, with the summary or the root cause.
 //!
+//! A rank told to regroup (its shrunken group grows back: a worker waits to join) checkpoints
+//! at the common step, reports that it left, and joins again from step 2 with the same
+//! channel, probes and worker id: one process trains every generation it is part of.
+//!
 //! Each way a session can end badly is a [`SessionError`] variant, and the variant says
 //! whether a new generation could get past it ([`SessionError::retryable`]): the worker exits
 //! 75 for those and 1 for the rest, and tells the coordinator which in its Finish.
@@ -38,7 +42,7 @@ use tonic::{Code, Status};
 use tracing::{error, info, warn};
 
 use crate::group::Group;
-use crate::train::{Directive, LoggedStep, StepObserver, Trainer};
+use crate::train::{Directive, LoggedStep, RunEnd, StepObserver, Trainer};
 
 /// Exit code for failures worth retrying (EX_TEMPFAIL): the group was aborted, the
 /// coordinator vanished, or the worker was asked to leave.
@@ -167,11 +171,26 @@ fn session(
 ) -> Result<(), SessionError> {
     // The gRPC channel spawns its connection task on the runtime it is created in.
     let _runtime = rt.enter();
-    let connected = Connected::open(rt, options, local)?;
-    let mut joined = connected.join(rt, options, local)?;
-    let outcome = joined.train(rt);
-    joined.report(rt, &outcome);
-    outcome.map(drop)
+    let mut connected = Connected::open(rt, options, local)?;
+    loop {
+        let mut joined = connected.join(rt, options, local)?;
+        let outcome = joined.train(rt);
+        joined.report(rt, &outcome);
+        match outcome {
+            Ok(Finished {
+                regrouping: true,
+                step,
+                ..
+            }) => {
+                info!(
+                    "worker {}: left generation {} at step {step} to regroup; joining the next",
+                    options.worker_id, joined.member.generation
+                );
+                connected = joined.into_connected(options, local)?;
+            }
+            other => return other.map(drop),
+        }
+    }
 }
 
 type Client = gantry_proto::AuthorizedClient;
@@ -207,21 +226,7 @@ impl Connected {
             tch::Device::Cuda(_) => "cuda".to_owned(),
             _ => "cpu".to_owned(),
         };
-
-        // Bound to the advertised address when it is one (the only address neighbours dial);
-        // every interface only when the advertised host is a name.
-        let ring_ip: std::net::IpAddr = options
-            .advertise_host
-            .parse()
-            .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-        let ring_port = local.cluster.ring_port;
-        let ring_listener = TcpListener::bind((ring_ip, ring_port))
-            .with_context(|| format!("binding the ring port {ring_ip}:{ring_port}"))?;
-        let ring_addr = format!(
-            "{}:{}",
-            options.advertise_host,
-            ring_listener.local_addr()?.port()
-        );
+        let (ring_listener, ring_addr) = bind_ring_port(options, local)?;
 
         let mut endpoint = coordinator_endpoint(&options.coordinator)?;
         let c = &local.cluster;
@@ -291,7 +296,7 @@ impl Connected {
         let deadline = Duration::from_secs_f64(local.cluster.rendezvous_timeout);
         let assignment = rt.block_on(async {
             tokio::select! {
-                joined = join_with_retry(&mut client, request, deadline) => {
+                joined = join_with_retry(&mut client, request.clone(), deadline) => {
                     joined.map_err(SessionError::join_refused)
                 }
                 why = stop_signal(options.supervised) => Err(SessionError::Aborted {
@@ -347,9 +352,33 @@ impl Connected {
             member,
             metrics,
             supervised: options.supervised,
-            _endpoint: endpoint,
+            endpoint,
+            device,
+            request,
         })
     }
+}
+
+/// The ring listener: bound to the advertised address when it is one (the only address
+/// neighbours dial), to every interface when the advertised host is a name; and the address
+/// this worker advertises for it.
+fn bind_ring_port(
+    options: &ClusterOptions,
+    local: &Settings,
+) -> anyhow::Result<(TcpListener, String)> {
+    let ring_ip: std::net::IpAddr = options
+        .advertise_host
+        .parse()
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    let ring_port = local.cluster.ring_port;
+    let ring_listener = TcpListener::bind((ring_ip, ring_port))
+        .with_context(|| format!("binding the ring port {ring_ip}:{ring_port}"))?;
+    let ring_addr = format!(
+        "{}:{}",
+        options.advertise_host,
+        ring_listener.local_addr()?.port()
+    );
+    Ok((ring_listener, ring_addr))
 }
 
 /// Step 2 done: a rank of one generation, with the configuration it trains.
@@ -364,7 +393,10 @@ struct Joined {
     metrics: gantry_metrics::WorkerMetrics,
     supervised: bool,
     /// Keeps the probes and /metrics served until the session ends.
-    _endpoint: crate::endpoint::Endpoint,
+    endpoint: crate::endpoint::Endpoint,
+    /// What the next Join of a regroup needs again.
+    device: DeviceChoice,
+    request: JoinRequest,
 }
 
 /// What a finished rank reports: rank 0's summary (JSON; empty on other ranks) and its last
@@ -372,9 +404,34 @@ struct Joined {
 struct Finished {
     summary_json: String,
     step: u64,
+    /// Left at a regroup (the step was checkpointed): the next generation continues the run.
+    regrouping: bool,
 }
 
 impl Joined {
+    /// Back to step 1 after a regroup: the same channel, probes and identity, a fresh ring
+    /// listener (the group's ring owned and closed the old one). Not ready until the next
+    /// group forms.
+    fn into_connected(
+        self,
+        options: &ClusterOptions,
+        local: &Settings,
+    ) -> Result<Connected, SessionError> {
+        let (ring_listener, ring_addr) =
+            bind_ring_port(options, local).map_err(SessionError::Setup)?;
+        self.endpoint.ready.set(false);
+        Ok(Connected {
+            device: self.device,
+            ring_listener,
+            client: self.client,
+            endpoint: self.endpoint,
+            request: JoinRequest {
+                ring_addr,
+                ..self.request
+            },
+        })
+    }
+
     /// Forms the group and trains it to the end, with heartbeats and signal handling
     /// running alongside.
     fn train(&mut self, rt: &tokio::runtime::Runtime) -> Result<Finished, SessionError> {
@@ -575,7 +632,16 @@ impl Joined {
             last_step_at: Instant::now(),
             step_seconds: 0.0,
         };
-        let summary = trainer.run(&mut observer)?;
+        let summary = match trainer.run_or_leave(&mut observer)? {
+            RunEnd::Finished(summary) => summary,
+            RunEnd::Left { step } => {
+                return Ok(Finished {
+                    summary_json: String::new(),
+                    step,
+                    regrouping: true,
+                });
+            }
+        };
         self.shared.set_state(WorkerState::Done);
         let summary_json = if self.assignment.rank == 0 {
             serde_json::to_string(&summary)?
@@ -585,6 +651,7 @@ impl Joined {
         Ok(Finished {
             summary_json,
             step: trainer.step,
+            regrouping: false,
         })
     }
 
@@ -599,6 +666,7 @@ impl Joined {
             rank: member.rank,
             session_credential: member.credential.clone(),
             ok: outcome.is_ok(),
+            regrouping: outcome.as_ref().is_ok_and(|f| f.regrouping),
             retryable: outcome.as_ref().err().is_some_and(SessionError::retryable),
             error: outcome
                 .as_ref()
@@ -726,6 +794,8 @@ enum Command {
     PauseAt(u64),
     CheckpointAt(u64),
     StopAt(u64),
+    /// Checkpoint after this step and leave the generation for the next one.
+    RegroupAt(u64),
 }
 
 impl Command {
@@ -737,6 +807,7 @@ impl Command {
             WorkerCommand::Pause => Some(Command::PauseAt(at_step)),
             WorkerCommand::Checkpoint => Some(Command::CheckpointAt(at_step)),
             WorkerCommand::Stop => Some(Command::StopAt(at_step)),
+            WorkerCommand::Regroup => Some(Command::RegroupAt(at_step)),
             WorkerCommand::Abort | WorkerCommand::Unspecified => None,
         }
     }
@@ -823,6 +894,7 @@ impl StepObserver for ClusterObserver {
             let command = *locked(&self.shared.command);
             match command {
                 Command::StopAt(at) if step >= at => return Ok(Directive::Stop),
+                Command::RegroupAt(at) if step >= at => return Ok(Directive::Leave),
                 Command::CheckpointAt(at) if step == at => return Ok(Directive::Checkpoint),
                 Command::PauseAt(at) if step >= at => {
                     self.shared.set_state(WorkerState::Paused);
@@ -1070,6 +1142,10 @@ mod tests {
             Some(Command::CheckpointAt(40))
         );
         assert_eq!(reply(WorkerCommand::Stop, 41), Some(Command::StopAt(41)));
+        assert_eq!(
+            reply(WorkerCommand::Regroup, 42),
+            Some(Command::RegroupAt(42))
+        );
         assert_eq!(reply(WorkerCommand::Abort, 0), None);
         assert_eq!(Command::from_reply(99, 0), None);
     }

@@ -73,6 +73,20 @@ pub enum Directive {
     Checkpoint,
     /// Write a checkpoint now, then end the run early.
     Stop,
+    /// Write a checkpoint now and leave the group: another group (a regroup) continues the
+    /// run from that checkpoint. Runs the same collectives as [`Directive::Stop`] (so ranks
+    /// told to stop and ranks told to leave at one step stay in step) and skips the final
+    /// evaluation and summary, which are the finishing group's.
+    Leave,
+}
+
+/// How [`Trainer::run_or_leave`] ended.
+#[derive(Debug)]
+pub enum RunEnd {
+    /// Trained to `train.steps`, or stopped: the run's summary.
+    Finished(Box<Summary>),
+    /// Left the group after checkpointing this step ([`Directive::Leave`]).
+    Left { step: u64 },
 }
 
 /// What the loop tells whoever drives it after each step.
@@ -455,6 +469,14 @@ impl Trainer {
 
     /// Trains until `train.steps`, logging, sampling and reporting to `observer`.
     pub fn run(&mut self, observer: &mut dyn StepObserver) -> Result<Summary> {
+        match self.run_or_leave(observer)? {
+            RunEnd::Finished(summary) => Ok(*summary),
+            RunEnd::Left { step } => bail!("left the group at step {step} without finishing"),
+        }
+    }
+
+    /// [`Trainer::run`], for an observer that may also tell this rank to leave the group.
+    pub fn run_or_leave(&mut self, observer: &mut dyn StepObserver) -> Result<RunEnd> {
         let total = self.settings.train.steps;
         let log_every = self.settings.train.log_every;
         let sample_every = self.settings.samples.every;
@@ -567,6 +589,11 @@ impl Trainer {
             if directive == Directive::Stop {
                 break;
             }
+            if directive == Directive::Leave {
+                progress.finish();
+                self.group.verify_identical(self.task.as_ref(), self.step)?;
+                return Ok(RunEnd::Left { step });
+            }
         }
         progress.finish();
         self.group.verify_identical(self.task.as_ref(), self.step)?;
@@ -612,7 +639,7 @@ impl Trainer {
                 run.root().join("summary.json").display()
             ));
         }
-        Ok(summary)
+        Ok(RunEnd::Finished(Box::new(summary)))
     }
 
     /// Evaluates the model (rank 0 only): `eval.samples` samples (EMA weights where the

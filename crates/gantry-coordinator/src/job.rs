@@ -2342,22 +2342,37 @@ mod tests {
         }
     }
 
+    /// summary.json's `generations`: (generation, world size, first step, last step).
+    fn ranges(job: &Job) -> Vec<(u64, u32, u64, u64)> {
+        job.records()
+            .iter()
+            .map(|r| (r.generation, r.world_size, r.first_step, r.last_step))
+            .collect()
+    }
+
+    /// A successful Finish at `step` as the worker `id` that got `reply` sends it.
+    fn finish_request(reply: &JoinResponse, id: &str, step: u64) -> FinishRequest {
+        FinishRequest {
+            worker_id: id.into(),
+            rank: reply.rank,
+            generation: reply.generation,
+            session_credential: reply.session_credential.clone(),
+            ok: true,
+            step,
+            ..Default::default()
+        }
+    }
+
     /// Every member of `replies` (ids `ids`) finishes successfully at `step`.
     fn finish_all(job: &Job, replies: &[JoinResponse], ids: &[&str], step: u64) {
         for (reply, id) in replies.iter().zip(ids) {
             job.finish(&FinishRequest {
-                worker_id: (*id).into(),
-                rank: reply.rank,
-                generation: reply.generation,
-                session_credential: reply.session_credential.clone(),
-                ok: true,
                 summary_json: if reply.rank == 0 {
                     "{}".into()
                 } else {
                     String::new()
                 },
-                step,
-                ..Default::default()
+                ..finish_request(reply, id, step)
             })
             .unwrap();
         }
@@ -2386,17 +2401,7 @@ mod tests {
         assert!(first.iter().all(|r| r.world_size == 3));
         assert_eq!(job.phase(), JobPhase::Training);
 
-        // Rank 2 goes silent; the newest checkpoint is step 20.
-        for (reply, id) in first.iter().zip(["a", "b"]) {
-            job.heartbeat(&HeartbeatRequest {
-                step: 25,
-                ..beat(reply, id)
-            })
-            .unwrap();
-        }
-        failed_at(&job, Instant::now() + Duration::from_secs(2)).unwrap();
-        job.resumes_from(20);
-        assert!(matches!(job.recover(|_| {}), Recovery::Restart { .. }));
+        lose_rank_2_after_step_20(&job, &first);
 
         // Within the grace the two that came back wait for the third...
         let mut back: Vec<_> = ["a2", "b2"]
@@ -2427,18 +2432,12 @@ mod tests {
         );
         finish_all(&job, &second, &["a2", "b2"], 100);
         assert!(matches!(job.poll(Instant::now()), Some(Event::Done { .. })));
-        let ranges: Vec<(u64, u32, u64, u64)> = job
-            .records()
-            .iter()
-            .map(|r| (r.generation, r.world_size, r.first_step, r.last_step))
-            .collect();
-        assert_eq!(ranges, [(0, 3, 0, 20), (1, 2, 20, 100)]);
+        assert_eq!(ranges(&job), [(0, 3, 0, 20), (1, 2, 20, 100)]);
     }
 
-    /// An elastic job of 3 (min 2) that lost worker c after the checkpoint of step 20 and
-    /// trains generation 1 with a2 and b2; their Join replies.
-    fn shrunken_job(job: &Job, grace: Duration) -> Vec<JoinResponse> {
-        let first = form(job, &["a", "b", "c"]);
+    /// In a group of a, b and c (`first`), rank 2 (c) goes silent while the others are at
+    /// step 25; the newest checkpoint is step 20; the next generation's rendezvous opens.
+    fn lose_rank_2_after_step_20(job: &Job, first: &[JoinResponse]) {
         for (reply, id) in first.iter().zip(["a", "b"]) {
             job.heartbeat(&HeartbeatRequest {
                 step: 25,
@@ -2449,6 +2448,13 @@ mod tests {
         failed_at(job, Instant::now() + Duration::from_secs(2)).unwrap();
         job.resumes_from(20);
         assert!(matches!(job.recover(|_| {}), Recovery::Restart { .. }));
+    }
+
+    /// An elastic job of 3 (min 2) that lost worker c after the checkpoint of step 20 and
+    /// trains generation 1 with a2 and b2; their Join replies.
+    fn shrunken_job(job: &Job, grace: Duration) -> Vec<JoinResponse> {
+        let first = form(job, &["a", "b", "c"]);
+        lose_rank_2_after_step_20(job, &first);
         let mut back: Vec<_> = ["a2", "b2"]
             .iter()
             .map(|id| job.join(join_request(id)).unwrap())
@@ -2466,14 +2472,8 @@ mod tests {
     fn leave_all(job: &Job, replies: &[JoinResponse], ids: &[&str], step: u64) {
         for (reply, id) in replies.iter().zip(ids) {
             job.finish(&FinishRequest {
-                worker_id: (*id).into(),
-                rank: reply.rank,
-                generation: reply.generation,
-                session_credential: reply.session_credential.clone(),
-                ok: true,
                 regrouping: true,
-                step,
-                ..Default::default()
+                ..finish_request(reply, id, step)
             })
             .unwrap();
         }
@@ -2559,12 +2559,10 @@ mod tests {
         assert_eq!(job.restarts(), 1);
         finish_all(&job, &third, &["a2", "b2", "late"], 100);
         assert!(matches!(job.poll(Instant::now()), Some(Event::Done { .. })));
-        let ranges: Vec<(u64, u32, u64, u64)> = job
-            .records()
-            .iter()
-            .map(|r| (r.generation, r.world_size, r.first_step, r.last_step))
-            .collect();
-        assert_eq!(ranges, [(0, 3, 0, 20), (1, 2, 20, at), (2, 3, at, 100)]);
+        assert_eq!(
+            ranges(&job),
+            [(0, 3, 0, 20), (1, 2, 20, at), (2, 3, at, 100)]
+        );
     }
 
     #[test]
@@ -2575,14 +2573,8 @@ mod tests {
         let ids = ["a2", "b2"];
         // No worker waits: leaving to regroup is not this rank's to decide.
         let refused = job.finish(&FinishRequest {
-            worker_id: "a2".into(),
-            rank: 0,
-            generation: second[0].generation,
-            session_credential: second[0].session_credential.clone(),
-            ok: true,
             regrouping: true,
-            step: 30,
-            ..Default::default()
+            ..finish_request(&second[0], "a2", 30)
         });
         assert!(
             refused

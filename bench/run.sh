@@ -1,26 +1,32 @@
 #!/usr/bin/env bash
 # Gantry vs PyTorch on this machine, one command (`make bench`):
-#   1. libtorch and a release `worker` (scripts/fetch-libtorch.sh, cargo build --release);
+#   1. libtorch, a release `worker` and `coordinator` (scripts/fetch-libtorch.sh, cargo build
+#      --release);
 #   2. a virtual environment of its own at .cache/bench-venv with PyPI's torch==2.11.0 (the
 #      CUDA build with its NVIDIA wheels, about 4 GB; it also runs on CPU-only machines);
 #   3. bench/compare.py: MLP GAN images/s, world 1 and 2, batch 16/64/256, alternating
-#      Gantry and PyTorch (eager; DDP + gloo), repetitions, phases, scaling, step-time model;
-#   4. the same at batch 64 with bf16 autocast in both systems (SKIP_BF16=1 skips it);
+#      Gantry and PyTorch (DDP + gloo) eager, eager with fused Adam and torch.compile with
+#      fused Adam; the ratio Gantry / best PyTorch setup and Gantry / eager; Gantry through
+#      `coordinator --workers N` with its generator EMA on and off (world 1 and 2, batch 64);
+#      repetitions, phases, scaling, step-time model;
+#   4. the same at batch 64 with bf16 autocast in both systems, PyTorch's three setups again
+#      (SKIP_BF16=1 skips it; the coordinator rows are fp32 only);
 #   5. scripts/bench-allreduce.sh: ring (TCP and same-host shared memory) vs gloo all-reduce
 #      bus bandwidth, 1-256 MiB;
 #   6. bench/observability_cost.py: Gantry with its TensorBoard event logs on and off
 #      (SKIP_OBSERVABILITY=1 skips it).
 # Results: bench/results/<stamp>.{json,md} and the tables on stdout. Not part of the tests.
 #
-# Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5" or
-# "--gantry-set collective.shared_memory=false"), SKIP_BF16=1, SKIP_ALLREDUCE=1.
+# Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5",
+# "--gantry-set collective.shared_memory=false", "--torch-variants default,fused" to skip
+# torch.compile, "--coordinator-worlds none"), SKIP_BF16=1, SKIP_ALLREDUCE=1.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 cd "$repo"
 
 venv=${GANTRY_BENCH_VENV:-$repo/.cache/bench-venv}
 scripts/fetch-libtorch.sh
-cargo build --release -q --bin worker
+cargo build --release -q --bin worker --bin coordinator
 if [[ ! -x "$venv/bin/python" ]] || ! "$venv/bin/python" -c 'import torch, numpy' 2>/dev/null; then
     echo "bench: installing PyTorch 2.11.0 into $venv (first run only)" >&2
     python3 -m venv "$venv"
@@ -36,7 +42,7 @@ if [[ -z "${SKIP_BF16:-}" ]]; then
     echo "bf16 autocast, both systems (batch 64):"
     # shellcheck disable=SC2086
     "$venv/bin/python" bench/compare.py --python "$venv/bin/python" --precision bf16 \
-        --batches 64 ${BENCH_ARGS:-}
+        --batches 64 --coordinator-worlds none ${BENCH_ARGS:-}
 fi
 
 if [[ -z "${SKIP_ALLREDUCE:-}" ]]; then

@@ -122,6 +122,15 @@ class Discriminator(nn.Module):
         return self.l2(x)
 
 
+def compiled_graphs():
+    """Forward and backward graphs torch.compile has compiled so far in this process."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return 0
+    return sum(counters["stats"].values()) + sum(counters["aot_autograd"].values())
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["mlp", "dcgan"], default="mlp")
@@ -133,6 +142,9 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    parser.add_argument(
+        "--fused", action="store_true", help="Adam with fused=True (one kernel per optimiser)"
+    )
     parser.add_argument(
         "--data", default=os.path.join(REPO, "data/mnist-10k/mnist-10k-images-idx3-ubyte.gz")
     )
@@ -159,8 +171,10 @@ def main():
         d = nn.parallel.DistributedDataParallel(d, broadcast_buffers=False)
     if args.compile:
         g, d = torch.compile(g), torch.compile(d)
-    g_opt = torch.optim.Adam(g.parameters(), lr=1e-3, betas=(0.5, 0.999))
-    d_opt = torch.optim.Adam(d.parameters(), lr=1e-3, betas=(0.5, 0.999))
+    # fused=True runs on CPU tensors since PyTorch 2.4; None keeps the default (foreach).
+    fused = True if args.fused else None
+    g_opt = torch.optim.Adam(g.parameters(), lr=1e-3, betas=(0.5, 0.999), fused=fused)
+    d_opt = torch.optim.Adam(d.parameters(), lr=1e-3, betas=(0.5, 0.999), fused=fused)
     g_params, d_params = list(g.parameters()), list(d.parameters())
 
     digits = load_digits(args.data).to(device)
@@ -176,11 +190,13 @@ def main():
         ["data", "g_forward", "d_forward_backward", "g_backward", "optimizer"], 0.0
     )
     started = None
+    graphs_at_warmup = 0
     for step in range(args.warmup + args.steps):
         if step == args.warmup:
             sync()
             if distributed:
                 dist.barrier()
+            graphs_at_warmup = compiled_graphs() if args.compile else 0
             started = time.perf_counter()
             phases = dict.fromkeys(phases, 0.0)
         mark = time.perf_counter()
@@ -221,11 +237,18 @@ def main():
 
     sync()
     seconds = time.perf_counter() - started
+    # Graphs torch.compile built during the timed steps (0 when the warm-up covered compiling).
+    compiled_while_timed = compiled_graphs() - graphs_at_warmup if args.compile else 0
     if rank == 0:
+        flags = ((args.bf16, "-bf16"), (args.compile, "-compile"), (args.fused, "-fused"))
+        variant = "".join(suffix for flag, suffix in flags if flag)
         print(
             json.dumps(
                 {
-                    "system": "pytorch" + ("-compile" if args.compile else ""),
+                    "system": "pytorch" + variant,
+                    "compile": args.compile,
+                    "fused_adam": args.fused,
+                    "compiled_graphs_while_timed": compiled_while_timed,
                     "model": args.model,
                     "precision": "bf16" if args.bf16 else "fp32",
                     "world_size": world,

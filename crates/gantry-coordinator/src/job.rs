@@ -353,6 +353,20 @@ struct Training {
     regroup: Option<Regroup>,
 }
 
+impl Training {
+    fn is_member(&self, worker_id: &str) -> bool {
+        self.members.iter().any(|m| m.worker_id == worker_id)
+    }
+
+    /// The waiting joins that are not members rejoining after a regroup.
+    fn newcomers(&self) -> usize {
+        self.waiting
+            .iter()
+            .filter(|(r, _)| !self.is_member(&r.worker_id))
+            .count()
+    }
+}
+
 /// A scheduled regroup: every rank checkpoints after step `at` and leaves, and the next
 /// generation forms with the waiting workers.
 ///
@@ -611,7 +625,9 @@ impl Job {
         let generation = state.generation;
         let rendezvous = match &mut state.current {
             Generation::Rendezvous(r) => r,
-            Generation::Training(_) => return self.wait_for_next_generation(state, request),
+            Generation::Training(t) => {
+                return self.wait_for_next_generation(t, generation, state.stop_requested, request);
+            }
             Generation::Recovering { .. } => return Err(ClusterError::Recovering { generation }),
             Generation::Done { .. } | Generation::Stopped { .. } | Generation::Failed { .. } => {
                 return Err(ClusterError::ShuttingDown);
@@ -645,15 +661,12 @@ impl Job {
     /// yet (an orchestrator restarts a pod faster than the heartbeat timeout).
     fn wait_for_next_generation(
         &self,
-        state: &mut State,
+        t: &mut Training,
+        generation: u64,
+        stopping: bool,
         request: JoinRequest,
     ) -> Result<oneshot::Receiver<Result<JoinResponse, Status>>, ClusterError> {
         let spec = &self.spec;
-        let generation = state.generation;
-        let stopping = state.stop_requested;
-        let Generation::Training(t) = &mut state.current else {
-            unreachable!("called for a training generation");
-        };
         // A worker that gave up waiting (its Join call dropped) frees its place.
         t.waiting.retain(|(_, tx)| !tx.is_closed());
         if t.waiting
@@ -665,12 +678,7 @@ impl Job {
                 request.worker_id
             )));
         }
-        let is_member = |id: &str| t.members.iter().any(|m| m.worker_id == id);
-        let newcomers = t
-            .waiting
-            .iter()
-            .filter(|(r, _)| !is_member(&r.worker_id))
-            .count();
+        let newcomers = t.newcomers();
         let degraded = t.members.len() < spec.world_size as usize;
         // A shrunken group grows back to the requested count; a full one holds replacements.
         let room = if degraded {
@@ -678,7 +686,7 @@ impl Job {
         } else {
             spec.world_size as usize
         };
-        let newcomer = !is_member(&request.worker_id);
+        let newcomer = !t.is_member(&request.worker_id);
         if stopping || (newcomer && newcomers >= room) {
             return Err(ClusterError::WorldFull {
                 world_size: spec.world_size,
@@ -722,14 +730,11 @@ impl Job {
         let Generation::Training(t) = &mut state.current else {
             return;
         };
+        t.waiting.retain(|(_, tx)| !tx.is_closed());
+        let newcomers = t.newcomers();
         let mut members = std::mem::take(&mut t.members);
         members.sort_by_key(|m| m.rank);
-        let mut waiting = std::mem::take(&mut t.waiting);
-        waiting.retain(|(_, tx)| !tx.is_closed());
-        let newcomers = waiting
-            .iter()
-            .filter(|(r, _)| !members.iter().any(|m| m.worker_id == r.worker_id))
-            .count();
+        let waiting = std::mem::take(&mut t.waiting);
         let target = (members.len() + newcomers).min(self.spec.world_size as usize);
         if let Some(record) = state
             .records
@@ -999,9 +1004,9 @@ impl Job {
                 }
                 // Every rank holds at one step (a pause): a regroup can happen right there,
                 // since each leaves from its hold at that step.
-                let held = all_held(&t.members);
-                if let (Some(regroup), Some(step), true) = (&mut t.regroup, held, paused)
-                    && !regroup.announced
+                if paused
+                    && let Some(regroup) = t.regroup.as_mut().filter(|r| !r.announced)
+                    && let Some(step) = all_held(&t.members)
                 {
                     regroup.at = step;
                     regroup.announced = true;

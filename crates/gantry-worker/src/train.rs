@@ -512,6 +512,8 @@ impl Trainer {
         let train_started = Instant::now();
         let (mut window_start, mut window_steps) = (Instant::now(), 0u64);
 
+        // Set when the loop ends by Directive::Leave.
+        let mut left = false;
         while self.step < total {
             let stats = self.step_once()?;
             let step = self.step;
@@ -586,17 +588,16 @@ impl Trainer {
             if directive != Directive::Continue && !saved_now {
                 self.write_checkpoint()?;
             }
-            if directive == Directive::Stop {
+            if matches!(directive, Directive::Stop | Directive::Leave) {
+                left = directive == Directive::Leave;
                 break;
-            }
-            if directive == Directive::Leave {
-                progress.finish();
-                self.group.verify_identical(self.task.as_ref(), self.step)?;
-                return Ok(RunEnd::Left { step });
             }
         }
         progress.finish();
         self.group.verify_identical(self.task.as_ref(), self.step)?;
+        if left {
+            return Ok(RunEnd::Left { step: self.step });
+        }
 
         let train_seconds = train_started.elapsed().as_secs_f64();
         let host = last.context("no step was run")?;

@@ -8,6 +8,11 @@
 //! single-tensor path makes eight passes over memory (two lerps, a square, a sqrt, a
 //! division, an addition, a product, addcdiv) with four temporaries; the fused loop reads each
 //! element once, which is what makes the update memory-bound instead of allocation-bound.
+//! The loop is compiled three times (AVX-512, AVX2, the baseline) and the widest the CPU has
+//! is picked at run time; every version computes the same IEEE operations element by element
+//! (no fused multiply-add contraction), so they agree bit for bit. A generator EMA can ride
+//! along ([`FlatOptimizer::step_with_ema`]): the average is updated from each new parameter
+//! while it is still in a register, instead of in a second pass over both buffers.
 //! Other devices and dtypes take the libtorch kernels.
 
 use gantry_config::Optimizer as OptimizerKind;
@@ -53,14 +58,33 @@ impl FlatOptimizer {
 
     /// Applies one update to `params` (flat, updated in place) from `grad` (same layout).
     pub fn step(&mut self, params: &Tensor, grad: &Tensor) {
+        self.step_with_ema(params, grad, None);
+    }
+
+    /// [`FlatOptimizer::step`], then `average ← lerp(average, params, 1 − decay)` for an
+    /// exponential moving average of the parameters (same layout as `params`), where `decay`
+    /// is `ema_decay(t)` of the step count after this update. On the CPU the average is
+    /// updated in the same pass as Adam; elsewhere, or with SGD, by one `lerp_` afterwards.
+    pub fn step_with_ema(
+        &mut self,
+        params: &Tensor,
+        grad: &Tensor,
+        ema: Option<(&Tensor, &dyn Fn(u64) -> f64)>,
+    ) {
         tch::no_grad(|| {
             let mut params = params.shallow_clone();
             self.step += 1;
+            let ema = ema.map(|(average, decay)| (average.shallow_clone(), decay(self.step)));
             match self.kind {
                 OptimizerKind::Sgd => {
                     let _ = params.g_add_(&(grad * -self.lr));
                 }
-                OptimizerKind::Adam if fusable(&params, grad, &self.exp_avg, &self.exp_avg_sq) => {
+                OptimizerKind::Adam
+                    if fusable(&params, grad, &self.exp_avg, &self.exp_avg_sq)
+                        && ema.as_ref().is_none_or(|(average, _)| {
+                            fusable(&params, average, average, average)
+                        }) =>
+                {
                     let t = i32::try_from(self.step).unwrap_or(i32::MAX);
                     let constants = AdamConstants {
                         one_minus_beta1: (1.0 - self.beta1) as f32,
@@ -68,20 +92,29 @@ impl FlatOptimizer {
                         step_size: (self.lr / (1.0 - self.beta1.powi(t))) as f32,
                         bias2_sqrt: (1.0 - self.beta2.powi(t)).sqrt() as f32,
                         eps: self.eps as f32,
+                        ema_weight: ema.as_ref().map_or(0.0, |(_, decay)| (1.0 - decay) as f32),
                     };
-                    // SAFETY: `fusable` checked that all four are contiguous f32 CPU tensors
-                    // of the same length; they are distinct allocations (parameters,
-                    // gradient and both moments), and nothing else touches them meanwhile.
+                    let n = params.numel();
+                    // SAFETY: `fusable` checked that all of them are contiguous f32 CPU
+                    // tensors of the same length; they are distinct allocations (parameters,
+                    // gradient, both moments and the average), and nothing else touches them
+                    // meanwhile.
+                    let mut average = ema.map_or_else(Tensor::new, |(average, _)| average);
                     unsafe {
-                        let n = params.numel();
-                        adam_fused(
-                            as_mut_slice(&mut params, n),
-                            as_slice(grad, n),
-                            as_mut_slice(&mut self.exp_avg, n),
-                            as_mut_slice(&mut self.exp_avg_sq, n),
-                            &constants,
-                        );
+                        let buffers = AdamBuffers {
+                            p: as_mut_slice(&mut params, n),
+                            g: as_slice(grad, n),
+                            m: as_mut_slice(&mut self.exp_avg, n),
+                            v: as_mut_slice(&mut self.exp_avg_sq, n),
+                            ema: if average.defined() {
+                                as_mut_slice(&mut average, n)
+                            } else {
+                                &mut []
+                            },
+                        };
+                        adam_fused(buffers, &constants);
                     }
+                    return;
                 }
                 OptimizerKind::Adam => {
                     let t = i32::try_from(self.step).unwrap_or(i32::MAX);
@@ -92,6 +125,9 @@ impl FlatOptimizer {
                     let denom = self.exp_avg_sq.sqrt() / bias2_sqrt + self.eps;
                     let _ = params.addcdiv_(&(&self.exp_avg * (-self.lr / bias1)), &denom);
                 }
+            }
+            if let Some((mut average, decay)) = ema {
+                let _ = average.lerp_(&params, 1.0 - decay);
             }
         });
     }
@@ -104,21 +140,76 @@ struct AdamConstants {
     step_size: f32,
     bias2_sqrt: f32,
     eps: f32,
+    /// `1 − decay` of the EMA riding along (unused without one).
+    ema_weight: f32,
+}
+
+/// The slices one fused Adam pass reads and writes, all of one length (`ema` empty when no
+/// average rides along).
+struct AdamBuffers<'a> {
+    p: &'a mut [f32],
+    g: &'a [f32],
+    m: &'a mut [f32],
+    v: &'a mut [f32],
+    ema: &'a mut [f32],
 }
 
 /// One Adam update, element by element: `m ← lerp(m, g, 1−β1)`, `v ← lerp(v, g², 1−β2)`,
-/// `p ← p − step_size · m / (√v / √(1−β2ᵗ) + ε)`.
-fn adam_fused(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], c: &AdamConstants) {
-    for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-        *m = lerp(*m, *g, c.one_minus_beta1);
+/// `p ← p − step_size · m / (√v / √(1−β2ᵗ) + ε)`, then (with an average) `ema ← lerp(ema, p,
+/// ema_weight)`. Dispatches to the widest vector instructions this CPU has.
+fn adam_fused(b: AdamBuffers<'_>, c: &AdamConstants) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { adam_avx512(b, c) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the CPU has AVX2, checked just above.
+            return unsafe { adam_avx2(b, c) };
+        }
+    }
+    adam_loop(b, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn adam_avx512(b: AdamBuffers<'_>, c: &AdamConstants) {
+    adam_loop(b, c);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn adam_avx2(b: AdamBuffers<'_>, c: &AdamConstants) {
+    adam_loop(b, c);
+}
+
+/// The loop itself, inlined into each instruction-set version. Each `lerp` picks its formula
+/// by a weight fixed for the whole pass, so the branch is hoisted out of the loop.
+#[inline(always)]
+fn adam_loop(b: AdamBuffers<'_>, c: &AdamConstants) {
+    let AdamBuffers { p, g, m, v, ema } = b;
+    let update = |p: &mut f32, g: f32, m: &mut f32, v: &mut f32| {
+        *m = lerp(*m, g, c.one_minus_beta1);
         *v = lerp(*v, g * g, c.one_minus_beta2);
         let denom = v.sqrt() / c.bias2_sqrt + c.eps;
         *p -= c.step_size * *m / denom;
+    };
+    if ema.is_empty() {
+        for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+            update(p, *g, m, v);
+        }
+    } else {
+        let elements = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+        for ((((p, g), m), v), e) in elements.zip(ema.iter_mut()) {
+            update(p, *g, m, v);
+            *e = lerp(*e, *p, c.ema_weight);
+        }
     }
 }
 
 /// `torch.lerp`'s formula: the form that is exact at the nearer end point.
-#[inline]
+#[inline(always)]
 fn lerp(start: f32, end: f32, weight: f32) -> f32 {
     if weight.abs() < 0.5 {
         start + weight * (end - start)
@@ -220,6 +311,88 @@ mod tests {
         let moved = (&fused - &start).abs().max().double_value(&[]);
         assert!(moved > 1e-4, "the parameters moved ({moved})");
         assert!(diff < 1e-6, "fused and libtorch Adam differ by {diff}");
+    }
+
+    /// Inputs for one fused pass: parameters, a gradient with both signs and zeros, moments
+    /// already off zero, and an average.
+    fn pass_inputs(n: usize) -> [Vec<f32>; 5] {
+        let wave = |k: f32| (0..n).map(|i| ((i as f32) * k).sin()).collect::<Vec<f32>>();
+        let v = wave(0.37).iter().map(|x| x * x).collect();
+        [wave(0.11), wave(0.73), wave(0.29), v, wave(0.53)]
+    }
+
+    #[test]
+    fn every_instruction_set_version_computes_the_same_bits() {
+        // 1,000 elements: whole vectors of every width and a remainder.
+        for ema_weight in [0.0, 0.001, 0.82] {
+            let constants = AdamConstants {
+                one_minus_beta1: 0.5,
+                one_minus_beta2: 0.001,
+                step_size: 1e-3 / (1.0 - 0.5f32.powi(3)),
+                bias2_sqrt: (1.0 - 0.999f32.powi(3)).sqrt(),
+                eps: 1e-8,
+                ema_weight,
+            };
+            let run = |dispatched: bool| {
+                let [mut p, g, mut m, mut v, mut e] = pass_inputs(1000);
+                let buffers = AdamBuffers {
+                    p: &mut p,
+                    g: &g,
+                    m: &mut m,
+                    v: &mut v,
+                    ema: if ema_weight > 0.0 { &mut e } else { &mut [] },
+                };
+                if dispatched {
+                    adam_fused(buffers, &constants);
+                } else {
+                    adam_loop(buffers, &constants);
+                }
+                [p, m, v, e]
+            };
+            let (wide, baseline) = (run(true), run(false));
+            for (a, b) in wide.iter().zip(&baseline) {
+                let bits = |x: &Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
+                assert_eq!(bits(a), bits(b), "EMA weight {ema_weight}");
+            }
+            let [_, g, ..] = pass_inputs(1000);
+            assert!(wide[0] != pass_inputs(1000)[0] && g.iter().any(|x| *x != 0.0));
+        }
+    }
+
+    #[test]
+    fn an_ema_riding_along_equals_a_lerp_after_the_step() {
+        let n = 4099i64;
+        let start = Tensor::randn([n], (Kind::Float, Device::Cpu));
+        let decay = |t: u64| 1.0 - 1.0 / (t as f64 + 2.0);
+        // Fused (contiguous) and libtorch (strided view) paths, each against step + lerp_.
+        let wide = Tensor::zeros([n, 2], (Kind::Float, Device::Cpu));
+        wide.select(1, 0).copy_(&start);
+        let layouts = [start.copy(), wide.select(1, 0)];
+        for params in layouts {
+            let reference = params.copy();
+            let (average, reference_average) = (start.copy() * 0.5, start.copy() * 0.5);
+            let mut opt = FlatOptimizer::new(OptimizerKind::Adam, 1e-2, [0.5, 0.999], &params);
+            let mut reference_opt =
+                FlatOptimizer::new(OptimizerKind::Adam, 1e-2, [0.5, 0.999], &reference);
+            for step in 1..=4u64 {
+                let grad = Tensor::randn([n], (Kind::Float, Device::Cpu));
+                opt.step_with_ema(&params, &grad, Some((&average, &decay)));
+                reference_opt.step(&reference, &grad);
+                let _ = reference_average
+                    .shallow_clone()
+                    .lerp_(&reference, 1.0 - decay(step));
+            }
+            let diff = (&average - &reference_average)
+                .abs()
+                .max()
+                .double_value(&[]);
+            let moved = (&average - start.copy() * 0.5)
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(moved > 1e-3, "the average moved ({moved})");
+            assert!(diff < 1e-6, "average {diff} away from step + lerp_");
+        }
     }
 
     #[test]

@@ -63,7 +63,7 @@ fn write_checkpoint(dir: &Path, settings: &Settings, class_names: Option<&[Strin
             labels,
         };
         let stats = gan
-            .train_step(&input, &mut |_, _| Ok::<(), Infallible>(()))
+            .train_step(&input, &mut |_, _| Ok::<bool, Infallible>(false))
             .unwrap();
         assert!(stats.applied);
     }

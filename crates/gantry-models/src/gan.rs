@@ -9,6 +9,7 @@ use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 use crate::conditional::{self, Critic};
+use crate::flat::all_finite;
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
 use crate::precision::Autocast;
@@ -182,35 +183,42 @@ pub fn buffers(vs: &VarStore) -> Vec<Tensor> {
     named.into_iter().map(|(_, t)| t).collect()
 }
 
-fn all_finite(t: &Tensor) -> bool {
-    if t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous() {
-        // libtorch's isfinite().all() materialises a bool tensor and costs ~5 ns an element
-        // on one core; a scan of the host memory costs a tenth of that. Branch-free within a
-        // block (an exponent of all ones is an infinity or a NaN), so the scan vectorises;
-        // the early exit is per block.
-        // SAFETY: a contiguous f32 CPU tensor of numel() elements, only read while `t` lives.
-        let values = unsafe {
-            std::slice::from_raw_parts(t.data_ptr().cast::<f32>().cast_const(), t.numel())
-        };
-        const EXPONENT: u32 = 0x7f80_0000;
-        return values.chunks(4096).all(|block| {
-            block.iter().fold(0u32, |bad, v| {
-                bad | u32::from(v.to_bits() & EXPONENT == EXPONENT)
-            }) == 0
-        });
+/// A network's flat gradient, and whether it was found finite when gathered (`None`: not
+/// checked, see [`FlatParams::flatten_grads_into`]).
+struct FlatGradient {
+    grad: Tensor,
+    finite: Option<bool>,
+}
+
+impl FlatGradient {
+    /// Whether the update may be applied: every element finite. `averaged` says whether the
+    /// gradient was combined with other ranks' (or weighted) since it was gathered; if not,
+    /// the check made while gathering still holds and the gradient is not read again.
+    fn is_finite(&self, averaged: bool) -> bool {
+        match self.finite {
+            Some(finite) if !averaged => finite,
+            _ => all_finite(&self.grad),
+        }
     }
-    bool::try_from(t.isfinite().all()).unwrap_or(false)
 }
 
 /// The flat gradient of `loss` with respect to `params`, written into `out` (a view of
 /// [`Gan::gradients`]), with a non-finite loss folded in (see [`poison_with`]). `keep_graph`
 /// keeps the graph for a second backward pass.
-fn flat_gradient(loss: &Tensor, params: &FlatParams, keep_graph: bool, out: Tensor) -> Tensor {
+fn flat_gradient(
+    loss: &Tensor,
+    params: &FlatParams,
+    keep_graph: bool,
+    out: Tensor,
+) -> FlatGradient {
     let grads = Tensor::run_backward(&[loss], &params.tensors, keep_graph, false);
     let mut grad = out;
-    tch::no_grad(|| params.flatten_grads_into(&grads, &grad));
-    poison_with(&mut grad, loss);
-    grad
+    let gathered = tch::no_grad(|| params.flatten_grads_into(&grads, &grad));
+    let loss_finite = poison_with(&mut grad, loss);
+    FlatGradient {
+        grad,
+        finite: gathered.zip(loss_finite).map(|(a, b)| a && b),
+    }
 }
 
 /// One network's data-parallel update from `loss`, for the families with a single part: its
@@ -226,13 +234,14 @@ pub(crate) fn averaged_update(
     clock: &mut PhaseClock,
     reduce: &mut dyn GradReduce,
 ) -> Result<bool, ModelError> {
-    let mut grad = flat_gradient(loss, params, false, gradient.shallow_clone());
+    let mut flat = flat_gradient(loss, params, false, gradient.shallow_clone());
     clock.lap(Phase::ForwardBackward);
-    reduce.average(&mut grad)?;
+    let averaged = !reduce.is_identity();
+    reduce.average(&mut flat.grad)?;
     clock.lap(Phase::AllReduce);
-    let applied = all_finite(&grad);
+    let applied = flat.is_finite(averaged);
     if applied {
-        optimizer.step(&params.flat, &grad);
+        optimizer.step(&params.flat, &flat.grad);
     }
     clock.lap(Phase::Optimizer);
     Ok(applied)
@@ -241,18 +250,22 @@ pub(crate) fn averaged_update(
 /// Adds `0 · loss` to every gradient element: zero when the (local) loss is finite, NaN when
 /// not. A rank whose loss overflowed then poisons the *averaged* gradient on every rank, so
 /// the skip decision, taken on the averaged gradient, is the same everywhere.
-fn poison_with(grad: &mut Tensor, loss: &Tensor) {
+/// Returns whether the loss was finite where that was read for free (`None` on a device).
+fn poison_with(grad: &mut Tensor, loss: &Tensor) -> Option<bool> {
     tch::no_grad(|| {
         if grad.device() == Device::Cpu {
             // Reading a CPU scalar is free; a full pass over the gradient is not.
-            if !loss.double_value(&[]).is_finite() {
+            let finite = loss.double_value(&[]).is_finite();
+            if !finite {
                 let _ = grad.fill_(f64::NAN);
             }
+            Some(finite)
         } else {
             // On a GPU, reading the loss would wait for the device: stay on the stream.
             let _ = grad.g_add_(&(loss.detach().to_kind(Kind::Float) * 0.0));
+            None
         }
-    });
+    })
 }
 
 impl Gan {
@@ -461,8 +474,12 @@ impl Gan {
     /// returned: an implementation may return from D's call early and finish averaging D's
     /// gradient (overlapped with G's backward pass) before it returns from G's.
     ///
+    /// `sync` returns whether it combined the gradient with other ranks' (or weighted it):
+    /// `false` promises the gradient is exactly as it was passed in.
+    ///
     /// Non-finite values: a gradient is checked *after* `sync` (a rank's non-finite local loss
-    /// is folded into its gradient first), so every rank takes the same decision. At the first
+    /// is folded into its gradient first), so every rank takes the same decision; where `sync`
+    /// returned `false`, the check made while gathering the gradient stands for it. At the first
     /// non-finite gradient the step stops: that update and the later ones of the step are
     /// skipped (in `simultaneous` both gradients are checked before either is applied), the
     /// generator's BatchNorm statistics are put back, and `applied` is false. Every rank calls
@@ -473,7 +490,7 @@ impl Gan {
     pub fn train_step<E>(
         &mut self,
         input: &StepInput,
-        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
+        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<bool, E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
         let labels = input.labels.as_ref();
@@ -486,19 +503,19 @@ impl Gan {
                 let (real_logits, fake_logits) = self.discriminate_pair(&input.real, &fake, labels);
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
-                let mut d_grad = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient());
+                let mut d = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient());
                 self.clock.lap(Phase::DiscriminatorForwardBackward);
                 // D's gradient is final here: its averaging may overlap G's backward pass.
-                sync(Network::Discriminator, &mut d_grad)?;
+                let d_averaged = sync(Network::Discriminator, &mut d.grad)?;
                 self.clock.lap(Phase::AllReduce);
-                let mut g_grad = flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
+                let mut g = flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
                 self.clock.lap(Phase::GeneratorForwardBackward);
-                sync(Network::Generator, &mut g_grad)?;
+                let g_averaged = sync(Network::Generator, &mut g.grad)?;
                 self.clock.lap(Phase::AllReduce);
-                let applied = all_finite(&d_grad) && all_finite(&g_grad);
+                let applied = d.is_finite(d_averaged) && g.is_finite(g_averaged);
                 if applied {
-                    self.d_opt.step(&self.d_params.flat, &d_grad);
-                    self.step_generator(&g_grad);
+                    self.d_opt.step(&self.d_params.flat, &d.grad);
+                    self.step_generator(&g.grad);
                 }
                 self.clock.lap(Phase::Optimizer);
                 (d_loss, g_loss, real_logits, fake_logits, applied)
@@ -510,14 +527,13 @@ impl Gan {
                 if d_applied {
                     let g_logits = self.discriminate(&fake, labels);
                     let g_loss = loss::generator(self.loss, &g_logits);
-                    let mut g_grad =
-                        flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
+                    let mut g = flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
                     self.clock.lap(Phase::GeneratorForwardBackward);
-                    sync(Network::Generator, &mut g_grad)?;
+                    let averaged = sync(Network::Generator, &mut g.grad)?;
                     self.clock.lap(Phase::AllReduce);
-                    let applied = all_finite(&g_grad);
+                    let applied = g.is_finite(averaged);
                     if applied {
-                        self.step_generator(&g_grad);
+                        self.step_generator(&g.grad);
                     }
                     self.clock.lap(Phase::Optimizer);
                     (d_loss, g_loss, real_logits, fake_logits, applied)
@@ -539,7 +555,7 @@ impl Gan {
     pub fn critic_step<E>(
         &mut self,
         input: &StepInput,
-        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
+        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<bool, E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
         let fake = tch::no_grad(|| self.generate_for_training(&input.z, input.labels.as_ref()));
@@ -557,18 +573,18 @@ impl Gan {
         &mut self,
         input: &StepInput,
         fake: &Tensor,
-        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<(), E>,
+        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<bool, E>,
     ) -> Result<(Tensor, Tensor, Tensor, bool), E> {
         let (real_logits, fake_logits) =
             self.discriminate_pair(&input.real, fake, input.labels.as_ref());
         let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
-        let mut d_grad = flat_gradient(&d_loss, &self.d_params, false, self.d_gradient());
+        let mut d = flat_gradient(&d_loss, &self.d_params, false, self.d_gradient());
         self.clock.lap(Phase::DiscriminatorForwardBackward);
-        sync(Network::Discriminator, &mut d_grad)?;
+        let averaged = sync(Network::Discriminator, &mut d.grad)?;
         self.clock.lap(Phase::AllReduce);
-        let applied = all_finite(&d_grad);
+        let applied = d.is_finite(averaged);
         if applied {
-            self.d_opt.step(&self.d_params.flat, &d_grad);
+            self.d_opt.step(&self.d_params.flat, &d.grad);
         }
         self.clock.lap(Phase::Optimizer);
         Ok((real_logits, fake_logits, d_loss, applied))
@@ -733,26 +749,30 @@ struct GanSync<'r> {
 }
 
 impl GanSync<'_> {
-    fn sync(&mut self, network: Network, grad: &mut Tensor) -> Result<(), ExternalError> {
+    /// Returns whether the gradient is (or, for D's deferred call, will be once G's call
+    /// returns) combined with other ranks', as [`Gan::train_step`] asks.
+    fn sync(&mut self, network: Network, grad: &mut Tensor) -> Result<bool, ExternalError> {
+        let averaged = !self.reduce.is_identity();
         if self.defer_discriminator && network == Network::Discriminator {
             if self.reduce.start_average(grad) {
                 self.pending = true;
             } else {
                 self.deferred = Some(grad.shallow_clone());
             }
-            return Ok(());
+            return Ok(averaged);
         }
         self.finish()?;
         match self.deferred.take() {
             Some(d_grad) if spans(&self.joint, &d_grad, grad) => {
-                self.reduce.average(&mut self.joint.shallow_clone())
+                self.reduce.average(&mut self.joint.shallow_clone())?;
             }
             Some(mut d_grad) => {
                 self.reduce.average(&mut d_grad)?;
-                self.reduce.average(grad)
+                self.reduce.average(grad)?;
             }
-            None => self.reduce.average(grad),
+            None => self.reduce.average(grad)?,
         }
+        Ok(averaged)
     }
 
     /// Collects a background average (also after an error between the two syncs).

@@ -30,6 +30,7 @@ pub mod vae;
 
 mod flat;
 mod gan;
+mod simd;
 
 pub use flat::FlatParams;
 pub use gan::{

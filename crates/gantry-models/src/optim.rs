@@ -8,9 +8,8 @@
 //! single-tensor path makes eight passes over memory (two lerps, a square, a sqrt, a
 //! division, an addition, a product, addcdiv) with four temporaries; the fused loop reads each
 //! element once, which is what makes the update memory-bound instead of allocation-bound.
-//! The loop is compiled three times (AVX-512, AVX2, the baseline) and the widest the CPU has
-//! is picked at run time; every version computes the same IEEE operations element by element
-//! (no fused multiply-add contraction), so they agree bit for bit. A generator EMA can ride
+//! The loop is compiled for the widest vector instructions the CPU has ([`crate::simd`]); every
+//! version agrees bit for bit. A generator EMA can ride
 //! along ([`FlatOptimizer::step_with_ema`]): the average is updated from each new parameter
 //! while it is still in a register, instead of in a second pass over both buffers.
 //! Other devices and dtypes take the libtorch kernels.
@@ -154,34 +153,11 @@ struct AdamBuffers<'a> {
     ema: &'a mut [f32],
 }
 
-/// One Adam update, element by element: `m ← lerp(m, g, 1−β1)`, `v ← lerp(v, g², 1−β2)`,
-/// `p ← p − step_size · m / (√v / √(1−β2ᵗ) + ε)`, then (with an average) `ema ← lerp(ema, p,
-/// ema_weight)`. Dispatches to the widest vector instructions this CPU has.
-fn adam_fused(b: AdamBuffers<'_>, c: &AdamConstants) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { adam_avx512(b, c) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the CPU has AVX2, checked just above.
-            return unsafe { adam_avx2(b, c) };
-        }
-    }
-    adam_loop(b, c);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn adam_avx512(b: AdamBuffers<'_>, c: &AdamConstants) {
-    adam_loop(b, c);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn adam_avx2(b: AdamBuffers<'_>, c: &AdamConstants) {
-    adam_loop(b, c);
+crate::simd::widest! {
+    /// One Adam update, element by element: `m ← lerp(m, g, 1−β1)`, `v ← lerp(v, g², 1−β2)`,
+    /// `p ← p − step_size · m / (√v / √(1−β2ᵗ) + ε)`, then (with an average) `ema ← lerp(ema,
+    /// p, ema_weight)`.
+    fn adam_fused(b: AdamBuffers<'_>, c: &AdamConstants) => adam_loop
 }
 
 /// The loop itself, inlined into each instruction-set version. Each `lerp` picks its formula

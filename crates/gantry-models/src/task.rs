@@ -37,6 +37,11 @@ pub trait GradReduce {
     /// Averages `flat` (contiguous, 1-D, f32) across the ranks, in place.
     fn average(&mut self, flat: &mut Tensor) -> Result<(), ExternalError>;
 
+    /// Whether [`GradReduce::average`] leaves every gradient exactly as it is (a world of one
+    /// with no weighting): the finite check made while a gradient was gathered then still
+    /// holds after, and the gradient is not scanned a second time.
+    fn is_identity(&self) -> bool;
+
     /// Starts averaging `flat` in the background where that pays (a core to spare) and the
     /// backend can; `false` when nothing was started (then call [`GradReduce::average`]).
     /// Until [`GradReduce::finish_average`] returns, nothing may touch `flat`'s memory.
@@ -57,6 +62,10 @@ pub struct Alone;
 impl GradReduce for Alone {
     fn average(&mut self, _flat: &mut Tensor) -> Result<(), ExternalError> {
         Ok(())
+    }
+
+    fn is_identity(&self) -> bool {
+        true
     }
 }
 

@@ -123,6 +123,10 @@ impl GradReduce for Alone {
     fn average(&mut self, _flat: &mut Tensor) -> Result<(), ExternalError> {
         Ok(())
     }
+
+    fn is_identity(&self) -> bool {
+        true
+    }
 }
 
 /// One of two ranks run as threads: each average waits for both ranks' gradients, and both
@@ -133,6 +137,10 @@ struct TwoRanks {
 }
 
 impl GradReduce for TwoRanks {
+    fn is_identity(&self) -> bool {
+        false
+    }
+
     fn average(&mut self, flat: &mut Tensor) -> Result<(), ExternalError> {
         let (slots, barrier) = &*self.shared;
         slots.lock().unwrap()[self.rank] = Vec::<f32>::try_from(&*flat)?;

@@ -36,8 +36,8 @@ fn input(gan: &Gan, step: u64) -> StepInput {
     }
 }
 
-fn no_sync() -> impl FnMut(Network, &mut Tensor) -> Result<(), Infallible> {
-    |_, _| Ok(())
+fn no_sync() -> impl FnMut(Network, &mut Tensor) -> Result<bool, Infallible> {
+    |_, _| Ok(false)
 }
 
 fn finite(t: &Tensor) -> bool {
@@ -54,9 +54,9 @@ fn every_loss_model_and_schedule_trains_with_finite_values() {
                     Gan::new(&settings(kind, loss, schedule), [1, 28, 28], Device::Cpu).unwrap();
                 let (g0, d0) = (gan.g_params.flat.copy(), gan.d_params.flat.copy());
                 let mut grads_seen = Vec::new();
-                let mut sync = |net: Network, g: &mut Tensor| -> Result<(), Infallible> {
+                let mut sync = |net: Network, g: &mut Tensor| -> Result<bool, Infallible> {
                     grads_seen.push((net, finite(g), g.abs().sum(Kind::Float).double_value(&[])));
-                    Ok(())
+                    Ok(false)
                 };
                 let stats = gan.train_step(&input(&gan, 0), &mut sync).unwrap();
                 let critic = gan.critic_step(&input(&gan, 1), &mut no_sync()).unwrap();
@@ -96,9 +96,9 @@ fn bf16_autocast_gradients_follow_fp32_ones() {
                 s.train.precision = precision;
                 let mut gan = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
                 let mut seen = Vec::new();
-                let mut sync = |_: Network, g: &mut Tensor| -> Result<(), Infallible> {
+                let mut sync = |_: Network, g: &mut Tensor| -> Result<bool, Infallible> {
                     seen.push(g.copy());
-                    Ok(())
+                    Ok(false)
                 };
                 let stats = gan.train_step(&input(&gan, 0), &mut sync).unwrap();
                 assert!(stats.applied, "{what} {precision}");
@@ -204,6 +204,25 @@ fn gan_ema_follows_the_generator_and_samples_use_it() {
 }
 
 #[test]
+fn a_world_of_one_skips_a_non_finite_step_without_a_second_scan() {
+    // A sync that leaves the gradients as they are (a world of one) relies on the check made
+    // while they were gathered: a NaN pixel makes both losses NaN, and the step is skipped.
+    for schedule in [Schedule::Simultaneous, Schedule::Alternating] {
+        let s = settings(ModelKind::Mlp, Loss::Bce, schedule);
+        let mut gan = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
+        let (g0, d0) = (gan.g_params.flat.copy(), gan.d_params.flat.copy());
+        let bad = input(&gan, 0);
+        let _ = bad.real.view([-1]).get(5).fill_(f64::NAN);
+        let stats = gan.train_step(&bad, &mut no_sync()).unwrap();
+        assert!(!stats.applied, "{schedule}");
+        assert!(gan.g_params.flat.equal(&g0) && gan.d_params.flat.equal(&d0));
+        let fine = gan.train_step(&input(&gan, 1), &mut no_sync()).unwrap();
+        assert!(fine.applied, "{schedule}: a finite step after it trains");
+        assert!(!gan.d_params.flat.equal(&d0), "{schedule}");
+    }
+}
+
+#[test]
 fn non_finite_averaged_gradient_skips_the_whole_update() {
     for schedule in [Schedule::Simultaneous, Schedule::Alternating] {
         let mut gan = Gan::new(
@@ -227,12 +246,13 @@ fn non_finite_averaged_gradient_skips_the_whole_update() {
         let ema0 = gan.ema.as_ref().unwrap().params.flat.copy();
         // What an all-reduce with one poisoned rank would hand back: NaN in D's gradient.
         let mut calls = 0;
-        let mut poison = |net: Network, g: &mut Tensor| -> Result<(), Infallible> {
+        let mut poison = |net: Network, g: &mut Tensor| -> Result<bool, Infallible> {
             calls += 1;
             if net == Network::Discriminator {
                 let _ = g.fill_(f64::NAN);
             }
-            Ok(())
+            // Averaged: the step has to look at the gradient again.
+            Ok(true)
         };
         let stats = gan.train_step(&input(&gan, 0), &mut poison).unwrap();
         assert!(!stats.applied, "{schedule}");

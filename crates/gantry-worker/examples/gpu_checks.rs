@@ -375,8 +375,8 @@ fn fixed_inputs(latent_dim: usize) -> (Tensor, Tensor) {
 }
 
 /// A solo step's gradient "averaging": nothing to do.
-fn no_sync() -> impl FnMut(Network, &mut Tensor) -> Result<(), std::convert::Infallible> {
-    |_, _| Ok(())
+fn no_sync() -> impl FnMut(Network, &mut Tensor) -> Result<bool, std::convert::Infallible> {
+    |_, _| Ok(false)
 }
 
 /// One training step without a group; returns (d_loss, g_loss) on the host, the loss

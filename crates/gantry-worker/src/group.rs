@@ -348,6 +348,12 @@ impl GradReduce for Group {
         Group::average(self, flat).map_err(Into::into)
     }
 
+    /// Without a collective (a world of one, nothing in the background) [`Group::average`]
+    /// returns before touching the gradient, weighting included.
+    fn is_identity(&self) -> bool {
+        self.collective.is_none() && self.pending.is_none()
+    }
+
     /// On a helper thread, where background averaging is on, the group has a collective
     /// and `flat` is a contiguous f32 CPU tensor. Until [`GradReduce::finish_average`] the
     /// group has no collective.

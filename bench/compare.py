@@ -60,8 +60,8 @@ def gantry_args(batch, steps, warmup, run_dir, precision="fp32", extra_sets=(), 
         "samples.every": 0,
         "checkpoint.every": 0,
         "eval.samples": 0,
-        # The PyTorch reference keeps no generator EMA: equal work (Gantry's EMA costs one
-        # lerp over G's parameters, about 0.2 ms a step on one core).
+        # The PyTorch reference keeps no generator EMA: equal work (Gantry's EMA rides along
+        # with G's Adam pass; its cost is measured by the coordinator rows).
         "train.ema_decay": 0,
         "metrics.worker_addr": "127.0.0.1:0",
         "train.precision": precision,

@@ -1011,6 +1011,18 @@ impl Job {
                     regroup.at = step;
                     regroup.announced = true;
                 }
+                // A regroup scheduled before this generation's first heartbeats took its step
+                // from ranks whose steps still read 0: before it is announced, move it ahead
+                // of every rank (or drop it when the job ends first).
+                if !paused && let Some(regroup) = t.regroup.filter(|r| !r.announced) {
+                    let ahead = self.common_future_step(t);
+                    if ahead > regroup.at {
+                        t.regroup = (ahead < self.spec.total_steps).then_some(Regroup {
+                            at: ahead,
+                            announced: false,
+                        });
+                    }
+                }
                 match (t.stop_at, &mut t.regroup, t.checkpoint_at) {
                     (Some(at), _, _) => (WorkerCommand::Stop, at),
                     // See [`Regroup`] for why an announced one outranks the rest.
@@ -2567,6 +2579,31 @@ mod tests {
         assert_eq!(
             ranges(&job),
             [(0, 3, 0, 20), (1, 2, 20, at), (2, 3, at, 100)]
+        );
+    }
+
+    #[test]
+    fn a_regroup_asked_before_the_first_heartbeats_is_announced_ahead_of_the_ranks() {
+        // Generation 1 resumes from step 20, paused; the late worker joins before any of its
+        // ranks has sent a heartbeat (their steps still read 0), and the resume comes before
+        // they all hold at one step. The regroup must still lie ahead of where they are.
+        let grace = Duration::from_millis(200);
+        let job = Job::new(elastic(3, 2, grace), false);
+        let second = shrunken_job(&job, grace);
+        job.set_paused(true);
+        let mut late = job.join(join_request("late")).unwrap();
+        assert!(late.try_recv().is_err());
+        assert_eq!(command(&job, &second[0], "a2", 22).0, WorkerCommand::Pause);
+        job.set_paused(false);
+        let (told, at) = command(&job, &second[0], "a2", 22);
+        assert_eq!(told, WorkerCommand::Regroup);
+        assert!(
+            at > 22 && at < 100,
+            "regroup at {at}, behind the ranks at step 22"
+        );
+        assert_eq!(
+            command(&job, &second[1], "b2", 21),
+            (WorkerCommand::Regroup, at)
         );
     }
 

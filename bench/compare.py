@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Gantry vs PyTorch, side by side on this machine: images/s of the default MLP GAN job.
+"""Gantry vs PyTorch, side by side on this machine: images/s of the default MLP GAN job, or of
+another model family against its PyTorch twin (--family).
 
 For each (world size, batch size) it runs Gantry's release `worker` (standalone for world 1,
 a static ring group for world 2) and bench/torch_gan.py under torchrun (DDP + gloo for world
@@ -18,6 +19,12 @@ Gantry is also run as users run it, through the coordinator (`coordinator --work
 rendezvous, heartbeats, the metrics endpoints, generator EMA on by default), with EMA on and
 off, at world 1 and 2 (`--coordinator-worlds`, batch `--coordinator-batch`); "EMA cost" is
 1 - images/s(EMA on) / images/s(EMA off).
+
+`--family vae` and `--family autoregressive` run the same grid for Gantry's MLP VAE and
+PixelCNN against their twins, bench/torch_vae.py and bench/torch_pixelcnn.py (same
+architecture, loss, Adam, batch per rank and data; DDP + gloo at world 2), at the family's
+default batch (128 and 64). The coordinator rows are the GAN's (its generator EMA); bf16 is
+implemented for the GAN only.
 
 Writes bench/results/<stamp>.json and .md and prints the Markdown.
 """
@@ -48,7 +55,22 @@ def clean_env():
     return env
 
 
-def gantry_args(batch, steps, warmup, run_dir, precision="fp32", extra_sets=(), ema=False):
+# Model families, by --family name: the PyTorch script of the same job, the Gantry keys that
+# choose the family, the batch sizes per rank and the timed images per rank and run unless
+# --batches / --images say otherwise.
+FAMILIES = {
+    "gan": {"script": "torch_gan.py", "sets": {}, "batches": "16,64,256", "images": 12800},
+    "vae": {"script": "torch_vae.py", "sets": {"model.family": "vae"}, "batches": "128",
+            "images": 25600},
+    "autoregressive": {"script": "torch_pixelcnn.py",
+                       "sets": {"model.family": "autoregressive"}, "batches": "64",
+                       "images": 5120},
+}
+MODEL_NAMES = {"gan": "MLP GAN", "vae": "MLP VAE", "autoregressive": "PixelCNN"}
+
+
+def gantry_args(batch, steps, warmup, run_dir, precision="fp32", extra_sets=(), ema=False,
+                family="gan"):
     total = warmup + steps
     sets = {
         "train.steps": total,
@@ -66,9 +88,11 @@ def gantry_args(batch, steps, warmup, run_dir, precision="fp32", extra_sets=(), 
         "metrics.worker_addr": "127.0.0.1:0",
         "train.precision": precision,
     }
-    if ema:
-        # Gantry's default generator EMA (train.ema_decay 0.999), as users run it.
+    if ema or family != "gan":
+        # Gantry's default generator EMA (train.ema_decay 0.999), as users run it; a key of
+        # the GAN's that the other families refuse.
         del sets["train.ema_decay"]
+    sets.update(FAMILIES[family]["sets"])
     for item in extra_sets:
         key, _, value = item.partition("=")
         sets[key] = value
@@ -97,10 +121,11 @@ def measure_run(run_dir, world, batch, warmup):
     }
 
 
-def run_gantry(worker, world, batch, steps, warmup, precision="fp32", extra_sets=()):
+def run_gantry(worker, world, batch, steps, warmup, precision="fp32", extra_sets=(),
+               family="gan"):
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = os.path.join(tmp, "run")
-        args = gantry_args(batch, steps, warmup, run_dir, precision, extra_sets)
+        args = gantry_args(batch, steps, warmup, run_dir, precision, extra_sets, family=family)
         if world == 1:
             procs = [subprocess.Popen([worker, "--standalone", *args], env=clean_env(),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)]
@@ -141,9 +166,14 @@ def run_coordinator(coordinator, worker, world, batch, steps, warmup, ema, preci
         return measure_run(run_dir, world, batch, warmup)
 
 
-def run_torch(python, world, batch, steps, warmup, extra=()):
+def run_torch(python, world, batch, steps, warmup, extra=(), family="gan"):
+    script = FAMILIES[family]["script"]
+    # The twins evaluate held-out likelihood after training unless told not to: not timed,
+    # but minutes of a benchmark.
+    if family != "gan":
+        extra = [*extra, "--no-eval"]
     command = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-               os.path.join(REPO, "bench", "torch_gan.py"), "--batch-size", str(batch),
+               os.path.join(REPO, "bench", script), "--batch-size", str(batch),
                "--steps", str(steps), "--warmup", str(warmup), "--threads", "1", *extra]
     out = subprocess.run(command, env=clean_env(), capture_output=True, text=True)
     if out.returncode != 0:
@@ -216,10 +246,15 @@ def main():
                         default=os.path.join(REPO, "target", "release", "coordinator"))
     parser.add_argument("--python", default=sys.executable)
     parser.add_argument("--worlds", default="1,2")
-    parser.add_argument("--batches", default="16,64,256")
+    parser.add_argument("--family", choices=list(FAMILIES), default="gan",
+                        help="the model family: gan (MLP GAN), vae (MLP VAE) or autoregressive "
+                             "(PixelCNN), each against its PyTorch twin")
+    parser.add_argument("--batches", default=None,
+                        help="batch sizes per rank (default: the family's, GAN 16,64,256)")
     parser.add_argument("--reps", type=int, default=3)
-    parser.add_argument("--images", type=int, default=12800,
-                        help="timed images per rank and run (steps = images / batch)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="timed images per rank and run (steps = images / batch; default: "
+                             "the family's, GAN 12800)")
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--compile-warmup", type=int, default=None,
                         help="warm-up steps of the torch.compile runs (default: 2 x --warmup); "
@@ -228,9 +263,10 @@ def main():
     parser.add_argument("--torch-variants", default="default,fused,compile",
                         help="PyTorch setups to run, any of: default (eager, default Adam), "
                              "fused (eager, Adam fused=True), compile (torch.compile, fused Adam)")
-    parser.add_argument("--coordinator-worlds", default="1,2",
+    parser.add_argument("--coordinator-worlds", default=None,
                         help="world sizes of the Gantry rows through `coordinator --workers N` "
-                             "(EMA on and off); 'none' skips them")
+                             "(EMA on and off; default 1,2 for the GAN, none otherwise); 'none' "
+                             "skips them")
     parser.add_argument("--coordinator-batch", type=int, default=64)
     parser.add_argument("--out", default=os.path.join(REPO, "bench", "results"))
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
@@ -239,8 +275,18 @@ def main():
                         help="extra Gantry setting, e.g. collective.shared_memory=false")
     args = parser.parse_args()
 
+    family = FAMILIES[args.family]
+    gan = args.family == "gan"
+    if not gan and args.precision != "fp32":
+        parser.error(f"--precision {args.precision}: implemented for --family gan only")
+    if args.coordinator_worlds is None:
+        args.coordinator_worlds = "1,2" if gan else "none"
+    if not gan and int_list(args.coordinator_worlds):
+        parser.error("--coordinator-worlds: the coordinator rows measure the GAN's generator "
+                     "EMA; use --family gan")
+    images = args.images or family["images"]
     worlds = int_list(args.worlds)
-    batches = int_list(args.batches)
+    batches = int_list(args.batches or family["batches"])
     coordinator_worlds = int_list(args.coordinator_worlds)
     variants = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in TORCH_VARIANTS]
@@ -263,13 +309,13 @@ def main():
     started = time.time()
     for rep in range(args.reps):
         for (world, batch), systems in cells.items():
-            steps = max(args.warmup, args.images // batch)
+            steps = max(args.warmup, images // batch)
             steps -= steps % args.warmup
             shift = rep % len(systems)
             for system in systems[shift:] + systems[:shift]:
                 if system == "gantry":
                     r = run_gantry(args.worker, world, batch, steps, args.warmup,
-                                   args.precision, args.gantry_set)
+                                   args.precision, args.gantry_set, args.family)
                 elif system in COORDINATOR_KEYS:
                     r = run_coordinator(args.coordinator, args.worker, world, batch, steps,
                                         args.warmup, system == "coordinator_ema",
@@ -277,7 +323,8 @@ def main():
                 else:
                     flags = next(f for k, f in TORCH_VARIANTS.values() if k == system)
                     warmup = compile_warmup if "--compile" in flags else args.warmup
-                    r = run_torch(args.python, world, batch, steps, warmup, bf16 + flags)
+                    r = run_torch(args.python, world, batch, steps, warmup, bf16 + flags,
+                                  args.family)
                     if r.get("compiled_graphs_while_timed"):
                         print(f"warning: {system} compiled {r['compiled_graphs_while_timed']} "
                               "graph(s) during the timed steps; raise --compile-warmup",
@@ -348,6 +395,8 @@ def main():
     report = {
         "machine": machine(),
         "command": "make bench",
+        "family": args.family,
+        "model": MODEL_NAMES[args.family],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "wall_seconds": time.time() - started,
         "reps": args.reps,
@@ -363,6 +412,8 @@ def main():
     markdown = render(report)
     os.makedirs(args.out, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    if not gan:
+        stamp += f"-{args.family}"
     with open(os.path.join(args.out, f"{stamp}.json"), "w") as f:
         json.dump(report, f, indent=2)
     with open(os.path.join(args.out, f"{stamp}.md"), "w") as f:
@@ -388,7 +439,8 @@ def render(report):
             compile_note = (" torch.compile compiled graphs during some timed steps "
                             "(pytorch_compile_graphs_while_timed in the JSON): its figures "
                             "are low.")
-    lines = [f"Machine: {report['machine']}. {report['reps']} repetitions, alternating, "
+    lines = [f"{report.get('model', 'MLP GAN')}. "
+             f"Machine: {report['machine']}. {report['reps']} repetitions, alternating, "
              f"one intra-op thread per rank, {report.get('precision', 'fp32')}{extra}; "
              f"median [min–max] images/s.{compile_note}", ""]
     grid = [r for r in rows if "gantry" in r]

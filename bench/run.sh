@@ -14,7 +14,11 @@
 #   5. scripts/bench-allreduce.sh: ring (TCP and same-host shared memory) vs gloo all-reduce
 #      bus bandwidth, 1-256 MiB;
 #   6. bench/observability_cost.py: Gantry with its TensorBoard event logs on and off
-#      (SKIP_OBSERVABILITY=1 skips it).
+#      (SKIP_OBSERVABILITY=1 skips it);
+#   7. the other model families against their PyTorch twins, world 1 and 2 at their default
+#      batch: the MLP VAE (bench/torch_vae.py, batch 128) and the PixelCNN
+#      (bench/torch_pixelcnn.py, batch 64), the same three PyTorch setups (SKIP_FAMILIES=1
+#      skips them).
 # Results: bench/results/<stamp>.{json,md} and the tables on stdout. Not part of the tests.
 #
 # Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5",
@@ -56,4 +60,14 @@ if [[ -z "${SKIP_OBSERVABILITY:-}" ]]; then
     echo
     echo "The cost of TensorBoard event logs (Gantry alone, world 1, batch 64):"
     "$venv/bin/python" bench/observability_cost.py
+fi
+
+if [[ -z "${SKIP_FAMILIES:-}" ]]; then
+    for family in vae autoregressive; do
+        echo
+        echo "Model family $family against its PyTorch twin:"
+        # shellcheck disable=SC2086 # FAMILY_BENCH_ARGS is a list of flags
+        "$venv/bin/python" bench/compare.py --python "$venv/bin/python" --family "$family" \
+            ${FAMILY_BENCH_ARGS:-}
+    done
 fi

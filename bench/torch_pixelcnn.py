@@ -28,21 +28,32 @@ differently too, so held-out NLLs agree to within the binarisation's noise, not 
 also skips an update whose gradient is not finite; this twin does not (it never happens in
 practice at these settings).
 
-Single process, CPU, --threads intra-op threads (default 1). Only the training loop is timed.
-Prints one JSON object: images/s over the training loop and the held-out likelihood.
+CPU, --threads intra-op threads per rank (default 1); alone, or data parallel under torchrun
+(DDP over gloo, each rank --batch-size rows of every global batch, as Gantry's ranks). Only the
+training steps after --warmup are timed. Prints one JSON object (rank 0): images/s of the
+group over the timed steps, and the held-out NLL unless --no-eval.
 """
 
 import argparse
 import json
 import math
 import os
-import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twin_data import TRAIN_IMAGES, EpochStream, load_digits
+from twin_data import (
+    TRAIN_IMAGES,
+    EpochStream,
+    add_speed_flags,
+    data_parallel,
+    load_digits,
+    prepare,
+    speed_report,
+    timed_steps,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -106,11 +117,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--channels", type=int, default=32)
     parser.add_argument("--residual-blocks", type=int, default=5)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
     parser.add_argument("--seed", type=int, default=42)
+    add_speed_flags(parser)
     parser.add_argument(
         "--data", default=os.path.join(REPO, "data/mnist-10k/mnist-10k-images-idx3-ubyte.gz")
     )
@@ -120,8 +132,11 @@ def main():
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.residual_blocks < 0:
         parser.error("--residual-blocks must be at least 0")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
 
     torch.set_num_threads(args.threads)
+    world, rank = data_parallel()
     digits = load_digits(args.data)
     assert len(digits) > TRAIN_IMAGES, f"{args.data}: {len(digits)} images, need > {TRAIN_IMAGES}"
     intensities = digits.unsqueeze(1).float() / 255.0  # N x 1 x H x W in [0, 1]
@@ -130,47 +145,45 @@ def main():
 
     torch.manual_seed(args.seed)
     model = PixelCnn(args.channels, args.residual_blocks)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    trained, optimizer = prepare(model, args, world)
+    # Every rank draws the same global order and trains on its slice of each global batch; the
+    # binarisation uniforms are each rank's own.
     stream = EpochStream(len(train), torch.Generator().manual_seed(args.seed))
-    binarisation = torch.Generator().manual_seed(args.seed + 1)
+    binarisation = torch.Generator().manual_seed(args.seed + 1 + rank)
+    mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        v = train[stream.take(args.batch_size)]
+    def step():
+        v = train[stream.take(args.batch_size * world)[mine]]
         x = (v > torch.rand(v.shape, generator=binarisation)).float()
-        loss = nll_nats(model, x).mean()
+        loss = nll_nats(trained, x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    seconds = time.perf_counter() - started
 
-    model.eval()
-    fixed = torch.Generator().manual_seed(HELDOUT_BINARISATION_SEED)
-    held_binary = (held > torch.rand(held.shape, generator=fixed)).float()
-    total = 0.0
-    with torch.inference_mode():
-        for first in range(0, len(held_binary), EVAL_CHUNK):
-            chunk = held_binary[first : first + EVAL_CHUNK]
-            total += nll_nats(model, chunk).double().sum().item()
-    nll = total / len(held_binary)
-    print(
-        json.dumps(
-            {
-                "model": "pixelcnn",
-                "channels": args.channels,
-                "residual_blocks": args.residual_blocks,
-                "steps": args.steps,
-                "batch_size": args.batch_size,
-                "threads": torch.get_num_threads(),
-                "train_seconds": seconds,
-                "images_per_second": args.steps * args.batch_size / seconds,
-                "heldout_nll_nats": nll,
-                "bits_per_dim": nll / (pixels * math.log(2.0)),
-            }
-        ),
-        flush=True,
-    )
-
+    seconds = timed_steps(step, args.warmup, args.steps, world)
+    if rank != 0:
+        dist.destroy_process_group()
+        return
+    report = {
+        "model": "pixelcnn",
+        "channels": args.channels,
+        "residual_blocks": args.residual_blocks,
+        **speed_report(args, world, seconds),
+    }
+    if not args.no_eval:
+        model.eval()
+        fixed = torch.Generator().manual_seed(HELDOUT_BINARISATION_SEED)
+        held_binary = (held > torch.rand(held.shape, generator=fixed)).float()
+        total = 0.0
+        with torch.inference_mode():
+            for first in range(0, len(held_binary), EVAL_CHUNK):
+                chunk = held_binary[first : first + EVAL_CHUNK]
+                total += nll_nats(model, chunk).double().sum().item()
+        nll = total / len(held_binary)
+        report.update(heldout_nll_nats=nll, bits_per_dim=nll / (pixels * math.log(2.0)))
+    print(json.dumps(report), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
 
 if __name__ == "__main__":
     main()

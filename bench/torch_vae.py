@@ -26,21 +26,32 @@ draws, so the two runs agree in distribution, not value by value. Gantry also sk
 whose gradient is not finite; this twin does not (it never happens in practice at these
 settings).
 
-Single process, CPU, --threads intra-op threads (default 1). Only the training loop is timed.
-Prints one JSON object: images/s over the training loop and the held-out likelihood.
+CPU, --threads intra-op threads per rank (default 1); alone, or data parallel under torchrun
+(DDP over gloo, each rank --batch-size rows of every global batch, as Gantry's ranks). Only the
+training steps after --warmup are timed. Prints one JSON object (rank 0): images/s of the
+group over the timed steps, and the held-out likelihood unless --no-eval.
 """
 
 import argparse
 import json
 import math
 import os
-import time
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from twin_data import TRAIN_IMAGES, EpochStream, load_digits
+from twin_data import (
+    TRAIN_IMAGES,
+    EpochStream,
+    add_speed_flags,
+    data_parallel,
+    load_digits,
+    prepare,
+    speed_report,
+    timed_steps,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +74,11 @@ class Vae(nn.Module):
 
     def decode(self, z):
         return self.dec_out(F.relu(self.dec_hidden(z)))
+
+    def forward(self, x, eps):
+        """(decoder logits, mu, log_var) of one training pass: z = mu + exp(log_var / 2) eps."""
+        mu, log_var = self.encode(x)
+        return self.decode(mu + (0.5 * log_var).exp() * eps), mu, log_var
 
 
 def reconstruction_nats(logits, x):
@@ -100,12 +116,13 @@ def heldout(model, x, k, latent):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=128, help="per rank")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--importance-samples", type=int, default=100, help="K of the IWAE bound")
+    add_speed_flags(parser)
     parser.add_argument(
         "--data", default=os.path.join(REPO, "data/mnist-10k/mnist-10k-images-idx3-ubyte.gz")
     )
@@ -113,8 +130,11 @@ def main():
     for name in ("batch_size", "steps", "threads", "importance_samples"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
 
     torch.set_num_threads(args.threads)
+    world, rank = data_parallel()
     digits = load_digits(args.data)
     assert len(digits) > TRAIN_IMAGES, f"{args.data}: {len(digits)} images, need > {TRAIN_IMAGES}"
     intensities = digits.reshape(len(digits), -1).float() / 255.0
@@ -123,40 +143,39 @@ def main():
 
     torch.manual_seed(args.seed)
     model = Vae(pixels=pixels, hidden=400, latent=latent)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr, betas=(0.9, 0.999))
+    trained, optimizer = prepare(model, args, world)
+    # Every rank draws the same global order and trains on its slice of each global batch; the
+    # noise is each rank's own.
     stream = EpochStream(len(train), torch.Generator().manual_seed(args.seed))
-    noise = torch.Generator().manual_seed(args.seed + 1)
+    noise = torch.Generator().manual_seed(args.seed + 1 + rank)
+    mine = slice(rank * args.batch_size, (rank + 1) * args.batch_size)
 
-    started = time.perf_counter()
-    for _ in range(args.steps):
-        x = train[stream.take(args.batch_size)]
+    def step():
+        x = train[stream.take(args.batch_size * world)[mine]]
         eps = torch.randn(args.batch_size, latent, generator=noise)
-        mu, log_var = model.encode(x)
-        z = mu + (0.5 * log_var).exp() * eps
-        loss = (reconstruction_nats(model.decode(z), x) + kl_nats(mu, log_var)).mean()
+        # DDP's hooks run on the wrapper's forward: encode and decode go through it as one call.
+        logits, mu, log_var = trained(x, eps)
+        loss = (reconstruction_nats(logits, x) + kl_nats(mu, log_var)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    seconds = time.perf_counter() - started
 
-    model.eval()
-    neg_elbo, nll = heldout(model, held, args.importance_samples, latent)
-    print(
-        json.dumps(
-            {
-                "model": "vae",
-                "steps": args.steps,
-                "batch_size": args.batch_size,
-                "threads": torch.get_num_threads(),
-                "train_seconds": seconds,
-                "images_per_second": args.steps * args.batch_size / seconds,
-                "heldout_neg_elbo_nats": neg_elbo,
-                "heldout_nll_nats": nll,
-                "bits_per_dim": nll / (pixels * math.log(2.0)),
-            }
-        ),
-        flush=True,
-    )
+    seconds = timed_steps(step, args.warmup, args.steps, world)
+    if rank != 0:
+        dist.destroy_process_group()
+        return
+    report = {"model": "vae", **speed_report(args, world, seconds)}
+    if not args.no_eval:
+        model.eval()
+        neg_elbo, nll = heldout(model, held, args.importance_samples, latent)
+        report.update(
+            heldout_neg_elbo_nats=neg_elbo,
+            heldout_nll_nats=nll,
+            bits_per_dim=nll / (pixels * math.log(2.0)),
+        )
+    print(json.dumps(report), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

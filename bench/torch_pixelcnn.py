@@ -28,10 +28,8 @@ differently too, so held-out NLLs agree to within the binarisation's noise, not 
 also skips an update whose gradient is not finite; this twin does not (it never happens in
 practice at these settings).
 
-CPU, --threads intra-op threads per rank (default 1); alone, or data parallel under torchrun
-(DDP over gloo, each rank --batch-size rows of every global batch, as Gantry's ranks). Only the
-training steps after --warmup are timed. Prints one JSON object (rank 0): images/s of the
-group over the timed steps, and the held-out NLL unless --no-eval.
+Run and timed as bench/torch_vae.py is (bench/twin_data.py's harness: alone or under
+torchrun); its JSON line carries the held-out NLL unless --no-eval.
 """
 
 import argparse

@@ -55,14 +55,16 @@ def clean_env():
     return env
 
 
-# Model families, by --family name: the PyTorch script of the same job, the Gantry keys that
-# choose the family, the batch sizes per rank and the timed images per rank and run unless
-# --batches / --images say otherwise.
+# Model families, by --family name: the PyTorch script of the same job and the flags it always
+# gets (the twins evaluate held-out likelihood after training unless told not to: not timed,
+# but minutes of a benchmark), the Gantry keys that choose the family, the batch sizes per rank
+# and the timed images per rank and run unless --batches / --images say otherwise.
 FAMILIES = {
-    "gan": {"script": "torch_gan.py", "sets": {}, "batches": "16,64,256", "images": 12800},
-    "vae": {"script": "torch_vae.py", "sets": {"model.family": "vae"}, "batches": "128",
-            "images": 25600},
-    "autoregressive": {"script": "torch_pixelcnn.py",
+    "gan": {"script": "torch_gan.py", "script_flags": [], "sets": {}, "batches": "16,64,256",
+            "images": 12800},
+    "vae": {"script": "torch_vae.py", "script_flags": ["--no-eval"],
+            "sets": {"model.family": "vae"}, "batches": "128", "images": 25600},
+    "autoregressive": {"script": "torch_pixelcnn.py", "script_flags": ["--no-eval"],
                        "sets": {"model.family": "autoregressive"}, "batches": "64",
                        "images": 5120},
 }
@@ -167,14 +169,10 @@ def run_coordinator(coordinator, worker, world, batch, steps, warmup, ema, preci
 
 
 def run_torch(python, world, batch, steps, warmup, extra=(), family="gan"):
-    script = FAMILIES[family]["script"]
-    # The twins evaluate held-out likelihood after training unless told not to: not timed,
-    # but minutes of a benchmark.
-    if family != "gan":
-        extra = [*extra, "--no-eval"]
+    script, flags = FAMILIES[family]["script"], FAMILIES[family]["script_flags"]
     command = [python, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                os.path.join(REPO, "bench", script), "--batch-size", str(batch),
-               "--steps", str(steps), "--warmup", str(warmup), "--threads", "1", *extra]
+               "--steps", str(steps), "--warmup", str(warmup), "--threads", "1", *flags, *extra]
     out = subprocess.run(command, env=clean_env(), capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError("pytorch run failed:\n" + out.stdout + out.stderr)

@@ -58,15 +58,17 @@ def clean_env():
 # Model families, by --family name: the PyTorch script of the same job and the flags it always
 # gets (the twins evaluate held-out likelihood after training unless told not to: not timed,
 # but minutes of a benchmark), the Gantry keys that choose the family, the batch sizes per rank
-# and the timed images per rank and run unless --batches / --images say otherwise.
+# and the timed images per rank and run unless --batches / --images say otherwise, and the
+# PyTorch setups the twin has (TORCH_VARIANTS names; the default --torch-variants).
 FAMILIES = {
     "gan": {"script": "torch_gan.py", "script_flags": [], "sets": {}, "batches": "16,64,256",
-            "images": 12800},
+            "images": 12800, "variants": "default,fused,compile"},
     "vae": {"script": "torch_vae.py", "script_flags": ["--no-eval"],
-            "sets": {"model.family": "vae"}, "batches": "128", "images": 25600},
+            "sets": {"model.family": "vae"}, "batches": "128", "images": 25600,
+            "variants": "default,fused,compile"},
     "autoregressive": {"script": "torch_pixelcnn.py", "script_flags": ["--no-eval"],
                        "sets": {"model.family": "autoregressive"}, "batches": "64",
-                       "images": 5120},
+                       "images": 5120, "variants": "default,fused,compile,channels_last"},
 }
 MODEL_NAMES = {"gan": "MLP GAN", "vae": "MLP VAE", "autoregressive": "PixelCNN"}
 
@@ -214,12 +216,14 @@ def machine():
     return f"{model}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}"
 
 
-# PyTorch setups, by --torch-variants name: (result key, torch_gan.py flags). "pytorch" is the
+# PyTorch setups, by --torch-variants name: (result key, twin flags). "pytorch" is the
 # original column (eager, default Adam); the others are PyTorch's best settings on CPU.
+# channels_last is for the convolutional twin only (its FAMILIES entry lists it).
 TORCH_VARIANTS = {
     "default": ("pytorch", []),
     "fused": ("pytorch_fused", ["--fused"]),
     "compile": ("pytorch_compile", ["--compile", "--fused"]),
+    "channels_last": ("pytorch_channels_last", ["--fused", "--channels-last"]),
 }
 TORCH_KEYS = [key for key, _ in TORCH_VARIANTS.values()]
 COORDINATOR_KEYS = ["coordinator_ema", "coordinator_no_ema"]
@@ -228,6 +232,7 @@ LABELS = {
     "pytorch": "PyTorch eager",
     "pytorch_fused": "PyTorch fused Adam",
     "pytorch_compile": "PyTorch compile + fused Adam",
+    "pytorch_channels_last": "PyTorch channels-last + fused Adam",
     "coordinator_ema": "Gantry coordinator, EMA on",
     "coordinator_no_ema": "Gantry coordinator, EMA off",
 }
@@ -258,9 +263,11 @@ def main():
                         help="warm-up steps of the torch.compile runs (default: 2 x --warmup); "
                              "compiling happens in the first step, and the script reports any "
                              "graph compiled during the timed steps")
-    parser.add_argument("--torch-variants", default="default,fused,compile",
+    parser.add_argument("--torch-variants", default=None,
                         help="PyTorch setups to run, any of: default (eager, default Adam), "
-                             "fused (eager, Adam fused=True), compile (torch.compile, fused Adam)")
+                             "fused (eager, Adam fused=True), compile (torch.compile, fused "
+                             "Adam), channels_last (eager, fused Adam, NHWC; PixelCNN only); "
+                             "default: all the family's twin has")
     parser.add_argument("--coordinator-worlds", default=None,
                         help="world sizes of the Gantry rows through `coordinator --workers N` "
                              "(EMA on and off; default 1,2 for the GAN, none otherwise); 'none' "
@@ -286,11 +293,13 @@ def main():
     worlds = int_list(args.worlds)
     batches = int_list(args.batches or family["batches"])
     coordinator_worlds = int_list(args.coordinator_worlds)
-    variants = [v.strip() for v in args.torch_variants.split(",") if v.strip()]
-    unknown = [v for v in variants if v not in TORCH_VARIANTS]
+    variants = [v.strip() for v in (args.torch_variants or family["variants"]).split(",")
+                if v.strip()]
+    offered = family["variants"].split(",")
+    unknown = [v for v in variants if v not in offered]
     if unknown:
-        parser.error(f"--torch-variants: unknown {', '.join(unknown)} "
-                     f"(choose from {', '.join(TORCH_VARIANTS)})")
+        parser.error(f"--torch-variants: {', '.join(unknown)} not a setup of the "
+                     f"{args.family} twin (choose from {', '.join(offered)})")
     compile_warmup = args.compile_warmup or 2 * args.warmup
     bf16 = ["--bf16"] if args.precision == "bf16" else []
 

@@ -122,6 +122,12 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     add_speed_flags(parser)
     parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="weights and activations in torch.channels_last (NHWC), which oneDNN's convolutions "
+        "take without reordering",
+    )
+    parser.add_argument(
         "--data", default=os.path.join(REPO, "data/mnist-10k/mnist-10k-images-idx3-ubyte.gz")
     )
     args = parser.parse_args()
@@ -143,6 +149,8 @@ def main():
 
     torch.manual_seed(args.seed)
     model = PixelCnn(args.channels, args.residual_blocks)
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(memory_format=layout)
     trained, optimizer = prepare(model, args, world)
     # Every rank draws the same global order and trains on its slice of each global batch; the
     # binarisation uniforms are each rank's own.
@@ -152,7 +160,7 @@ def main():
 
     def step():
         v = train[stream.take(args.batch_size * world)[mine]]
-        x = (v > torch.rand(v.shape, generator=binarisation)).float()
+        x = (v > torch.rand(v.shape, generator=binarisation)).float().contiguous(memory_format=layout)
         loss = nll_nats(trained, x).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -167,6 +175,7 @@ def main():
         "channels": args.channels,
         "residual_blocks": args.residual_blocks,
         **speed_report(args, world, seconds),
+        "channels_last": args.channels_last,
     }
     if not args.no_eval:
         model.eval()

@@ -94,7 +94,12 @@ def timed_steps(step, warmup, steps, world):
 def speed_report(args, world, seconds):
     """The fields of a twin's JSON line that bench/compare.py reads, as torch_gan.py prints them:
     images/s of the whole group over the timed steps and seconds per step."""
-    variant = "".join(s for flag, s in ((args.compile, "-compile"), (args.fused, "-fused")) if flag)
+    flags = (
+        (args.compile, "-compile"),
+        (args.fused, "-fused"),
+        (getattr(args, "channels_last", False), "-channels-last"),
+    )
+    variant = "".join(s for flag, s in flags if flag)
     return {
         "system": "pytorch" + variant,
         "compile": args.compile,

@@ -83,15 +83,24 @@ impl MaskedConv {
         }
     }
 
+    /// The mask zeroes every kernel row below the centre, so only the rows down to the centre
+    /// are convolved: 2 of 3 rows for 3×3, 4 of 7 for 7×7, the same sums with a third to
+    /// almost half fewer multiplications. With the full padding above and below, output row r
+    /// of the cropped kernel sees input rows r − padding ..= r, which is exactly row r of the
+    /// masked full kernel; the `padding` extra rows at the bottom are cut off. The cropped-away
+    /// weights get zero gradients, as the mask gave them before.
     fn forward(&self, x: &Tensor) -> Tensor {
+        let rows = self.padding + 1;
+        let kernel = self.weight.narrow(2, 0, rows) * self.mask.narrow(2, 0, rows);
         x.conv2d(
-            &(&self.weight * &self.mask),
+            &kernel,
             Some(&self.bias),
             [1, 1],
             [self.padding, self.padding],
             [1, 1],
             1,
         )
+        .narrow(2, 0, x.size()[2])
     }
 }
 
@@ -133,6 +142,18 @@ fn biased(h: Tensor, bias: Option<&Tensor>) -> Tensor {
         Some(b) => h + b,
         None => h,
     }
+}
+
+/// `x` (N×1×H×W) with channels-last strides. With one channel a dense tensor is contiguous in
+/// both layouts, so no copy or permute makes the strides say so; libtorch picks a
+/// convolution's layout from its input's strides, and these say NHWC.
+fn channels_last_grey(x: &Tensor) -> Tensor {
+    let [n, c, h, w] = x.size()[..] else {
+        unreachable!("the PixelCNN's inputs are N×1×H×W")
+    };
+    debug_assert_eq!(c, 1, "the PixelCNN models grey images");
+    x.contiguous()
+        .as_strided([n, 1, h, w], [h * w, 1, w, 1], None)
 }
 
 /// The PixelCNN being trained.
@@ -261,9 +282,16 @@ impl PixelCnn {
     }
 
     /// The masked layers' features (N×C×H×W), with the images' class biases when conditional.
+    ///
+    /// The layers run channels-last (NHWC strides behind the NCHW shape): oneDNN's convolutions
+    /// take that layout as it is, where NCHW costs a reorder into its blocked layout and back
+    /// around every convolution and its two backward passes, a third of the step. Setting it on
+    /// the input is enough: each convolution, ReLU and sum hands its output on in its input's
+    /// layout, and the gradients come back in it.
     fn features(&self, x: &Tensor, biases: Option<&Biases>) -> Tensor {
         use tch::nn::Module;
-        let mut h = biased(self.input.forward(x), biases.map(|b| &b.input));
+        let x = channels_last_grey(x);
+        let mut h = biased(self.input.forward(&x), biases.map(|b| &b.input));
         for (i, block) in self.blocks.iter().enumerate() {
             h = biased(
                 &h + block.mix.forward(&block.masked.forward(&h.relu()).relu()),
@@ -302,7 +330,7 @@ impl PixelCnn {
             ),
         };
         per_pixel
-            .view([n, -1])
+            .reshape([n, -1])
             .sum_dim_intlist([1i64].as_slice(), false, Kind::Float)
     }
 
@@ -555,6 +583,66 @@ impl TrainTask for PixelCnn {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cropped kernel (rows down to the centre) gives the masked full kernel's output and
+    /// weight gradient, for both mask types, in either input layout.
+    #[test]
+    fn cropped_kernels_equal_the_masked_full_kernel() {
+        tch::manual_seed(7);
+        let vs = VarStore::new(Device::Cpu);
+        for (size, include_centre) in [(7, false), (3, true)] {
+            let inputs = if include_centre { 5 } else { 1 };
+            let conv = MaskedConv::new(
+                &vs.root() / format!("k{size}"),
+                inputs,
+                6,
+                size,
+                include_centre,
+            );
+            let x = Tensor::randn([3, inputs, 9, 11], (Kind::Float, Device::Cpu));
+            for x in [
+                x.shallow_clone(),
+                x.permute([0, 2, 3, 1]).contiguous().permute([0, 3, 1, 2]),
+            ] {
+                let ours = conv.forward(&x);
+                let full = x.conv2d(
+                    &(&conv.weight * &conv.mask),
+                    Some(&conv.bias),
+                    [1, 1],
+                    [conv.padding, conv.padding],
+                    [1, 1],
+                    1,
+                );
+                assert_eq!(ours.size(), full.size());
+                let gap = f64::try_from((&ours - &full).abs().max()).unwrap();
+                assert!(gap < 1e-5, "{size}×{size} output differs by {gap}");
+                let grads = |y: &Tensor| {
+                    Tensor::run_backward(&[y.sum(Kind::Float)], &[&conv.weight], false, false)
+                        .pop()
+                        .unwrap()
+                };
+                let (g_ours, g_full) = (grads(&ours), grads(&full));
+                let gap = f64::try_from((&g_ours - &g_full).abs().max()).unwrap();
+                assert!(gap < 1e-4, "{size}×{size} weight gradient differs by {gap}");
+                let outside = conv.mask.ones_like() - &conv.mask;
+                let masked_out = f64::try_from((&g_ours * outside).abs().max()).unwrap();
+                assert_eq!(masked_out, 0.0, "a masked-out weight got a gradient");
+            }
+        }
+    }
+
+    /// The features come out channels-last (see `features`): the layout the convolutions run in.
+    #[test]
+    fn features_are_channels_last() {
+        let mut settings = Settings::default();
+        settings.autoregressive.channels = 4;
+        settings.autoregressive.residual_blocks = 1;
+        let model = PixelCnn::new(&settings, [1, 6, 6], Device::Cpu).unwrap();
+        let x = Tensor::rand([2, 1, 6, 6], (Kind::Float, Device::Cpu));
+        let h = model.features(&x, None);
+        assert_eq!(h.size(), [2, 4, 6, 6]);
+        assert_eq!(h.stride(), [144, 1, 24, 4], "features are not NHWC");
+    }
 
     /// A pixel's logit depends on the pixels before it in raster order and on nothing else,
     /// with or without (non-zero) class biases.

@@ -68,7 +68,7 @@ FAMILIES = {
             "variants": "default,fused,compile"},
     "autoregressive": {"script": "torch_pixelcnn.py", "script_flags": ["--no-eval"],
                        "sets": {"model.family": "autoregressive"}, "batches": "64",
-                       "images": 5120, "variants": "default,fused,compile,channels_last"},
+                       "images": 5120, "variants": "default,fused,compile,channels_last,tuned"},
 }
 MODEL_NAMES = {"gan": "MLP GAN", "vae": "MLP VAE", "autoregressive": "PixelCNN"}
 
@@ -218,12 +218,14 @@ def machine():
 
 # PyTorch setups, by --torch-variants name: (result key, twin flags). "pytorch" is the
 # original column (eager, default Adam); the others are PyTorch's best settings on CPU.
-# channels_last is for the convolutional twin only (its FAMILIES entry lists it).
+# channels_last and tuned are for the convolutional twin only (its FAMILIES entry lists them):
+# tuned also convolves only the kernel rows the PixelCNN's masks keep, as Gantry does.
 TORCH_VARIANTS = {
     "default": ("pytorch", []),
     "fused": ("pytorch_fused", ["--fused"]),
     "compile": ("pytorch_compile", ["--compile", "--fused"]),
     "channels_last": ("pytorch_channels_last", ["--fused", "--channels-last"]),
+    "tuned": ("pytorch_tuned", ["--fused", "--channels-last", "--cropped-kernels"]),
 }
 TORCH_KEYS = [key for key, _ in TORCH_VARIANTS.values()]
 COORDINATOR_KEYS = ["coordinator_ema", "coordinator_no_ema"]
@@ -233,6 +235,7 @@ LABELS = {
     "pytorch_fused": "PyTorch fused Adam",
     "pytorch_compile": "PyTorch compile + fused Adam",
     "pytorch_channels_last": "PyTorch channels-last + fused Adam",
+    "pytorch_tuned": "PyTorch channels-last + fused Adam + cropped kernels",
     "coordinator_ema": "Gantry coordinator, EMA on",
     "coordinator_no_ema": "Gantry coordinator, EMA off",
 }
@@ -266,7 +269,8 @@ def main():
     parser.add_argument("--torch-variants", default=None,
                         help="PyTorch setups to run, any of: default (eager, default Adam), "
                              "fused (eager, Adam fused=True), compile (torch.compile, fused "
-                             "Adam), channels_last (eager, fused Adam, NHWC; PixelCNN only); "
+                             "Adam), channels_last (eager, fused Adam, NHWC; PixelCNN only), "
+                             "tuned (channels_last with Gantry's cropped masked kernels); "
                              "default: all the family's twin has")
     parser.add_argument("--coordinator-worlds", default=None,
                         help="world sizes of the Gantry rows through `coordinator --workers N` "

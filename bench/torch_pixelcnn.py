@@ -65,9 +65,13 @@ class MaskedConv2d(nn.Conv2d):
     """A square convolution whose kernel is multiplied by a fixed causal mask at every use;
     `include_centre` makes it type B (the pixel's own features) rather than type A."""
 
+    # Class-wide, set by --cropped-kernels before the model is built.
+    cropped = False
+
     def __init__(self, inputs, outputs, size, include_centre):
         super().__init__(inputs, outputs, size, padding=size // 2)
         centre = size // 2
+        self.rows = centre + 1
         mask = torch.zeros(size, size)
         mask[:centre, :] = 1.0
         mask[centre, :centre] = 1.0
@@ -76,7 +80,13 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", mask.view(1, 1, size, size))
 
     def forward(self, x):
-        return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+        if not self.cropped:
+            return F.conv2d(x, self.weight * self.mask, self.bias, padding=self.padding)
+        # The rows below the centre are masked out: convolve the kept rows only (with the full
+        # padding, output row r sees input rows r - centre ..= r) and cut the extra rows, as
+        # Gantry's PixelCNN does. Same sums, a third fewer multiplications.
+        kernel = self.weight[:, :, : self.rows] * self.mask[:, :, : self.rows]
+        return F.conv2d(x, kernel, self.bias, padding=self.padding)[:, :, : x.shape[2]]
 
 
 class Block(nn.Module):
@@ -128,6 +138,11 @@ def main():
         "take without reordering",
     )
     parser.add_argument(
+        "--cropped-kernels",
+        action="store_true",
+        help="convolve only the kernel rows the masks keep (the same sums), as Gantry does",
+    )
+    parser.add_argument(
         "--data", default=os.path.join(REPO, "data/mnist-10k/mnist-10k-images-idx3-ubyte.gz")
     )
     args = parser.parse_args()
@@ -148,6 +163,7 @@ def main():
     pixels = train[0].numel()
 
     torch.manual_seed(args.seed)
+    MaskedConv2d.cropped = args.cropped_kernels
     model = PixelCnn(args.channels, args.residual_blocks)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
@@ -176,6 +192,7 @@ def main():
         "residual_blocks": args.residual_blocks,
         **speed_report(args, world, seconds),
         "channels_last": args.channels_last,
+        "cropped_kernels": args.cropped_kernels,
     }
     if not args.no_eval:
         model.eval()

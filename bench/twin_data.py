@@ -98,6 +98,7 @@ def speed_report(args, world, seconds):
         (args.compile, "-compile"),
         (args.fused, "-fused"),
         (getattr(args, "channels_last", False), "-channels-last"),
+        (getattr(args, "cropped_kernels", False), "-cropped"),
     )
     variant = "".join(s for flag, s in flags if flag)
     return {

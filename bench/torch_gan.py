@@ -9,8 +9,9 @@ ReLU, ConvTranspose 64-1 with bias, tanh; D: Conv 1-64 and 64-128 4/2/1, LeakyRe
 Linear 6272-1; weights N(0, 0.02), zero biases). Same loss (non-saturating BCE from logits), same optimiser (Adam,
 lr 1e-3, betas 0.5/0.999), same data (the embedded MNIST-10k scaled to [-1, 1], a permutation
 per epoch, each rank its slice of the global batch), same schedule as Gantry's default
-`simultaneous`: one forward pass of G and of D on real+fake, each network the gradient of its
-own loss. Data parallel with torch.distributed DDP (gloo on CPU, NCCL on GPU); launch with
+`simultaneous`: one forward pass of G and of D on the real and the fake batch (apart, so that
+G's backward pass through D covers the fake rows only), each network the gradient of its own
+loss. Data parallel with torch.distributed DDP (gloo on CPU, NCCL on GPU); launch with
 torchrun. DDP keeps its defaults except broadcast_buffers=False (Gantry does not synchronise
 BatchNorm statistics every step either).
 
@@ -122,6 +123,19 @@ class Discriminator(nn.Module):
         return self.l2(x)
 
 
+class Pair(nn.Module):
+    """D on the real and the fake batch apart, in one call (so DDP sees one forward pass): G's
+    backward pass through D then covers the fake rows only, where through one concatenated
+    batch its input-gradient GEMMs would also cover the real rows. Gantry does the same."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.d = d
+
+    def forward(self, real, fake):
+        return self.d(real), self.d(fake)
+
+
 def compiled_graphs():
     """Forward and backward graphs torch.compile has compiled so far in this process."""
     try:
@@ -166,6 +180,7 @@ def main():
         g, d = DcganGenerator().to(device), DcganDiscriminator().to(device)
     else:
         g, d = Generator().to(device), Discriminator().to(device)
+    d = Pair(d)
     if distributed:
         g = nn.parallel.DistributedDataParallel(g, broadcast_buffers=False)
         d = nn.parallel.DistributedDataParallel(d, broadcast_buffers=False)
@@ -219,8 +234,7 @@ def main():
         with autocast:
             fake = g(z)
             lap("g_forward")
-            logits = d(torch.cat([real, fake]))
-            real_logits, fake_logits = logits[: args.batch_size], logits[args.batch_size :]
+            real_logits, fake_logits = d(real, fake)
             d_loss = F.binary_cross_entropy_with_logits(
                 real_logits, torch.ones_like(real_logits)
             ) + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))

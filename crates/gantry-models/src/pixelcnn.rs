@@ -619,16 +619,28 @@ mod tests {
                     1,
                 );
                 assert_eq!(ours.size(), full.size());
-                let gap = f64::try_from((&ours - &full).abs().max()).unwrap();
-                assert!(gap < 1e-5, "{size}×{size} output differs by {gap}");
+                // Relative to the largest value: the two kernels sum in other orders, and
+                // the kernels oneDNN picks differ between CPUs.
+                let relative = |a: &Tensor, b: &Tensor| {
+                    f64::try_from((a - b).abs().max()).unwrap()
+                        / f64::try_from(b.abs().max()).unwrap()
+                };
+                let gap = relative(&ours, &full);
+                assert!(
+                    gap < 1e-5,
+                    "{size}×{size} output differs by {gap} (relative)"
+                );
                 let grads = |y: &Tensor| {
                     Tensor::run_backward(&[y.sum(Kind::Float)], &[&conv.weight], false, false)
                         .pop()
                         .unwrap()
                 };
                 let (g_ours, g_full) = (grads(&ours), grads(&full));
-                let gap = f64::try_from((&g_ours - &g_full).abs().max()).unwrap();
-                assert!(gap < 1e-4, "{size}×{size} weight gradient differs by {gap}");
+                let gap = relative(&g_ours, &g_full);
+                assert!(
+                    gap < 1e-5,
+                    "{size}×{size} weight gradient differs by {gap} (relative)"
+                );
                 let outside = conv.mask.ones_like() - &conv.mask;
                 let masked_out = f64::try_from((&g_ours * outside).abs().max()).unwrap();
                 assert_eq!(masked_out, 0.0, "a masked-out weight got a gradient");

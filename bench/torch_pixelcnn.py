@@ -63,14 +63,13 @@ EVAL_CHUNK = 250
 
 class MaskedConv2d(nn.Conv2d):
     """A square convolution whose kernel is multiplied by a fixed causal mask at every use;
-    `include_centre` makes it type B (the pixel's own features) rather than type A."""
+    `include_centre` makes it type B (the pixel's own features) rather than type A, and
+    `cropped` convolves only the kernel rows the mask keeps (see forward)."""
 
-    # Class-wide, set by --cropped-kernels before the model is built.
-    cropped = False
-
-    def __init__(self, inputs, outputs, size, include_centre):
+    def __init__(self, inputs, outputs, size, include_centre, cropped=False):
         super().__init__(inputs, outputs, size, padding=size // 2)
         centre = size // 2
+        self.cropped = cropped
         self.rows = centre + 1
         mask = torch.zeros(size, size)
         mask[:centre, :] = 1.0
@@ -90,9 +89,9 @@ class MaskedConv2d(nn.Conv2d):
 
 
 class Block(nn.Module):
-    def __init__(self, channels):
+    def __init__(self, channels, cropped=False):
         super().__init__()
-        self.masked = MaskedConv2d(channels, channels, 3, include_centre=True)
+        self.masked = MaskedConv2d(channels, channels, 3, include_centre=True, cropped=cropped)
         self.mix = nn.Conv2d(channels, channels, 1)
 
     def forward(self, h):
@@ -100,10 +99,10 @@ class Block(nn.Module):
 
 
 class PixelCnn(nn.Module):
-    def __init__(self, channels=32, residual_blocks=5):
+    def __init__(self, channels=32, residual_blocks=5, cropped=False):
         super().__init__()
-        self.input = MaskedConv2d(1, channels, 7, include_centre=False)
-        self.blocks = nn.ModuleList(Block(channels) for _ in range(residual_blocks))
+        self.input = MaskedConv2d(1, channels, 7, include_centre=False, cropped=cropped)
+        self.blocks = nn.ModuleList(Block(channels, cropped) for _ in range(residual_blocks))
         self.head = nn.Conv2d(channels, channels, 1)
         self.out = nn.Conv2d(channels, 1, 1)
 
@@ -163,8 +162,7 @@ def main():
     pixels = train[0].numel()
 
     torch.manual_seed(args.seed)
-    MaskedConv2d.cropped = args.cropped_kernels
-    model = PixelCnn(args.channels, args.residual_blocks)
+    model = PixelCnn(args.channels, args.residual_blocks, cropped=args.cropped_kernels)
     layout = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(memory_format=layout)
     trained, optimizer = prepare(model, args, world)

@@ -403,8 +403,11 @@ fn external_stopped_worker_is_replaced_and_its_stale_heartbeat_aborted() {
 #[test]
 fn killed_coordinator_is_noticed_and_a_resumed_one_finishes_the_job() {
     let token = "test-token-7";
-    // Long enough that the workers cannot finish before they notice the lost coordinator.
-    let steps = 160;
+    // The workers train on without a coordinator until their heartbeats time out (2.2 s, by
+    // when they are near step 140), so the job must outlast that on a fast machine too: at the
+    // ~65 steps/s of a 2-core CI runner, 160 steps were sometimes all done first, while 600
+    // would need a machine 3x faster.
+    let steps = 600;
     let mut c = Cluster::new();
     let first = c.coordinator(
         "coordinator-1",

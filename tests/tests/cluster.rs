@@ -805,12 +805,13 @@ fn a_terminal_ctrl_c_checkpoints_and_stops_the_whole_job_cleanly() {
 
 // --- Elastic membership (coordinator side; docs/elastic.md "Coordinator") ---------------
 
-/// The elastic tests' job: 60 steps, checkpoints every 20, plain SGD and no BatchNorm (so a
+/// The elastic tests' job: 120 steps (a regroup is scheduled two heartbeat intervals of
+/// steps ahead, ~40 here, and must land before the end), checkpoints every 20, plain SGD and no BatchNorm (so a
 /// group's update depends on the global batch alone, not on how it is sliced), a global
 /// batch of 48 = 3 × 16 = 2 × 24 (even slices at both world sizes: the check does not
 /// depend on uneven slicing).
-const ELASTIC_STEPS: u64 = 60;
-const ELASTIC_SETTINGS: [&str; 8] = [
+const ELASTIC_STEPS: u64 = 120;
+const ELASTIC_SETTINGS: [&str; 10] = [
     "--set",
     "train.optimizer=sgd",
     "--set",
@@ -819,6 +820,9 @@ const ELASTIC_SETTINGS: [&str; 8] = [
     "cluster.min_workers=2",
     "--set",
     "cluster.rejoin_grace=2",
+    // The control run starts from the reference's checkpoint of the resumed step.
+    "--set",
+    "checkpoint.keep=100000",
 ];
 
 /// The F32 tensors of a `.safetensors` file, by name (8-byte little-endian header length,
@@ -969,7 +973,7 @@ fn an_elastic_job_shrinks_to_the_survivors_grows_back_at_a_regroup_and_trains_th
     );
     c.procs[victim].signal(libc::SIGKILL);
     // Paused, so the shrunken group holds after its first step until the late worker has
-    // joined (60 steps would otherwise be over before a new process is up); the pause holds
+    // joined (the job would otherwise be over before a new process is up); the pause holds
     // across generations.
     let file = c.run_dir.join("operator-token").display().to_string();
     let control = |verb: &str| {

@@ -136,6 +136,11 @@ pub struct Member {
     pub statistics: std::collections::BTreeMap<String, f64>,
     pub images_per_second: f64,
     pub step_seconds: f64,
+    /// The step and time of the heartbeat that last showed progress, and the seconds per
+    /// step seen between two such heartbeats: the coordinator's own measure, which does not
+    /// lag behind a rank's average while that still holds its slow first steps.
+    progress_seen: Option<(u64, Instant)>,
+    observed_step_seconds: f64,
     /// host:port of the worker's /metrics (empty if it has none).
     pub metrics_addr: String,
     /// The newest figures from its heartbeats.
@@ -819,6 +824,8 @@ impl Job {
                 statistics: Default::default(),
                 images_per_second: 0.0,
                 step_seconds: 0.0,
+                progress_seen: None,
+                observed_step_seconds: 0.0,
                 metrics_addr: r.metrics_addr.clone(),
                 figures: None,
                 finished: None,
@@ -975,8 +982,22 @@ impl Job {
         let mut guard = self.lock();
         let state = &mut *guard;
         let member = Self::member_mut(state, hb.speaker())?;
-        member.last_seen = Instant::now();
+        let now = Instant::now();
+        member.last_seen = now;
         member.state = WorkerState::try_from(hb.state).unwrap_or(WorkerState::Unspecified);
+        // Measured over at least half a heartbeat interval: heartbeats that arrive back to back
+        // (a delayed tick catching up) span too few steps to measure a pace.
+        let span = self.spec.heartbeat_interval / 2;
+        match member.progress_seen {
+            Some((step, at)) if hb.step > step && now.duration_since(at) >= span => {
+                member.observed_step_seconds =
+                    now.duration_since(at).as_secs_f64() / (hb.step - step) as f64;
+                member.progress_seen = Some((hb.step, now));
+            }
+            Some((step, _)) if hb.step < step => member.progress_seen = Some((hb.step, now)),
+            Some(_) => {}
+            None => member.progress_seen = Some((hb.step, now)),
+        }
         member.step = hb.step;
         member.collective_seq = hb.collective_seq;
         member.step_seconds = hb.step_seconds;
@@ -1459,9 +1480,11 @@ impl Job {
     fn common_future_step(&self, training: &Training) -> u64 {
         let members = &training.members;
         let max_step = members.iter().map(|m| m.step).max().unwrap_or(0);
+        // The fastest estimate of any rank, reported or observed: a lead sized from too slow
+        // a step would be passed by a rank before it hears of it.
         let step_seconds = members
             .iter()
-            .map(|m| m.step_seconds)
+            .flat_map(|m| [m.step_seconds, m.observed_step_seconds])
             .filter(|s| *s > 0.0)
             .fold(f64::INFINITY, f64::min);
         // Two heartbeat intervals' worth of steps, so every rank hears of it in time.
@@ -2320,6 +2343,44 @@ mod tests {
             waiting.try_recv(),
             Err(oneshot::error::TryRecvError::Closed)
         ));
+    }
+
+    #[test]
+    fn a_pause_is_scheduled_from_the_observed_pace_before_any_step_is_logged() {
+        // Ranks that have logged no step yet report no seconds per step; the lead must still
+        // cover two heartbeat intervals of their real pace, or a fast rank passes the pause
+        // step before it hears of it and waits in the next all-reduce for a peer that holds.
+        let job = Job::new(
+            JobSpec {
+                total_steps: 1_000_000,
+                ..spec(2)
+            },
+            false,
+        );
+        let replies = form(&job, &["a", "b"]);
+        let beat_at = |step| {
+            for (reply, id) in [(&replies[0], "a"), (&replies[1], "b")] {
+                let hb = HeartbeatRequest {
+                    step,
+                    ..beat(reply, id)
+                };
+                job.heartbeat(&hb).unwrap();
+            }
+        };
+        let started = Instant::now();
+        beat_at(10);
+        // Longer than half the 100 ms interval: the shortest span a pace is measured over.
+        std::thread::sleep(Duration::from_millis(60));
+        beat_at(110);
+        // 100 steps took at most this long, so two 100 ms intervals hold at least this many.
+        let upper_seconds_per_step = started.elapsed().as_secs_f64() / 100.0;
+        let lead_at_least = (0.2 / upper_seconds_per_step).floor() as u64;
+        let at = job.set_paused(true);
+        assert!(
+            at >= 110 + lead_at_least,
+            "pause at {at}, want at least {}",
+            110 + lead_at_least
+        );
     }
 
     #[test]

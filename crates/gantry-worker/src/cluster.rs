@@ -818,8 +818,12 @@ impl Command {
 struct Shared {
     step: AtomicU64,
     state: AtomicU64,
-    /// The newest logged step and the recent seconds per step, for the next heartbeat.
-    newest_logged: Mutex<Option<(LoggedStep, f64)>>,
+    /// The newest logged step, for the next heartbeat.
+    newest_logged: Mutex<Option<LoggedStep>>,
+    /// The recent seconds per step (`f64` bits), updated every step: the coordinator sizes
+    /// the lead of a common pause, stop or checkpoint step from it, so an estimate that waited
+    /// for the next logged step would leave it guessing early in a run.
+    step_seconds: AtomicU64,
     command: Mutex<Command>,
     abort: AtomicBool,
     abort_reason: Mutex<String>,
@@ -884,8 +888,11 @@ impl StepObserver for ClusterObserver {
             0.9 * self.step_seconds + 0.1 * took
         };
         self.shared.step.store(step, Ordering::Relaxed);
+        self.shared
+            .step_seconds
+            .store(self.step_seconds.to_bits(), Ordering::Relaxed);
         if let Some(logged) = logged {
-            *locked(&self.shared.newest_logged) = Some((logged.clone(), self.step_seconds));
+            *locked(&self.shared.newest_logged) = Some(logged.clone());
         }
         loop {
             if let Some(reason) = self.shared.abort_reason() {
@@ -931,9 +938,8 @@ async fn heartbeat_loop(
     let mut ticker = tokio::time::interval(interval);
     loop {
         ticker.tick().await;
-        let (logged, step_seconds) = locked(&shared.newest_logged)
-            .clone()
-            .map_or((None, 0.0), |(f, s)| (Some(f), s));
+        let logged = locked(&shared.newest_logged).clone();
+        let step_seconds = f64::from_bits(shared.step_seconds.load(Ordering::Relaxed));
         let request = HeartbeatRequest {
             worker_id: member.worker_id.clone(),
             generation: member.generation,

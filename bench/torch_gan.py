@@ -155,6 +155,11 @@ def main():
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--compile", action="store_true", help="torch.compile both networks")
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile's mode (e.g. max-autotune: Inductor's own C++ GEMM kernels on a CPU)",
+    )
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast")
     parser.add_argument(
         "--fused", action="store_true", help="Adam with fused=True (one kernel per optimiser)"
@@ -185,7 +190,7 @@ def main():
         g = nn.parallel.DistributedDataParallel(g, broadcast_buffers=False)
         d = nn.parallel.DistributedDataParallel(d, broadcast_buffers=False)
     if args.compile:
-        g, d = torch.compile(g), torch.compile(d)
+        g, d = torch.compile(g, mode=args.compile_mode), torch.compile(d, mode=args.compile_mode)
     # fused=True runs on CPU tensors since PyTorch 2.4; None keeps the default (foreach).
     fused = True if args.fused else None
     g_opt = torch.optim.Adam(g.parameters(), lr=1e-3, betas=(0.5, 0.999), fused=fused)

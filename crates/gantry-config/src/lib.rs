@@ -176,6 +176,11 @@ pub struct Train {
     /// turns TF32 off for both cuDNN and cuBLAS. Set once per worker process at start; no
     /// effect on the CPU.
     pub tf32: bool,
+    /// Which library multiplies the fully connected layers' fp32 matrices on a CPU: `blas`
+    /// (libtorch's, MKL on x86), `onednn` (oneDNN's matmul, the same fp32 arithmetic), or
+    /// `auto`: oneDNN on x86 CPUs not made by Intel, whose AVX-512 MKL leaves unused, the
+    /// BLAS elsewhere. No effect on a GPU or under bf16 autocast.
+    pub cpu_matmul: CpuMatmul,
 }
 
 impl Default for Train {
@@ -199,6 +204,7 @@ impl Default for Train {
             max_nonfinite: 20,
             precision: Precision::Fp32,
             tf32: true,
+            cpu_matmul: CpuMatmul::Auto,
         }
     }
 }
@@ -511,6 +517,10 @@ string_enum!(
 string_enum!(
     /// Arithmetic of the forward passes (see [`Train::precision`]).
     Precision { Fp32 = "fp32", Bf16 = "bf16" }
+);
+string_enum!(
+    /// The library of fp32 CPU matrix products (see [`Train::cpu_matmul`]).
+    CpuMatmul { Auto = "auto", Blas = "blas", Onednn = "onednn" }
 );
 string_enum!(
     /// The GAN's networks.

@@ -10,6 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::conditional::{self, Critic};
 use crate::flat::all_finite;
+use crate::matmul::Matmul;
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
 use crate::precision::Autocast;
@@ -157,6 +158,7 @@ fn build_generator(
     settings: &Settings,
     path: &tch::nn::Path<'_>,
     shape: ModelShape,
+    matmul: Matmul,
 ) -> Result<conditional::Generator, ModelError> {
     let latent =
         i64::try_from(settings.model.latent_dim).map_err(|e| ModelError::Invalid(e.to_string()))?;
@@ -165,7 +167,7 @@ fn build_generator(
     let bn = settings.model.batch_norm;
     let image_shape = shape.image;
     let net: Box<dyn tch::nn::ModuleT> = match settings.model.kind {
-        ModelKind::Mlp => Box::new(mlp::Generator::new(path, inputs, image_shape, bn)),
+        ModelKind::Mlp => Box::new(mlp::Generator::new(path, inputs, image_shape, bn, matmul)),
         ModelKind::Dcgan => Box::new(dcgan::Generator::new(path, inputs, image_shape, bn)?),
     };
     Ok(conditional::Generator::new(path, net, shape.classes))
@@ -286,11 +288,14 @@ impl Gan {
         tch::manual_seed(settings.train.seed as i64);
         let generator_vs = VarStore::new(device);
         let discriminator_vs = VarStore::new(device);
-        let generator = build_generator(settings, &generator_vs.root(), shape)?;
+        // One choice for the whole model, so its generator, EMA copy and critic multiply alike.
+        let matmul = Matmul::resolve(settings.train.cpu_matmul);
+        let generator = build_generator(settings, &generator_vs.root(), shape, matmul)?;
         let critic: Box<dyn Critic> = match settings.model.kind {
             ModelKind::Mlp => Box::new(mlp::Discriminator::new(
                 &discriminator_vs.root(),
                 image_shape,
+                matmul,
             )),
             ModelKind::Dcgan => Box::new(dcgan::Discriminator::new(
                 &discriminator_vs.root(),
@@ -307,7 +312,7 @@ impl Gan {
         // its own random init is overwritten with G's values at once.
         let ema = if t.ema_decay > 0.0 {
             let vs = VarStore::new(device);
-            let module = build_generator(settings, &vs.root(), shape)?;
+            let module = build_generator(settings, &vs.root(), shape, matmul)?;
             let params = FlatParams::new(&vs);
             let ema_buffers = buffers(&vs);
             tch::no_grad(|| {

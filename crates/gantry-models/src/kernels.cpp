@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <dlfcn.h>
 
 #include <cstdint>
@@ -14,7 +15,125 @@
 #include <exception>
 #include <mutex>
 
+// oneDNN's matmul primitive on strided fp32 tensors: result = beta·result + alpha·(a·b).
+// Exported by libtorch_cpu (declared in ATen/native/mkldnn/Matmul.h, which the wheel does
+// not ship); libtorch's own bf16 matmuls go through it. Gantry pins one libtorch (tch's), so
+// the signature is checked at link time.
+namespace at::native {
+void mkldnn_matmul(const at::Tensor& mat1, const at::Tensor& mat2, const at::Tensor& result,
+                   float beta, float alpha);
+}
+
+namespace {
+
+// Below this many rows, columns or inner products a GEMM is too small for oneDNN's blocking
+// (the discriminator's 256 → 1 logit: 5 GFLOP/s through oneDNN, 30 through MKL).
+constexpr int64_t kMinOneDnnDim = 16;
+
+bool onednn_sized(const at::Tensor& a, const at::Tensor& b) {
+    return a.size(0) >= kMinOneDnnDim && a.size(1) >= kMinOneDnnDim &&
+           b.size(1) >= kMinOneDnnDim;
+}
+
+// oneDNN wants each matrix row- or column-major (any leading dimension); anything else is
+// made contiguous first.
+at::Tensor blas_layout(const at::Tensor& t) {
+    const bool rows = t.stride(1) == 1 && t.stride(0) >= t.size(1);
+    const bool cols = t.stride(0) == 1 && t.stride(1) >= t.size(0);
+    return rows || cols ? t : t.contiguous();
+}
+
+// a·b of two 2-D fp32 CPU matrices: through oneDNN where the shape suits it, else at::mm.
+// Inside a differentiable backward (create_graph, as the WGAN-GP penalty's second derivative
+// needs) the product must itself be recorded, so it goes through at::mm then too.
+at::Tensor product(const at::Tensor& a, const at::Tensor& b) {
+    if (at::GradMode::is_enabled() || !onednn_sized(a, b)) {
+        return at::mm(a, b);
+    }
+    auto out = at::empty({a.size(0), b.size(1)}, a.options());
+    at::native::mkldnn_matmul(blas_layout(a), blas_layout(b), out, 0.0f, 1.0f);
+    return out;
+}
+
+// y = x·wᵀ (+ b) (torch.nn.functional.linear) with its products through `product`; the same
+// gradients as libtorch's linear: dx = g·w, dw = gᵀ·x, db = Σ_rows g. Two functions, with and
+// without the bias: libtorch's custom functions do not take an undefined tensor argument.
+torch::autograd::variable_list linear_backward(torch::autograd::AutogradContext* ctx,
+                                               const at::Tensor& g, bool bias) {
+    const auto saved = ctx->get_saved_variables();
+    const auto& x = saved[0];
+    const auto& w = saved[1];
+    at::Tensor dx, dw, db;
+    if (ctx->needs_input_grad(0)) {
+        dx = product(g, w);
+    }
+    if (ctx->needs_input_grad(1)) {
+        dw = product(g.t(), x);
+    }
+    if (bias && ctx->needs_input_grad(2)) {
+        db = g.sum(0);
+    }
+    if (bias) {
+        return {dx, dw, db};
+    }
+    return {dx, dw};
+}
+
+struct OneDnnLinear : public torch::autograd::Function<OneDnnLinear> {
+    static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                              const at::Tensor& w, const at::Tensor& b) {
+        ctx->save_for_backward({x, w});
+        return product(x, w.t()).add_(b);
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        return linear_backward(ctx, grads[0], true);
+    }
+};
+
+struct OneDnnLinearNoBias : public torch::autograd::Function<OneDnnLinearNoBias> {
+    static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                              const at::Tensor& w) {
+        ctx->save_for_backward({x, w});
+        return product(x, w.t());
+    }
+
+    static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                   torch::autograd::variable_list grads) {
+        return linear_backward(ctx, grads[0], false);
+    }
+};
+
+bool onednn_applies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
+    return x.dim() == 2 && x.is_cpu() &&
+           x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
+           (!b.defined() || b.scalar_type() == at::kFloat) &&
+           // Under bf16 autocast libtorch's linear casts and multiplies through oneDNN itself.
+           !at::autocast::is_autocast_enabled(at::kCPU);
+}
+
+}  // namespace
+
 extern "C" {
+
+// torch.nn.functional.linear(input, weight, bias): `bias` may be null. With `onednn != 0` and
+// a 2-D fp32 CPU input its products go through oneDNN's matmul, else through at::linear
+// (libtorch's BLAS, MKL on x86); either way recorded by autograd (twice differentiable).
+at::Tensor* gantry_linear(const at::Tensor* input, const at::Tensor* weight,
+                          const at::Tensor* bias, int onednn, char* error, size_t error_len) {
+    try {
+        const at::Tensor b = bias != nullptr ? *bias : at::Tensor();
+        if (onednn != 0 && onednn_applies(*input, *weight, b)) {
+            return new at::Tensor(b.defined() ? OneDnnLinear::apply(*input, *weight, b)
+                                              : OneDnnLinearNoBias::apply(*input, *weight));
+        }
+        return new at::Tensor(at::linear(*input, *weight, b));
+    } catch (const std::exception& e) {
+        std::snprintf(error, error_len, "%s", e.what());
+        return nullptr;
+    }
+}
 
 // torch.nn.functional.leaky_relu(self, negative_slope): one kernel forward and backward
 // (tch only exposes the default slope of 0.01).

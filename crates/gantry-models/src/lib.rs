@@ -19,6 +19,7 @@ pub mod conditional;
 pub mod dcgan;
 pub mod latent;
 pub mod loss;
+pub mod matmul;
 pub mod mlp;
 pub mod optim;
 pub mod phases;

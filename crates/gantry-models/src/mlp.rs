@@ -15,6 +15,7 @@ use tch::nn::{self, ModuleT};
 
 use crate::activation::LeakyRelu;
 use crate::conditional::Critic;
+use crate::matmul::{Dense, Matmul};
 
 const SLOPE: f64 = 0.3;
 
@@ -27,18 +28,18 @@ fn glorot(fan_in: i64, fan_out: i64) -> nn::Init {
     }
 }
 
-fn dense(path: nn::Path<'_>, fan_in: i64, fan_out: i64, bias: bool) -> nn::Linear {
+fn dense(path: nn::Path<'_>, fan_in: i64, fan_out: i64, bias: bool, matmul: Matmul) -> Dense {
     let config = nn::LinearConfig {
         ws_init: glorot(fan_in, fan_out),
         bs_init: Some(nn::Init::Const(0.0)),
         bias,
     };
-    nn::linear(path, fan_in, fan_out, config)
+    Dense::new(nn::linear(path, fan_in, fan_out, config), matmul)
 }
 
 #[derive(Debug)]
 pub struct Generator {
-    layers: Vec<nn::Linear>,
+    layers: Vec<Dense>,
     norms: Vec<nn::BatchNorm>,
     activation: LeakyRelu,
     image_shape: [i64; 3],
@@ -51,6 +52,7 @@ impl Generator {
         latent_dim: i64,
         image_shape: [i64; 3],
         batch_norm: bool,
+        matmul: Matmul,
     ) -> Self {
         let pixels = image_shape.iter().product();
         let widths = [latent_dim, 256, 512, pixels];
@@ -63,6 +65,7 @@ impl Generator {
                 pair[0],
                 pair[1],
                 !batch_norm && !last,
+                matmul,
             ));
             if batch_norm && !last {
                 let config = nn::BatchNormConfig {
@@ -100,18 +103,18 @@ impl ModuleT for Generator {
 
 #[derive(Debug)]
 pub struct Discriminator {
-    layers: Vec<nn::Linear>,
+    layers: Vec<Dense>,
     activation: LeakyRelu,
 }
 
 impl Discriminator {
-    pub fn new(path: &nn::Path<'_>, image_shape: [i64; 3]) -> Self {
+    pub fn new(path: &nn::Path<'_>, image_shape: [i64; 3], matmul: Matmul) -> Self {
         let pixels = image_shape.iter().product();
         let widths = [pixels, 512, 256, 1];
         let layers = widths
             .windows(2)
             .enumerate()
-            .map(|(i, pair)| dense(path / format!("dense{i}"), pair[0], pair[1], true))
+            .map(|(i, pair)| dense(path / format!("dense{i}"), pair[0], pair[1], true, matmul))
             .collect();
         Self {
             layers,
@@ -144,6 +147,6 @@ impl Critic for Discriminator {
     }
 
     fn feature_dim(&self) -> i64 {
-        self.layers[self.layers.len() - 1].ws.size()[1]
+        self.layers[self.layers.len() - 1].in_features()
     }
 }

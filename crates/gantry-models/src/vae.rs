@@ -34,6 +34,7 @@ use tch::nn::{self, Module, VarStore};
 use tch::{Device, Kind, Reduction, Tensor};
 
 use crate::gan::{averaged_update, load_into, load_moments, save_moments};
+use crate::matmul::{Dense, Matmul};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
 use crate::task::{
@@ -56,9 +57,9 @@ pub(crate) fn torch_default(fan_in: i64) -> nn::Init {
     }
 }
 
-fn linear(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::Linear {
+fn linear(path: nn::Path<'_>, inputs: i64, outputs: i64, matmul: Matmul) -> Dense {
     let init = torch_default(inputs);
-    nn::linear(
+    let layer = nn::linear(
         path,
         inputs,
         outputs,
@@ -67,7 +68,8 @@ fn linear(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::Linear {
             bs_init: Some(init),
             bias: true,
         },
-    )
+    );
+    Dense::new(layer, matmul)
 }
 
 fn conv(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::Conv2D {
@@ -96,8 +98,14 @@ fn deconv(path: nn::Path<'_>, inputs: i64, outputs: i64) -> nn::ConvTranspose2D 
 }
 
 /// The columns of a layer that read a conditional model's one-hot label (see the module docs).
-fn class_columns(path: nn::Path<'_>, classes: i64, outputs: i64, fan_in: i64) -> nn::Linear {
-    nn::linear(
+fn class_columns(
+    path: nn::Path<'_>,
+    classes: i64,
+    outputs: i64,
+    fan_in: i64,
+    matmul: Matmul,
+) -> Dense {
+    let layer = nn::linear(
         path,
         classes,
         outputs,
@@ -106,7 +114,8 @@ fn class_columns(path: nn::Path<'_>, classes: i64, outputs: i64, fan_in: i64) ->
             bs_init: None,
             bias: false,
         },
-    )
+    );
+    Dense::new(layer, matmul)
 }
 
 /// Checks a conditional (`classes` is `Some`) or unconditional model's `labels` for `rows`
@@ -144,13 +153,13 @@ pub(crate) fn check_batch_labels(
 struct ClassInputs {
     classes: i64,
     /// The encoder's: of `enc_hidden` (mlp), or of the μ then the log σ² head (conv).
-    encoder: Vec<nn::Linear>,
+    encoder: Vec<Dense>,
     /// The decoder's first layer's (`dec_hidden` / `dec_expand`).
-    decoder: nn::Linear,
+    decoder: Dense,
 }
 
 /// `layer` applied to `[input, y]`: its own weights on `input`, plus y's `columns`.
-fn joined(layer: &nn::Linear, input: &Tensor, class: Option<(&nn::Linear, &Tensor)>) -> Tensor {
+fn joined(layer: &Dense, input: &Tensor, class: Option<(&Dense, &Tensor)>) -> Tensor {
     let out = layer.forward(input);
     match class {
         Some((columns, y)) => out + columns.forward(y),
@@ -168,18 +177,18 @@ fn conv_features([_, h, w]: [i64; 3]) -> i64 {
 #[allow(clippy::large_enum_variant)]
 enum Networks {
     Mlp {
-        hidden: nn::Linear,
-        mu: nn::Linear,
-        log_var: nn::Linear,
-        expand: nn::Linear,
-        out: nn::Linear,
+        hidden: Dense,
+        mu: Dense,
+        log_var: Dense,
+        expand: Dense,
+        out: Dense,
     },
     Conv {
         down1: nn::Conv2D,
         down2: nn::Conv2D,
-        mu: nn::Linear,
-        log_var: nn::Linear,
-        expand: nn::Linear,
+        mu: Dense,
+        log_var: Dense,
+        expand: Dense,
         up1: nn::ConvTranspose2D,
         up2: nn::ConvTranspose2D,
     },
@@ -224,13 +233,14 @@ impl Vae {
         tch::manual_seed(settings.train.seed as i64);
         let vs = VarStore::new(device);
         let root = vs.root();
+        let matmul = Matmul::resolve(settings.train.cpu_matmul);
         let networks = match v.kind {
             VaeKind::Mlp => Networks::Mlp {
-                hidden: linear(&root / "enc_hidden", pixels, hidden),
-                mu: linear(&root / "enc_mu", hidden, latent),
-                log_var: linear(&root / "enc_log_var", hidden, latent),
-                expand: linear(&root / "dec_hidden", latent, hidden),
-                out: linear(&root / "dec_out", hidden, pixels),
+                hidden: linear(&root / "enc_hidden", pixels, hidden, matmul),
+                mu: linear(&root / "enc_mu", hidden, latent, matmul),
+                log_var: linear(&root / "enc_log_var", hidden, latent, matmul),
+                expand: linear(&root / "dec_hidden", latent, hidden, matmul),
+                out: linear(&root / "dec_out", hidden, pixels, matmul),
             },
             VaeKind::Conv => {
                 if h % 4 != 0 || w % 4 != 0 {
@@ -242,9 +252,9 @@ impl Vae {
                 Networks::Conv {
                     down1: conv(&root / "enc_conv1", c, 32),
                     down2: conv(&root / "enc_conv2", 32, 64),
-                    mu: linear(&root / "enc_mu", flat, latent),
-                    log_var: linear(&root / "enc_log_var", flat, latent),
-                    expand: linear(&root / "dec_expand", latent, flat),
+                    mu: linear(&root / "enc_mu", flat, latent, matmul),
+                    log_var: linear(&root / "enc_log_var", flat, latent, matmul),
+                    expand: linear(&root / "dec_expand", latent, flat, matmul),
                     up1: deconv(&root / "dec_deconv1", 64, 32),
                     up2: deconv(&root / "dec_deconv2", 32, c),
                 }
@@ -256,18 +266,24 @@ impl Vae {
             match v.kind {
                 VaeKind::Mlp => ClassInputs {
                     classes: k,
-                    encoder: vec![class_columns(&root / "enc_hidden_class", k, hidden, pixels)],
-                    decoder: class_columns(&root / "dec_hidden_class", k, hidden, latent),
+                    encoder: vec![class_columns(
+                        &root / "enc_hidden_class",
+                        k,
+                        hidden,
+                        pixels,
+                        matmul,
+                    )],
+                    decoder: class_columns(&root / "dec_hidden_class", k, hidden, latent, matmul),
                 },
                 VaeKind::Conv => {
                     let flat = conv_features(shape.image);
                     ClassInputs {
                         classes: k,
                         encoder: vec![
-                            class_columns(&root / "enc_mu_class", k, latent, flat),
-                            class_columns(&root / "enc_log_var_class", k, latent, flat),
+                            class_columns(&root / "enc_mu_class", k, latent, flat, matmul),
+                            class_columns(&root / "enc_log_var_class", k, latent, flat, matmul),
                         ],
-                        decoder: class_columns(&root / "dec_expand_class", k, flat, latent),
+                        decoder: class_columns(&root / "dec_expand_class", k, flat, latent, matmul),
                     }
                 }
             }
@@ -316,7 +332,7 @@ impl Vae {
         &'a self,
         i: usize,
         y: Option<&'a Tensor>,
-    ) -> Option<(&'a nn::Linear, &'a Tensor)> {
+    ) -> Option<(&'a Dense, &'a Tensor)> {
         self.class_inputs
             .as_ref()
             .zip(y)

@@ -105,8 +105,26 @@ struct OneDnnLinearNoBias : public torch::autograd::Function<OneDnnLinearNoBias>
     }
 };
 
+// Whether libtorch lets its oneDNN matmul run here at all: it refuses some CPUs, and any CPU
+// whose oneDNN instruction set is capped (ONEDNN_MAX_CPU_ISA=AVX2 fails its check even for fp32
+// inputs). Asked once, by one small product; where it refuses, every layer stays at::linear.
+bool onednn_usable() {
+    static const bool usable = [] {
+        try {
+            at::NoGradGuard no_grad;
+            const auto a = at::ones({kMinOneDnnDim, kMinOneDnnDim}, at::kFloat);
+            auto out = at::empty({kMinOneDnnDim, kMinOneDnnDim}, at::kFloat);
+            at::native::mkldnn_matmul(a, a, out, 0.0f, 1.0f);
+            return true;
+        } catch (const std::exception&) {
+            return false;
+        }
+    }();
+    return usable;
+}
+
 bool onednn_applies(const at::Tensor& x, const at::Tensor& w, const at::Tensor& b) {
-    return x.dim() == 2 && x.is_cpu() &&
+    return onednn_usable() && x.dim() == 2 && x.is_cpu() &&
            x.scalar_type() == at::kFloat && w.scalar_type() == at::kFloat &&
            (!b.defined() || b.scalar_type() == at::kFloat) &&
            // Under bf16 autocast libtorch's linear casts and multiplies through oneDNN itself.

@@ -122,6 +122,32 @@ impl JobPhase {
     }
 }
 
+/// A rank's seconds per step as the coordinator measures it between heartbeats that show
+/// progress: unlike the rank's own average, it does not lag while that still holds the slow
+/// first steps.
+#[derive(Debug, Clone, Default)]
+struct ObservedPace {
+    /// The step and arrival time of the heartbeat that last started a measurement.
+    since: Option<(u64, Instant)>,
+    /// Seconds per step over the last measurement; 0 until one is made.
+    step_seconds: f64,
+}
+
+impl ObservedPace {
+    /// Takes a heartbeat at `step` that arrived `now`. A measurement spans at least `span`; a
+    /// step lower than the last (a rank restored from a checkpoint) starts over.
+    fn record(&mut self, step: u64, now: Instant, span: Duration) {
+        match self.since {
+            Some((from, at)) if step > from && now.duration_since(at) >= span => {
+                self.step_seconds = now.duration_since(at).as_secs_f64() / (step - from) as f64;
+                self.since = Some((step, now));
+            }
+            Some((from, _)) if step >= from => {}
+            _ => self.since = Some((step, now)),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Member {
     pub worker_id: String,
@@ -136,11 +162,8 @@ pub struct Member {
     pub statistics: std::collections::BTreeMap<String, f64>,
     pub images_per_second: f64,
     pub step_seconds: f64,
-    /// The step and time of the heartbeat that last showed progress, and the seconds per
-    /// step seen between two such heartbeats: the coordinator's own measure, which does not
-    /// lag behind a rank's average while that still holds its slow first steps.
-    progress_seen: Option<(u64, Instant)>,
-    observed_step_seconds: f64,
+    /// Its pace as the coordinator measures it from the heartbeats.
+    observed_pace: ObservedPace,
     /// host:port of the worker's /metrics (empty if it has none).
     pub metrics_addr: String,
     /// The newest figures from its heartbeats.
@@ -824,8 +847,7 @@ impl Job {
                 statistics: Default::default(),
                 images_per_second: 0.0,
                 step_seconds: 0.0,
-                progress_seen: None,
-                observed_step_seconds: 0.0,
+                observed_pace: ObservedPace::default(),
                 metrics_addr: r.metrics_addr.clone(),
                 figures: None,
                 finished: None,
@@ -987,17 +1009,9 @@ impl Job {
         member.state = WorkerState::try_from(hb.state).unwrap_or(WorkerState::Unspecified);
         // Measured over at least half a heartbeat interval: heartbeats that arrive back to back
         // (a delayed tick catching up) span too few steps to measure a pace.
-        let span = self.spec.heartbeat_interval / 2;
-        match member.progress_seen {
-            Some((step, at)) if hb.step > step && now.duration_since(at) >= span => {
-                member.observed_step_seconds =
-                    now.duration_since(at).as_secs_f64() / (hb.step - step) as f64;
-                member.progress_seen = Some((hb.step, now));
-            }
-            Some((step, _)) if hb.step < step => member.progress_seen = Some((hb.step, now)),
-            Some(_) => {}
-            None => member.progress_seen = Some((hb.step, now)),
-        }
+        member
+            .observed_pace
+            .record(hb.step, now, self.spec.heartbeat_interval / 2);
         member.step = hb.step;
         member.collective_seq = hb.collective_seq;
         member.step_seconds = hb.step_seconds;
@@ -1484,7 +1498,7 @@ impl Job {
         // a step would be passed by a rank before it hears of it.
         let step_seconds = members
             .iter()
-            .flat_map(|m| [m.step_seconds, m.observed_step_seconds])
+            .flat_map(|m| [m.step_seconds, m.observed_pace.step_seconds])
             .filter(|s| *s > 0.0)
             .fold(f64::INFINITY, f64::min);
         // Two heartbeat intervals' worth of steps, so every rank hears of it in time.
@@ -2343,6 +2357,35 @@ mod tests {
             waiting.try_recv(),
             Err(oneshot::error::TryRecvError::Closed)
         ));
+    }
+
+    #[test]
+    fn the_observed_pace_spans_half_an_interval_and_starts_over_after_a_restore() {
+        let span = Duration::from_millis(500);
+        let t0 = Instant::now();
+        let at = |ms| t0 + Duration::from_millis(ms);
+        let mut pace = ObservedPace::default();
+        pace.record(10, t0, span);
+        assert_eq!(pace.step_seconds, 0.0, "one heartbeat measures nothing");
+        // Back to back: too short a span, even with progress.
+        pace.record(12, at(100), span);
+        assert_eq!(pace.step_seconds, 0.0);
+        // 20 steps in one second, measured from the heartbeat at step 10.
+        pace.record(30, at(1000), span);
+        assert!(
+            (pace.step_seconds - 0.05).abs() < 1e-9,
+            "{}",
+            pace.step_seconds
+        );
+        // A rank restored to step 5 starts a new measurement there; the old pace stands.
+        pace.record(5, at(1100), span);
+        assert!((pace.step_seconds - 0.05).abs() < 1e-9);
+        pace.record(15, at(2100), span);
+        assert!(
+            (pace.step_seconds - 0.1).abs() < 1e-9,
+            "{}",
+            pace.step_seconds
+        );
     }
 
     #[test]

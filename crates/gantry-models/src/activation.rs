@@ -6,7 +6,7 @@
 //! kernel each way, twice differentiable (as the WGAN-GP penalty needs), and exactly
 //! `torch.nn.functional.leaky_relu`.
 
-use std::ffi::{CStr, c_char};
+use std::ffi::c_char;
 
 use tch::Tensor;
 use torch_sys::C_tensor;
@@ -34,17 +34,12 @@ impl LeakyRelu {
     /// When libtorch refuses the input (e.g. an integer tensor), with its message; the
     /// networks only pass floating-point activations.
     pub fn forward(&self, xs: &Tensor) -> Tensor {
-        let mut error = [0 as c_char; 512];
-        // SAFETY: `xs.as_ptr()` is a live at::Tensor for the duration of the call; the shim
-        // returns a new heap-allocated at::Tensor (ownership passes to the returned Tensor)
-        // or null with a NUL-terminated message in `error`.
+        // SAFETY: `xs.as_ptr()` is a live at::Tensor for the call; `gantry_leaky_relu` keeps
+        // `new_tensor`'s contract.
         unsafe {
-            let out = gantry_leaky_relu(xs.as_ptr(), self.slope, error.as_mut_ptr(), error.len());
-            if out.is_null() {
-                let message = CStr::from_ptr(error.as_ptr()).to_string_lossy();
-                panic!("leaky_relu: {message}");
-            }
-            Tensor::from_ptr(out)
+            crate::shim::new_tensor("leaky_relu", |error, error_len| {
+                gantry_leaky_relu(xs.as_ptr(), self.slope, error, error_len)
+            })
         }
     }
 }

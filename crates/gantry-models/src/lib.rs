@@ -31,6 +31,7 @@ pub mod vae;
 
 mod flat;
 mod gan;
+mod shim;
 mod simd;
 
 pub use flat::FlatParams;

@@ -13,7 +13,7 @@
 //! (libtorch then multiplies through oneDNN itself), and products with a dimension under 16
 //! (a 1-logit head, where oneDNN's blocking loses to MKL).
 
-use std::ffi::{CStr, c_char};
+use std::ffi::c_char;
 
 use gantry_config::CpuMatmul;
 use tch::Tensor;
@@ -94,7 +94,6 @@ impl Module for Dense {
     /// When libtorch refuses the input (a shape that does not fit the weight), with its
     /// message, as `nn::Linear` does.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let mut error = [0 as c_char; 512];
         let bias = self
             .linear
             .bs
@@ -102,22 +101,18 @@ impl Module for Dense {
             .map_or(std::ptr::null(), |b| b.as_ptr());
         let onednn = i32::from(self.matmul == Matmul::OneDnn);
         // SAFETY: the three pointers are live at::Tensors (or null for no bias) for the call;
-        // the shim returns a new heap-allocated at::Tensor (ownership passes to the returned
-        // Tensor) or null with a NUL-terminated message in `error`.
+        // `gantry_linear` keeps `new_tensor`'s contract.
         unsafe {
-            let out = gantry_linear(
-                xs.as_ptr(),
-                self.linear.ws.as_ptr(),
-                bias,
-                onednn,
-                error.as_mut_ptr(),
-                error.len(),
-            );
-            if out.is_null() {
-                let message = CStr::from_ptr(error.as_ptr()).to_string_lossy();
-                panic!("linear: {message}");
-            }
-            Tensor::from_ptr(out)
+            crate::shim::new_tensor("linear", |error, error_len| {
+                gantry_linear(
+                    xs.as_ptr(),
+                    self.linear.ws.as_ptr(),
+                    bias,
+                    onednn,
+                    error,
+                    error_len,
+                )
+            })
         }
     }
 }

@@ -156,13 +156,12 @@ fn stream_call(
     let device = i32::try_from(ordinal)
         .map_err(|_| ModelError::NoCuda(format!("CUDA device {ordinal} out of range")))?;
     let mut stream = std::ptr::null_mut();
-    let mut error = [0 as c_char; 512];
-    if call(device, &mut stream, error.as_mut_ptr(), error.len()) == 0 {
+    let mut error = crate::shim::ShimError::new();
+    let (buffer, len) = error.buffer();
+    if call(device, &mut stream, buffer, len) == 0 {
         return Ok(stream);
     }
-    // SAFETY: NUL-terminated by the shim (snprintf) on failure.
-    let text = unsafe { std::ffi::CStr::from_ptr(error.as_ptr()) };
-    Err(ModelError::NoCuda(text.to_string_lossy().into_owned()))
+    Err(ModelError::NoCuda(error.message()))
 }
 
 /// Sets libtorch's intra-op thread count. `threads = 0` shares the machine's cores evenly

@@ -18,7 +18,9 @@ constant per-world term (all-reduce).
 Gantry is also run as users run it, through the coordinator (`coordinator --workers N`:
 rendezvous, heartbeats, the metrics endpoints, generator EMA on by default), with EMA on and
 off, at world 1 and 2 (`--coordinator-worlds`, batch `--coordinator-batch`); "EMA cost" is
-1 - images/s(EMA on) / images/s(EMA off).
+1 - images/s(EMA on) / images/s(EMA off), and "EMA work" the growth of the optimiser phase
+(where the EMA update runs) over the EMA-off step time, which the host's drift between the
+two runs moves far less.
 
 `--family vae` and `--family autoregressive` run the same grid for Gantry's MLP VAE and
 PixelCNN against their twins, bench/torch_vae.py and bench/torch_pixelcnn.py (same
@@ -373,6 +375,13 @@ def main():
         if all(k in row for k in COORDINATOR_KEYS):
             on, off = row["coordinator_ema"]["median"], row["coordinator_no_ema"]["median"]
             row["ema_cost"] = 1 - on / off
+            # The EMA's own work, all of it in the optimiser phase (it rides along with G's
+            # Adam pass): its growth over the EMA-off step, a figure the host's drift between
+            # the two runs moves far less than their images/s.
+            optimiser = [row[k + "_phases"].get("optimizer") for k in COORDINATOR_KEYS]
+            if None not in optimiser:
+                row["ema_work"] = ((optimiser[0] - optimiser[1])
+                                   / row["coordinator_no_ema_step_seconds"])
             if "gantry" in row:
                 # What the coordinator itself costs: EMA off there, as in the direct rows.
                 row["coordinator_overhead"] = 1 - off / row["gantry"]["median"]
@@ -475,18 +484,19 @@ def render(report):
     if through:
         lines += ["", "Gantry as users run it, through `coordinator --workers N` (rendezvous, "
                   "heartbeats, metrics endpoints; generator EMA on by default, "
-                  "`train.ema_decay=0` off); EMA cost = 1 − EMA on / EMA off; coordinator "
-                  "overhead = 1 − coordinator (EMA off) / direct worker:", "",
+                  "`train.ema_decay=0` off); EMA cost = 1 − EMA on / EMA off; EMA work = "
+                  "(optimiser phase with EMA − without) / step without EMA, the EMA's own "
+                  "time; coordinator overhead = 1 − coordinator (EMA off) / direct worker:", "",
                   "| world | batch/rank | Gantry worker (EMA off) | coordinator, EMA on | "
-                  "coordinator, EMA off | EMA cost | coordinator overhead | "
+                  "coordinator, EMA off | EMA cost | EMA work | coordinator overhead | "
                   "coordinator EMA on / best PyTorch |",
-                  "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                  "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for r in through:
             pct = lambda k: f"{r[k]:.1%}" if k in r else "–"
             lines.append(
                 f"| {r['world_size']} | {r['batch_size']} | {cell(r.get('gantry'))} "
                 f"| {cell(r.get('coordinator_ema'))} | {cell(r.get('coordinator_no_ema'))} "
-                f"| {pct('ema_cost')} | {pct('coordinator_overhead')} | "
+                f"| {pct('ema_cost')} | {pct('ema_work')} | {pct('coordinator_overhead')} | "
                 + (f"{r['coordinator_ratio_best']:.2f}x |" if "coordinator_ratio_best" in r
                    else "– |"))
     if not report["scaling"]:

@@ -378,9 +378,10 @@ def main():
             # The EMA's own work, all of it in the optimiser phase (it rides along with G's
             # Adam pass): its growth over the EMA-off step, a figure the host's drift between
             # the two runs moves far less than their images/s.
-            optimiser = [row[k + "_phases"].get("optimizer") for k in COORDINATOR_KEYS]
-            if None not in optimiser:
-                row["ema_work"] = ((optimiser[0] - optimiser[1])
+            optimiser_on = row["coordinator_ema_phases"].get("optimizer")
+            optimiser_off = row["coordinator_no_ema_phases"].get("optimizer")
+            if optimiser_on is not None and optimiser_off is not None:
+                row["ema_work"] = ((optimiser_on - optimiser_off)
                                    / row["coordinator_no_ema_step_seconds"])
             if "gantry" in row:
                 # What the coordinator itself costs: EMA off there, as in the direct rows.

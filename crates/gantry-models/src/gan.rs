@@ -499,6 +499,12 @@ impl Gan {
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
         let labels = input.labels.as_ref();
+        // In `simultaneous` no weight changes before the last forward pass, so G's and both
+        // of D's passes share one autocast region: each weight is cast to bf16 once a step
+        // (not once per pass), and D's real and fake weight gradients meet in bf16 before
+        // one conversion back. `alternating` updates D between its passes: a region each.
+        let forward_region =
+            (self.schedule == Schedule::Simultaneous).then(|| self.autocast.enter());
         let fake = self.generate_for_training(&input.z, labels);
         self.clock.lap(Phase::GeneratorForwardBackward);
         let (d_loss, g_loss, real_logits, fake_logits, applied) = match self.schedule {
@@ -511,6 +517,7 @@ impl Gan {
                 // step's multiplications).
                 let real_logits = self.discriminate(&input.real, labels);
                 let fake_logits = self.discriminate(&fake, labels);
+                drop(forward_region);
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
                 let mut d = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient());

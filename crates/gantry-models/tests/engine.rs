@@ -82,17 +82,23 @@ fn every_loss_model_and_schedule_trains_with_finite_values() {
     }
 }
 
-/// `train.precision = "bf16"`: every model and loss trains with finite fp32 gradients, and
-/// each gradient points where the fp32 one does (cosine > 0.98) without being equal to it,
-/// which shows the forward passes really ran in bfloat16.
+/// `train.precision = "bf16"`: every model, loss and schedule trains with finite fp32
+/// gradients, and each gradient points where the fp32 one does (cosine > 0.98) without being
+/// equal to it, which shows the forward passes really ran in bfloat16. (`alternating` updates
+/// D between its two forward passes: a bf16 cast of D's weights kept across that update
+/// would send G's gradient through the old D.)
 #[test]
 fn bf16_autocast_gradients_follow_fp32_ones() {
-    for kind in [ModelKind::Mlp, ModelKind::Dcgan] {
+    for (kind, schedule) in [
+        (ModelKind::Mlp, Schedule::Simultaneous),
+        (ModelKind::Dcgan, Schedule::Simultaneous),
+        (ModelKind::Mlp, Schedule::Alternating),
+    ] {
         for loss in [Loss::Bce, Loss::Hinge, Loss::WganGp] {
-            let what = format!("{kind} {loss}");
+            let what = format!("{kind} {loss} {schedule:?}");
             let mut grads = Vec::new();
             for precision in [Precision::Fp32, Precision::Bf16] {
-                let mut s = settings(kind, loss, Schedule::Simultaneous);
+                let mut s = settings(kind, loss, schedule);
                 s.train.precision = precision;
                 let mut gan = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
                 let mut seen = Vec::new();

@@ -18,7 +18,7 @@
 #   7. the other model families against their PyTorch twins, world 1 and 2 at their default
 #      batch: the MLP VAE (bench/torch_vae.py, batch 128) and the PixelCNN
 #      (bench/torch_pixelcnn.py, batch 64), the same three PyTorch setups (SKIP_FAMILIES=1
-#      skips them).
+#      skips them), and again in bf16 autocast on both sides (unless SKIP_BF16=1).
 # Results: bench/results/<stamp>.{json,md} and the tables on stdout. Not part of the tests.
 #
 # Knobs: BENCH_ARGS (extra compare.py flags, e.g. "--reps 5",
@@ -69,5 +69,12 @@ if [[ -z "${SKIP_FAMILIES:-}" ]]; then
         # shellcheck disable=SC2086 # FAMILY_BENCH_ARGS is a list of flags
         "$venv/bin/python" bench/compare.py --python "$venv/bin/python" --family "$family" \
             ${FAMILY_BENCH_ARGS:-}
+        if [[ -z "${SKIP_BF16:-}" ]]; then
+            echo
+            echo "Model family $family against its PyTorch twin, bf16 autocast in both:"
+            # shellcheck disable=SC2086
+            "$venv/bin/python" bench/compare.py --python "$venv/bin/python" --family "$family" \
+                --precision bf16 ${FAMILY_BENCH_ARGS:-}
+        fi
     done
 fi

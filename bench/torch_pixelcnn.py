@@ -46,6 +46,7 @@ from twin_data import (
     TRAIN_IMAGES,
     EpochStream,
     add_speed_flags,
+    autocast,
     data_parallel,
     load_digits,
     prepare,
@@ -114,9 +115,12 @@ class PixelCnn(nn.Module):
         return self.out(F.relu(self.head(F.relu(h))))
 
 
-def nll_nats(model, x):
-    """Per-image -log p(x) in nats of binary images x (0/1 floats)."""
-    per_pixel = F.binary_cross_entropy_with_logits(model(x), x, reduction="none")
+def nll_nats(model, x, bf16=False):
+    """Per-image -log p(x) in nats of binary images x (0/1 floats); with bf16 the network runs
+    under autocast and the likelihood takes its fp32 logits, as Gantry's training step does."""
+    with autocast(bf16):
+        logits = model(x)
+    per_pixel = F.binary_cross_entropy_with_logits(logits.float(), x, reduction="none")
     return per_pixel.flatten(1).sum(1)
 
 
@@ -175,7 +179,7 @@ def main():
     def step():
         v = train[stream.take(args.batch_size * world)[mine]]
         x = (v > torch.rand(v.shape, generator=binarisation)).float().contiguous(memory_format=layout)
-        loss = nll_nats(trained, x).mean()
+        loss = nll_nats(trained, x, args.bf16).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

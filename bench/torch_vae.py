@@ -46,6 +46,7 @@ from twin_data import (
     TRAIN_IMAGES,
     EpochStream,
     add_speed_flags,
+    autocast,
     data_parallel,
     load_digits,
     prepare,
@@ -60,8 +61,9 @@ IMPORTANCE_SEED = 0x69776165
 
 
 class Vae(nn.Module):
-    def __init__(self, pixels=784, hidden=400, latent=20):
+    def __init__(self, pixels=784, hidden=400, latent=20, bf16=False):
         super().__init__()
+        self.bf16 = bf16
         self.enc_hidden = nn.Linear(pixels, hidden)
         self.enc_mu = nn.Linear(hidden, latent)
         self.enc_log_var = nn.Linear(hidden, latent)
@@ -76,9 +78,15 @@ class Vae(nn.Module):
         return self.dec_out(F.relu(self.dec_hidden(z)))
 
     def forward(self, x, eps):
-        """(decoder logits, mu, log_var) of one training pass: z = mu + exp(log_var / 2) eps."""
-        mu, log_var = self.encode(x)
-        return self.decode(mu + (0.5 * log_var).exp() * eps), mu, log_var
+        """(decoder logits, mu, log_var) of one training pass: z = mu + exp(log_var / 2) eps.
+        With bf16, encoder and decoder run under autocast and z, the KL term and the likelihood
+        take fp32 values, as Gantry's training step does."""
+        with autocast(self.bf16):
+            mu, log_var = self.encode(x)
+        mu, log_var = mu.float(), log_var.float()
+        with autocast(self.bf16):
+            logits = self.decode(mu + (0.5 * log_var).exp() * eps)
+        return logits.float(), mu, log_var
 
 
 def reconstruction_nats(logits, x):
@@ -142,7 +150,7 @@ def main():
     pixels, latent = train.shape[1], 20
 
     torch.manual_seed(args.seed)
-    model = Vae(pixels=pixels, hidden=400, latent=latent)
+    model = Vae(pixels=pixels, hidden=400, latent=latent, bf16=args.bf16)
     trained, optimizer = prepare(model, args, world)
     # Every rank draws the same global order and trains on its slice of each global batch; the
     # noise is each rank's own.

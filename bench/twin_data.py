@@ -63,7 +63,17 @@ def add_speed_flags(parser):
         "--fused", action="store_true", help="Adam with fused=True (one kernel per optimiser)"
     )
     parser.add_argument("--compile", action="store_true", help="torch.compile the network")
+    parser.add_argument(
+        "--bf16", action="store_true",
+        help="the training forward passes under bf16 autocast (Gantry's train.precision = bf16: "
+             "the same layers in bf16, losses from fp32 outputs)",
+    )
     parser.add_argument("--no-eval", action="store_true", help="skip the held-out evaluation")
+
+
+def autocast(enabled):
+    """The CPU bf16 autocast region of `--bf16` (a no-op region when not enabled)."""
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
 
 
 def prepare(model, args, world):
@@ -95,6 +105,7 @@ def speed_report(args, world, seconds):
     """The fields of a twin's JSON line that bench/compare.py reads, as torch_gan.py prints them:
     images/s of the whole group over the timed steps and seconds per step."""
     flags = (
+        (args.bf16, "-bf16"),
         (args.compile, "-compile"),
         (args.fused, "-fused"),
         (getattr(args, "channels_last", False), "-channels-last"),
@@ -105,6 +116,7 @@ def speed_report(args, world, seconds):
         "system": "pytorch" + variant,
         "compile": args.compile,
         "fused_adam": args.fused,
+        "precision": "bf16" if args.bf16 else "fp32",
         "world_size": world,
         "batch_size": args.batch_size,
         "steps": args.steps,

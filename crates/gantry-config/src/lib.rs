@@ -827,14 +827,6 @@ impl Settings {
                 return invalid(key, format!("each beta must be in [0, 1), got {betas:?}"));
             }
         }
-        if family != Family::Gan && self.train.precision != Precision::Fp32 {
-            return invalid(
-                "train.precision",
-                format!(
-                    "bf16 is implemented for the GAN only; model.family = \"{family}\" trains in fp32"
-                ),
-            );
-        }
         Ok(())
     }
 

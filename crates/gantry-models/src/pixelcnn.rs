@@ -38,6 +38,7 @@ use tch::{Device, Kind, Reduction, Tensor};
 use crate::gan::{averaged_update, load_into, load_moments, save_moments};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
+use crate::precision::Autocast;
 use crate::task::{
     BatchSource, GradReduce, Likelihood, ModelShape, Part, StepOutcome, TrainTask, cycled_labels,
 };
@@ -180,6 +181,9 @@ pub struct PixelCnn {
     shape: ModelShape,
     seed: u64,
     host_draws: Vec<f32>,
+    /// bf16 forward passes in training steps (`train.precision`); sampling and the held-out
+    /// likelihood stay fp32.
+    autocast: Autocast,
     pub clock: PhaseClock,
 }
 
@@ -251,6 +255,7 @@ impl PixelCnn {
             shape,
             seed: settings.train.seed,
             host_draws: Vec::new(),
+            autocast: Autocast::new(settings.train.precision, device),
             clock: PhaseClock::new(device),
         })
     }
@@ -315,10 +320,20 @@ impl PixelCnn {
     }
 
     /// Per-image negative log-likelihood in nats of `targets` (binary pixels as 0/1 floats,
-    /// or 8-bit intensities as integer classes), from the logits of `inputs`.
+    /// or 8-bit intensities as integer classes), from the logits of `inputs`, in fp32.
     fn nll(&self, inputs: &Tensor, targets: &Tensor, biases: Option<&Biases>) -> Tensor {
-        let n = inputs.size()[0];
-        let logits = self.logits_with(inputs, biases);
+        self.nll_of(&self.logits_with(inputs, biases), targets)
+    }
+
+    /// [`Self::nll`] of a training step: the network in `train.precision`, the likelihood
+    /// from fp32 logits.
+    fn training_nll(&self, inputs: &Tensor, targets: &Tensor, biases: Option<&Biases>) -> Tensor {
+        let logits = self.autocast.run(|| self.logits_with(inputs, biases));
+        self.nll_of(&logits.to_kind(Kind::Float), targets)
+    }
+
+    fn nll_of(&self, logits: &Tensor, targets: &Tensor) -> Tensor {
+        let n = logits.size()[0];
         let per_pixel = match self.output {
             PixelOutput::Bernoulli => logits.binary_cross_entropy_with_logits::<Tensor>(
                 targets,
@@ -467,7 +482,7 @@ impl TrainTask for PixelCnn {
         let (inputs, targets) = self.inputs_and_targets(&v, draws.as_ref());
         self.clock.lap(Phase::Data);
         let nll = self
-            .nll(&inputs, &targets, biases.as_ref())
+            .training_nll(&inputs, &targets, biases.as_ref())
             .mean(Kind::Float);
         let applied = averaged_update(
             &nll,

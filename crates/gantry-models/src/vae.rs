@@ -37,6 +37,7 @@ use crate::gan::{averaged_update, load_into, load_moments, save_moments};
 use crate::matmul::{Dense, Matmul};
 use crate::optim::FlatOptimizer;
 use crate::phases::{Phase, PhaseClock};
+use crate::precision::Autocast;
 use crate::task::{
     BatchSource, GradReduce, Likelihood, ModelShape, Part, StepOutcome, TrainTask, cycled_labels,
 };
@@ -211,6 +212,9 @@ pub struct Vae {
     shape: ModelShape,
     seed: u64,
     host_noise: Vec<f32>,
+    /// bf16 forward passes in training steps (`train.precision`); sampling, reconstruction
+    /// and the held-out likelihood stay fp32.
+    autocast: Autocast,
     pub clock: PhaseClock,
 }
 
@@ -305,6 +309,7 @@ impl Vae {
             shape,
             seed: t.seed,
             host_noise: Vec::new(),
+            autocast: Autocast::new(t.precision, device),
             clock: PhaseClock::new(device),
         })
     }
@@ -410,11 +415,14 @@ impl Vae {
 
     /// Per-image −log p(x|z) (summed Bernoulli cross-entropy) and KL(q ‖ N(0, I)), in nats,
     /// for intensities `x`, noise `eps` (`n × latent`) and, when conditional, the labels'
-    /// one-hot `y`.
+    /// one-hot `y`. The training step's: the networks run in `train.precision`; the
+    /// sampling of `z`, the KL term and the likelihood take fp32 values.
     fn terms(&self, x: &Tensor, eps: &Tensor, y: Option<&Tensor>) -> (Tensor, Tensor) {
-        let (mu, log_var) = self.encode_with(x, y);
+        let (mu, log_var) = self.autocast.run(|| self.encode_with(x, y));
+        let (mu, log_var) = (mu.to_kind(Kind::Float), log_var.to_kind(Kind::Float));
         let z = &mu + (&log_var * 0.5).exp() * eps;
-        let reconstruction = self.reconstruction_nats(x, &self.decode_with(&z, y));
+        let logits = self.autocast.run(|| self.decode_with(&z, y));
+        let reconstruction = self.reconstruction_nats(x, &logits.to_kind(Kind::Float));
         let kl = ((&log_var + 1.0) - mu.square() - log_var.exp()).sum_dim_intlist(
             [1i64].as_slice(),
             false,

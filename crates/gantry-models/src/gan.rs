@@ -503,8 +503,9 @@ impl Gan {
         // of D's passes share one autocast region: each weight is cast to bf16 once a step
         // (not once per pass), and D's real and fake weight gradients meet in bf16 before
         // one conversion back. `alternating` updates D between its passes: a region each.
-        let forward_region =
-            (self.schedule == Schedule::Simultaneous).then(|| self.autocast.enter());
+        let forward_region = (self.schedule == Schedule::Simultaneous)
+            .then(|| self.autocast.enter())
+            .flatten();
         let fake = self.generate_for_training(&input.z, labels);
         self.clock.lap(Phase::GeneratorForwardBackward);
         let (d_loss, g_loss, real_logits, fake_logits, applied) = match self.schedule {

@@ -749,6 +749,51 @@ fn the_operator_cli_drives_a_live_job_and_wrong_tokens_are_refused() {
 }
 
 #[test]
+fn signals_arriving_mid_step_leave_supervised_workers_training() {
+    // A supervised worker receives its terminal's every Ctrl-C and leaves it to the
+    // coordinator. A handler run on the training thread inside one of oneDNN's generated fp32
+    // GEMM kernels corrupted the heap (see `runtime::block_async_signals`): before the fix a
+    // single Ctrl-C killed a worker in about one run of six, and barrages like this one killed
+    // every time. `onednn` puts those kernels in the step on every CPU (`auto` picks them on
+    // CPUs not made by Intel only).
+    let mut c = Cluster::new();
+    let coord = c.coordinator(
+        "coordinator",
+        100_000,
+        &["--workers", "2", "--set", "train.cpu_matmul=onednn"],
+        &[],
+    );
+    let workers = [
+        c.local_worker_pid(coord, "local-g0-w0"),
+        c.local_worker_pid(coord, "local-g0-w1"),
+    ];
+    c.wait_step(25);
+    for _ in 0..300 {
+        for pid in workers {
+            assert!(kill(pid, libc::SIGINT), "kill -INT {pid}\n{}", c.diag());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let after = c.metrics_step();
+    c.wait_step(after + 10);
+    for pid in workers {
+        assert!(
+            kill(pid, 0),
+            "worker {pid} did not outlive the signals\n{}",
+            c.diag()
+        );
+    }
+    c.procs[coord].signal(libc::SIGTERM);
+    c.assert_exit(coord, 143, JOB);
+    let stderr = c.stderr(coord);
+    assert!(
+        !stderr.contains("failed") && !stderr.contains("restarting"),
+        "a worker died of the signals\n{}",
+        c.diag()
+    );
+}
+
+#[test]
 fn a_terminal_ctrl_c_checkpoints_and_stops_the_whole_job_cleanly() {
     let mut c = Cluster::new();
     let coord = c.coordinator("coordinator", 100_000, &["--workers", "2"], &[]);

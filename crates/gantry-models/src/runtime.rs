@@ -39,6 +39,54 @@ pub fn tune_host_allocator() {
     }
 }
 
+/// The asynchronous signals a Gantry process may install handlers for (SIGINT and SIGTERM
+/// stop a worker) or that a user may send it.
+const ASYNC_SIGNALS: [libc::c_int; 9] = [
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGALRM,
+    libc::SIGCHLD,
+    libc::SIGWINCH,
+];
+
+/// Keeps [`ASYNC_SIGNALS`] off the calling thread, and off every thread it starts from now on
+/// (libtorch's OpenMP pool, helper threads), until [`unblock_async_signals`]. A thread that
+/// computes must never run a signal handler: libtorch's oneDNN (2.11's) points the stack
+/// pointer into a heap buffer while its generated fp32 GEMM kernels run (oneDNN issue 4845,
+/// fixed upstream in March 2026), so the kernel's signal frame lands in the heap and a later
+/// `free` aborts ("corrupted size vs. prev_size", "munmap_chunk(): invalid pointer"). Measured
+/// here: a supervised worker multiplying through oneDNN died within a few hundred SIGINTs (a
+/// single terminal Ctrl-C killed one in six). Process-directed signals go to a thread that
+/// does not block them: at least one must stay unblocked (the async runtime's, which handle
+/// them) or the signal waits forever.
+pub fn block_async_signals() {
+    set_async_signal_mask(libc::SIG_BLOCK);
+}
+
+/// Lets [`ASYNC_SIGNALS`] reach the calling thread again (for threads that only do I/O).
+pub fn unblock_async_signals() {
+    set_async_signal_mask(libc::SIG_UNBLOCK);
+}
+
+fn set_async_signal_mask(how: libc::c_int) {
+    // SAFETY: a sigset_t on the stack, initialised by sigemptyset before use, and valid
+    // pointers for the calls; pthread_sigmask only changes this thread's mask.
+    let code = unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in ASYNC_SIGNALS {
+            libc::sigaddset(&mut set, signal);
+        }
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut())
+    };
+    // Fails only for an invalid `how`, which the two callers never pass.
+    debug_assert_eq!(code, 0, "pthread_sigmask");
+}
+
 /// What loading CUDA support found, kept for `--list-devices` and logs.
 #[derive(Debug, Clone)]
 pub enum CudaSupport {
@@ -234,6 +282,49 @@ pub fn describe_devices() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether `signal` is blocked on the calling thread.
+    fn blocked(signal: libc::c_int) -> bool {
+        // SAFETY: a zeroed sigset_t filled in by pthread_sigmask, which changes nothing here.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            assert_eq!(
+                libc::pthread_sigmask(libc::SIG_BLOCK, std::ptr::null(), &mut set),
+                0
+            );
+            libc::sigismember(&set, signal) == 1
+        }
+    }
+
+    #[test]
+    fn a_computing_thread_and_the_threads_it_starts_block_stop_signals_until_unblocked() {
+        // On a thread of its own: the test harness's threads keep their masks.
+        std::thread::spawn(|| {
+            assert!(!blocked(libc::SIGINT) && !blocked(libc::SIGTERM));
+            block_async_signals();
+            assert!(blocked(libc::SIGINT) && blocked(libc::SIGTERM));
+            assert!(
+                !blocked(libc::SIGSEGV),
+                "faults must still reach their handlers"
+            );
+            let child = std::thread::spawn(|| blocked(libc::SIGINT) && blocked(libc::SIGTERM));
+            assert!(
+                child.join().unwrap(),
+                "a thread started after inherits the mask"
+            );
+            let io = std::thread::spawn(|| {
+                unblock_async_signals();
+                blocked(libc::SIGINT) || blocked(libc::SIGTERM)
+            });
+            assert!(!io.join().unwrap(), "an I/O thread takes the signals again");
+            assert!(
+                blocked(libc::SIGINT),
+                "unblocking elsewhere leaves this thread's mask"
+            );
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn tf32_follows_train_tf32_and_back_to_libtorchs_defaults() {

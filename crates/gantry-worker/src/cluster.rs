@@ -138,9 +138,13 @@ impl SessionError {
 
 /// Runs this worker in cluster mode and returns the process exit code.
 pub fn run(options: &ClusterOptions, local: &Settings) -> i32 {
+    // Signals are handled on the runtime's threads, never on this one, which trains (see
+    // `runtime::block_async_signals`): a SIGINT or SIGTERM during one of oneDNN's GEMM
+    // kernels would otherwise corrupt the heap.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
+        .on_thread_start(runtime::unblock_async_signals)
         .build()
     {
         Ok(rt) => rt,
@@ -149,6 +153,7 @@ pub fn run(options: &ClusterOptions, local: &Settings) -> i32 {
             return 1;
         }
     };
+    runtime::block_async_signals();
     let who = &options.worker_id;
     match session(&runtime, options, local) {
         Ok(()) => 0,

@@ -11,7 +11,7 @@ use gantry_eval::export::{
     self, Checkpoint, Classes, ExportRequest, Exported, Format, IDX_IMAGES_FILE, IDX_LABELS_FILE,
 };
 use gantry_models::task::{self, ModelShape, TrainTask};
-use gantry_models::{Gan, StepInput, latent};
+use gantry_models::{Gan, Network, StepInput, latent};
 use tch::{Device, Tensor};
 
 const STEP: u64 = 2;
@@ -63,7 +63,9 @@ fn write_checkpoint(dir: &Path, settings: &Settings, class_names: Option<&[Strin
             labels,
         };
         let stats = gan
-            .train_step(&input, &mut |_, _| Ok::<bool, Infallible>(false))
+            .train_step(&input, &mut |_: Network, _: &mut Tensor| {
+                Ok::<bool, Infallible>(false)
+            })
             .unwrap();
         assert!(stats.applied);
     }

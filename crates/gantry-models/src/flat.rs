@@ -95,6 +95,34 @@ impl FlatParams {
         Some(finite)
     }
 
+    /// Per-parameter gradients (in `tensors` order) kept where autograd put them, for an
+    /// optimiser that reads them there ([`crate::optim::Gradient::Pieces`]): a parameter that
+    /// got no gradient gets zeros, and whether every value is finite is returned beside them.
+    /// `None` (the gradients handed back) unless every one is a contiguous f32 host tensor of
+    /// its parameter's length; then [`FlatParams::flatten_grads_into`] is the way.
+    pub fn checked_pieces(&self, grads: Vec<Tensor>) -> Result<(Vec<Tensor>, bool), Vec<Tensor>> {
+        let usable = grads
+            .iter()
+            .zip(&self.tensors)
+            .all(|(g, p)| !g.defined() || (is_host_f32(g) && g.numel() == p.numel()));
+        if !usable || grads.len() != self.tensors.len() {
+            return Err(grads);
+        }
+        let mut finite = true;
+        let pieces = grads
+            .into_iter()
+            .zip(&self.tensors)
+            .map(|(g, p)| {
+                if !g.defined() {
+                    return p.zeros_like().detach();
+                }
+                finite &= all_finite(&g);
+                g
+            })
+            .collect();
+        Ok((pieces, finite))
+    }
+
     /// (name, shape, kind) of every parameter, to check that ranks built the same network.
     pub fn signature(&self) -> Vec<(String, Vec<i64>, Kind)> {
         self.names
@@ -103,6 +131,12 @@ impl FlatParams {
             .map(|(n, t)| (n.clone(), t.size(), t.kind()))
             .collect()
     }
+}
+
+/// Per-parameter tensors (every one defined) as one flat tensor, in their order.
+pub(crate) fn concatenated(pieces: &[Tensor]) -> Tensor {
+    let flat: Vec<Tensor> = pieces.iter().map(|g| g.reshape([-1])).collect();
+    Tensor::cat(&flat, 0)
 }
 
 fn is_host_f32(t: &Tensor) -> bool {

@@ -11,7 +11,7 @@ use tch::{Device, Kind, Tensor};
 use crate::conditional::{self, Critic};
 use crate::flat::all_finite;
 use crate::matmul::Matmul;
-use crate::optim::FlatOptimizer;
+use crate::optim::{FlatOptimizer, Gradient};
 use crate::phases::{Phase, PhaseClock};
 use crate::precision::Autocast;
 use crate::task::{
@@ -143,6 +143,9 @@ pub struct Gan {
     autocast: Autocast,
     /// Both networks' flat gradients, D's then G's (see [`Gan::gradients`]).
     gradients: Tensor,
+    /// D's and G's latest gradients where they were left in pieces, not gathered into
+    /// `gradients` (see [`StepSync::gathers`]); empty otherwise.
+    latest_pieces: [Vec<Tensor>; 2],
     /// Times the phases of a step; the caller starts it and takes the result.
     pub clock: PhaseClock,
     kind: ModelKind,
@@ -185,14 +188,38 @@ pub fn buffers(vs: &VarStore) -> Vec<Tensor> {
     named.into_iter().map(|(_, t)| t).collect()
 }
 
-/// A network's flat gradient, and whether it was found finite when gathered (`None`: not
-/// checked, see [`FlatParams::flatten_grads_into`]).
+/// A network's gradient of one step, and whether it was found finite when gathered (`None`:
+/// not checked, see [`FlatParams::flatten_grads_into`]).
 struct FlatGradient {
+    /// The flat gradient (a view of [`Gan::gradients`]): gathered there, unless `pieces` holds
+    /// the gradient instead.
     grad: Tensor,
+    /// autograd's per-parameter gradients where they were left ungathered (see
+    /// [`StepSync::gathers`]); empty when gathered into `grad`.
+    pieces: Vec<Tensor>,
     finite: Option<bool>,
 }
 
 impl FlatGradient {
+    /// The gradient as the optimiser reads it.
+    fn gradient(&self) -> Gradient<'_> {
+        if self.pieces.is_empty() {
+            Gradient::Flat(&self.grad)
+        } else {
+            Gradient::Pieces(&self.pieces)
+        }
+    }
+
+    /// Hands a gathered gradient to `sync` for `network` (see [`Gan::train_step`]); one left
+    /// in pieces is, by [`StepSync::gathers`], nobody else's: not combined with anything.
+    fn sync<E>(&mut self, network: Network, sync: &mut impl StepSync<E>) -> Result<bool, E> {
+        if self.pieces.is_empty() {
+            sync.sync(network, &mut self.grad)
+        } else {
+            Ok(false)
+        }
+    }
+
     /// Whether the update may be applied: every element finite. `averaged` says whether the
     /// gradient was combined with other ranks' (or weighted) since it was gathered; if not,
     /// the check made while gathering still holds and the gradient is not read again.
@@ -204,21 +231,39 @@ impl FlatGradient {
     }
 }
 
-/// The flat gradient of `loss` with respect to `params`, written into `out` (a view of
-/// [`Gan::gradients`]), with a non-finite loss folded in (see [`poison_with`]). `keep_graph`
-/// keeps the graph for a second backward pass.
+/// The gradient of `loss` with respect to `params`: written into `out` (a view of
+/// [`Gan::gradients`]), with a non-finite loss folded in (see [`poison_with`]), or, unless
+/// `gather`, left in the tensors autograd returned where the optimiser can read them there
+/// (host f32), a non-finite loss marking it non-finite. `keep_graph` keeps the graph for a
+/// second backward pass.
 fn flat_gradient(
     loss: &Tensor,
     params: &FlatParams,
     keep_graph: bool,
     out: Tensor,
+    gather: bool,
 ) -> FlatGradient {
     let grads = Tensor::run_backward(&[loss], &params.tensors, keep_graph, false);
+    let grads = match gather {
+        true => grads,
+        false => match params.checked_pieces(grads) {
+            Ok((pieces, finite)) => {
+                let loss_finite = loss.double_value(&[]).is_finite();
+                return FlatGradient {
+                    grad: out,
+                    pieces,
+                    finite: Some(finite && loss_finite),
+                };
+            }
+            Err(grads) => grads,
+        },
+    };
     let mut grad = out;
     let gathered = tch::no_grad(|| params.flatten_grads_into(&grads, &grad));
     let loss_finite = poison_with(&mut grad, loss);
     FlatGradient {
         grad,
+        pieces: Vec::new(),
         finite: gathered.zip(loss_finite).map(|(a, b)| a && b),
     }
 }
@@ -236,7 +281,7 @@ pub(crate) fn averaged_update(
     clock: &mut PhaseClock,
     reduce: &mut dyn GradReduce,
 ) -> Result<bool, ModelError> {
-    let mut flat = flat_gradient(loss, params, false, gradient.shallow_clone());
+    let mut flat = flat_gradient(loss, params, false, gradient.shallow_clone(), true);
     clock.lap(Phase::ForwardBackward);
     let averaged = !reduce.is_identity();
     reduce.average(&mut flat.grad)?;
@@ -357,6 +402,7 @@ impl Gan {
             image_shape,
             autocast: Autocast::new(t.precision, device),
             gradients,
+            latest_pieces: [Vec::new(), Vec::new()],
             clock: PhaseClock::new(device),
             kind: settings.model.kind,
             seed: t.seed,
@@ -369,7 +415,8 @@ impl Gan {
     /// Both networks' flat gradients of the current step in one tensor: D's first, then G's.
     /// The tensors `train_step`'s `sync` receives are views of it, so in `simultaneous` (where
     /// neither is read before G's `sync` returns) a caller may average both in one operation:
-    /// keep D's, and at G's call average this tensor instead. Overwritten every step.
+    /// keep D's, and at G's call average this tensor instead. Overwritten by every step whose
+    /// `sync` gathers (see [`StepSync::gathers`]).
     pub fn gradients(&self) -> &Tensor {
         &self.gradients
     }
@@ -474,7 +521,8 @@ impl Gan {
     ///
     /// `sync` is called with each network's flat gradient before that network's optimiser
     /// step; a data-parallel worker all-reduces (averages) it across ranks there, a single
-    /// process leaves it as it is. In `simultaneous`, D's call comes right after D's
+    /// process leaves it as it is, or says with [`StepSync::gathers`] that it would, and the
+    /// gradient is then neither gathered nor handed to it. In `simultaneous`, D's call comes right after D's
     /// backward pass and G's after G's, and neither gradient is read until G's call has
     /// returned: an implementation may return from D's call early and finish averaging D's
     /// gradient (overlapped with G's backward pass) before it returns from G's.
@@ -495,8 +543,9 @@ impl Gan {
     pub fn train_step<E>(
         &mut self,
         input: &StepInput,
-        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<bool, E>,
+        sync: &mut impl StepSync<E>,
     ) -> Result<StepStats, E> {
+        let gather = sync.gathers();
         let saved = self.snapshot_buffers();
         let labels = input.labels.as_ref();
         // In `simultaneous` no weight changes before the last forward pass, so G's and both
@@ -521,21 +570,24 @@ impl Gan {
                 drop(forward_region);
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
-                let mut d = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient());
+                let mut d = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient(), gather);
                 self.clock.lap(Phase::DiscriminatorForwardBackward);
                 // D's gradient is final here: its averaging may overlap G's backward pass.
-                let d_averaged = sync(Network::Discriminator, &mut d.grad)?;
+                let d_averaged = d.sync(Network::Discriminator, sync)?;
                 self.clock.lap(Phase::AllReduce);
-                let mut g = flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
+                let mut g =
+                    flat_gradient(&g_loss, &self.g_params, false, self.g_gradient(), gather);
                 self.clock.lap(Phase::GeneratorForwardBackward);
-                let g_averaged = sync(Network::Generator, &mut g.grad)?;
+                let g_averaged = g.sync(Network::Generator, sync)?;
                 self.clock.lap(Phase::AllReduce);
                 let applied = d.is_finite(d_averaged) && g.is_finite(g_averaged);
                 if applied {
-                    self.d_opt.step(&self.d_params.flat, &d.grad);
-                    self.step_generator(&g.grad);
+                    self.d_opt
+                        .step_with_ema(&self.d_params.flat, d.gradient(), None);
+                    self.step_generator(g.gradient());
                 }
                 self.clock.lap(Phase::Optimizer);
+                self.keep_pieces(d, g);
                 (d_loss, g_loss, real_logits, fake_logits, applied)
             }
             Schedule::Alternating => {
@@ -545,15 +597,17 @@ impl Gan {
                 if d_applied {
                     let g_logits = self.discriminate(&fake, labels);
                     let g_loss = loss::generator(self.loss, &g_logits);
-                    let mut g = flat_gradient(&g_loss, &self.g_params, false, self.g_gradient());
+                    let mut g =
+                        flat_gradient(&g_loss, &self.g_params, false, self.g_gradient(), gather);
                     self.clock.lap(Phase::GeneratorForwardBackward);
-                    let averaged = sync(Network::Generator, &mut g.grad)?;
+                    let averaged = g.sync(Network::Generator, sync)?;
                     self.clock.lap(Phase::AllReduce);
                     let applied = g.is_finite(averaged);
                     if applied {
-                        self.step_generator(&g.grad);
+                        self.step_generator(g.gradient());
                     }
                     self.clock.lap(Phase::Optimizer);
+                    self.latest_pieces[1] = g.pieces;
                     (d_loss, g_loss, real_logits, fake_logits, applied)
                 } else {
                     let g_loss = tch::no_grad(|| loss::generator(self.loss, &fake_logits));
@@ -573,7 +627,7 @@ impl Gan {
     pub fn critic_step<E>(
         &mut self,
         input: &StepInput,
-        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<bool, E>,
+        sync: &mut impl StepSync<E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
         let fake = tch::no_grad(|| self.generate_for_training(&input.z, input.labels.as_ref()));
@@ -591,20 +645,23 @@ impl Gan {
         &mut self,
         input: &StepInput,
         fake: &Tensor,
-        sync: &mut impl FnMut(Network, &mut Tensor) -> Result<bool, E>,
+        sync: &mut impl StepSync<E>,
     ) -> Result<(Tensor, Tensor, Tensor, bool), E> {
         let (real_logits, fake_logits) =
             self.discriminate_pair(&input.real, fake, input.labels.as_ref());
         let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
-        let mut d = flat_gradient(&d_loss, &self.d_params, false, self.d_gradient());
+        let gather = sync.gathers();
+        let mut d = flat_gradient(&d_loss, &self.d_params, false, self.d_gradient(), gather);
         self.clock.lap(Phase::DiscriminatorForwardBackward);
-        let averaged = sync(Network::Discriminator, &mut d.grad)?;
+        let averaged = d.sync(Network::Discriminator, sync)?;
         self.clock.lap(Phase::AllReduce);
         let applied = d.is_finite(averaged);
         if applied {
-            self.d_opt.step(&self.d_params.flat, &d.grad);
+            self.d_opt
+                .step_with_ema(&self.d_params.flat, d.gradient(), None);
         }
         self.clock.lap(Phase::Optimizer);
+        self.latest_pieces[0] = d.pieces;
         Ok((real_logits, fake_logits, d_loss, applied))
     }
 
@@ -692,9 +749,9 @@ impl Gan {
 
     /// G's optimiser step from `grad`, with the generator EMA (when kept) updated in the same
     /// pass over the parameters, and the EMA's BatchNorm statistics copied from G's.
-    fn step_generator(&mut self, grad: &Tensor) {
+    fn step_generator(&mut self, grad: Gradient<'_>) {
         let Some(ema) = &self.ema else {
-            self.g_opt.step(&self.g_params.flat, grad);
+            self.g_opt.step_with_ema(&self.g_params.flat, grad, None);
             return;
         };
         let decay = |t| ema_decay_at(ema.decay, t);
@@ -705,6 +762,12 @@ impl Gan {
                 dst.shallow_clone().copy_(src);
             }
         });
+    }
+
+    /// Keeps the step's gradients left in pieces for [`TrainTask::gradients`] (until the next
+    /// step's).
+    fn keep_pieces(&mut self, d: FlatGradient, g: FlatGradient) {
+        self.latest_pieces = [d.pieces, g.pieces];
     }
 
     fn snapshot_buffers(&self) -> Vec<Tensor> {
@@ -751,6 +814,29 @@ impl Gan {
     }
 }
 
+/// What [`Gan::train_step`] and [`Gan::critic_step`] hand each network's gradient to.
+/// Closures `FnMut(Network, &mut Tensor) -> Result<bool, E>` are one, with every gradient
+/// gathered.
+pub trait StepSync<E> {
+    /// Whether the step gathers each gradient into [`Gan::gradients`] and calls
+    /// [`StepSync::sync`] with it. `false` (nothing to combine it with: a world of one) lets a
+    /// host gradient stay in the tensors autograd returned, read there by the optimiser, with
+    /// no copy; `sync` is then not called for it, and [`Gan::gradients`] is left as it was.
+    fn gathers(&self) -> bool {
+        true
+    }
+
+    /// Combines `grad` (flat, a view of [`Gan::gradients`]) with other ranks' in place, as
+    /// [`Gan::train_step`] describes; returns whether it did.
+    fn sync(&mut self, network: Network, grad: &mut Tensor) -> Result<bool, E>;
+}
+
+impl<E, F: FnMut(Network, &mut Tensor) -> Result<bool, E>> StepSync<E> for F {
+    fn sync(&mut self, network: Network, grad: &mut Tensor) -> Result<bool, E> {
+        self(network, grad)
+    }
+}
+
 /// How a GAN step hands its gradients to the group. In `simultaneous`, neither gradient is
 /// read before G's sync returns (see [`Gan::train_step`]), so on the last sub-step D's average
 /// may wait: overlapped with G's backward pass in the background where the reducer offers
@@ -766,7 +852,12 @@ struct GanSync<'r> {
     pending: bool,
 }
 
-impl GanSync<'_> {
+impl StepSync<ExternalError> for GanSync<'_> {
+    /// A group of one (no collective, nothing in the background) leaves gradients as they are.
+    fn gathers(&self) -> bool {
+        !self.reduce.is_identity()
+    }
+
     /// Returns whether the gradient is (or, for D's deferred call, will be once G's call
     /// returns) combined with other ranks', as [`Gan::train_step`] asks.
     fn sync(&mut self, network: Network, grad: &mut Tensor) -> Result<bool, ExternalError> {
@@ -792,7 +883,9 @@ impl GanSync<'_> {
         }
         Ok(averaged)
     }
+}
 
+impl GanSync<'_> {
     /// Collects a background average (also after an error between the two syncs).
     fn finish(&mut self) -> Result<(), ExternalError> {
         if std::mem::take(&mut self.pending) {
@@ -903,9 +996,9 @@ impl TrainTask for Gan {
                 pending: false,
             };
             let result = if last {
-                self.train_step(&input, &mut |network, grad| sync.sync(network, grad))
+                self.train_step(&input, &mut sync)
             } else {
-                self.critic_step(&input, &mut |network, grad| sync.sync(network, grad))
+                self.critic_step(&input, &mut sync)
             };
             let finished = sync.finish();
             let stats = result?;
@@ -929,9 +1022,19 @@ impl TrainTask for Gan {
     }
 
     fn gradients(&self) -> Vec<(&'static str, Tensor)> {
+        let latest = |pieces: &[Tensor], flat: Tensor| match pieces {
+            [] => flat,
+            pieces => crate::flat::concatenated(pieces),
+        };
         vec![
-            ("generator", self.g_gradient()),
-            ("discriminator", self.d_gradient()),
+            (
+                "generator",
+                latest(&self.latest_pieces[1], self.g_gradient()),
+            ),
+            (
+                "discriminator",
+                latest(&self.latest_pieces[0], self.d_gradient()),
+            ),
         ]
     }
 

@@ -37,7 +37,7 @@ mod simd;
 pub use flat::FlatParams;
 pub use gan::{
     DISCRIMINATOR_FILE, Ema, GENERATOR_EMA_FILE, GENERATOR_FILE, Gan, HostStats, Network,
-    OPTIMIZER_FILE, StepInput, StepStats, buffers, ema_decay_at, ema_update,
+    OPTIMIZER_FILE, StepInput, StepStats, StepSync, buffers, ema_decay_at, ema_update,
 };
 
 /// Held while a model draws its initial weights from libtorch's global generator (seeded

@@ -57,7 +57,7 @@ impl FlatOptimizer {
 
     /// Applies one update to `params` (flat, updated in place) from `grad` (same layout).
     pub fn step(&mut self, params: &Tensor, grad: &Tensor) {
-        self.step_with_ema(params, grad, None);
+        self.step_with_ema(params, Gradient::Flat(grad), None);
     }
 
     /// [`FlatOptimizer::step`], then `average ← lerp(average, params, 1 − decay)` for an
@@ -67,23 +67,37 @@ impl FlatOptimizer {
     pub fn step_with_ema(
         &mut self,
         params: &Tensor,
-        grad: &Tensor,
+        grad: Gradient<'_>,
         ema: Option<(&Tensor, &dyn Fn(u64) -> f64)>,
     ) {
         tch::no_grad(|| {
             let mut params = params.shallow_clone();
             self.step += 1;
             let ema = ema.map(|(average, decay)| (average.shallow_clone(), decay(self.step)));
-            match self.kind {
-                OptimizerKind::Sgd => {
+            let fusable_state = self.kind == OptimizerKind::Adam
+                && fusable(&params, &params, &self.exp_avg, &self.exp_avg_sq)
+                && ema
+                    .as_ref()
+                    .is_none_or(|(average, _)| fusable(&params, average, average, average));
+            // Pieces are read where they lie by the fused pass only; the libtorch kernels
+            // (SGD, a device, an odd layout) take one flat tensor, gathered here.
+            let gathered = match grad {
+                Gradient::Pieces(pieces) if !(fusable_state && pieces_fusable(&params, pieces)) => {
+                    Some(crate::flat::concatenated(pieces))
+                }
+                _ => None,
+            };
+            let grad = gathered.as_ref().map_or(grad, Gradient::Flat);
+            let fused = fusable_state
+                && match grad {
+                    Gradient::Flat(g) => fusable(&params, g, g, g),
+                    Gradient::Pieces(_) => true,
+                };
+            match (self.kind, grad) {
+                (OptimizerKind::Sgd, Gradient::Flat(grad)) => {
                     let _ = params.g_add_(&(grad * -self.lr));
                 }
-                OptimizerKind::Adam
-                    if fusable(&params, grad, &self.exp_avg, &self.exp_avg_sq)
-                        && ema.as_ref().is_none_or(|(average, _)| {
-                            fusable(&params, average, average, average)
-                        }) =>
-                {
+                (OptimizerKind::Adam, _) if fused => {
                     let t = i32::try_from(self.step).unwrap_or(i32::MAX);
                     let constants = AdamConstants {
                         one_minus_beta1: (1.0 - self.beta1) as f32,
@@ -94,15 +108,15 @@ impl FlatOptimizer {
                         ema_weight: ema.as_ref().map_or(0.0, |(_, decay)| (1.0 - decay) as f32),
                     };
                     let n = params.numel();
-                    // SAFETY: `fusable` checked that all of them are contiguous f32 CPU
-                    // tensors of the same length; they are distinct allocations (parameters,
-                    // gradient, both moments and the average), and nothing else touches them
-                    // meanwhile.
                     let mut average = ema.map_or_else(Tensor::new, |(average, _)| average);
+                    // SAFETY: `fusable` (and `pieces_fusable`) checked that all of them are
+                    // contiguous f32 CPU tensors of the same length (the pieces' lengths sum
+                    // to it); they are distinct allocations (parameters, gradients, both
+                    // moments and the average), and nothing else touches them meanwhile.
                     unsafe {
-                        let buffers = AdamBuffers {
+                        let whole = AdamBuffers {
                             p: as_mut_slice(&mut params, n),
-                            g: as_slice(grad, n),
+                            g: &[],
                             m: as_mut_slice(&mut self.exp_avg, n),
                             v: as_mut_slice(&mut self.exp_avg_sq, n),
                             ema: if average.defined() {
@@ -111,11 +125,33 @@ impl FlatOptimizer {
                                 &mut []
                             },
                         };
-                        adam_fused(buffers, &constants);
+                        match grad {
+                            Gradient::Flat(g) => adam_fused(
+                                AdamBuffers {
+                                    g: as_slice(g, n),
+                                    ..whole
+                                },
+                                &constants,
+                            ),
+                            Gradient::Pieces(pieces) => {
+                                let mut rest = whole;
+                                for g in pieces {
+                                    let (segment, tail) = rest.split_at(g.numel());
+                                    adam_fused(
+                                        AdamBuffers {
+                                            g: as_slice(g, g.numel()),
+                                            ..segment
+                                        },
+                                        &constants,
+                                    );
+                                    rest = tail;
+                                }
+                            }
+                        }
                     }
                     return;
                 }
-                OptimizerKind::Adam => {
+                (OptimizerKind::Adam, Gradient::Flat(grad)) => {
                     let t = i32::try_from(self.step).unwrap_or(i32::MAX);
                     let _ = self.exp_avg.lerp_(grad, 1.0 - self.beta1);
                     let _ = self.exp_avg_sq.lerp_(&grad.square(), 1.0 - self.beta2);
@@ -124,12 +160,33 @@ impl FlatOptimizer {
                     let denom = self.exp_avg_sq.sqrt() / bias2_sqrt + self.eps;
                     let _ = params.addcdiv_(&(&self.exp_avg * (-self.lr / bias1)), &denom);
                 }
+                (_, Gradient::Pieces(_)) => unreachable!("unfusable pieces were gathered above"),
             }
             if let Some((mut average, decay)) = ema {
                 let _ = average.lerp_(&params, 1.0 - decay);
             }
         });
     }
+}
+
+/// A network's gradient in its flat parameter layout (see [`crate::FlatParams`]): the flat
+/// tensor, or the per-parameter tensors autograd returned, in layout order, every one defined
+/// (where nothing needs them gathered, a world of one, the copy is saved).
+#[derive(Debug, Clone, Copy)]
+pub enum Gradient<'a> {
+    Flat(&'a Tensor),
+    Pieces(&'a [Tensor]),
+}
+
+/// Whether the fused pass can read `pieces` where they lie: contiguous f32 CPU tensors whose
+/// lengths sum to the parameters'.
+fn pieces_fusable(params: &Tensor, pieces: &[Tensor]) -> bool {
+    pieces.iter().all(|g| {
+        g.defined()
+            && g.device() == tch::Device::Cpu
+            && g.kind() == tch::Kind::Float
+            && g.is_contiguous()
+    }) && pieces.iter().map(Tensor::numel).sum::<usize>() == params.numel()
 }
 
 /// Adam's per-step constants in f32, as the fused loop uses them.
@@ -151,6 +208,36 @@ struct AdamBuffers<'a> {
     m: &'a mut [f32],
     v: &'a mut [f32],
     ema: &'a mut [f32],
+}
+
+impl<'a> AdamBuffers<'a> {
+    /// The first `len` elements of each buffer, and the rest (`g` is left empty in both: the
+    /// caller gives each segment its own).
+    fn split_at(self, len: usize) -> (Self, Self) {
+        let (p, p_rest) = self.p.split_at_mut(len);
+        let (m, m_rest) = self.m.split_at_mut(len);
+        let (v, v_rest) = self.v.split_at_mut(len);
+        let (ema, ema_rest) = if self.ema.is_empty() {
+            (&mut [][..], &mut [][..])
+        } else {
+            self.ema.split_at_mut(len)
+        };
+        let head = AdamBuffers {
+            p,
+            g: &[],
+            m,
+            v,
+            ema,
+        };
+        let tail = AdamBuffers {
+            p: p_rest,
+            g: &[],
+            m: m_rest,
+            v: v_rest,
+            ema: ema_rest,
+        };
+        (head, tail)
+    }
 }
 
 crate::simd::widest! {
@@ -352,7 +439,7 @@ mod tests {
                 FlatOptimizer::new(OptimizerKind::Adam, 1e-2, [0.5, 0.999], &reference);
             for step in 1..=4u64 {
                 let grad = Tensor::randn([n], (Kind::Float, Device::Cpu));
-                opt.step_with_ema(&params, &grad, Some((&average, &decay)));
+                opt.step_with_ema(&params, Gradient::Flat(&grad), Some((&average, &decay)));
                 reference_opt.step(&reference, &grad);
                 let _ = reference_average
                     .shallow_clone()
@@ -368,6 +455,59 @@ mod tests {
                 .double_value(&[]);
             assert!(moved > 1e-3, "the average moved ({moved})");
             assert!(diff < 1e-6, "average {diff} away from step + lerp_");
+        }
+    }
+
+    #[test]
+    fn gradient_pieces_step_exactly_as_their_flat_concatenation() {
+        // Three pieces (one shaped like a weight) of a 4099-element network; every path: Adam
+        // fused, Adam with an EMA riding along, and SGD (which gathers the pieces).
+        let shapes: [&[i64]; 3] = [&[33, 61], &[2000], &[86]];
+        let decay = |t: u64| 1.0 - 1.0 / (t as f64 + 2.0);
+        for (kind, with_ema) in [
+            (OptimizerKind::Adam, false),
+            (OptimizerKind::Adam, true),
+            (OptimizerKind::Sgd, false),
+        ] {
+            let start = Tensor::randn([4099], (Kind::Float, Device::Cpu));
+            let (by_pieces, by_flat) = (start.copy(), start.copy());
+            let (average_pieces, average_flat) = (start.copy(), start.copy());
+            let mut pieces_opt = FlatOptimizer::new(kind, 1e-2, [0.5, 0.999], &by_pieces);
+            let mut flat_opt = FlatOptimizer::new(kind, 1e-2, [0.5, 0.999], &by_flat);
+            for _ in 0..3 {
+                let pieces: Vec<Tensor> = shapes
+                    .iter()
+                    .map(|shape| Tensor::randn(*shape, (Kind::Float, Device::Cpu)))
+                    .collect();
+                let flat = Tensor::cat(
+                    &pieces.iter().map(|p| p.reshape([-1])).collect::<Vec<_>>(),
+                    0,
+                );
+                let (ema_pieces, ema_flat) = if with_ema {
+                    (
+                        Some((&average_pieces, &decay as &dyn Fn(u64) -> f64)),
+                        Some((&average_flat, &decay as &dyn Fn(u64) -> f64)),
+                    )
+                } else {
+                    (None, None)
+                };
+                pieces_opt.step_with_ema(&by_pieces, Gradient::Pieces(&pieces), ema_pieces);
+                flat_opt.step_with_ema(&by_flat, Gradient::Flat(&flat), ema_flat);
+            }
+            assert!(!by_pieces.equal(&start), "{kind:?} moved the parameters");
+            assert!(
+                by_pieces.equal(&by_flat),
+                "{kind:?}: pieces and flat differ"
+            );
+            assert!(
+                average_pieces.equal(&average_flat),
+                "{kind:?}: the averages differ"
+            );
+            assert_eq!(
+                !average_pieces.equal(&start),
+                with_ema,
+                "{kind:?}: the average moved"
+            );
         }
     }
 

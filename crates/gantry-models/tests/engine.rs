@@ -5,7 +5,7 @@ use std::convert::Infallible;
 
 use gantry_config::{Loss, ModelKind, Precision, Schedule, Settings};
 use gantry_models::task::{Batch, ModelShape, TrainTask};
-use gantry_models::{GENERATOR_EMA_FILE, Gan, Network, StepInput, ema_update, latent};
+use gantry_models::{GENERATOR_EMA_FILE, Gan, Network, StepInput, StepSync, ema_update, latent};
 use tch::{Device, Kind, Tensor};
 
 fn settings(kind: ModelKind, loss: Loss, schedule: Schedule) -> Settings {
@@ -225,6 +225,78 @@ fn a_world_of_one_skips_a_non_finite_step_without_a_second_scan() {
         let fine = gan.train_step(&input(&gan, 1), &mut no_sync()).unwrap();
         assert!(fine.applied, "{schedule}: a finite step after it trains");
         assert!(!gan.d_params.flat.equal(&d0), "{schedule}");
+    }
+}
+
+/// A world of one that says so: the gradients stay where autograd put them.
+struct Ungathered;
+
+impl StepSync<Infallible> for Ungathered {
+    fn gathers(&self) -> bool {
+        false
+    }
+
+    fn sync(&mut self, _: Network, _: &mut Tensor) -> Result<bool, Infallible> {
+        unreachable!("a gradient left in pieces is handed to nobody")
+    }
+}
+
+#[test]
+fn gradients_left_in_pieces_train_bit_identically_to_gathered_ones() {
+    // The same process, the same kernels: every update, the EMA and the skip of a non-finite
+    // step must match bit for bit, through both schedules and the extra critic step.
+    for schedule in [Schedule::Simultaneous, Schedule::Alternating] {
+        for loss in [Loss::Bce, Loss::WganGp] {
+            let s = settings(ModelKind::Mlp, loss, schedule);
+            let mut gathered = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
+            let mut pieces = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
+            let d0 = pieces.d_params.flat.copy();
+            for step in 0..4 {
+                let batch = input(&gathered, step);
+                if step == 2 {
+                    let _ = batch.real.view([-1]).get(5).fill_(f64::NAN);
+                }
+                let a = gathered.critic_step(&batch, &mut no_sync()).unwrap();
+                let b = pieces.critic_step(&batch, &mut Ungathered).unwrap();
+                assert_eq!(
+                    (a.applied, b.applied),
+                    (step != 2, step != 2),
+                    "{schedule} {loss}"
+                );
+                let a = gathered.train_step(&batch, &mut no_sync()).unwrap();
+                let b = pieces.train_step(&batch, &mut Ungathered).unwrap();
+                assert_eq!(
+                    (a.applied, b.applied),
+                    (step != 2, step != 2),
+                    "{schedule} {loss}"
+                );
+            }
+            let context = format!("{schedule} {loss}");
+            assert!(!pieces.d_params.flat.equal(&d0), "{context}: D trained");
+            assert!(
+                gathered.d_params.flat.equal(&pieces.d_params.flat),
+                "{context}: D"
+            );
+            assert!(
+                gathered.g_params.flat.equal(&pieces.g_params.flat),
+                "{context}: G"
+            );
+            let (ema_a, ema_b) = (gathered.ema.as_ref(), pieces.ema.as_ref());
+            assert!(
+                ema_a
+                    .unwrap()
+                    .params
+                    .flat
+                    .equal(&ema_b.unwrap().params.flat),
+                "{context}: EMA"
+            );
+            // What a caller reads as the latest gradients: gathered, or put together.
+            let latest = |gan: &Gan| TrainTask::gradients(gan);
+            for ((part, a), (_, b)) in latest(&gathered).iter().zip(&latest(&pieces)) {
+                assert!(a.equal(b), "{context}: the {part}'s latest gradient");
+                assert!(a.abs().sum(Kind::Float).double_value(&[]) > 0.0, "{part}");
+            }
+        }
     }
 }
 

@@ -139,6 +139,13 @@ impl Group {
         }
     }
 
+    /// Without a collective, or with one of a single rank (`coordinator --workers 1`), where
+    /// averaging is the identity (a weight of one slice over the same global batch is 1): no
+    /// all-reduce runs, and no helper thread is started for one.
+    fn alone(&self) -> bool {
+        self.collective.is_none() || self.world == 1
+    }
+
     /// Completed collective operations (for the coordinator's hang detection).
     pub fn sequence(&self) -> u64 {
         self.collective.as_ref().map_or(0, |c| c.sequence())
@@ -180,7 +187,7 @@ impl Group {
     /// plainly, or weighted by each rank's slice of the global batch (see
     /// [`Group::set_gradient_weight`]).
     pub fn average(&mut self, flat: &mut Tensor) -> Result<()> {
-        if self.collective.is_none() {
+        if self.alone() {
             return Ok(());
         }
         let op = self.prepare_gradient(flat);
@@ -348,10 +355,10 @@ impl GradReduce for Group {
         Group::average(self, flat).map_err(Into::into)
     }
 
-    /// Without a collective (a world of one, nothing in the background) [`Group::average`]
+    /// Alone (see [`Group::alone`]) and with nothing in the background, [`Group::average`]
     /// returns before touching the gradient, weighting included.
     fn is_identity(&self) -> bool {
-        self.collective.is_none() && self.pending.is_none()
+        self.alone() && self.pending.is_none()
     }
 
     /// On a helper thread, where background averaging is on, the group has a collective
@@ -362,7 +369,7 @@ impl GradReduce for Group {
             && flat.kind() == Kind::Float
             && flat.is_contiguous()
             && flat.dim() == 1;
-        if !self.overlap || !host_f32 || self.pending.is_some() || self.collective.is_none() {
+        if !self.overlap || !host_f32 || self.pending.is_some() || self.alone() {
             return false;
         }
         // Scaled here, on the training thread, before the helper owns the memory.

@@ -20,6 +20,7 @@ use std::thread;
 
 use gantry_collective::RingCollective;
 use gantry_config::{Optimizer, Settings};
+use gantry_models::task::GradReduce;
 use gantry_worker::checkpoint::{self, CheckpointDir};
 use gantry_worker::group::{Group, ring_config};
 use gantry_worker::run_dir::Summary;
@@ -588,4 +589,36 @@ fn a_checkpoint_of_three_ranks_resumes_on_two_with_the_same_global_batch() {
         assert!(err.contains("train.global_batch_size = 64"), "{err}");
         assert!(err.contains(&format!("this run's is {now}")), "{err}");
     }
+}
+
+#[test]
+fn a_ring_of_one_averages_nothing_and_trains_as_a_solo_group() {
+    // `coordinator --workers 1` trains on a ring of one rank: averaging there is the
+    // identity, so it must neither run an all-reduce nor start a helper thread for one, and
+    // must train bit for bit as a group without a collective (the same kernels, this process).
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(1, Optimizer::Adam, dir.path());
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let peers = vec![listener.local_addr().unwrap()];
+    let ring =
+        RingCollective::from_listener(listener, ring_config(&settings, 0, 1, peers)).unwrap();
+    let mut ring_of_one = Group::new(Box::new(ring), 25.0);
+    ring_of_one.set_overlap(true);
+    assert!(GradReduce::is_identity(&ring_of_one));
+    let gradient = tch::Tensor::ones([1024], (tch::Kind::Float, tch::Device::Cpu));
+    assert!(!ring_of_one.start_average(&gradient), "no helper thread");
+    let alone = train_rank(&settings, ring_of_one, true, false, 4, None);
+    let solo = train_rank(&settings, Group::solo(), true, false, 4, None);
+    assert!(alone.discriminator == solo.discriminator && alone.generator == solo.generator);
+    let records = alone.steps.iter().zip(&solo.steps);
+    assert!(
+        records
+            .clone()
+            .all(|(a, b)| a.d_grad == b.d_grad && a.g_grad == b.g_grad)
+    );
+    assert!(
+        records
+            .clone()
+            .any(|(a, _)| a.d_grad.iter().any(|g| *g != 0.0))
+    );
 }

@@ -1037,6 +1037,20 @@ impl Job {
                 if hb.step > t.progress.0 {
                     t.progress = (hb.step, Instant::now());
                 }
+                // A rank training at or past the hold step went through it without hearing of
+                // the pause (its lead, sized from a pace estimated too slow, was too short):
+                // it is in the next step's all-reduce, waiting for peers that hold, and would
+                // wait there until the collective timeout failed the generation. Moving the
+                // hold ahead of it lets them all step on to it; this rank, told in this very
+                // reply, cannot pass it, nor can its peers, who are holding until they hear.
+                if paused
+                    && let Some(at) = t.pause_at
+                    && t.members
+                        .iter()
+                        .any(|m| m.state == WorkerState::Training && m.step >= at)
+                {
+                    t.pause_at = Some(self.common_future_step(t).max(at + 2));
+                }
                 // Every rank holds at one step (a pause): a regroup can happen right there,
                 // since each leaves from its hold at that step.
                 if paused
@@ -2424,6 +2438,50 @@ mod tests {
             "pause at {at}, want at least {}",
             110 + lead_at_least
         );
+    }
+
+    #[test]
+    fn a_rank_that_passed_the_pause_step_moves_the_hold_ahead_for_everyone() {
+        let job = Job::new(spec(2), false);
+        let replies = form(&job, &["a", "b"]);
+        let send = |i: usize, step, state: WorkerState| {
+            let id = ["a", "b"][i];
+            let hb = HeartbeatRequest {
+                step,
+                // A pace estimated far too slow (a slow first step): the shortest lead.
+                step_seconds: 10.0,
+                state: state as i32,
+                ..beat(&replies[i], id)
+            };
+            job.heartbeat(&hb).unwrap()
+        };
+        send(0, 10, WorkerState::Training);
+        send(1, 10, WorkerState::Training);
+        let at = job.set_paused(true);
+        assert_eq!(at, 12, "the shortest lead");
+        // Both hold where they should: nothing moves.
+        for i in [0, 1] {
+            let reply = send(i, at, WorkerState::Paused);
+            assert_eq!(
+                (reply.command, reply.at_step),
+                (WorkerCommand::Pause as i32, at)
+            );
+        }
+        // b went through step 12 unaware: the hold moves past it, for b and for a alike.
+        let reply = send(1, at, WorkerState::Training);
+        assert_eq!(reply.command, WorkerCommand::Pause as i32);
+        let moved = reply.at_step;
+        assert!(moved > at, "the hold moved from {at} to {moved}");
+        let reply = send(0, at, WorkerState::Paused);
+        assert_eq!(
+            (reply.command, reply.at_step),
+            (WorkerCommand::Pause as i32, moved)
+        );
+        // Once both hold at the new step, it stays.
+        for i in [0, 1] {
+            let reply = send(i, moved, WorkerState::Paused);
+            assert_eq!(reply.at_step, moved);
+        }
     }
 
     #[test]

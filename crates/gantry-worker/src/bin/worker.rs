@@ -59,8 +59,29 @@ struct Cli {
     resume: ResumeArgs,
 }
 
+/// Every allocation of the process, libtorch's included, is mimalloc's (its `override`
+/// feature replaces `malloc` and `free` for the shared libraries too). A training step frees
+/// and allocates the same tensors again every step, and glibc's malloc spent about 6% of a bf16
+/// MLP GAN step (`_int_malloc`, `_int_free`, `malloc_consolidate`); with mimalloc, world 1,
+/// 5 alternating pairs on a Zen 4 EPYC, bf16 10,525 → 11,155 images/s and fp32 7,867 →
+/// 8,089 (PyTorch's fused-Adam twin with mimalloc preloaded: 10,117 → 10,156).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// Keeps freed memory for the next step's tensors instead of handing it back to the kernel
+/// after a delay (each page would fault again): mimalloc's `purge_delay` at -1. The same
+/// trade as `runtime::tune_host_allocator` makes for glibc: a worker's memory stays at its
+/// high-water mark, which is where every step takes it anyway.
+fn keep_freed_memory() {
+    /// `mi_option_purge_delay` in `mi_option_e` of the mimalloc 3 this release of
+    /// `libmimalloc-sys` builds (pinned in Cargo.toml).
+    const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+    // SAFETY: sets one of mimalloc's process-wide options; any value is valid.
+    unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, -1) };
+}
+
 fn main() -> Result<()> {
-    runtime::tune_host_allocator();
+    keep_freed_memory();
     let cli = Cli::parse();
     logs::init(cli.log_format)?;
     if cli.list_devices {

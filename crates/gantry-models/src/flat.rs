@@ -98,8 +98,8 @@ impl FlatParams {
     /// Per-parameter gradients (in `tensors` order) kept where autograd put them, for an
     /// optimiser that reads them there ([`crate::optim::Gradient::Pieces`]): a parameter that
     /// got no gradient gets zeros, and whether every value is finite is returned beside them.
-    /// `None` (the gradients handed back) unless every one is a contiguous f32 host tensor of
-    /// its parameter's length; then [`FlatParams::flatten_grads_into`] is the way.
+    /// The gradients come back as `Err` unless every one is a contiguous f32 host tensor of
+    /// its parameter's length; [`FlatParams::flatten_grads_into`] is the way for those.
     pub fn checked_pieces(&self, grads: Vec<Tensor>) -> Result<(Vec<Tensor>, bool), Vec<Tensor>> {
         let usable = grads
             .iter()

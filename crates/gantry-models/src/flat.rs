@@ -57,14 +57,14 @@ impl FlatParams {
             && grads
                 .iter()
                 .zip(&self.tensors)
-                .all(|(g, p)| !g.defined() || (is_host_f32(g) && g.numel() == p.numel()));
+                .all(|(g, p)| !g.defined() || (is_host_gradient(g) && g.numel() == p.numel()));
         if !host {
             let pieces: Vec<Tensor> = grads
                 .iter()
                 .zip(&self.tensors)
                 .map(|(g, p)| {
                     if g.defined() {
-                        g.reshape([-1])
+                        g.reshape([-1]).to_kind(out.kind())
                     } else {
                         p.zeros_like().reshape([-1])
                     }
@@ -82,14 +82,20 @@ impl FlatParams {
         for (g, p) in grads.iter().zip(&self.tensors) {
             let (piece, tail) = std::mem::take(&mut rest).split_at_mut(p.numel());
             rest = tail;
-            if g.defined() {
+            if !g.defined() {
+                piece.fill(0.0);
+            } else if g.kind() == Kind::BFloat16 {
+                // SAFETY: `g` is a contiguous bf16 host tensor (checked above), read only.
+                let src = unsafe {
+                    std::slice::from_raw_parts(g.data_ptr().cast::<u16>().cast_const(), g.numel())
+                };
+                finite &= widen_checked(piece, src);
+            } else {
                 // SAFETY: `g` is a contiguous f32 host tensor (checked above), read only.
                 let src = unsafe {
                     std::slice::from_raw_parts(g.data_ptr().cast::<f32>().cast_const(), g.numel())
                 };
                 finite &= gather_checked(piece, src);
-            } else {
-                piece.fill(0.0);
             }
         }
         Some(finite)
@@ -98,13 +104,14 @@ impl FlatParams {
     /// Per-parameter gradients (in `tensors` order) kept where autograd put them, for an
     /// optimiser that reads them there ([`crate::optim::Gradient::Pieces`]): a parameter that
     /// got no gradient gets zeros, and whether every value is finite is returned beside them.
-    /// The gradients come back as `Err` unless every one is a contiguous f32 host tensor of
-    /// its parameter's length; [`FlatParams::flatten_grads_into`] is the way for those.
+    /// The gradients come back as `Err` unless every one is a contiguous f32 or bf16 host
+    /// tensor of its parameter's length; [`FlatParams::flatten_grads_into`] is the way for
+    /// those.
     pub fn checked_pieces(&self, grads: Vec<Tensor>) -> Result<(Vec<Tensor>, bool), Vec<Tensor>> {
         let usable = grads
             .iter()
             .zip(&self.tensors)
-            .all(|(g, p)| !g.defined() || (is_host_f32(g) && g.numel() == p.numel()));
+            .all(|(g, p)| !g.defined() || (is_host_gradient(g) && g.numel() == p.numel()));
         if !usable || grads.len() != self.tensors.len() {
             return Err(grads);
         }
@@ -133,14 +140,25 @@ impl FlatParams {
     }
 }
 
-/// Per-parameter tensors (every one defined) as one flat tensor, in their order.
+/// Per-parameter tensors (every one defined) as one flat fp32 tensor, in their order.
 pub(crate) fn concatenated(pieces: &[Tensor]) -> Tensor {
-    let flat: Vec<Tensor> = pieces.iter().map(|g| g.reshape([-1])).collect();
+    let flat: Vec<Tensor> = pieces
+        .iter()
+        .map(|g| g.reshape([-1]).to_kind(Kind::Float))
+        .collect();
     Tensor::cat(&flat, 0)
 }
 
 fn is_host_f32(t: &Tensor) -> bool {
     t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
+}
+
+/// A gradient the host loops read where it lies: f32, or bf16 (the gradient of a
+/// [`crate::precision::Bf16Weights`] copy), contiguous in host memory.
+pub(crate) fn is_host_gradient(t: &Tensor) -> bool {
+    t.device() == Device::Cpu
+        && matches!(t.kind(), Kind::Float | Kind::BFloat16)
+        && t.is_contiguous()
 }
 
 /// An exponent of all ones: an infinity or a NaN.
@@ -157,6 +175,15 @@ pub(crate) fn all_finite(t: &Tensor) -> bool {
         };
         return values.chunks(4096).all(|block| non_finite_in(block) == 0);
     }
+    if t.device() == Device::Cpu && t.kind() == Kind::BFloat16 && t.is_contiguous() {
+        // SAFETY: a contiguous bf16 host tensor of numel() elements, only read while `t` lives.
+        let values = unsafe {
+            std::slice::from_raw_parts(t.data_ptr().cast::<u16>().cast_const(), t.numel())
+        };
+        return values
+            .chunks(4096)
+            .all(|block| non_finite_bf16_in(block) == 0);
+    }
     bool::try_from(t.isfinite().all()).unwrap_or(false)
 }
 
@@ -170,6 +197,41 @@ crate::simd::widest! {
 fn or_exponents(block: &[f32]) -> u32 {
     block.iter().fold(0, |bad, v| {
         bad | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+    })
+}
+
+/// bf16's exponent field (fp32's upper half).
+const BF16_EXPONENT: u16 = 0x7f80;
+
+crate::simd::widest! {
+    /// Non-zero when a bf16 value (its bits) of `block` is infinite or NaN.
+    fn non_finite_bf16_in(block: &[u16]) -> u32 => or_bf16_exponents
+}
+
+#[inline(always)]
+fn or_bf16_exponents(block: &[u16]) -> u32 {
+    block.iter().fold(0, |bad, v| {
+        bad | u32::from(v & BF16_EXPONENT == BF16_EXPONENT)
+    })
+}
+
+/// Widens bf16 values (their bits) into `dst`, exactly; false if one is not finite.
+fn widen_checked(dst: &mut [f32], src: &[u16]) -> bool {
+    dst.chunks_mut(4096)
+        .zip(src.chunks(4096))
+        .fold(0, |bad, (d, s)| bad | widen_block(d, s))
+        == 0
+}
+
+crate::simd::widest! {
+    fn widen_block(dst: &mut [f32], src: &[u16]) -> u32 => widen_or_exponents
+}
+
+#[inline(always)]
+fn widen_or_exponents(dst: &mut [f32], src: &[u16]) -> u32 {
+    dst.iter_mut().zip(src).fold(0, |bad, (d, s)| {
+        *d = f32::from_bits(u32::from(*s) << 16);
+        bad | u32::from(s & BF16_EXPONENT == BF16_EXPONENT)
     })
 }
 

@@ -13,7 +13,7 @@ use crate::flat::all_finite;
 use crate::matmul::Matmul;
 use crate::optim::{FlatOptimizer, Gradient};
 use crate::phases::{Phase, PhaseClock};
-use crate::precision::Autocast;
+use crate::precision::{Autocast, Bf16Weights, LentWeights};
 use crate::task::{
     Batch, BatchSource, ExternalError, GradReduce, ModelShape, Part, StepOutcome, TrainTask,
     cycled_labels,
@@ -141,6 +141,10 @@ pub struct Gan {
     /// bf16 forward passes in training steps (`train.precision`); sampling and evaluation
     /// stay fp32.
     autocast: Autocast,
+    /// D's and G's bf16 copies, which their optimisers keep current, for bf16 training of
+    /// the MLP on the host (`None` in fp32, for DCGAN and on a GPU, where autocast casts the
+    /// weights each step).
+    bf16_copies: Option<[Bf16Weights; 2]>,
     /// Both networks' flat gradients, D's then G's (see [`Gan::gradients`]).
     gradients: Tensor,
     /// D's and G's latest gradients where they were left in pieces, not gathered into
@@ -231,19 +235,17 @@ impl FlatGradient {
     }
 }
 
-/// The gradient of `loss` with respect to `params`: written into `out` (a view of
-/// [`Gan::gradients`]), with a non-finite loss folded in (see [`poison_with`]), or, unless
-/// `gather`, left in the tensors autograd returned where the optimiser can read them there
-/// (host f32), a non-finite loss marking it non-finite. `keep_graph` keeps the graph for a
-/// second backward pass.
+/// The gradient of `loss` with respect to `params`, from autograd's per-parameter `grads`:
+/// written into `out` (a view of [`Gan::gradients`]), with a non-finite loss folded in (see
+/// [`poison_with`]), or, unless `gather`, left in the tensors autograd returned where the
+/// optimiser can read them there (host f32 or bf16), a non-finite loss marking it non-finite.
 fn flat_gradient(
     loss: &Tensor,
     params: &FlatParams,
-    keep_graph: bool,
+    grads: Vec<Tensor>,
     out: Tensor,
     gather: bool,
 ) -> FlatGradient {
-    let grads = Tensor::run_backward(&[loss], &params.tensors, keep_graph, false);
     let grads = match gather {
         true => grads,
         false => match params.checked_pieces(grads) {
@@ -281,7 +283,8 @@ pub(crate) fn averaged_update(
     clock: &mut PhaseClock,
     reduce: &mut dyn GradReduce,
 ) -> Result<bool, ModelError> {
-    let mut flat = flat_gradient(loss, params, false, gradient.shallow_clone(), true);
+    let grads = Tensor::run_backward(&[loss], &params.tensors, false, false);
+    let mut flat = flat_gradient(loss, params, grads, gradient.shallow_clone(), true);
     clock.lap(Phase::ForwardBackward);
     let averaged = !reduce.is_identity();
     reduce.average(&mut flat.grad)?;
@@ -376,12 +379,23 @@ impl Gan {
         } else {
             None
         };
-        let g_opt = FlatOptimizer::new(t.optimizer, t.lr_g, t.betas, &g_params.flat);
+        let mut g_opt = FlatOptimizer::new(t.optimizer, t.lr_g, t.betas, &g_params.flat);
         let gradients = Tensor::zeros(
             [(d_params.numel() + g_params.numel()) as i64],
             (Kind::Float, device),
         );
-        let d_opt = FlatOptimizer::new(t.optimizer, t.lr_d, t.betas, &d_params.flat);
+        let mut d_opt = FlatOptimizer::new(t.optimizer, t.lr_d, t.betas, &d_params.flat);
+        let autocast = Autocast::new(t.precision, device);
+        // The MLP's products are all `Dense` layers, which take the copies; DCGAN's
+        // convolutions are cast by autocast.
+        let keeps_copies =
+            autocast.is_enabled() && device == Device::Cpu && settings.model.kind == ModelKind::Mlp;
+        let bf16_copies = keeps_copies.then(|| {
+            let copies = [Bf16Weights::new(&d_params), Bf16Weights::new(&g_params)];
+            d_opt.write_bf16_copy(copies[0].flat());
+            g_opt.write_bf16_copy(copies[1].flat());
+            copies
+        });
         Ok(Self {
             device,
             generator_vs,
@@ -400,7 +414,8 @@ impl Gan {
             gp_weight: t.gp_weight,
             latent_dim,
             image_shape,
-            autocast: Autocast::new(t.precision, device),
+            autocast,
+            bf16_copies,
             gradients,
             latest_pieces: [Vec::new(), Vec::new()],
             clock: PhaseClock::new(device),
@@ -548,6 +563,7 @@ impl Gan {
         let gather = sync.gathers();
         let saved = self.snapshot_buffers();
         let labels = input.labels.as_ref();
+        let _lent = self.lend_bf16_copies();
         // In `simultaneous` no weight changes before the last forward pass, so G's and both
         // of D's passes share one autocast region: each weight is cast to bf16 once a step
         // (not once per pass), and D's real and fake weight gradients meet in bf16 before
@@ -570,13 +586,12 @@ impl Gan {
                 drop(forward_region);
                 let d_loss = self.critic_loss(input, &fake, &real_logits, &fake_logits);
                 let g_loss = loss::generator(self.loss, &fake_logits);
-                let mut d = flat_gradient(&d_loss, &self.d_params, true, self.d_gradient(), gather);
+                let mut d = self.gradient_of(Network::Discriminator, &d_loss, true, gather);
                 self.clock.lap(Phase::DiscriminatorForwardBackward);
                 // D's gradient is final here: its averaging may overlap G's backward pass.
                 let d_averaged = d.sync(Network::Discriminator, sync)?;
                 self.clock.lap(Phase::AllReduce);
-                let mut g =
-                    flat_gradient(&g_loss, &self.g_params, false, self.g_gradient(), gather);
+                let mut g = self.gradient_of(Network::Generator, &g_loss, false, gather);
                 self.clock.lap(Phase::GeneratorForwardBackward);
                 let g_averaged = g.sync(Network::Generator, sync)?;
                 self.clock.lap(Phase::AllReduce);
@@ -597,8 +612,7 @@ impl Gan {
                 if d_applied {
                     let g_logits = self.discriminate(&fake, labels);
                     let g_loss = loss::generator(self.loss, &g_logits);
-                    let mut g =
-                        flat_gradient(&g_loss, &self.g_params, false, self.g_gradient(), gather);
+                    let mut g = self.gradient_of(Network::Generator, &g_loss, false, gather);
                     self.clock.lap(Phase::GeneratorForwardBackward);
                     let averaged = g.sync(Network::Generator, sync)?;
                     self.clock.lap(Phase::AllReduce);
@@ -630,6 +644,7 @@ impl Gan {
         sync: &mut impl StepSync<E>,
     ) -> Result<StepStats, E> {
         let saved = self.snapshot_buffers();
+        let _lent = self.lend_bf16_copies();
         let fake = tch::no_grad(|| self.generate_for_training(&input.z, input.labels.as_ref()));
         self.clock.lap(Phase::GeneratorForwardBackward);
         let (real_logits, fake_logits, d_loss, applied) = self.critic_update(input, &fake, sync)?;
@@ -651,7 +666,7 @@ impl Gan {
             self.discriminate_pair(&input.real, fake, input.labels.as_ref());
         let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
         let gather = sync.gathers();
-        let mut d = flat_gradient(&d_loss, &self.d_params, false, self.d_gradient(), gather);
+        let mut d = self.gradient_of(Network::Discriminator, &d_loss, false, gather);
         self.clock.lap(Phase::DiscriminatorForwardBackward);
         let averaged = d.sync(Network::Discriminator, sync)?;
         self.clock.lap(Phase::AllReduce);
@@ -700,7 +715,10 @@ impl Gan {
         let x_hat = (real * &a + fake.detach() * (a.ones_like() - &a))
             .detach()
             .set_requires_grad(true);
-        let out = self.discriminate(&x_hat, labels);
+        // In bf16 the penalty's pass is an autocast region of its own, its own cast of each
+        // weight, so its weight gradient meets the losses' in fp32: with the copies lent it
+        // would meet them in bf16 instead, and lose precision the loss never lost.
+        let out = crate::precision::without_lent_copies(|| self.discriminate(&x_hat, labels));
         let grads = Tensor::run_backward(&[&out.sum(Kind::Float)], &[&x_hat], true, true);
         // sqrt(sum + ε) rather than norm(): finite derivative where the gradient is zero.
         let norm = (grads[0].square().flatten(1, -1).sum_dim_intlist(
@@ -710,6 +728,40 @@ impl Gan {
         ) + 1e-12)
             .sqrt();
         (norm - 1.0).square().mean(Kind::Float)
+    }
+
+    /// `network`'s gradient of `loss` (see [`flat_gradient`]), through its bf16 copy where it
+    /// has one; `keep_graph` keeps the graph for a second backward pass.
+    fn gradient_of(
+        &self,
+        network: Network,
+        loss: &Tensor,
+        keep_graph: bool,
+        gather: bool,
+    ) -> FlatGradient {
+        let (params, out, index) = match network {
+            Network::Discriminator => (&self.d_params, self.d_gradient(), 0),
+            Network::Generator => (&self.g_params, self.g_gradient(), 1),
+        };
+        let grads = match &self.bf16_copies {
+            Some(copies) => copies[index].gradients(loss, params, keep_graph),
+            None => Tensor::run_backward(&[loss], &params.tensors, keep_graph, false),
+        };
+        flat_gradient(loss, params, grads, out, gather)
+    }
+
+    /// Lends both networks' bf16 copies (if kept) to the forward passes of a training step.
+    fn lend_bf16_copies(&self) -> Option<[LentWeights; 2]> {
+        self.bf16_copies.as_ref().map(|[d, g]| [d.lend(), g.lend()])
+    }
+
+    /// Rounds both networks' parameters into their bf16 copies (if kept) again, after they
+    /// were written other than by the optimisers.
+    fn refresh_bf16_copies(&self) {
+        if let Some([d, g]) = &self.bf16_copies {
+            d.refresh(&self.d_params);
+            g.refresh(&self.g_params);
+        }
     }
 
     /// The generator in training mode, in `train.precision`; fp32 images.
@@ -807,6 +859,7 @@ impl Gan {
         if let Some(ema) = &self.ema {
             load_into(&ema.vs, &dir.join(GENERATOR_EMA_FILE))?;
         }
+        self.refresh_bf16_copies();
         load_moments(
             &[("generator", &self.g_opt), ("discriminator", &self.d_opt)],
             &dir.join(OPTIMIZER_FILE),
@@ -1063,6 +1116,10 @@ impl TrainTask for Gan {
         Gan::load(self, dir)
     }
 
+    fn parameters_written(&self) {
+        self.refresh_bf16_copies();
+    }
+
     fn set_optimizer_steps(&mut self, name: &str, steps: u64) -> Result<(), ModelError> {
         match name {
             "generator" => self.g_opt.step = steps,
@@ -1177,7 +1234,153 @@ fn stats(
 
 #[cfg(test)]
 mod tests {
+    use std::convert::Infallible;
+
+    use gantry_config::Precision;
+
     use super::*;
+
+    /// A world of one that says so: the gradients stay where autograd put them.
+    struct Ungathered;
+
+    impl StepSync<Infallible> for Ungathered {
+        fn gathers(&self) -> bool {
+            false
+        }
+
+        fn sync(&mut self, _: Network, _: &mut Tensor) -> Result<bool, Infallible> {
+            unreachable!("a gradient left in pieces is handed to nobody")
+        }
+    }
+
+    fn bf16_gan(loss: Loss, schedule: Schedule, copies: bool) -> Gan {
+        let mut s = Settings::default();
+        s.model.latent_dim = 8;
+        s.train.loss = loss;
+        s.train.schedule = schedule;
+        s.train.batch_size = 4;
+        s.train.precision = Precision::Bf16;
+        let mut gan = Gan::new(&s, [1, 28, 28], Device::Cpu).unwrap();
+        assert!(gan.bf16_copies.is_some(), "bf16 on the host keeps copies");
+        if !copies {
+            // What autocast does without them: a cast of every weight each step.
+            gan.bf16_copies = None;
+            gan.d_opt.bf16_copy = None;
+            gan.g_opt.bf16_copy = None;
+        }
+        gan
+    }
+
+    fn input(gan: &Gan, step: u64) -> StepInput {
+        let n = 4;
+        let mut z = Vec::new();
+        crate::latent::fill(1, step, gan.latent_dim(), 0, n, &mut z);
+        let mut alpha = Vec::new();
+        crate::latent::interpolation(1, step, 0, n, &mut alpha);
+        let pixels: Vec<f32> = (0..n * 784)
+            .map(|i| ((i % 17) as f32 / 8.0) - 1.0)
+            .collect();
+        StepInput {
+            real: gan.images(&pixels),
+            z: gan.latents(&z),
+            alpha: Some(gan.coefficients(&alpha)),
+            labels: None,
+        }
+    }
+
+    /// Copies `from`'s parameters, buffers and EMA into `to` (and into its bf16 copies).
+    fn same_start(from: &Gan, to: &Gan) {
+        tch::no_grad(|| {
+            fn ema(gan: &Gan) -> &Tensor {
+                &gan.ema.as_ref().unwrap().params.flat
+            }
+            let tensors = [&from.d_params.flat, &from.g_params.flat, ema(from)];
+            let targets = [&to.d_params.flat, &to.g_params.flat, ema(to)];
+            let buffers = from.g_buffers.iter().zip(&to.g_buffers);
+            for (src, dst) in tensors.into_iter().zip(targets).chain(buffers) {
+                dst.shallow_clone().copy_(src);
+            }
+        });
+        to.refresh_bf16_copies();
+    }
+
+    /// Whether each network's copy is its parameters rounded, as autocast would cast them.
+    fn copies_current(gan: &Gan) -> bool {
+        let [d, g] = gan.bf16_copies.as_ref().unwrap();
+        d.flat().equal(&gan.d_params.flat.to_kind(Kind::BFloat16))
+            && g.flat().equal(&gan.g_params.flat.to_kind(Kind::BFloat16))
+    }
+
+    #[test]
+    fn bf16_copies_train_bit_identically_to_autocasts_casts() {
+        // The same process, the same kernels: the copies written by Adam are autocast's
+        // casts and their bf16 gradients, widened, are its gradients, so every update, the
+        // EMA and the skip of a non-finite step match bit for bit, gathered or in pieces,
+        // through both schedules, the penalty's double backward and the extra critic step.
+        for schedule in [Schedule::Simultaneous, Schedule::Alternating] {
+            for loss in [Loss::Bce, Loss::WganGp] {
+                let mut casts = bf16_gan(loss, schedule, false);
+                let mut gathered = bf16_gan(loss, schedule, true);
+                let mut pieces = bf16_gan(loss, schedule, true);
+                // Other tests of this binary draw from libtorch's global generator while
+                // these are built: start all three from the first one's state.
+                same_start(&casts, &gathered);
+                same_start(&casts, &pieces);
+                let d0 = casts.d_params.flat.copy();
+                let no_sync =
+                    |_: Network, _: &mut Tensor| -> Result<bool, Infallible> { Ok(false) };
+                for step in 0..4 {
+                    let batch = input(&casts, step);
+                    if step == 2 {
+                        let _ = batch.real.view([-1]).get(5).fill_(f64::NAN);
+                    }
+                    let applied = [
+                        casts.critic_step(&batch, &mut { no_sync }).unwrap().applied,
+                        gathered
+                            .critic_step(&batch, &mut { no_sync })
+                            .unwrap()
+                            .applied,
+                        pieces.critic_step(&batch, &mut Ungathered).unwrap().applied,
+                        casts.train_step(&batch, &mut { no_sync }).unwrap().applied,
+                        gathered
+                            .train_step(&batch, &mut { no_sync })
+                            .unwrap()
+                            .applied,
+                        pieces.train_step(&batch, &mut Ungathered).unwrap().applied,
+                    ];
+                    assert_eq!(applied, [step != 2; 6], "{schedule} {loss} step {step}");
+                }
+                let context = format!("{schedule} {loss}");
+                assert!(!casts.d_params.flat.equal(&d0), "{context}: D trained");
+                for (what, gan) in [("gathered", &gathered), ("pieces", &pieces)] {
+                    assert!(
+                        casts.d_params.flat.equal(&gan.d_params.flat),
+                        "{context} {what}: D"
+                    );
+                    assert!(
+                        casts.g_params.flat.equal(&gan.g_params.flat),
+                        "{context} {what}: G"
+                    );
+                    let ema = |gan: &Gan| gan.ema.as_ref().unwrap().params.flat.copy();
+                    assert!(ema(&casts).equal(&ema(gan)), "{context} {what}: EMA");
+                    assert!(copies_current(gan), "{context} {what}: copies");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_written_from_outside_reach_the_bf16_copies() {
+        let gan = bf16_gan(Loss::Bce, Schedule::Simultaneous, true);
+        // A broadcast of rank 0's parameters writes them in place, behind the optimiser.
+        tch::no_grad(|| {
+            let _ = gan.d_params.flat.shallow_clone().uniform_(-1.0, 1.0);
+            let _ = gan.g_params.flat.shallow_clone().uniform_(-1.0, 1.0);
+        });
+        assert!(!copies_current(&gan));
+        TrainTask::parameters_written(&gan);
+        assert!(copies_current(&gan));
+    }
 
     #[test]
     fn all_finite_sees_every_kind_of_non_finite_value() {

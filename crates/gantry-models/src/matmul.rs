@@ -20,6 +20,8 @@ use tch::Tensor;
 use tch::nn::{self, Module};
 use torch_sys::C_tensor;
 
+use crate::precision::lent_copy;
+
 unsafe extern "C" {
     fn gantry_linear(
         input: *const C_tensor,
@@ -93,25 +95,25 @@ impl Module for Dense {
     /// # Panics
     /// When libtorch refuses the input (a shape that does not fit the weight), with its
     /// message, as `nn::Linear` does.
+    ///
+    /// Where bf16 copies of the weights are lent on this thread
+    /// ([`crate::precision::Bf16Weights::lend`], only ever under bf16 autocast), the product
+    /// takes those instead of casting the fp32 weights.
     fn forward(&self, xs: &Tensor) -> Tensor {
+        let weight = lent_copy(&self.linear.ws);
         let bias = self
             .linear
             .bs
             .as_ref()
-            .map_or(std::ptr::null(), |b| b.as_ptr());
+            .map(|b| lent_copy(b).unwrap_or_else(|| b.shallow_clone()));
+        let weight = weight.as_ref().unwrap_or(&self.linear.ws);
+        let bias = bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
         let onednn = i32::from(self.matmul == Matmul::OneDnn);
         // SAFETY: the three pointers are live at::Tensors (or null for no bias) for the call;
         // `gantry_linear` keeps `new_tensor`'s contract.
         unsafe {
             crate::shim::new_tensor("linear", |error, error_len| {
-                gantry_linear(
-                    xs.as_ptr(),
-                    self.linear.ws.as_ptr(),
-                    bias,
-                    onednn,
-                    error,
-                    error_len,
-                )
+                gantry_linear(xs.as_ptr(), weight.as_ptr(), bias, onednn, error, error_len)
             })
         }
     }

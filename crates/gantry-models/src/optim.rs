@@ -12,6 +12,9 @@
 //! version agrees bit for bit. A generator EMA can ride
 //! along ([`FlatOptimizer::step_with_ema`]): the average is updated from each new parameter
 //! while it is still in a register, instead of in a second pass over both buffers.
+//! The same pass can write a bf16 copy of the updated parameters
+//! ([`FlatOptimizer::write_bf16_copy`], for [`crate::precision::Bf16Weights`]) and read a
+//! gradient that is partly bf16.
 //! Other devices and dtypes take the libtorch kernels.
 
 use gantry_config::Optimizer as OptimizerKind;
@@ -31,6 +34,9 @@ pub struct FlatOptimizer {
     pub exp_avg: Tensor,
     /// Second moment (Adam only; empty for SGD).
     pub exp_avg_sq: Tensor,
+    /// Rewritten from the parameters after every update (see
+    /// [`FlatOptimizer::write_bf16_copy`]).
+    pub(crate) bf16_copy: Option<Tensor>,
 }
 
 impl FlatOptimizer {
@@ -48,7 +54,15 @@ impl FlatOptimizer {
             step: 0,
             exp_avg,
             exp_avg_sq,
+            bf16_copy: None,
         }
+    }
+
+    /// From now on every update also writes the parameters, rounded to nearest-even, into
+    /// `copy` (a bf16 tensor of their layout, [`crate::precision::Bf16Weights::flat`]): on
+    /// the host in the same pass, elsewhere by one copy after it.
+    pub fn write_bf16_copy(&mut self, copy: &Tensor) {
+        self.bf16_copy = Some(copy.shallow_clone());
     }
 
     pub fn kind(&self) -> OptimizerKind {
@@ -78,7 +92,13 @@ impl FlatOptimizer {
                 && fusable(&params, &params, &self.exp_avg, &self.exp_avg_sq)
                 && ema
                     .as_ref()
-                    .is_none_or(|(average, _)| fusable(&params, average, average, average));
+                    .is_none_or(|(average, _)| fusable(&params, average, average, average))
+                && self.bf16_copy.as_ref().is_none_or(|copy| {
+                    copy.device() == tch::Device::Cpu
+                        && copy.kind() == tch::Kind::BFloat16
+                        && copy.is_contiguous()
+                        && copy.numel() == params.numel()
+                });
             // Pieces are read where they lie by the fused pass only; the libtorch kernels
             // (SGD, a device, an odd layout) take one flat tensor, gathered here.
             let gathered = match grad {
@@ -109,14 +129,16 @@ impl FlatOptimizer {
                     };
                     let n = params.numel();
                     let mut average = ema.map_or_else(Tensor::new, |(average, _)| average);
+                    let mut copy = self.bf16_copy.as_ref().map(Tensor::shallow_clone);
                     // SAFETY: `fusable` (and `pieces_fusable`) checked that all of them are
-                    // contiguous f32 CPU tensors of the same length (the pieces' lengths sum
-                    // to it); they are distinct allocations (parameters, gradients, both
-                    // moments and the average), and nothing else touches them meanwhile.
+                    // contiguous CPU tensors of the same length (the pieces' lengths sum to
+                    // it), f32 but for the bf16 copy and bf16 pieces; they are distinct
+                    // allocations (parameters, gradients, both moments, the average and the
+                    // copy), and nothing else touches them meanwhile.
                     unsafe {
                         let whole = AdamBuffers {
                             p: as_mut_slice(&mut params, n),
-                            g: &[],
+                            g: GradientSlice::F32(&[]),
                             m: as_mut_slice(&mut self.exp_avg, n),
                             v: as_mut_slice(&mut self.exp_avg_sq, n),
                             ema: if average.defined() {
@@ -124,11 +146,12 @@ impl FlatOptimizer {
                             } else {
                                 &mut []
                             },
+                            bf16: copy.as_mut().map_or(&mut [], |copy| as_mut_bf16(copy, n)),
                         };
                         match grad {
                             Gradient::Flat(g) => adam_fused(
                                 AdamBuffers {
-                                    g: as_slice(g, n),
+                                    g: gradient_slice(g),
                                     ..whole
                                 },
                                 &constants,
@@ -139,7 +162,7 @@ impl FlatOptimizer {
                                     let (segment, tail) = rest.split_at(g.numel());
                                     adam_fused(
                                         AdamBuffers {
-                                            g: as_slice(g, g.numel()),
+                                            g: gradient_slice(g),
                                             ..segment
                                         },
                                         &constants,
@@ -165,6 +188,9 @@ impl FlatOptimizer {
             if let Some((mut average, decay)) = ema {
                 let _ = average.lerp_(&params, 1.0 - decay);
             }
+            if let Some(copy) = &self.bf16_copy {
+                copy.shallow_clone().copy_(&params);
+            }
         });
     }
 }
@@ -178,15 +204,38 @@ pub enum Gradient<'a> {
     Pieces(&'a [Tensor]),
 }
 
-/// Whether the fused pass can read `pieces` where they lie: contiguous f32 CPU tensors whose
-/// lengths sum to the parameters'.
+/// Whether the fused pass can read `pieces` where they lie: contiguous f32 or bf16 CPU
+/// tensors whose lengths sum to the parameters'.
 fn pieces_fusable(params: &Tensor, pieces: &[Tensor]) -> bool {
-    pieces.iter().all(|g| {
-        g.defined()
-            && g.device() == tch::Device::Cpu
-            && g.kind() == tch::Kind::Float
-            && g.is_contiguous()
-    }) && pieces.iter().map(Tensor::numel).sum::<usize>() == params.numel()
+    pieces
+        .iter()
+        .all(|g| g.defined() && crate::flat::is_host_gradient(g))
+        && pieces.iter().map(Tensor::numel).sum::<usize>() == params.numel()
+}
+
+/// A gradient (or a piece of one) as the fused pass reads it.
+#[derive(Clone, Copy)]
+enum GradientSlice<'a> {
+    F32(&'a [f32]),
+    /// bf16 values, by their bits.
+    Bf16(&'a [u16]),
+}
+
+/// # Safety
+/// `g` is a contiguous CPU tensor, f32 or bf16, that nothing writes while the slice lives.
+unsafe fn gradient_slice(g: &Tensor) -> GradientSlice<'_> {
+    let n = g.numel();
+    // SAFETY: the caller's contract.
+    unsafe {
+        if g.kind() == tch::Kind::BFloat16 {
+            GradientSlice::Bf16(std::slice::from_raw_parts(
+                g.data_ptr().cast::<u16>().cast_const(),
+                n,
+            ))
+        } else {
+            GradientSlice::F32(as_slice(g, n))
+        }
+    }
 }
 
 /// Adam's per-step constants in f32, as the fused loop uses them.
@@ -201,13 +250,15 @@ struct AdamConstants {
 }
 
 /// The slices one fused Adam pass reads and writes, all of one length (`ema` empty when no
-/// average rides along).
+/// average rides along, `bf16` when no copy is written).
 struct AdamBuffers<'a> {
     p: &'a mut [f32],
-    g: &'a [f32],
+    g: GradientSlice<'a>,
     m: &'a mut [f32],
     v: &'a mut [f32],
     ema: &'a mut [f32],
+    /// The bf16 copy of `p` (bits), written after the update.
+    bf16: &'a mut [u16],
 }
 
 impl<'a> AdamBuffers<'a> {
@@ -217,24 +268,23 @@ impl<'a> AdamBuffers<'a> {
         let (p, p_rest) = self.p.split_at_mut(len);
         let (m, m_rest) = self.m.split_at_mut(len);
         let (v, v_rest) = self.v.split_at_mut(len);
-        let (ema, ema_rest) = if self.ema.is_empty() {
-            (&mut [][..], &mut [][..])
-        } else {
-            self.ema.split_at_mut(len)
-        };
+        let (ema, ema_rest) = split_optional(self.ema, len);
+        let (bf16, bf16_rest) = split_optional(self.bf16, len);
         let head = AdamBuffers {
             p,
-            g: &[],
+            g: GradientSlice::F32(&[]),
             m,
             v,
             ema,
+            bf16,
         };
         let tail = AdamBuffers {
             p: p_rest,
-            g: &[],
+            g: GradientSlice::F32(&[]),
             m: m_rest,
             v: v_rest,
             ema: ema_rest,
+            bf16: bf16_rest,
         };
         (head, tail)
     }
@@ -243,31 +293,90 @@ impl<'a> AdamBuffers<'a> {
 crate::simd::widest! {
     /// One Adam update, element by element: `m ← lerp(m, g, 1−β1)`, `v ← lerp(v, g², 1−β2)`,
     /// `p ← p − step_size · m / (√v / √(1−β2ᵗ) + ε)`, then (with an average) `ema ← lerp(ema,
-    /// p, ema_weight)`.
+    /// p, ema_weight)` and (with a copy) `bf16 ← round(p)`.
     fn adam_fused(b: AdamBuffers<'_>, c: &AdamConstants) => adam_loop
 }
 
-/// The loop itself, inlined into each instruction-set version. Each `lerp` picks its formula
-/// by a weight fixed for the whole pass, so the branch is hoisted out of the loop.
+/// The loop itself, inlined into each instruction-set version: one loop per kind of gradient
+/// and set of outputs, so that no test is left inside it.
 #[inline(always)]
 fn adam_loop(b: AdamBuffers<'_>, c: &AdamConstants) {
-    let AdamBuffers { p, g, m, v, ema } = b;
-    let update = |p: &mut f32, g: f32, m: &mut f32, v: &mut f32| {
+    match b.g {
+        GradientSlice::F32(g) => adam_elements(b, g, |g| g, c),
+        GradientSlice::Bf16(g) => adam_elements(b, g, bf16_to_f32, c),
+    }
+}
+
+#[inline(always)]
+fn adam_elements<G: Copy>(
+    b: AdamBuffers<'_>,
+    g: &[G],
+    widen: impl Fn(G) -> f32,
+    c: &AdamConstants,
+) {
+    let AdamBuffers {
+        p, m, v, ema, bf16, ..
+    } = b;
+    // Each `lerp` picks its formula by a weight fixed for the whole pass, so that branch is
+    // hoisted out of the loop too.
+    let update = |p: &mut f32, g: G, m: &mut f32, v: &mut f32| {
+        let g = widen(g);
         *m = lerp(*m, g, c.one_minus_beta1);
         *v = lerp(*v, g * g, c.one_minus_beta2);
         let denom = v.sqrt() / c.bias2_sqrt + c.eps;
         *p -= c.step_size * *m / denom;
     };
-    if ema.is_empty() {
-        for (((p, g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
-            update(p, *g, m, v);
+    let elements = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
+    match (ema.is_empty(), bf16.is_empty()) {
+        (true, true) => {
+            for (((p, g), m), v) in elements {
+                update(p, *g, m, v);
+            }
         }
+        (false, true) => {
+            for ((((p, g), m), v), e) in elements.zip(ema.iter_mut()) {
+                update(p, *g, m, v);
+                *e = lerp(*e, *p, c.ema_weight);
+            }
+        }
+        (true, false) => {
+            for ((((p, g), m), v), low) in elements.zip(bf16.iter_mut()) {
+                update(p, *g, m, v);
+                *low = f32_to_bf16(*p);
+            }
+        }
+        (false, false) => {
+            for (((((p, g), m), v), e), low) in elements.zip(ema.iter_mut()).zip(bf16.iter_mut()) {
+                update(p, *g, m, v);
+                *e = lerp(*e, *p, c.ema_weight);
+                *low = f32_to_bf16(*p);
+            }
+        }
+    }
+}
+
+/// A bf16 value (its bits) as f32: exact.
+#[inline(always)]
+fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// `x` rounded to the nearest bf16, ties to even, as libtorch's conversion (`c10::BFloat16`)
+/// rounds, a NaN becoming the canonical quiet NaN; branch-free, so it vectorises.
+#[inline(always)]
+fn f32_to_bf16(x: f32) -> u16 {
+    let bits = x.to_bits();
+    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+    if x.is_nan() { 0x7fc0 } else { rounded }
+}
+
+/// `buffer`'s first `len` elements and the rest; an empty buffer (an output not written)
+/// splits into two empty ones.
+fn split_optional<T>(buffer: &mut [T], len: usize) -> (&mut [T], &mut [T]) {
+    if buffer.is_empty() {
+        (&mut [], &mut [])
     } else {
-        let elements = p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut());
-        for ((((p, g), m), v), e) in elements.zip(ema.iter_mut()) {
-            update(p, *g, m, v);
-            *e = lerp(*e, *p, c.ema_weight);
-        }
+        buffer.split_at_mut(len)
     }
 }
 
@@ -297,6 +406,13 @@ fn fusable(params: &Tensor, grad: &Tensor, m: &Tensor, v: &Tensor) -> bool {
 unsafe fn as_mut_slice(t: &mut Tensor, n: usize) -> &mut [f32] {
     // SAFETY: the caller's contract.
     unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<f32>(), n) }
+}
+
+/// # Safety
+/// As [`as_mut_slice`], of a bf16 tensor (its values' bits).
+unsafe fn as_mut_bf16(t: &mut Tensor, n: usize) -> &mut [u16] {
+    // SAFETY: the caller's contract.
+    unsafe { std::slice::from_raw_parts_mut(t.data_ptr().cast::<u16>(), n) }
 }
 
 /// # Safety
@@ -386,8 +502,15 @@ mod tests {
 
     #[test]
     fn every_instruction_set_version_computes_the_same_bits() {
-        // 1,000 elements: whole vectors of every width and a remainder.
-        for ema_weight in [0.0, 0.001, 0.82] {
+        // 1,000 elements: whole vectors of every width and a remainder; every kind of
+        // gradient and set of outputs.
+        for (ema_weight, bf16_gradient, bf16_copy) in [
+            (0.0, false, false),
+            (0.001, false, false),
+            (0.82, false, true),
+            (0.0, true, true),
+            (0.001, true, false),
+        ] {
             let constants = AdamConstants {
                 one_minus_beta1: 0.5,
                 one_minus_beta2: 0.001,
@@ -396,29 +519,106 @@ mod tests {
                 eps: 1e-8,
                 ema_weight,
             };
+            let what = format!("EMA {ema_weight}, bf16 gradient {bf16_gradient}, copy {bf16_copy}");
             let run = |dispatched: bool| {
                 let [mut p, g, mut m, mut v, mut e] = pass_inputs(1000);
+                let g_bf16: Vec<u16> = g.iter().map(|x| f32_to_bf16(*x)).collect();
+                let mut copy = vec![0u16; if bf16_copy { 1000 } else { 0 }];
                 let buffers = AdamBuffers {
                     p: &mut p,
-                    g: &g,
+                    g: if bf16_gradient {
+                        GradientSlice::Bf16(&g_bf16)
+                    } else {
+                        GradientSlice::F32(&g)
+                    },
                     m: &mut m,
                     v: &mut v,
                     ema: if ema_weight > 0.0 { &mut e } else { &mut [] },
+                    bf16: &mut copy,
                 };
                 if dispatched {
                     adam_fused(buffers, &constants);
                 } else {
                     adam_loop(buffers, &constants);
                 }
-                [p, m, v, e]
+                let copy: Vec<f32> = copy.into_iter().map(bf16_to_f32).collect();
+                [p, m, v, e, copy]
             };
             let (wide, baseline) = (run(true), run(false));
             for (a, b) in wide.iter().zip(&baseline) {
                 let bits = |x: &Vec<f32>| x.iter().map(|f| f.to_bits()).collect::<Vec<u32>>();
-                assert_eq!(bits(a), bits(b), "EMA weight {ema_weight}");
+                assert_eq!(bits(a), bits(b), "{what}");
             }
             let [_, g, ..] = pass_inputs(1000);
             assert!(wide[0] != pass_inputs(1000)[0] && g.iter().any(|x| *x != 0.0));
+            if bf16_copy {
+                // The copy is the updated parameters, rounded.
+                let rounded: Vec<f32> = wide[0]
+                    .iter()
+                    .map(|p| bf16_to_f32(f32_to_bf16(*p)))
+                    .collect();
+                assert_eq!(wide[4], rounded, "{what}");
+            }
+        }
+    }
+
+    #[test]
+    fn parameters_round_to_bf16_as_libtorch_rounds_them() {
+        // Random values over many binades, and exact ties (the bit below bf16's last one set,
+        // nothing after it) that round to even both ways.
+        let mut values: Vec<f32> = Tensor::randn([4096], (Kind::Float, Device::Cpu))
+            .exp()
+            .try_into()
+            .unwrap();
+        values.extend((0..64u32).map(|i| f32::from_bits(0x3f80_8000 + (i << 16))));
+        values.extend([
+            0.0,
+            -0.0,
+            f32::MAX,
+            f32::MIN_POSITIVE,
+            f32::INFINITY,
+            -3.0e38,
+        ]);
+        let negated: Vec<f32> = values.iter().map(|x| -x).collect();
+        values.extend(negated);
+        let ours: Vec<u16> = values.iter().map(|x| f32_to_bf16(*x)).collect();
+        let theirs = Tensor::from_slice(&values).to_kind(Kind::BFloat16);
+        let theirs: Vec<f32> = theirs.to_kind(Kind::Float).try_into().unwrap();
+        let theirs: Vec<u16> = theirs.iter().map(|x| (x.to_bits() >> 16) as u16).collect();
+        assert_eq!(ours, theirs);
+        assert_eq!(f32_to_bf16(f32::NAN) & 0x7fc0, 0x7fc0, "a NaN stays a NaN");
+    }
+
+    #[test]
+    fn a_bf16_copy_follows_every_update_on_both_paths() {
+        let n = 4099i64;
+        let start = Tensor::randn([n], (Kind::Float, Device::Cpu));
+        // Fused (contiguous, bf16 gradient pieces) and libtorch (strided view) paths.
+        let wide = Tensor::zeros([n, 2], (Kind::Float, Device::Cpu));
+        wide.select(1, 0).copy_(&start);
+        for params in [start.copy(), wide.select(1, 0)] {
+            let reference = params.copy();
+            let copy = params.to_kind(Kind::BFloat16);
+            let mut opt = FlatOptimizer::new(OptimizerKind::Adam, 1e-2, [0.5, 0.999], &params);
+            opt.write_bf16_copy(&copy);
+            let mut reference_opt =
+                FlatOptimizer::new(OptimizerKind::Adam, 1e-2, [0.5, 0.999], &reference);
+            for _ in 0..3 {
+                let grad = Tensor::randn([n], (Kind::Float, Device::Cpu)).to_kind(Kind::BFloat16);
+                let pieces = [grad.narrow(0, 0, 1000), grad.narrow(0, 1000, n - 1000)];
+                opt.step_with_ema(&params, Gradient::Pieces(&pieces), None);
+                reference_opt.step(&reference, &grad.to_kind(Kind::Float));
+            }
+            assert!(!params.equal(&start), "the parameters moved");
+            let diff = (&params - &reference).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-6,
+                "bf16 pieces and their widened flat gradient differ by {diff}"
+            );
+            assert!(
+                copy.equal(&params.to_kind(Kind::BFloat16)),
+                "the copy is current"
+            );
         }
     }
 

@@ -9,11 +9,23 @@
 //!
 //! tch's `autocast` only enables CUDA's float16 autocast; this goes through the C++ shim in
 //! `src/kernels.cpp` and works for CPU (AMX/AVX-512 bf16 kernels through oneDNN) and CUDA.
+//!
+//! Autocast casts every fp32 weight to bf16 once a step, and its backward pass converts each
+//! bf16 weight gradient back to fp32: two passes over every weight that do no arithmetic.
+//! [`Bf16Weights`] saves both on the host: the optimiser writes a bf16 copy of the
+//! parameters in the same pass that updates them, [`crate::matmul::Dense`] layers multiply
+//! by that copy, and the gradient comes back in bf16 to be read, widened, by the optimiser
+//! (or widened by the copy that gathers it for an all-reduce). The values are autocast's:
+//! the copy is the parameters rounded to nearest-even, exactly autocast's cast, and
+//! widening a bf16 gradient is exact.
 
+use std::cell::RefCell;
 use std::marker::PhantomData;
 
 use gantry_config::Precision;
-use tch::Device;
+use tch::{Device, Kind, Tensor};
+
+use crate::FlatParams;
 
 unsafe extern "C" {
     fn gantry_autocast_enter(cuda: i32, prev_enabled: *mut i32, prev_dtype: *mut i32);
@@ -98,10 +110,145 @@ impl Drop for AutocastRegion {
     }
 }
 
+/// A bf16 copy of one network's parameters, in their [`FlatParams`] layout, for the forward
+/// passes of training steps under bf16 autocast (see the module's overview).
+///
+/// Hidden contract: the copy is current only while every change to the parameters goes
+/// through the optimiser that writes it ([`crate::optim::FlatOptimizer::write_bf16_copy`]);
+/// whoever writes the parameters otherwise (a checkpoint loaded, a broadcast from rank 0)
+/// calls [`Bf16Weights::refresh`] after.
+#[derive(Debug)]
+pub struct Bf16Weights {
+    /// Every copy, concatenated as the parameters are.
+    flat: Tensor,
+    /// Per parameter, in layout order: the address of its fp32 data (how a layer finds its
+    /// copy) and the copy, a leaf of its own whose data lies in `flat`, so that autograd
+    /// returns its gradient.
+    leaves: Vec<(usize, Tensor)>,
+}
+
+thread_local! {
+    /// The copies lent to the forward passes on this thread ([`Bf16Weights::lend`]).
+    static LENT: RefCell<Vec<(usize, Tensor)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Bf16Weights {
+    pub fn new(params: &FlatParams) -> Self {
+        let flat = tch::no_grad(|| params.flat.to_kind(Kind::BFloat16));
+        let mut offset = 0;
+        let leaves = params
+            .tensors
+            .iter()
+            .map(|param| {
+                let numel = param.numel() as i64;
+                let mut leaf =
+                    Tensor::empty(param.size().as_slice(), (Kind::BFloat16, param.device()))
+                        .set_requires_grad(true);
+                leaf.set_data(&flat.narrow(0, offset, numel).view(param.size().as_slice()));
+                offset += numel;
+                (param.data_ptr() as usize, leaf)
+            })
+            .collect();
+        Self { flat, leaves }
+    }
+
+    /// The whole copy (one bf16 tensor in the parameters' layout), for the optimiser to write.
+    pub fn flat(&self) -> &Tensor {
+        &self.flat
+    }
+
+    /// Rounds the parameters into the copy again, after they changed other than through the
+    /// optimiser.
+    pub fn refresh(&self, params: &FlatParams) {
+        tch::no_grad(|| {
+            self.flat.shallow_clone().copy_(&params.flat);
+        });
+    }
+
+    /// Makes these copies the weights of every [`crate::matmul::Dense`] forward pass on this
+    /// thread that runs under autocast, until the guard drops.
+    pub fn lend(&self) -> LentWeights {
+        LENT.with_borrow_mut(|lent| {
+            let before = lent.len();
+            lent.extend(
+                self.leaves
+                    .iter()
+                    .map(|(at, leaf)| (*at, leaf.shallow_clone())),
+            );
+            LentWeights {
+                before,
+                _same_thread: PhantomData,
+            }
+        })
+    }
+
+    /// The gradient of `loss` with respect to each of `params` (these copies' network), in
+    /// layout order: where a forward pass multiplied by a parameter's copy, the bf16 gradient
+    /// of the copy; where it used the parameter itself (a BatchNorm scale, an embedding), its
+    /// fp32 gradient; where both, their sum in fp32; undefined where neither.
+    pub fn gradients(&self, loss: &Tensor, params: &FlatParams, keep_graph: bool) -> Vec<Tensor> {
+        let wrt: Vec<&Tensor> = params
+            .tensors
+            .iter()
+            .chain(self.leaves.iter().map(|(_, leaf)| leaf))
+            .collect();
+        let mut own = Tensor::run_backward(&[loss], &wrt, keep_graph, false);
+        let of_copies = own.split_off(params.tensors.len());
+        own.into_iter()
+            .zip(of_copies)
+            .map(|(own, of_copy)| match (own.defined(), of_copy.defined()) {
+                (_, false) => own,
+                (false, true) => of_copy,
+                (true, true) => tch::no_grad(|| own + of_copy.to_kind(Kind::Float)),
+            })
+            .collect()
+    }
+}
+
+/// The copy lent for `param` on this thread, if any ([`Bf16Weights::lend`]).
+pub(crate) fn lent_copy(param: &Tensor) -> Option<Tensor> {
+    LENT.with_borrow(|lent| {
+        if lent.is_empty() {
+            return None;
+        }
+        let at = param.data_ptr() as usize;
+        lent.iter()
+            .find(|(of, _)| *of == at)
+            .map(|(_, leaf)| leaf.shallow_clone())
+    })
+}
+
+/// Runs `f` with no copies lent on this thread (they are lent again after): its products
+/// cast the fp32 weights, as under autocast alone, and their weight gradients reach the fp32
+/// parameters apart from the copies' ones.
+pub(crate) fn without_lent_copies<T>(f: impl FnOnce() -> T) -> T {
+    struct LendAgain(Vec<(usize, Tensor)>);
+    impl Drop for LendAgain {
+        fn drop(&mut self) {
+            LENT.with_borrow_mut(|lent| *lent = std::mem::take(&mut self.0));
+        }
+    }
+    let _again = LendAgain(LENT.with_borrow_mut(std::mem::take));
+    f()
+}
+
+/// Lent copies ([`Bf16Weights::lend`]); dropping it takes them back. Guards drop in the
+/// reverse order of their lending (each takes back what was lent after it, too).
+#[derive(Debug)]
+pub struct LentWeights {
+    before: usize,
+    /// The loan is in a thread-local list: it must end where it began.
+    _same_thread: PhantomData<*const ()>,
+}
+
+impl Drop for LentWeights {
+    fn drop(&mut self) {
+        LENT.with_borrow_mut(|lent| lent.truncate(self.before));
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use tch::{Kind, Tensor};
-
     use super::*;
 
     #[test]

@@ -172,6 +172,8 @@ pub trait BatchSource {
 pub struct Part<'a> {
     /// Its name in checkpoints, metrics (`network` label) and messages.
     pub name: &'static str,
+    /// Whoever writes into it (not through the task) calls [`TrainTask::parameters_written`]
+    /// after.
     pub params: &'a FlatParams,
     /// Parameters and buffers (BatchNorm statistics), for broadcasting state.
     pub vs: &'a VarStore,
@@ -243,6 +245,11 @@ pub trait TrainTask: std::fmt::Debug + Send {
         data: &mut dyn BatchSource,
         reduce: &mut dyn GradReduce,
     ) -> Result<StepOutcome, ModelError>;
+
+    /// Called after something other than the task's own steps wrote its parameters (a
+    /// broadcast of rank 0's into [`Part::params`]), so that what it derives from them (the
+    /// GAN's bf16 copies) follows.
+    fn parameters_written(&self) {}
 
     /// Each part's group-averaged flat gradient of the latest step, by part name.
     fn gradients(&self) -> Vec<(&'static str, Tensor)>;

@@ -295,6 +295,7 @@ impl Group {
             for part in &parts {
                 self.broadcast(&mut part.params.flat.shallow_clone())?;
             }
+            task.parameters_written();
             for part in &parts {
                 for mut buffer in gantry_models::buffers(part.vs) {
                     let mut flat = buffer.reshape([-1]).to_kind(Kind::Float);

@@ -602,7 +602,8 @@ impl Gan {
                     self.step_generator(g.gradient());
                 }
                 self.clock.lap(Phase::Optimizer);
-                self.keep_pieces(d, g);
+                // Kept for `TrainTask::gradients` until the next step's.
+                self.latest_pieces = [d.pieces, g.pieces];
                 (d_loss, g_loss, real_logits, fake_logits, applied)
             }
             Schedule::Alternating => {
@@ -814,12 +815,6 @@ impl Gan {
                 dst.shallow_clone().copy_(src);
             }
         });
-    }
-
-    /// Keeps the step's gradients left in pieces for [`TrainTask::gradients`] (until the next
-    /// step's).
-    fn keep_pieces(&mut self, d: FlatGradient, g: FlatGradient) {
-        self.latest_pieces = [d.pieces, g.pieces];
     }
 
     fn snapshot_buffers(&self) -> Vec<Tensor> {

@@ -100,14 +100,15 @@ impl Module for Dense {
     /// ([`crate::precision::Bf16Weights::lend`], only ever under bf16 autocast), the product
     /// takes those instead of casting the fp32 weights.
     fn forward(&self, xs: &Tensor) -> Tensor {
-        let weight = lent_copy(&self.linear.ws);
-        let bias = self
-            .linear
-            .bs
+        let (lent_weight, lent_bias) = (
+            lent_copy(&self.linear.ws),
+            self.linear.bs.as_ref().and_then(lent_copy),
+        );
+        let weight = lent_weight.as_ref().unwrap_or(&self.linear.ws);
+        let bias = lent_bias
             .as_ref()
-            .map(|b| lent_copy(b).unwrap_or_else(|| b.shallow_clone()));
-        let weight = weight.as_ref().unwrap_or(&self.linear.ws);
-        let bias = bias.as_ref().map_or(std::ptr::null(), |b| b.as_ptr());
+            .or(self.linear.bs.as_ref())
+            .map_or(std::ptr::null(), |b| b.as_ptr());
         let onednn = i32::from(self.matmul == Matmul::OneDnn);
         // SAFETY: the three pointers are live at::Tensors (or null for no bias) for the call;
         // `gantry_linear` keeps `new_tensor`'s contract.

@@ -875,6 +875,22 @@ impl Shared {
     }
 }
 
+/// The seconds per step the coordinator sizes its leads from, after a step that `took`
+/// seconds (`previous` 0 before the first). An exponential average smooths single slow steps
+/// (logging, samples), and a faster step is taken at once: an estimate that is too slow makes
+/// a lead too short, so that a rank passes the announced step before it hears of it (and
+/// waits in the next all-reduce for peers that stopped there), while one too fast only
+/// announces the step a little later. The first steps are the slowest of a run (allocations,
+/// kernels generated on first use): averaged in, they would keep the estimate slow for tens
+/// of steps.
+fn pace_estimate(previous: f64, took: f64) -> f64 {
+    if previous == 0.0 {
+        took
+    } else {
+        (0.9 * previous + 0.1 * took).min(took)
+    }
+}
+
 struct ClusterObserver {
     shared: Arc<Shared>,
     last_step_at: Instant,
@@ -886,12 +902,7 @@ impl StepObserver for ClusterObserver {
         let now = Instant::now();
         let took = now.duration_since(self.last_step_at).as_secs_f64();
         self.last_step_at = now;
-        // An exponential average smooths single slow steps (logging, samples).
-        self.step_seconds = if self.step_seconds == 0.0 {
-            took
-        } else {
-            0.9 * self.step_seconds + 0.1 * took
-        };
+        self.step_seconds = pace_estimate(self.step_seconds, took);
         self.shared.step.store(step, Ordering::Relaxed);
         self.shared
             .step_seconds
@@ -1064,6 +1075,27 @@ async fn stop_signal(supervised: bool) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pace_estimate_drops_to_a_faster_step_at_once_and_rises_slowly() {
+        // A first step of a second (warm-up), then steps of 10 ms.
+        let close = |a: f64, b: f64| (a - b).abs() < 1e-12;
+        let mut pace = pace_estimate(0.0, 1.0);
+        assert!(close(pace, 1.0), "{pace}");
+        pace = pace_estimate(pace, 0.010);
+        assert!(
+            close(pace, 0.010),
+            "{pace}: averaged in, the warm-up would read 109 ms"
+        );
+        // One slow step (a sample written) moves it a tenth of the way.
+        pace = pace_estimate(pace, 0.110);
+        assert!(close(pace, 0.020), "{pace}");
+        // A sustained slow-down is followed, gradually.
+        for _ in 0..60 {
+            pace = pace_estimate(pace, 0.050);
+        }
+        assert!((pace - 0.050).abs() < 1e-3, "{pace}");
+    }
 
     #[test]
     fn each_way_a_session_ends_is_retryable_or_fatal_by_what_it_is() {

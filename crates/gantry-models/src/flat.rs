@@ -153,12 +153,21 @@ fn is_host_f32(t: &Tensor) -> bool {
     t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
 }
 
+/// A contiguous bf16 host tensor, which the host loops read (and write) by its bits.
+pub(crate) fn is_host_bf16(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && t.kind() == Kind::BFloat16 && t.is_contiguous()
+}
+
 /// A gradient the host loops read where it lies: f32, or bf16 (the gradient of a
 /// [`crate::precision::Bf16Weights`] copy), contiguous in host memory.
 pub(crate) fn is_host_gradient(t: &Tensor) -> bool {
-    t.device() == Device::Cpu
-        && matches!(t.kind(), Kind::Float | Kind::BFloat16)
-        && t.is_contiguous()
+    is_host_f32(t) || is_host_bf16(t)
+}
+
+/// A bf16 value (its bits) as f32: exact.
+#[inline(always)]
+pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// An exponent of all ones: an infinity or a NaN.
@@ -175,7 +184,7 @@ pub(crate) fn all_finite(t: &Tensor) -> bool {
         };
         return values.chunks(4096).all(|block| non_finite_in(block) == 0);
     }
-    if t.device() == Device::Cpu && t.kind() == Kind::BFloat16 && t.is_contiguous() {
+    if is_host_bf16(t) {
         // SAFETY: a contiguous bf16 host tensor of numel() elements, only read while `t` lives.
         let values = unsafe {
             std::slice::from_raw_parts(t.data_ptr().cast::<u16>().cast_const(), t.numel())
@@ -230,7 +239,7 @@ crate::simd::widest! {
 #[inline(always)]
 fn widen_or_exponents(dst: &mut [f32], src: &[u16]) -> u32 {
     dst.iter_mut().zip(src).fold(0, |bad, (d, s)| {
-        *d = f32::from_bits(u32::from(*s) << 16);
+        *d = bf16_to_f32(*s);
         bad | u32::from(s & BF16_EXPONENT == BF16_EXPONENT)
     })
 }

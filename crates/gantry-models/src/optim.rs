@@ -20,6 +20,8 @@
 use gantry_config::Optimizer as OptimizerKind;
 use tch::Tensor;
 
+use crate::flat::{bf16_to_f32, is_host_bf16, is_host_gradient};
+
 /// Adam's or SGD's state for one network.
 #[derive(Debug)]
 pub struct FlatOptimizer {
@@ -93,12 +95,10 @@ impl FlatOptimizer {
                 && ema
                     .as_ref()
                     .is_none_or(|(average, _)| fusable(&params, average, average, average))
-                && self.bf16_copy.as_ref().is_none_or(|copy| {
-                    copy.device() == tch::Device::Cpu
-                        && copy.kind() == tch::Kind::BFloat16
-                        && copy.is_contiguous()
-                        && copy.numel() == params.numel()
-                });
+                && self
+                    .bf16_copy
+                    .as_ref()
+                    .is_none_or(|copy| is_host_bf16(copy) && copy.numel() == params.numel());
             // Pieces are read where they lie by the fused pass only; the libtorch kernels
             // (SGD, a device, an odd layout) take one flat tensor, gathered here.
             let gathered = match grad {
@@ -207,9 +207,7 @@ pub enum Gradient<'a> {
 /// Whether the fused pass can read `pieces` where they lie: contiguous f32 or bf16 CPU
 /// tensors whose lengths sum to the parameters'.
 fn pieces_fusable(params: &Tensor, pieces: &[Tensor]) -> bool {
-    pieces
-        .iter()
-        .all(|g| g.defined() && crate::flat::is_host_gradient(g))
+    pieces.iter().all(|g| g.defined() && is_host_gradient(g))
         && pieces.iter().map(Tensor::numel).sum::<usize>() == params.numel()
 }
 
@@ -353,12 +351,6 @@ fn adam_elements<G: Copy>(
             }
         }
     }
-}
-
-/// A bf16 value (its bits) as f32: exact.
-#[inline(always)]
-fn bf16_to_f32(bits: u16) -> f32 {
-    f32::from_bits(u32::from(bits) << 16)
 }
 
 /// `x` rounded to the nearest bf16, ties to even, as libtorch's conversion (`c10::BFloat16`)

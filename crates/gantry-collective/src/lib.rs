@@ -121,6 +121,93 @@ impl ReduceOp {
     }
 }
 
+/// One piece of a host gradient as the backward pass left it, for
+/// [`Collective::all_reduce_pieces`]: f32 values, or bf16 values as their bits (the upper half
+/// of an f32's bits, so widening one is exact).
+#[derive(Debug, Clone, Copy)]
+pub enum GradientPiece<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl GradientPiece<'_> {
+    /// Elements in the piece.
+    pub fn len(&self) -> usize {
+        match self {
+            GradientPiece::F32(v) => v.len(),
+            GradientPiece::Bf16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Elements `start..start + len` of the piece.
+    pub(crate) fn segment(&self, start: usize, len: usize) -> Self {
+        match self {
+            GradientPiece::F32(v) => GradientPiece::F32(&v[start..start + len]),
+            GradientPiece::Bf16(v) => GradientPiece::Bf16(&v[start..start + len]),
+        }
+    }
+
+    /// Bytes the piece's values take as they are.
+    pub fn bytes(&self) -> usize {
+        match self {
+            GradientPiece::F32(v) => std::mem::size_of_val(*v),
+            GradientPiece::Bf16(v) => std::mem::size_of_val(*v),
+        }
+    }
+}
+
+/// Writes the concatenation of `pieces`, widened to f32, into `out` (their total length).
+///
+/// # Panics
+/// If `out` is not exactly as long as the pieces together.
+pub fn gather_pieces(pieces: &[GradientPiece<'_>], out: &mut [f32]) {
+    let total: usize = pieces.iter().map(GradientPiece::len).sum();
+    assert_eq!(total, out.len(), "pieces and output differ in length");
+    let mut rest = out;
+    for piece in pieces {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(piece.len());
+        rest = tail;
+        match piece {
+            GradientPiece::F32(v) => head.copy_from_slice(v),
+            GradientPiece::Bf16(v) => {
+                for (o, b) in head.iter_mut().zip(v.iter()) {
+                    *o = f32::from_bits(u32::from(*b) << 16);
+                }
+            }
+        }
+    }
+}
+
+/// [`Collective::all_reduce_pieces`] by way of [`Collective::all_reduce_f32`]: the pieces
+/// gathered into `out`, all-reduced there, and `out` scanned.
+pub(crate) fn all_reduce_gathered<C: Collective + ?Sized>(
+    collective: &mut C,
+    pieces: &[GradientPiece<'_>],
+    out: &mut [f32],
+    op: ReduceOp,
+) -> Result<bool, CollectiveError> {
+    gather_pieces(pieces, out);
+    collective.all_reduce_f32(out, op)?;
+    Ok(all_finite(out))
+}
+
+gantry_simd::widest! {
+    /// Whether every value is finite (no infinity, no NaN).
+    pub fn all_finite(values: &[f32]) -> bool => no_exponent_all_ones
+}
+
+/// Branch-free, so it vectorises.
+#[inline(always)]
+fn no_exponent_all_ones(values: &[f32]) -> bool {
+    values.iter().fold(0u32, |bad, v| {
+        bad | u32::from(v.to_bits() & 0x7f80_0000 == 0x7f80_0000)
+    }) == 0
+}
+
 /// A group of `world_size` ranks that perform collective operations together.
 ///
 /// Every rank must call the same operations in the same order with buffers of
@@ -134,6 +221,22 @@ pub trait Collective: Send {
     fn world_size(&self) -> usize;
     /// In-place all-reduce of a host `f32` buffer.
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError>;
+    /// All-reduces the concatenation of `pieces` (bf16 ones widened exactly) into `out`, whose
+    /// length is their total, and returns whether every element of the result is finite.
+    /// The result is what [`Self::all_reduce_f32`] gives for the concatenation; every rank
+    /// passes pieces of the same kinds and lengths in the same order (a rank whose pieces
+    /// differ fails the operation, as a length mismatch does). This default gathers the
+    /// pieces into `out`, all-reduces that and scans it; the ring's single shared-memory
+    /// region copies each piece into its slot as it is (a bf16 piece moves half the bytes)
+    /// and sums the slots straight into `out`, checking the result in the same pass.
+    fn all_reduce_pieces(
+        &mut self,
+        pieces: &[GradientPiece<'_>],
+        out: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<bool, CollectiveError> {
+        all_reduce_gathered(self, pieces, out, op)
+    }
     /// Overwrites `buf` on every rank with `root`'s `buf`; lengths must match.
     fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError>;
     /// Replaces `buf` on every rank with `root`'s bytes; the length travels too.

@@ -32,12 +32,12 @@ use std::time::{Duration, Instant};
 use socket2::{Domain, SockRef, Socket, Type};
 
 use crate::abort::AbortHandle;
-use crate::shm::{self, SharedRegion, WaitError};
+use crate::shm::{self, PieceLayout, SharedRegion, WaitError};
 use crate::wire::{
     ACK_LEN, Ack, HEADER_LEN, HELLO_LEN, Header, Hello, NONCE_LEN, OpKind, PROOF_LEN, Side,
     VERSION, derived_secret, proof, proven,
 };
-use crate::{Collective, CollectiveError, Peer, ReduceOp};
+use crate::{Collective, CollectiveError, GradientPiece, Peer, ReduceOp, all_reduce_gathered};
 
 /// Default size of the pieces the ring pipelines. Small enough that the
 /// first chunk starts travelling on to the next rank quickly, large enough
@@ -979,6 +979,60 @@ impl RingCollective {
         buf: &mut [f32],
         op: ReduceOp,
     ) -> Result<(), CollectiveError> {
+        let count = buf.len();
+        self.through_region(kind, count, op.code(), |region, ours, wait, check| {
+            let pieces = region.slot_elems();
+            // An empty buffer still meets the others once, so mismatches are seen.
+            let mut empty: [f32; 0] = [];
+            let mut parts: Vec<&mut [f32]> = buf.chunks_mut(pieces).collect();
+            if parts.is_empty() {
+                parts.push(&mut empty);
+            }
+            for part in parts {
+                region.all_reduce_piece(
+                    part,
+                    ours,
+                    op == ReduceOp::Average,
+                    &mut *wait,
+                    &mut *check,
+                )?;
+            }
+            Ok(())
+        })
+    }
+
+    /// [`Collective::all_reduce_pieces`] through the shared region, in one operation.
+    fn shared_memory_all_reduce_pieces(
+        &mut self,
+        pieces: &[GradientPiece<'_>],
+        layout: &PieceLayout,
+        out: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<bool, CollectiveError> {
+        let extra = op.code() | (pieces_fingerprint(pieces) << 1);
+        let kind = OpKind::AllReducePieces;
+        self.through_region(kind, out.len(), extra, |region, ours, wait, check| {
+            let average = op == ReduceOp::Average;
+            region.all_reduce_pieces(pieces, layout, out, ours, average, wait, check)
+        })
+    }
+
+    /// One operation through the shared region, announced as `kind` with `count` elements
+    /// and `extra`: `run` gets the region, the header, and the wait for a peer (bounded by the
+    /// timeout, the abort handle and the neighbours' sockets) and the check of its header
+    /// (same operation, length, reduce operation and pieces) that the region's methods take.
+    fn through_region<T>(
+        &mut self,
+        kind: OpKind,
+        count: usize,
+        extra: u64,
+        run: impl FnOnce(
+            &mut SharedRegion,
+            &Header,
+            &mut dyn FnMut(&mut shm::Waiter<'_>) -> Result<(), CollectiveError>,
+            &mut dyn FnMut(usize, Result<Header, String>) -> Result<(), CollectiveError>,
+        ) -> Result<T, CollectiveError>,
+    ) -> Result<T, CollectiveError> {
         let Self {
             links: Some(links),
             route: Route::SharedMemory(region),
@@ -1000,39 +1054,24 @@ impl RingCollective {
         let ours = Header {
             kind,
             seq: *seq,
-            count: buf.len() as u64,
-            extra: op.code(),
+            count: count as u64,
+            extra,
         };
-        let average = op == ReduceOp::Average;
-        let pieces = region.slot_elems();
-        // An empty buffer still meets the others once, so mismatches are seen.
-        let mut empty: [f32; 0] = [];
-        let mut parts: Vec<&mut [f32]> = buf.chunks_mut(pieces).collect();
-        if parts.is_empty() {
-            parts.push(&mut empty);
-        }
-        for part in parts {
-            region.all_reduce_piece(
-                part,
-                &ours,
-                average,
-                |waiter| {
-                    waiter
-                        .wait(
-                            timeout,
-                            || abort.is_aborted(),
-                            [&links.left, &links.right],
-                            [None, None],
-                        )
-                        .map_err(|e| wait_failure(e, links, peer, name, timeout))
-                },
-                |rank, theirs| {
-                    let theirs = check_same_operation(peer(rank), &ours, theirs)?;
-                    check_same_reduction(peer(rank), &ours, &theirs)
-                },
-            )?;
-        }
-        Ok(())
+        let mut wait = |waiter: &mut shm::Waiter<'_>| {
+            waiter
+                .wait(
+                    timeout,
+                    || abort.is_aborted(),
+                    [&links.left, &links.right],
+                    [None, None],
+                )
+                .map_err(|e| wait_failure(e, links, peer, name, timeout))
+        };
+        let mut check = |rank: usize, theirs: Result<Header, String>| {
+            let theirs = check_same_operation(peer(rank), &ours, theirs)?;
+            check_same_reduction(peer(rank), &ours, &theirs)
+        };
+        run(region, &ours, &mut wait, &mut check)
     }
 
     /// [`Self::all_reduce_inner`] over several hosts, piece by piece: each host's ranks sum
@@ -1210,6 +1249,25 @@ impl Collective for RingCollective {
 
     fn all_reduce_f32(&mut self, buf: &mut [f32], op: ReduceOp) -> Result<(), CollectiveError> {
         self.run_op(|me| me.all_reduce_inner(OpKind::AllReduce, buf, op))
+    }
+
+    /// Through the single shared-memory region, the pieces as they are (bf16 ones in half the
+    /// bytes); on the other paths gathered and all-reduced as one buffer. Every rank decides
+    /// alike: the route is the same on all.
+    fn all_reduce_pieces(
+        &mut self,
+        pieces: &[GradientPiece<'_>],
+        out: &mut [f32],
+        op: ReduceOp,
+    ) -> Result<bool, CollectiveError> {
+        let slot_bytes = match (&self.route, &self.links) {
+            (Route::SharedMemory(region), Some(_)) => region.slot_bytes(),
+            _ => return all_reduce_gathered(self, pieces, out, op),
+        };
+        let total: usize = pieces.iter().map(GradientPiece::len).sum();
+        assert_eq!(total, out.len(), "pieces and output differ in length");
+        let layout = PieceLayout::of(pieces, slot_bytes);
+        self.run_op(|me| me.shared_memory_all_reduce_pieces(pieces, &layout, out, op))
     }
 
     fn broadcast_f32(&mut self, buf: &mut [f32], root: usize) -> Result<(), CollectiveError> {
@@ -1761,7 +1819,8 @@ fn check_same_operation(
     Ok(theirs)
 }
 
-/// For reductions, also the same length and reduce operation.
+/// For reductions, also the same length, reduce operation and (for an all-reduce of pieces,
+/// whose `extra` carries their fingerprint above the reduce operation's bit) pieces.
 fn check_same_reduction(peer: Peer, ours: &Header, theirs: &Header) -> Result<(), CollectiveError> {
     if theirs.count != ours.count {
         return Err(CollectiveError::LengthMismatch {
@@ -1770,13 +1829,36 @@ fn check_same_reduction(peer: Peer, ours: &Header, theirs: &Header) -> Result<()
             theirs: buf_len(theirs.count),
         });
     }
-    if theirs.extra != ours.extra {
+    if (theirs.extra ^ ours.extra) & 1 != 0 {
         return Err(CollectiveError::Protocol {
             peer,
             detail: "it uses a different reduce operation (sum vs average)".into(),
         });
     }
+    if theirs.extra != ours.extra {
+        return Err(CollectiveError::Protocol {
+            peer,
+            detail: "its gradient pieces differ from ours in kind or length".into(),
+        });
+    }
     Ok(())
+}
+
+/// A fingerprint of the pieces' kinds and lengths (FNV-1a), 63 bits, for the header of an
+/// all-reduce of pieces: ranks whose pieces differ fail instead of summing unlike data.
+fn pieces_fingerprint(pieces: &[GradientPiece<'_>]) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    for piece in pieces {
+        let kind = match piece {
+            GradientPiece::F32(_) => 1u8,
+            GradientPiece::Bf16(_) => 2u8,
+        };
+        for byte in std::iter::once(kind).chain((piece.len() as u64).to_le_bytes()) {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+    hash >> 1
 }
 
 #[cfg(test)]

@@ -51,6 +51,7 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::GradientPiece;
 use crate::wire::{HEADER_LEN, Header};
 
 const MAGIC: u64 = u64::from_le_bytes(*b"GANTRYSM");
@@ -260,6 +261,10 @@ impl SharedRegion {
         })
     }
 
+    pub(crate) fn slot_bytes(&self) -> usize {
+        self.slot_bytes
+    }
+
     pub(crate) fn slot_elems(&self) -> usize {
         self.slot_bytes / size_of::<f32>()
     }
@@ -326,15 +331,47 @@ impl SharedRegion {
         mut check: impl FnMut(usize, Result<Header, String>) -> Result<(), E>,
     ) -> Result<(), E> {
         assert!(data.len() <= self.slot_elems(), "piece larger than a slot");
+        let n = data.len();
+        let parity = self.exchange(
+            ours,
+            |slot| {
+                // SAFETY: `slot` is our own slot of this parity (see `exchange`), `slot_elems()
+                // ≥ n` floats long.
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), slot.cast::<f32>(), n) }
+            },
+            &mut wait,
+            &mut check,
+        )?;
+        // Every rank's piece for this ticket is in place and stays so until each rank has
+        // announced the next, which cannot happen before we do.
+        let slots: Vec<&[f32]> = (0..self.world_size)
+            .map(|r| {
+                // SAFETY: see above; `n` elements were written by rank `r` for this ticket.
+                unsafe { std::slice::from_raw_parts(self.slot_ptr(r, parity).cast_const(), n) }
+            })
+            .collect();
+        reduce_into(data, &slots, self.rank, average);
+        Ok(())
+    }
+
+    /// One operation's exchange: `fill` writes this rank's data into its own slot of the
+    /// operation's parity (it gets the slot's start), the header is written and the ticket
+    /// announced; then every peer's announcement is waited for and its header checked.
+    /// Returns the parity, whose slots every rank may read until this rank announces the
+    /// next ticket.
+    fn exchange<E>(
+        &mut self,
+        ours: &Header,
+        fill: impl FnOnce(*mut u8),
+        wait: &mut impl FnMut(&mut Waiter<'_>) -> Result<(), E>,
+        check: &mut impl FnMut(usize, Result<Header, String>) -> Result<(), E>,
+    ) -> Result<usize, E> {
         let ticket = self.ticket.wrapping_add(1);
         let parity = (ticket % 2) as usize;
-        let n = data.len();
-        // SAFETY: our own slot of this parity: no peer reads it until we announce `ticket`,
-        // and every peer has finished reading it for `ticket - 2` (it announced `ticket - 1`,
-        // which we waited for in the previous piece).
-        unsafe {
-            std::ptr::copy_nonoverlapping(data.as_ptr(), self.slot_ptr(self.rank, parity), n)
-        };
+        // Our own slot of this parity: no peer reads it until we announce `ticket`, and every
+        // peer has finished reading it for `ticket - 2` (it announced `ticket - 1`, which we
+        // waited for in the previous operation).
+        fill(self.slot_ptr(self.rank, parity).cast::<u8>());
         // SAFETY: our own header of this parity, as for the slot above; published by the
         // Release store of the ticket below.
         unsafe { self.header_ptr(self.rank, parity).write(ours.encode()) };
@@ -353,18 +390,208 @@ impl SharedRegion {
             let theirs = unsafe { self.header_ptr(peer, parity).read() };
             check(peer, Header::decode(&theirs))?;
         }
-
-        // Every rank's piece for `ticket` is in place and stays so until each rank has
-        // announced `ticket + 1`, which cannot happen before we do.
-        let slots: Vec<&[f32]> = (0..self.world_size)
-            .map(|r| {
-                // SAFETY: see above; `n` elements were written by rank `r` for this ticket.
-                unsafe { std::slice::from_raw_parts(self.slot_ptr(r, parity).cast_const(), n) }
-            })
-            .collect();
-        reduce_into(data, &slots, self.rank, average);
-        Ok(())
+        Ok(parity)
     }
+
+    /// An all-reduce of gradient pieces (see [`crate::Collective::all_reduce_pieces`]), one
+    /// chunk of [`PieceLayout`] per ticket: each segment goes into this rank's slot as it is
+    /// (bf16 in half the bytes of f32); once every rank has announced the chunk, every element
+    /// is summed in rank order from the slots (this rank's term from its own piece, as
+    /// [`reduce_into`] does), divided by the world size for an average and written into
+    /// `out`. The sums are exactly those of [`Self::all_reduce_piece`] on the widened values.
+    /// Returns whether every result is finite, found in the same pass.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn all_reduce_pieces<E>(
+        &mut self,
+        pieces: &[GradientPiece<'_>],
+        layout: &PieceLayout,
+        out: &mut [f32],
+        ours: &Header,
+        average: bool,
+        mut wait: impl FnMut(&mut Waiter<'_>) -> Result<(), E>,
+        mut check: impl FnMut(usize, Result<Header, String>) -> Result<(), E>,
+    ) -> Result<bool, E> {
+        assert_eq!(
+            layout.slot_bytes, self.slot_bytes,
+            "layout for another slot size"
+        );
+        let scale = self.world_size as f32;
+        let mut non_finite = 0u32;
+        for chunk in &layout.chunks {
+            let parity = self.exchange(
+                ours,
+                |slot| {
+                    for seg in chunk {
+                        // SAFETY: our own slot (see `exchange`); the layout keeps every segment
+                        // inside it, apart from the others and aligned for its kind.
+                        unsafe {
+                            let to = slot.add(seg.at);
+                            match pieces[seg.piece].segment(seg.start, seg.len) {
+                                GradientPiece::F32(v) => std::ptr::copy_nonoverlapping(
+                                    v.as_ptr(),
+                                    to.cast::<f32>(),
+                                    v.len(),
+                                ),
+                                GradientPiece::Bf16(v) => std::ptr::copy_nonoverlapping(
+                                    v.as_ptr(),
+                                    to.cast::<u16>(),
+                                    v.len(),
+                                ),
+                            }
+                        }
+                    }
+                },
+                &mut wait,
+                &mut check,
+            )?;
+            for seg in chunk {
+                let ours = pieces[seg.piece].segment(seg.start, seg.len);
+                let terms: Vec<GradientPiece<'_>> = (0..self.world_size)
+                    .map(|r| {
+                        if r == self.rank {
+                            return ours;
+                        }
+                        // SAFETY: rank `r` wrote this segment, of the same kind and length (its
+                        // header carries the pieces' fingerprint, checked above, and the layout
+                        // follows from the pieces and the slot size, which every rank shares),
+                        // before announcing, and does not write this parity again before we
+                        // announce the next ticket.
+                        unsafe {
+                            let from = self
+                                .slot_ptr(r, parity)
+                                .cast::<u8>()
+                                .add(seg.at)
+                                .cast_const();
+                            match ours {
+                                GradientPiece::F32(_) => GradientPiece::F32(
+                                    std::slice::from_raw_parts(from.cast::<f32>(), seg.len),
+                                ),
+                                GradientPiece::Bf16(_) => GradientPiece::Bf16(
+                                    std::slice::from_raw_parts(from.cast::<u16>(), seg.len),
+                                ),
+                            }
+                        }
+                    })
+                    .collect();
+                let into = &mut out[seg.out..seg.out + seg.len];
+                non_finite |= reduce_terms_into(into, &terms, average.then_some(scale));
+            }
+        }
+        Ok(non_finite == 0)
+    }
+}
+
+/// Where [`SharedRegion::all_reduce_pieces`] puts the pieces: in chunks of at most a slot, one
+/// ticket each, pieces cut where a chunk is full; each segment starts on a cache line of its
+/// own, so it is aligned for its kind.
+#[derive(Debug)]
+pub(crate) struct PieceLayout {
+    pub chunks: Vec<Vec<Segment>>,
+    slot_bytes: usize,
+}
+
+/// Elements `start..start + len` of piece `piece`, at byte `at` of the chunk's slot and
+/// element `out` of the result.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub piece: usize,
+    pub start: usize,
+    pub len: usize,
+    pub at: usize,
+    pub out: usize,
+}
+
+impl PieceLayout {
+    /// The layout of `pieces` in slots of `slot_bytes` (at least 64). Empty pieces take no
+    /// room; no pieces at all still take one (empty) chunk, so the ranks meet once.
+    pub fn of(pieces: &[GradientPiece<'_>], slot_bytes: usize) -> Self {
+        const LINE: usize = 64;
+        let mut chunks = vec![Vec::new()];
+        let mut used = 0;
+        let mut out = 0;
+        for (piece, p) in pieces.iter().enumerate() {
+            let size = p.bytes() / p.len().max(1);
+            let mut start = 0;
+            while start < p.len() {
+                let room = slot_bytes.saturating_sub(used) / size;
+                if room == 0 {
+                    chunks.push(Vec::new());
+                    used = 0;
+                    continue;
+                }
+                let len = room.min(p.len() - start);
+                chunks
+                    .last_mut()
+                    .expect("one chunk at least")
+                    .push(Segment {
+                        piece,
+                        start,
+                        len,
+                        at: used,
+                        out,
+                    });
+                used = (used + len * size).next_multiple_of(LINE);
+                start += len;
+                out += len;
+            }
+        }
+        Self { chunks, slot_bytes }
+    }
+}
+
+gantry_simd::widest! {
+    /// `into ← (Σ_r terms[r]) [/ scale]`, in rank order, every term widened to f32 exactly (the
+    /// same additions as [`reduce_into`] makes on the widened values); returns non-zero when a
+    /// result is not finite.
+    fn reduce_terms_into(into: &mut [f32], terms: &[GradientPiece<'_>], scale: Option<f32>) -> u32 => sum_terms
+}
+
+#[inline(always)]
+fn sum_terms(into: &mut [f32], terms: &[GradientPiece<'_>], scale: Option<f32>) -> u32 {
+    const BLOCK: usize = 1024;
+    let mut acc = [0.0f32; BLOCK];
+    let mut non_finite = 0u32;
+    for start in (0..into.len()).step_by(BLOCK) {
+        let end = (start + BLOCK).min(into.len());
+        let acc = &mut acc[..end - start];
+        for (r, term) in terms.iter().enumerate() {
+            match (r, term) {
+                (0, GradientPiece::F32(v)) => acc.copy_from_slice(&v[start..end]),
+                (0, GradientPiece::Bf16(v)) => {
+                    for (a, b) in acc.iter_mut().zip(&v[start..end]) {
+                        *a = widen(*b);
+                    }
+                }
+                (_, GradientPiece::F32(v)) => {
+                    for (a, b) in acc.iter_mut().zip(&v[start..end]) {
+                        *a += *b;
+                    }
+                }
+                (_, GradientPiece::Bf16(v)) => {
+                    for (a, b) in acc.iter_mut().zip(&v[start..end]) {
+                        *a += widen(*b);
+                    }
+                }
+            }
+        }
+        if let Some(scale) = scale {
+            for a in acc.iter_mut() {
+                *a /= scale;
+            }
+        }
+        for (o, a) in into[start..end].iter_mut().zip(acc.iter()) {
+            *o = *a;
+            // An exponent of all ones: an infinity or a NaN.
+            non_finite |= u32::from(a.to_bits() & 0x7f80_0000 == 0x7f80_0000);
+        }
+    }
+    non_finite
+}
+
+/// A bf16 value (its bits) as f32: exact.
+#[inline(always)]
+fn widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
 }
 
 impl SharedRegion {
@@ -473,10 +700,15 @@ impl SharedRegion {
     }
 }
 
-/// `data ← (Σ_r slots[r]) [/ n]`, summed in rank order so every rank gets the same bits, in
-/// one pass over memory: blocks small enough to stay in L1 collect the sum, and this rank's
-/// own term is read from `data` (equal to its slot) rather than from shared memory.
-fn reduce_into(data: &mut [f32], slots: &[&[f32]], me: usize, average: bool) {
+gantry_simd::widest! {
+    /// `data ← (Σ_r slots[r]) [/ n]`, summed in rank order so every rank gets the same bits, in
+    /// one pass over memory: blocks small enough to stay in L1 collect the sum, and this rank's
+    /// own term is read from `data` (equal to its slot) rather than from shared memory.
+    fn reduce_into(data: &mut [f32], slots: &[&[f32]], me: usize, average: bool) => sum_slots
+}
+
+#[inline(always)]
+fn sum_slots(data: &mut [f32], slots: &[&[f32]], me: usize, average: bool) {
     const BLOCK: usize = 1024;
     let scale = slots.len() as f32;
     let mut acc = [0.0f32; BLOCK];
@@ -715,6 +947,60 @@ fn futex_wake(word: &AtomicU32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn piece_layouts_cover_every_element_once_within_aligned_slots() {
+        let halves = vec![0u16; 37];
+        let fulls = vec![0f32; 100];
+        let pieces = [
+            GradientPiece::Bf16(&halves),
+            GradientPiece::F32(&[]),
+            GradientPiece::F32(&fulls),
+            GradientPiece::Bf16(&halves[..1]),
+        ];
+        for slot_bytes in [64, 100, 4096] {
+            let layout = PieceLayout::of(&pieces, slot_bytes);
+            let mut covered = vec![Vec::new(); pieces.len()];
+            let mut next_out = 0;
+            for chunk in &layout.chunks {
+                let mut end = 0;
+                for seg in chunk {
+                    let size = pieces[seg.piece].bytes() / pieces[seg.piece].len();
+                    assert!(
+                        seg.at >= end && seg.at % 64 == 0,
+                        "{seg:?}: overlaps or unaligned"
+                    );
+                    end = seg.at + seg.len * size;
+                    assert!(end <= slot_bytes, "{seg:?} leaves a slot of {slot_bytes}");
+                    assert_eq!(seg.out, next_out, "{seg:?}: results in piece order");
+                    next_out += seg.len;
+                    covered[seg.piece].extend(seg.start..seg.start + seg.len);
+                }
+            }
+            for (piece, got) in pieces.iter().zip(&covered) {
+                assert_eq!(
+                    *got,
+                    (0..piece.len()).collect::<Vec<_>>(),
+                    "slot {slot_bytes}"
+                );
+            }
+        }
+        assert_eq!(
+            PieceLayout::of(&pieces, 4096).chunks.len(),
+            1,
+            "fits one slot"
+        );
+        assert!(
+            PieceLayout::of(&pieces, 64).chunks.len() > 1,
+            "cut into chunks"
+        );
+        let nothing = PieceLayout::of(&[], 64);
+        assert_eq!(
+            nothing.chunks.len(),
+            1,
+            "nothing still meets the others once"
+        );
+    }
 
     #[test]
     fn open_refuses_a_region_of_another_geometry() {

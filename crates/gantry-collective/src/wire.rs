@@ -163,6 +163,9 @@ pub(crate) enum OpKind {
     BroadcastF32 = 2,
     BroadcastBytes = 3,
     Barrier = 4,
+    /// An all-reduce of gradient pieces through shared memory; see
+    /// [`crate::Collective::all_reduce_pieces`].
+    AllReducePieces = 5,
 }
 
 impl OpKind {
@@ -172,6 +175,7 @@ impl OpKind {
             OpKind::BroadcastF32 => "broadcast",
             OpKind::BroadcastBytes => "broadcast-bytes",
             OpKind::Barrier => "barrier",
+            OpKind::AllReducePieces => "all-reduce of gradient pieces",
         }
     }
 
@@ -181,6 +185,7 @@ impl OpKind {
             2 => OpKind::BroadcastF32,
             3 => OpKind::BroadcastBytes,
             4 => OpKind::Barrier,
+            5 => OpKind::AllReducePieces,
             _ => return None,
         })
     }
@@ -194,7 +199,9 @@ pub(crate) struct Header {
     pub seq: u64,
     /// Elements (f32 operations) or bytes (byte broadcast).
     pub count: u64,
-    /// Root rank for broadcasts, [`crate::ReduceOp::code`] for reductions.
+    /// Root rank for broadcasts, [`crate::ReduceOp::code`] for reductions (for an
+    /// all-reduce of pieces, in the lowest bit, above it a fingerprint of the pieces' kinds
+    /// and lengths).
     pub extra: u64,
 }
 

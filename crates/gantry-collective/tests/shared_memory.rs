@@ -9,7 +9,9 @@ use std::thread;
 use std::time::Duration;
 
 use common::{expected_sum, value};
-use gantry_collective::{Collective, CollectiveError, ReduceOp, RingCollective, RingConfig};
+use gantry_collective::{
+    Collective, CollectiveError, GradientPiece, ReduceOp, RingCollective, RingConfig, gather_pieces,
+};
 
 /// [`common::run_ranks`] with the shared-memory path requested.
 fn run_ranks<T, C, B>(n: usize, configure: C, body: B) -> Vec<T>
@@ -260,4 +262,147 @@ fn interleaved_shared_memory_and_tcp_operations_never_fail_spuriously() {
 #[test]
 fn abort_handle_unblocks_a_rank_whose_neighbour_never_sends() {
     common::check_abort_handle_unblocks_a_rank_whose_neighbour_never_sends(true);
+}
+
+/// Rank `rank`'s gradient pieces: bf16 and f32 pieces interleaved (an odd-length bf16 piece
+/// first, so the next piece's offset needs rounding), values whose float sums depend on the
+/// order of addition. `bad` puts `value` at element 7 of the third piece (bf16).
+fn mixed_pieces(rank: usize, bad: Option<f32>) -> (Vec<Vec<u16>>, Vec<Vec<f32>>) {
+    let wavy =
+        |i: usize| ((i * 7919 + rank * 104_729) as f32).sin() * 10f32.powi((i % 9) as i32 - 4);
+    let bf16 = |v: f32| (v.to_bits() >> 16) as u16;
+    let mut halves: Vec<Vec<u16>> = [17usize, 0, 1000]
+        .iter()
+        .enumerate()
+        .map(|(p, &len)| (0..len).map(|i| bf16(wavy(i + 3000 * p))).collect())
+        .collect();
+    let fulls: Vec<Vec<f32>> = [3usize, 2000]
+        .iter()
+        .enumerate()
+        .map(|(p, &len)| (0..len).map(|i| wavy(i + 10_000 * p)).collect())
+        .collect();
+    if let Some(v) = bad {
+        halves[2][7] = bf16(v);
+    }
+    (halves, fulls)
+}
+
+fn as_pieces<'a>(halves: &'a [Vec<u16>], fulls: &'a [Vec<f32>]) -> Vec<GradientPiece<'a>> {
+    vec![
+        GradientPiece::Bf16(&halves[0]),
+        GradientPiece::F32(&fulls[0]),
+        GradientPiece::Bf16(&halves[1]),
+        GradientPiece::Bf16(&halves[2]),
+        GradientPiece::F32(&fulls[1]),
+    ]
+}
+
+const MIXED_LEN: usize = 17 + 3 + 1000 + 2000;
+
+#[test]
+fn pieces_reduce_to_the_bits_of_their_gathered_all_reduce() {
+    for n in [2, 3] {
+        // 1 MiB: one ticket in the region; 4 KiB and 64 bytes: chunks of a slot, pieces cut
+        // between them; `None`: the TCP ring (the gathered default).
+        for slot_bytes in [Some(1 << 20), Some(4096), Some(64), None] {
+            for op in [ReduceOp::Average, ReduceOp::Sum] {
+                let results = run_ranks(
+                    n,
+                    move |_, c| match slot_bytes {
+                        Some(bytes) => c.shared_memory_slot_bytes = bytes,
+                        None => c.shared_memory = false,
+                    },
+                    move |rank, ring| {
+                        let mut ring = ring.unwrap();
+                        let (halves, fulls) = mixed_pieces(rank, None);
+                        let pieces = as_pieces(&halves, &fulls);
+                        let mut reduced = vec![f32::NAN; MIXED_LEN];
+                        let finite = ring.all_reduce_pieces(&pieces, &mut reduced, op).unwrap();
+                        let mut gathered = vec![0.0; MIXED_LEN];
+                        gather_pieces(&pieces, &mut gathered);
+                        ring.all_reduce_f32(&mut gathered, op).unwrap();
+                        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                        (finite, bits(&reduced), bits(&gathered))
+                    },
+                );
+                for (rank, (finite, reduced, gathered)) in results.iter().enumerate() {
+                    let at = format!("n={n} slot={slot_bytes:?} {op:?} rank {rank}");
+                    assert!(finite, "{at}");
+                    assert_eq!(reduced, gathered, "{at}");
+                    assert_eq!(reduced, &results[0].1, "{at}: same bits on every rank");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_non_finite_piece_or_sum_is_reported_on_every_rank() {
+    for (bad_rank, bad, op) in [
+        (1, f32::NAN, ReduceOp::Average),
+        (0, f32::INFINITY, ReduceOp::Average),
+        // Finite on each rank; the sum overflows bf16's (and f32's) range.
+        (2, f32::MAX, ReduceOp::Sum),
+    ] {
+        let results = run_ranks(
+            3,
+            |_, c| c.shared_memory_slot_bytes = 1 << 20,
+            move |rank, ring| {
+                let mut ring = ring.unwrap();
+                let big = (op == ReduceOp::Sum).then_some(f32::MAX);
+                let (halves, fulls) =
+                    mixed_pieces(rank, if rank == bad_rank { Some(bad) } else { big });
+                let mut out = vec![0.0; MIXED_LEN];
+                let finite = ring
+                    .all_reduce_pieces(&as_pieces(&halves, &fulls), &mut out, op)
+                    .unwrap();
+                // The next operation is unaffected.
+                let again = ring
+                    .all_reduce_pieces(
+                        &as_pieces(&mixed_pieces(rank, None).0, &fulls),
+                        &mut out,
+                        op,
+                    )
+                    .unwrap();
+                (finite, again)
+            },
+        );
+        assert_eq!(results, vec![(false, true); 3], "{bad} on rank {bad_rank}");
+    }
+}
+
+#[test]
+fn pieces_of_another_kind_fail_on_every_rank_naming_the_difference() {
+    let results = run_ranks(
+        2,
+        |_, c| c.shared_memory_slot_bytes = 1 << 20,
+        |rank, ring| {
+            let mut ring = ring.unwrap();
+            let (halves, fulls) = mixed_pieces(rank, None);
+            let widened: Vec<f32> = halves[2]
+                .iter()
+                .map(|&b| f32::from_bits(u32::from(b) << 16))
+                .collect();
+            let mut pieces = as_pieces(&halves, &fulls);
+            if rank == 1 {
+                // Same total length, one piece in f32 instead of bf16.
+                pieces[3] = GradientPiece::F32(&widened);
+            }
+            let mut out = vec![0.0; MIXED_LEN];
+            ring.all_reduce_pieces(&pieces, &mut out, ReduceOp::Average)
+                .unwrap_err()
+        },
+    );
+    let mut named = 0;
+    for err in &results {
+        match err {
+            CollectiveError::Protocol { detail, .. } => {
+                assert!(detail.contains("gradient pieces differ"), "{detail}");
+                named += 1;
+            }
+            CollectiveError::PeerDisconnected { .. } => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert!(named >= 1, "{results:?}");
 }

@@ -108,6 +108,14 @@ impl FlatParams {
     /// tensor of its parameter's length; [`FlatParams::flatten_grads_into`] is the way for
     /// those.
     pub fn checked_pieces(&self, grads: Vec<Tensor>) -> Result<(Vec<Tensor>, bool), Vec<Tensor>> {
+        let pieces = self.pieces(grads)?;
+        let finite = pieces.iter().all(all_finite);
+        Ok((pieces, finite))
+    }
+
+    /// [`FlatParams::checked_pieces`] without the finite check, for a reducer that checks the
+    /// combined gradient instead ([`crate::task::GradReduce::takes_pieces`]).
+    pub fn pieces(&self, grads: Vec<Tensor>) -> Result<Vec<Tensor>, Vec<Tensor>> {
         let usable = grads
             .iter()
             .zip(&self.tensors)
@@ -115,19 +123,14 @@ impl FlatParams {
         if !usable || grads.len() != self.tensors.len() {
             return Err(grads);
         }
-        let mut finite = true;
-        let pieces = grads
+        Ok(grads
             .into_iter()
             .zip(&self.tensors)
-            .map(|(g, p)| {
-                if !g.defined() {
-                    return p.zeros_like().detach();
-                }
-                finite &= all_finite(&g);
-                g
+            .map(|(g, p)| match g.defined() {
+                true => g,
+                false => p.zeros_like().detach(),
             })
-            .collect();
-        Ok((pieces, finite))
+            .collect())
     }
 
     /// (name, shape, kind) of every parameter, to check that ranks built the same network.
@@ -153,6 +156,17 @@ fn is_host_f32(t: &Tensor) -> bool {
     t.device() == Device::Cpu && t.kind() == Kind::Float && t.is_contiguous()
 }
 
+/// Writes the concatenation of `pieces` (flattened, converted to `out`'s kind) into `out`.
+pub fn gather_pieces(pieces: &[Tensor], out: &Tensor) {
+    tch::no_grad(|| {
+        let flat: Vec<Tensor> = pieces
+            .iter()
+            .map(|p| p.reshape([-1]).to_kind(out.kind()))
+            .collect();
+        let _ = Tensor::cat_out(out, &flat, 0);
+    });
+}
+
 /// A contiguous bf16 host tensor, which the host loops read (and write) by its bits.
 pub(crate) fn is_host_bf16(t: &Tensor) -> bool {
     t.device() == Device::Cpu && t.kind() == Kind::BFloat16 && t.is_contiguous()
@@ -174,7 +188,7 @@ pub(crate) fn bf16_to_f32(bits: u16) -> f32 {
 const EXPONENT: u32 = 0x7f80_0000;
 
 /// Whether every element of `t` is finite.
-pub(crate) fn all_finite(t: &Tensor) -> bool {
+pub fn all_finite(t: &Tensor) -> bool {
     if is_host_f32(t) {
         // libtorch's isfinite().all() materialises a bool tensor and costs ~5 ns an element
         // on one core; a scan of the host memory costs a tenth of that.
@@ -196,7 +210,7 @@ pub(crate) fn all_finite(t: &Tensor) -> bool {
     bool::try_from(t.isfinite().all()).unwrap_or(false)
 }
 
-crate::simd::widest! {
+gantry_simd::widest! {
     /// Non-zero when a value of `block` is infinite or NaN.
     fn non_finite_in(block: &[f32]) -> u32 => or_exponents
 }
@@ -212,7 +226,7 @@ fn or_exponents(block: &[f32]) -> u32 {
 /// bf16's exponent field (fp32's upper half).
 const BF16_EXPONENT: u16 = 0x7f80;
 
-crate::simd::widest! {
+gantry_simd::widest! {
     /// Non-zero when a bf16 value (its bits) of `block` is infinite or NaN.
     fn non_finite_bf16_in(block: &[u16]) -> u32 => or_bf16_exponents
 }
@@ -232,7 +246,7 @@ fn widen_checked(dst: &mut [f32], src: &[u16]) -> bool {
         == 0
 }
 
-crate::simd::widest! {
+gantry_simd::widest! {
     fn widen_block(dst: &mut [f32], src: &[u16]) -> u32 => widen_or_exponents
 }
 
@@ -252,7 +266,7 @@ fn gather_checked(dst: &mut [f32], src: &[f32]) -> bool {
         == 0
 }
 
-crate::simd::widest! {
+gantry_simd::widest! {
     fn copy_block(dst: &mut [f32], src: &[f32]) -> u32 => copy_or_exponents
 }
 

@@ -192,16 +192,46 @@ pub fn buffers(vs: &VarStore) -> Vec<Tensor> {
     named.into_iter().map(|(_, t)| t).collect()
 }
 
+/// Where a network's gradient goes after its backward pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gather {
+    /// Into the flat gradient ([`Gan::gradients`]), for a reducer of flat tensors.
+    Flat,
+    /// Left in autograd's tensors and checked there, for the optimiser to read (nothing to
+    /// combine it with: [`StepSync::gathers`] is false).
+    ForOptimiser,
+    /// Left in autograd's tensors, unchecked, for a reducer that takes them
+    /// ([`StepSync::takes_pieces`]) and checks the combined gradient.
+    ForReducer,
+}
+
+impl Gather {
+    fn of<E>(sync: &impl StepSync<E>) -> Self {
+        match (sync.gathers(), sync.takes_pieces()) {
+            (false, _) => Gather::ForOptimiser,
+            (true, true) => Gather::ForReducer,
+            (true, false) => Gather::Flat,
+        }
+    }
+}
+
 /// A network's gradient of one step, and whether it was found finite when gathered (`None`:
 /// not checked, see [`FlatParams::flatten_grads_into`]).
 struct FlatGradient {
     /// The flat gradient (a view of [`Gan::gradients`]): gathered there, unless `pieces` holds
     /// the gradient instead.
     grad: Tensor,
-    /// autograd's per-parameter gradients where they were left ungathered (see
-    /// [`StepSync::gathers`]); empty when gathered into `grad`.
+    /// autograd's per-parameter gradients where they were left ungathered (see [`Gather`]);
+    /// empty when gathered into `grad`, or once a reducer has written their average there.
     pieces: Vec<Tensor>,
+    /// The pieces are for the reducer ([`Gather::ForReducer`]), not (yet) the optimiser's.
+    for_reducer: bool,
     finite: Option<bool>,
+    /// The reducer's answer for the combined gradient, where it gave one.
+    combined_finite: Option<bool>,
+    /// The reducer deferred this gradient into the next network's call
+    /// ([`StepSync::sync_pieces`] returned `None`); that call's answer covers it.
+    deferred: bool,
 }
 
 impl FlatGradient {
@@ -214,20 +244,40 @@ impl FlatGradient {
         }
     }
 
-    /// Hands a gathered gradient to `sync` for `network` (see [`Gan::train_step`]); one left
-    /// in pieces is, by [`StepSync::gathers`], nobody else's: not combined with anything.
+    /// Hands the gradient to `sync` for `network` (see [`Gan::train_step`]): a gathered one
+    /// by [`StepSync::sync`], one in pieces for the reducer by [`StepSync::sync_pieces`]
+    /// (its average then lies in `grad`). One left in pieces for the optimiser is, by
+    /// [`StepSync::gathers`], nobody else's: not combined with anything.
     fn sync<E>(&mut self, network: Network, sync: &mut impl StepSync<E>) -> Result<bool, E> {
         if self.pieces.is_empty() {
-            sync.sync(network, &mut self.grad)
-        } else {
-            Ok(false)
+            return sync.sync(network, &mut self.grad);
+        }
+        if !self.for_reducer {
+            return Ok(false);
+        }
+        let answer = sync.sync_pieces(network, &self.pieces, &mut self.grad)?;
+        self.pieces = Vec::new();
+        self.for_reducer = false;
+        self.combined_finite = answer;
+        self.deferred = answer.is_none();
+        Ok(true)
+    }
+
+    /// Takes `later`'s answer where this gradient's average was deferred into its call.
+    fn adopt_answer_of(&mut self, later: &FlatGradient) {
+        if self.deferred && self.combined_finite.is_none() {
+            self.combined_finite = later.combined_finite;
         }
     }
 
     /// Whether the update may be applied: every element finite. `averaged` says whether the
     /// gradient was combined with other ranks' (or weighted) since it was gathered; if not,
-    /// the check made while gathering still holds and the gradient is not read again.
+    /// the check made while gathering still holds and the gradient is not read again; if the
+    /// reducer checked the combined gradient, its answer holds.
     fn is_finite(&self, averaged: bool) -> bool {
+        if let Some(finite) = self.combined_finite {
+            return finite;
+        }
         match self.finite {
             Some(finite) if !averaged => finite,
             _ => all_finite(&self.grad),
@@ -237,44 +287,67 @@ impl FlatGradient {
 
 /// The gradient of `loss` with respect to `params`, from autograd's per-parameter `grads`:
 /// written into `out` (a view of [`Gan::gradients`]), with a non-finite loss folded in (see
-/// [`poison_with`]), or, unless `gather`, left in the tensors autograd returned where the
-/// optimiser can read them there (host f32 or bf16), a non-finite loss marking it non-finite.
+/// [`poison_with`]), or left in the tensors autograd returned as `gather` says (host f32 or
+/// bf16; otherwise gathered after all), a non-finite loss marking it non-finite: checked for
+/// the optimiser, filled with NaN for a reducer, which then finds the combined gradient
+/// non-finite on every rank.
 fn flat_gradient(
     loss: &Tensor,
     params: &FlatParams,
     grads: Vec<Tensor>,
     out: Tensor,
-    gather: bool,
+    gather: Gather,
 ) -> FlatGradient {
+    let pieces = |pieces: Vec<Tensor>, for_reducer: bool, finite: Option<bool>| FlatGradient {
+        grad: out.shallow_clone(),
+        pieces,
+        for_reducer,
+        finite,
+        combined_finite: None,
+        deferred: false,
+    };
     let grads = match gather {
-        true => grads,
-        false => match params.checked_pieces(grads) {
-            Ok((pieces, finite)) => {
+        Gather::Flat => grads,
+        Gather::ForOptimiser => match params.checked_pieces(grads) {
+            Ok((kept, finite)) => {
                 let loss_finite = loss.double_value(&[]).is_finite();
-                return FlatGradient {
-                    grad: out,
-                    pieces,
-                    finite: Some(finite && loss_finite),
-                };
+                return pieces(kept, false, Some(finite && loss_finite));
+            }
+            Err(grads) => grads,
+        },
+        Gather::ForReducer => match params.pieces(grads) {
+            Ok(kept) => {
+                if !loss.double_value(&[]).is_finite() {
+                    tch::no_grad(|| {
+                        for piece in &kept {
+                            let _ = piece.shallow_clone().fill_(f64::NAN);
+                        }
+                    });
+                }
+                return pieces(kept, true, None);
             }
             Err(grads) => grads,
         },
     };
-    let mut grad = out;
+    let mut grad = out.shallow_clone();
     let gathered = tch::no_grad(|| params.flatten_grads_into(&grads, &grad));
     let loss_finite = poison_with(&mut grad, loss);
     FlatGradient {
         grad,
         pieces: Vec::new(),
+        for_reducer: false,
         finite: gathered.zip(loss_finite).map(|(a, b)| a && b),
+        combined_finite: None,
+        deferred: false,
     }
 }
 
 /// One network's data-parallel update from `loss`, for the families with a single part: its
 /// flat gradient written into `gradient` (a non-finite loss folded in), averaged across the
 /// ranks, and applied only if every averaged element is finite (the same decision on every
-/// rank). Marks the forward/backward, all-reduce and optimiser phases; returns whether the
-/// update was applied.
+/// rank). A reducer that takes pieces ([`GradReduce::takes_pieces`]) gets autograd's host
+/// gradients as they are and writes their average into `gradient` itself. Marks the
+/// forward/backward, all-reduce and optimiser phases; returns whether the update was applied.
 pub(crate) fn averaged_update(
     loss: &Tensor,
     params: &FlatParams,
@@ -284,10 +357,19 @@ pub(crate) fn averaged_update(
     reduce: &mut dyn GradReduce,
 ) -> Result<bool, ModelError> {
     let grads = Tensor::run_backward(&[loss], &params.tensors, false, false);
-    let mut flat = flat_gradient(loss, params, grads, gradient.shallow_clone(), true);
+    let gather = match reduce.takes_pieces() {
+        true => Gather::ForReducer,
+        false => Gather::Flat,
+    };
+    let mut flat = flat_gradient(loss, params, grads, gradient.shallow_clone(), gather);
     clock.lap(Phase::ForwardBackward);
     let averaged = !reduce.is_identity();
-    reduce.average(&mut flat.grad)?;
+    if flat.for_reducer {
+        flat.combined_finite = Some(reduce.average_pieces(&flat.pieces, &mut flat.grad)?);
+        flat.pieces = Vec::new();
+    } else {
+        reduce.average(&mut flat.grad)?;
+    }
     clock.lap(Phase::AllReduce);
     let applied = flat.is_finite(averaged);
     if applied {
@@ -560,7 +642,7 @@ impl Gan {
         input: &StepInput,
         sync: &mut impl StepSync<E>,
     ) -> Result<StepStats, E> {
-        let gather = sync.gathers();
+        let gather = Gather::of(sync);
         let saved = self.snapshot_buffers();
         let labels = input.labels.as_ref();
         let _lent = self.lend_bf16_copies();
@@ -594,6 +676,7 @@ impl Gan {
                 let mut g = self.gradient_of(Network::Generator, &g_loss, false, gather);
                 self.clock.lap(Phase::GeneratorForwardBackward);
                 let g_averaged = g.sync(Network::Generator, sync)?;
+                d.adopt_answer_of(&g);
                 self.clock.lap(Phase::AllReduce);
                 let applied = d.is_finite(d_averaged) && g.is_finite(g_averaged);
                 if applied {
@@ -666,7 +749,7 @@ impl Gan {
         let (real_logits, fake_logits) =
             self.discriminate_pair(&input.real, fake, input.labels.as_ref());
         let d_loss = self.critic_loss(input, fake, &real_logits, &fake_logits);
-        let gather = sync.gathers();
+        let gather = Gather::of(sync);
         let mut d = self.gradient_of(Network::Discriminator, &d_loss, false, gather);
         self.clock.lap(Phase::DiscriminatorForwardBackward);
         let averaged = d.sync(Network::Discriminator, sync)?;
@@ -738,7 +821,7 @@ impl Gan {
         network: Network,
         loss: &Tensor,
         keep_graph: bool,
-        gather: bool,
+        gather: Gather,
     ) -> FlatGradient {
         let (params, out, index) = match network {
             Network::Discriminator => (&self.d_params, self.d_gradient(), 0),
@@ -877,6 +960,29 @@ pub trait StepSync<E> {
     /// Combines `grad` (flat, a view of [`Gan::gradients`]) with other ranks' in place, as
     /// [`Gan::train_step`] describes; returns whether it did.
     fn sync(&mut self, network: Network, grad: &mut Tensor) -> Result<bool, E>;
+
+    /// Whether the step hands host gradients to [`StepSync::sync_pieces`] as autograd left
+    /// them, ungathered (only where [`StepSync::gathers`]).
+    fn takes_pieces(&self) -> bool {
+        false
+    }
+
+    /// [`StepSync::sync`] for a gradient in `pieces` (autograd's host tensors, in the flat
+    /// layout's order, a non-finite loss already written into them as NaN): combines it with
+    /// other ranks' into `grad` and returns whether every element of the result is finite,
+    /// or `None` for D's call in `simultaneous` when the result will be in `grad` once G's
+    /// call has returned, whose answer then covers both. Always counts as combined. This
+    /// default gathers the pieces and calls [`StepSync::sync`].
+    fn sync_pieces(
+        &mut self,
+        network: Network,
+        pieces: &[Tensor],
+        grad: &mut Tensor,
+    ) -> Result<Option<bool>, E> {
+        crate::flat::gather_pieces(pieces, grad);
+        self.sync(network, grad)?;
+        Ok(Some(all_finite(grad)))
+    }
 }
 
 impl<E, F: FnMut(Network, &mut Tensor) -> Result<bool, E>> StepSync<E> for F {
@@ -895,7 +1001,10 @@ struct GanSync<'r> {
     /// [`Gan::gradients`]: D's flat gradient, then G's.
     joint: Tensor,
     defer_discriminator: bool,
+    /// D's gradient, waiting for G's: gathered, or in pieces with the flat view their
+    /// average goes to.
     deferred: Option<Tensor>,
+    deferred_pieces: Option<(Vec<Tensor>, Tensor)>,
     /// D's average runs in the background.
     pending: bool,
 }
@@ -919,6 +1028,7 @@ impl StepSync<ExternalError> for GanSync<'_> {
             return Ok(averaged);
         }
         self.finish()?;
+        self.average_deferred_pieces()?;
         match self.deferred.take() {
             Some(d_grad) if spans(&self.joint, &d_grad, grad) => {
                 self.reduce.average(&mut self.joint.shallow_clone())?;
@@ -931,6 +1041,42 @@ impl StepSync<ExternalError> for GanSync<'_> {
         }
         Ok(averaged)
     }
+
+    fn takes_pieces(&self) -> bool {
+        self.reduce.takes_pieces()
+    }
+
+    /// D's pieces wait for G's (in `simultaneous`, on the last sub-step); G's call then
+    /// averages both into [`Gan::gradients`] in one operation.
+    fn sync_pieces(
+        &mut self,
+        network: Network,
+        pieces: &[Tensor],
+        grad: &mut Tensor,
+    ) -> Result<Option<bool>, ExternalError> {
+        if self.defer_discriminator && network == Network::Discriminator {
+            let kept = pieces.iter().map(Tensor::shallow_clone).collect();
+            self.deferred_pieces = Some((kept, grad.shallow_clone()));
+            return Ok(None);
+        }
+        self.finish()?;
+        if let Some(mut d_grad) = self.deferred.take() {
+            self.reduce.average(&mut d_grad)?;
+        }
+        let finite = match self.deferred_pieces.take() {
+            Some((mut both, d_grad)) if spans(&self.joint, &d_grad, grad) => {
+                both.extend(pieces.iter().map(Tensor::shallow_clone));
+                self.reduce
+                    .average_pieces(&both, &mut self.joint.shallow_clone())?
+            }
+            Some((d_pieces, mut d_grad)) => {
+                let d_finite = self.reduce.average_pieces(&d_pieces, &mut d_grad)?;
+                self.reduce.average_pieces(pieces, grad)? && d_finite
+            }
+            None => self.reduce.average_pieces(pieces, grad)?,
+        };
+        Ok(Some(finite))
+    }
 }
 
 impl GanSync<'_> {
@@ -938,6 +1084,15 @@ impl GanSync<'_> {
     fn finish(&mut self) -> Result<(), ExternalError> {
         if std::mem::take(&mut self.pending) {
             self.reduce.finish_average()?;
+        }
+        Ok(())
+    }
+
+    /// Averages D's pieces where they waited for a G gradient that came gathered (devices
+    /// that differ in what they hand over); D's own check then scans the average.
+    fn average_deferred_pieces(&mut self) -> Result<(), ExternalError> {
+        if let Some((d_pieces, mut d_grad)) = self.deferred_pieces.take() {
+            self.reduce.average_pieces(&d_pieces, &mut d_grad)?;
         }
         Ok(())
     }
@@ -1041,6 +1196,7 @@ impl TrainTask for Gan {
                 joint: self.gradients.shallow_clone(),
                 defer_discriminator: simultaneous && last,
                 deferred: None,
+                deferred_pieces: None,
                 pending: false,
             };
             let result = if last {
@@ -1235,6 +1391,11 @@ mod tests {
 
     use super::*;
 
+    /// Held by the tests that compare trainings bit for bit: two of them stepping bf16 GANs
+    /// at once were seen to disagree now and then (libtorch state shared by the threads of
+    /// one process; which was not found), never one alone.
+    static BIT_EXACT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
     /// A world of one that says so: the gradients stay where autograd put them.
     struct Ungathered;
 
@@ -1308,6 +1469,9 @@ mod tests {
 
     #[test]
     fn bf16_copies_train_bit_identically_to_autocasts_casts() {
+        let _serial = BIT_EXACT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // The same process, the same kernels: the copies written by Adam are autocast's
         // casts and their bf16 gradients, widened, are its gradients, so every update, the
         // EMA and the skip of a non-finite step match bit for bit, gathered or in pieces,
@@ -1360,6 +1524,123 @@ mod tests {
                     assert!(ema(&casts).equal(&ema(gan)), "{context} {what}: EMA");
                     assert!(copies_current(gan), "{context} {what}: copies");
                 }
+            }
+        }
+    }
+
+    /// A group whose average changes nothing, but which is not a world of one: the step
+    /// gathers for it (`pieces` false) or hands it autograd's pieces (and only then calls
+    /// `average_pieces`). Counts its averages.
+    struct NoOpGroup {
+        pieces: bool,
+        averages: usize,
+        of_pieces: usize,
+    }
+
+    impl GradReduce for NoOpGroup {
+        fn average(&mut self, _: &mut Tensor) -> Result<(), ExternalError> {
+            self.averages += 1;
+            Ok(())
+        }
+
+        fn is_identity(&self) -> bool {
+            false
+        }
+
+        fn takes_pieces(&self) -> bool {
+            self.pieces
+        }
+
+        fn average_pieces(
+            &mut self,
+            pieces: &[Tensor],
+            out: &mut Tensor,
+        ) -> Result<bool, ExternalError> {
+            assert!(
+                self.pieces,
+                "pieces for a group that takes the gathered gradient"
+            );
+            self.of_pieces += 1;
+            crate::flat::gather_pieces(pieces, out);
+            self.average(out)?;
+            Ok(all_finite(out))
+        }
+    }
+
+    fn step_with(gan: &mut Gan, batch: &StepInput, group: &mut NoOpGroup) -> bool {
+        let mut sync = GanSync {
+            reduce: group,
+            joint: gan.gradients.shallow_clone(),
+            defer_discriminator: gan.schedule == Schedule::Simultaneous,
+            deferred: None,
+            deferred_pieces: None,
+            pending: false,
+        };
+        let applied = gan.train_step(batch, &mut sync).unwrap().applied;
+        sync.finish().unwrap();
+        applied
+    }
+
+    #[test]
+    fn a_group_that_takes_pieces_trains_as_one_that_takes_the_gathered_gradient() {
+        let _serial = BIT_EXACT
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // The pieces, concatenated in the flat layout (D's then G's into one joint average
+        // in `simultaneous`), are the gathered gradient; a non-finite loss written into them
+        // skips the same step; the answer for D's deferred pieces is G's call's.
+        for schedule in [Schedule::Simultaneous, Schedule::Alternating] {
+            for copies in [true, false] {
+                let mut flat = bf16_gan(Loss::Bce, schedule, copies);
+                let mut pieces = bf16_gan(Loss::Bce, schedule, copies);
+                same_start(&flat, &pieces);
+                let mut flat_group = NoOpGroup {
+                    pieces: false,
+                    averages: 0,
+                    of_pieces: 0,
+                };
+                let mut pieces_group = NoOpGroup {
+                    pieces: true,
+                    averages: 0,
+                    of_pieces: 0,
+                };
+                for step in 0..4 {
+                    let batch = input(&flat, step);
+                    if step == 2 {
+                        let _ = batch.real.view([-1]).get(5).fill_(f64::NAN);
+                    }
+                    let applied = [
+                        step_with(&mut flat, &batch, &mut flat_group),
+                        step_with(&mut pieces, &batch, &mut pieces_group),
+                    ];
+                    assert_eq!(
+                        applied,
+                        [step != 2; 2],
+                        "{schedule} copies {copies} step {step}"
+                    );
+                }
+                let context = format!("{schedule}, bf16 copies {copies}");
+                assert!(
+                    flat.d_params.flat.equal(&pieces.d_params.flat),
+                    "{context}: D"
+                );
+                assert!(
+                    flat.g_params.flat.equal(&pieces.g_params.flat),
+                    "{context}: G"
+                );
+                // As many averages either way: one a step in `simultaneous` (D's and G's
+                // joined), in `alternating` two, but one where D's is not finite (G's step
+                // is skipped before its gradient).
+                assert_eq!(pieces_group.averages, flat_group.averages, "{context}");
+                let expected = match schedule {
+                    Schedule::Simultaneous => 4,
+                    Schedule::Alternating => 3 * 2 + 1,
+                };
+                assert_eq!(pieces_group.averages, expected, "{context}");
+                assert_eq!(
+                    pieces_group.of_pieces, expected,
+                    "{context}: every one in pieces"
+                );
             }
         }
     }

@@ -32,9 +32,8 @@ pub mod vae;
 mod flat;
 mod gan;
 mod shim;
-mod simd;
 
-pub use flat::FlatParams;
+pub use flat::{FlatParams, all_finite, gather_pieces};
 pub use gan::{
     DISCRIMINATOR_FILE, Ema, GENERATOR_EMA_FILE, GENERATOR_FILE, Gan, HostStats, Network,
     OPTIMIZER_FILE, StepInput, StepStats, StepSync, buffers, ema_decay_at, ema_update,

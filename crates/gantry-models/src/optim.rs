@@ -8,7 +8,7 @@
 //! single-tensor path makes eight passes over memory (two lerps, a square, a sqrt, a
 //! division, an addition, a product, addcdiv) with four temporaries; the fused loop reads each
 //! element once, which is what makes the update memory-bound instead of allocation-bound.
-//! The loop is compiled for the widest vector instructions the CPU has ([`crate::simd`]); every
+//! The loop is compiled for the widest vector instructions the CPU has (`gantry_simd::widest!`); every
 //! version agrees bit for bit. A generator EMA can ride
 //! along ([`FlatOptimizer::step_with_ema`]): the average is updated from each new parameter
 //! while it is still in a register, instead of in a second pass over both buffers.
@@ -288,7 +288,7 @@ impl<'a> AdamBuffers<'a> {
     }
 }
 
-crate::simd::widest! {
+gantry_simd::widest! {
     /// One Adam update, element by element: `m ← lerp(m, g, 1−β1)`, `v ← lerp(v, g², 1−β2)`,
     /// `p ← p − step_size · m / (√v / √(1−β2ᵗ) + ε)`, then (with an average) `ema ← lerp(ema,
     /// p, ema_weight)` and (with a copy) `bf16 ← round(p)`.

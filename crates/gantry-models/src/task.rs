@@ -53,6 +53,27 @@ pub trait GradReduce {
     fn finish_average(&mut self) -> Result<(), ExternalError> {
         Ok(())
     }
+
+    /// Whether [`GradReduce::average_pieces`] is the better way in for host gradients: the
+    /// reducer moves the pieces autograd returned as they are (bf16 in half the bytes) and
+    /// checks the average as it writes it, with no gather and no scan of the caller's.
+    fn takes_pieces(&self) -> bool {
+        false
+    }
+
+    /// Averages the concatenation of `pieces` (each a gradient of the parameter at that place
+    /// in the flat layout, of its length) into `out` (contiguous, 1-D, f32, their total
+    /// length) and returns whether every averaged element is finite. This default gathers
+    /// the pieces into `out`, averages that and scans it.
+    fn average_pieces(
+        &mut self,
+        pieces: &[Tensor],
+        out: &mut Tensor,
+    ) -> Result<bool, ExternalError> {
+        crate::flat::gather_pieces(pieces, out);
+        self.average(out)?;
+        Ok(crate::flat::all_finite(out))
+    }
 }
 
 /// The reduction of a world of one: nothing to average with.

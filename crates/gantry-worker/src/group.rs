@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use gantry_collective::{Collective, ReduceOp, RingConfig};
+use gantry_collective::{Collective, GradientPiece, ReduceOp, RingConfig};
 use gantry_config::Settings;
 use gantry_models::FlatParams;
 use gantry_models::task::{ExternalError, GradReduce, TrainTask};
@@ -360,6 +360,67 @@ impl GradReduce for Group {
     /// returns before touching the gradient, weighting included.
     fn is_identity(&self) -> bool {
         self.alone() && self.pending.is_none()
+    }
+
+    /// Where the group sums plainly in the foreground: with a collective, no weighting (it
+    /// would scale the pieces) and nothing in the background.
+    fn takes_pieces(&self) -> bool {
+        !self.alone() && self.gradient_weight.is_none() && !self.overlap
+    }
+
+    /// One operation for the whole gradient, the pieces moved as they are
+    /// ([`Collective::all_reduce_pieces`]), where they are contiguous host f32 or bf16
+    /// tensors and fit one bucket (`collective.bucket_mb`); otherwise gathered and averaged
+    /// bucket by bucket as [`Group::average`] does.
+    fn average_pieces(
+        &mut self,
+        pieces: &[Tensor],
+        out: &mut Tensor,
+    ) -> Result<bool, ExternalError> {
+        let total: usize = pieces.iter().map(Tensor::numel).sum();
+        let host = |t: &Tensor, kind: Kind| {
+            t.device() == Device::Cpu && t.kind() == kind && t.is_contiguous()
+        };
+        let usable = self.takes_pieces()
+            && self.pending.is_none()
+            && host(out, Kind::Float)
+            && out.numel() == total
+            && total <= self.bucket_elems
+            && pieces
+                .iter()
+                .all(|p| host(p, Kind::Float) || host(p, Kind::BFloat16));
+        let Some(collective) = self.collective.as_mut().filter(|_| usable) else {
+            gantry_models::gather_pieces(pieces, out);
+            Group::average(self, out)?;
+            return Ok(gantry_models::all_finite(out));
+        };
+        // SAFETY: every piece is a contiguous host tensor of its kind (checked above), read
+        // only while the slices live; `out` is a contiguous host f32 tensor of `total`
+        // elements that only this call writes meanwhile.
+        let (slices, target) = unsafe {
+            let slices: Vec<GradientPiece<'_>> = pieces
+                .iter()
+                .map(|p| match p.kind() {
+                    Kind::BFloat16 => GradientPiece::Bf16(std::slice::from_raw_parts(
+                        p.data_ptr().cast::<u16>().cast_const(),
+                        p.numel(),
+                    )),
+                    _ => GradientPiece::F32(std::slice::from_raw_parts(
+                        p.data_ptr().cast::<f32>().cast_const(),
+                        p.numel(),
+                    )),
+                })
+                .collect();
+            let target = std::slice::from_raw_parts_mut(out.data_ptr().cast::<f32>(), total);
+            (slices, target)
+        };
+        let started = std::time::Instant::now();
+        let finite = collective
+            .all_reduce_pieces(&slices, target, ReduceOp::Average)
+            .context("all-reduce")?;
+        self.traffic.bytes += slices.iter().map(GradientPiece::bytes).sum::<usize>() as u64;
+        self.traffic.seconds += started.elapsed().as_secs_f64();
+        Ok(finite)
     }
 
     /// On a helper thread, where background averaging is on, the group has a collective

@@ -72,9 +72,11 @@
 //! chance to mark it) is only noticed at that deadline, unless a ring neighbour on the same
 //! host notices first, as it always does when each host's ranks are consecutive.
 //!
-//! The seam deliberately uses plain host slices, not tensors: the worker copies
-//! gradients into a flat buffer (or, with NCCL, hands device pointers to the
-//! `unsafe` device API), which keeps this crate free of `tch` and gRPC.
+//! The seam deliberately uses plain host slices, not tensors: the worker hands over
+//! a flat buffer, or its host gradients as autograd left them, one slice per
+//! parameter in f32 or bf16 ([`GradientPiece`], [`Collective::all_reduce_pieces`],
+//! which the shared region moves as they are), or, with NCCL, device pointers to the
+//! `unsafe` device API; that keeps this crate free of `tch` and gRPC.
 //!
 //! # Aborts and progress, on every backend
 //!

@@ -8,6 +8,10 @@
 //! results with one barrier per operation and no system call on the fast path (futexes only
 //! when a rank has to sleep).
 //!
+//! An all-reduce of gradient pieces (`all_reduce_pieces`) works the same way, with each piece
+//! in the slot as it is (bf16 in half the bytes), in chunks of at most a slot, one ticket
+//! each; the sum widens as it reads and writes the f32 result into the caller's buffer.
+//!
 //! Layout: a 4 KiB header, then `world_size × 2` slots of `slot_bytes`. Each rank owns two
 //! slots, used alternately: a rank may run one operation ahead of a peer still reading the
 //! previous one, never two (it would have had to pass the barrier of the one in between), so

@@ -62,15 +62,12 @@ impl FlatParams {
             let pieces: Vec<Tensor> = grads
                 .iter()
                 .zip(&self.tensors)
-                .map(|(g, p)| {
-                    if g.defined() {
-                        g.reshape([-1]).to_kind(out.kind())
-                    } else {
-                        p.zeros_like().reshape([-1])
-                    }
+                .map(|(g, p)| match g.defined() {
+                    true => g.shallow_clone(),
+                    false => p.zeros_like(),
                 })
                 .collect();
-            let _ = Tensor::cat_out(out, &pieces, 0);
+            gather_pieces(&pieces, out);
             return None;
         }
         // SAFETY: `out` is a contiguous f32 host tensor of numel() elements that only this
